@@ -1,0 +1,244 @@
+"""The config model: what an operator writes (YAML), validated into frozen objects.
+
+A config has three sections::
+
+    server:            # process and request settings (see SETTINGS)
+      workers: 2
+    backends:          # where requests can go
+      mock-a: {url: "http://127.0.0.1:9001"}
+    models:            # which backends serve a model name, and with what weight
+      gpt-4o-mini:
+        backends:
+          - {backend: mock-a, weight: 3}
+
+Every setting is declared once in SETTINGS (name, type, default, env var, check, doc);
+``APIROUTER_<NAME>`` environment variables override the file, and command-line flags
+override both. Errors name the offending path, e.g. ``models.gpt-4o.backends[1].weight``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """The config is not valid; the message names the path of the problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    name: str
+    type: type
+    default: Any
+    doc: str
+    check: Callable[[Any], bool] = lambda v: True
+    check_doc: str = ""
+
+    @property
+    def env(self) -> str:
+        return f"APIROUTER_{self.name.upper()}"
+
+
+def _positive(v: Any) -> bool:
+    return bool(v > 0)
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("bind", str, "127.0.0.1:8080", "HOST:PORT the workers listen on",
+            lambda v: ":" in v, "must be HOST:PORT"),
+    Setting("workers", int, 2, "number of worker processes", _positive, "must be > 0"),
+    Setting("max_body_bytes", int, 1_048_576, "largest request body accepted",
+            _positive, "must be > 0"),
+    Setting("request_timeout_s", float, 60.0, "deadline for one request, backend included",
+            _positive, "must be > 0"),
+    Setting("connect_timeout_s", float, 2.0, "deadline to open a backend connection",
+            _positive, "must be > 0"),
+    Setting("max_connections_per_backend", int, 256,
+            "keep-alive connections one worker may hold to one backend", _positive, "must be > 0"),
+    Setting("graceful_timeout_s", float, 30.0, "how long a drain waits for in-flight requests",
+            _positive, "must be > 0"),
+    Setting("table_slot_bytes", int, 4 * 1024 * 1024,
+            "capacity of one routing-table slot in shared memory", lambda v: v >= 4096,
+            "must be >= 4096"),
+)
+SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Field types only: names, defaults and checks live in SETTINGS."""
+
+    bind: str
+    workers: int
+    max_body_bytes: int
+    request_timeout_s: float
+    connect_timeout_s: float
+    max_connections_per_backend: int
+    graceful_timeout_s: float
+    table_slot_bytes: int
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> ServerConfig:
+        return cls(**{s.name: values.get(s.name, s.default) for s in SETTINGS})
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    id: str
+    url: str
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TargetConfig:
+    backend: str
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    name: str
+    targets: tuple[TargetConfig, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    server: ServerConfig = field(default_factory=lambda: ServerConfig.from_values({}))
+    backends: tuple[BackendConfig, ...] = ()
+    models: tuple[ModelConfig, ...] = ()
+
+
+def _coerce(setting: Setting, raw: Any, where: str) -> Any:
+    try:
+        if setting.type is bool and isinstance(raw, str):
+            value: Any = raw.strip().lower() in ("1", "true", "yes", "on")
+        elif setting.type in (int, float) and isinstance(raw, bool):
+            raise TypeError
+        else:
+            value = setting.type(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {setting.type.__name__}, got {raw!r}") from None
+    if not setting.check(value):
+        raise ConfigError(f"{where}: {setting.check_doc} (got {value!r})")
+    return value
+
+
+def _server(raw: Any, env: Mapping[str, str], overrides: Mapping[str, Any]) -> ServerConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("server: expected a mapping")
+    unknown = set(raw) - set(SETTINGS_BY_NAME)
+    if unknown:
+        raise ConfigError(f"server.{sorted(unknown)[0]}: unknown setting")
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        if s.name in overrides and overrides[s.name] is not None:
+            values[s.name] = _coerce(s, overrides[s.name], f"--{s.name.replace('_', '-')}")
+        elif s.env in env:
+            values[s.name] = _coerce(s, env[s.env], s.env)
+        elif s.name in raw:
+            values[s.name] = _coerce(s, raw[s.name], f"server.{s.name}")
+    return ServerConfig.from_values(values)
+
+
+def _backend(bid: Any, raw: Any) -> BackendConfig:
+    where = f"backends.{bid}"
+    if not isinstance(bid, str) or not bid or len(bid) > 64 or not bid.replace("-", "").replace(
+            "_", "").replace(".", "").isalnum():
+        raise ConfigError(f"{where}: backend ids are 1-64 chars of letters, digits, - _ .")
+    if isinstance(raw, str):
+        raw = {"url": raw}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with a url")
+    unknown = set(raw) - {"url", "timeout_s"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown field")
+    url = raw.get("url")
+    if not isinstance(url, str):
+        raise ConfigError(f"{where}.url: required, a http(s) URL")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}.url: must be http://HOST[:PORT][/base] or https://…")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"{where}.url: invalid port") from None
+    timeout = raw.get("timeout_s")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                                or timeout <= 0):
+        raise ConfigError(f"{where}.timeout_s: must be a positive number")
+    return BackendConfig(bid, url.rstrip("/"), float(timeout) if timeout is not None else None)
+
+
+def _model(name: Any, raw: Any, backend_ids: set[str]) -> ModelConfig:
+    where = f"models.{name}"
+    if not isinstance(name, str) or not name or len(name) > 256:
+        raise ConfigError(f"{where}: model names are non-empty strings up to 256 chars")
+    if not isinstance(raw, dict) or not isinstance(raw.get("backends"), list) or not raw[
+            "backends"]:
+        raise ConfigError(f"{where}.backends: required, a non-empty list")
+    unknown = set(raw) - {"backends"}
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown field")
+    targets = []
+    seen: set[str] = set()
+    for i, t in enumerate(raw["backends"]):
+        tw = f"{where}.backends[{i}]"
+        if isinstance(t, str):
+            t = {"backend": t}
+        if not isinstance(t, dict):
+            raise ConfigError(f"{tw}: expected {{backend: ID, weight: N}}")
+        bid = t.get("backend")
+        if bid not in backend_ids:
+            raise ConfigError(f"{tw}.backend: unknown backend {bid!r}")
+        if bid in seen:
+            raise ConfigError(f"{tw}.backend: {bid!r} listed twice")
+        seen.add(bid)
+        weight = t.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1_000_000:
+            raise ConfigError(f"{tw}.weight: must be an integer from 0 to 1000000")
+        targets.append(TargetConfig(bid, weight))
+    if not any(t.weight for t in targets):
+        raise ConfigError(f"{where}.backends: at least one weight must be > 0")
+    return ModelConfig(name, tuple(targets))
+
+
+def parse_config(raw: Any, *, env: Mapping[str, str] | None = None,
+                 overrides: Mapping[str, Any] | None = None) -> RouterConfig:
+    """Validate a decoded YAML document. Pure: the environment is passed in."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("config: expected a mapping at the top level")
+    unknown = set(raw) - {"server", "backends", "models"}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown section")
+    server = _server(raw.get("server"), env or {}, overrides or {})
+    braw = raw.get("backends") or {}
+    if not isinstance(braw, dict):
+        raise ConfigError("backends: expected a mapping of id -> {url: ...}")
+    backends = tuple(_backend(k, v) for k, v in braw.items())
+    mraw = raw.get("models") or {}
+    if not isinstance(mraw, dict):
+        raise ConfigError("models: expected a mapping of model name -> {backends: [...]}")
+    ids = {b.id for b in backends}
+    models = tuple(_model(k, v, ids) for k, v in mraw.items())
+    return RouterConfig(server, backends, models)
+
+
+def load_config_file(path: str, *, overrides: Mapping[str, Any] | None = None) -> RouterConfig:
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    return parse_config(raw, env=os.environ, overrides=overrides)

@@ -1,0 +1,191 @@
+"""The table segment: one writer (the supervisor) publishes encoded tables to many readers.
+
+Byte layout (little endian)::
+
+    0   8  magic            b"APIRTBL\\x01"
+    8   4  layout version   u32 (LAYOUT_VERSION)
+    12  4  slot capacity    u32, bytes of payload one slot holds
+    16  8  generation       u64 seqlock: odd while a publish is in progress
+    24  8  reserved
+    32     slot 0: [len u32][crc32 u32][generation u64][payload ... capacity]
+    32+16+capacity  slot 1: same
+
+Generation 2k (k >= 1) lives in slot k % 2. The writer bumps the generation to odd, fills the
+*other* slot, then bumps it to the next even number; readers of the current slot are never
+disturbed. A reader that is slow enough for the writer to come round to its slot again sees
+the generation change (or the checksum fail) and retries. So a reader never returns a torn
+or mixed table, and the per-request cost of "has it changed?" is one 8-byte read.
+
+Python 3.11's resource tracker unlinks a segment when any attaching process exits; readers
+unregister right after attaching (``track=False`` only exists from 3.13).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+import zlib
+from multiprocessing import resource_tracker, shared_memory
+
+MAGIC = b"APIRTBL\x01"
+LAYOUT_VERSION = 1
+_HEADER = struct.Struct("<8sII")  # magic, layout version, capacity
+_GEN_OFFSET = 16
+_SLOTS_OFFSET = 32
+_SLOT_HEADER = struct.Struct("<IIQ")  # length, crc32, generation
+_U64 = struct.Struct("<Q")
+SEGMENT_PREFIX = "apirouter-"
+# How the supervisor tells workers which segment to attach.
+TABLE_SEGMENT_ENV = "APIROUTER_TABLE_SHM"
+
+
+class SegmentError(RuntimeError):
+    """The segment is missing, foreign, of another layout, or a payload does not fit."""
+
+
+class TornRead(SegmentError):
+    """A consistent snapshot could not be read within the retry budget."""
+
+
+def segment_name(pid: int, kind: str) -> str:
+    return f"{SEGMENT_PREFIX}{pid}-{kind}"
+
+
+def _slot_offset(capacity: int, slot: int) -> int:
+    return _SLOTS_OFFSET + slot * (_SLOT_HEADER.size + capacity)
+
+
+def segment_size(capacity: int) -> int:
+    return _slot_offset(capacity, 2)
+
+
+class TableWriter:
+    """Creates the segment and publishes payloads. Exactly one per segment."""
+
+    def __init__(self, name: str, capacity: int) -> None:
+        self.capacity = capacity
+        self._shm = shared_memory.SharedMemory(name=name, create=True, size=segment_size(capacity))
+        self.name = self._shm.name
+        buf = self._shm.buf
+        buf[0:_HEADER.size] = _HEADER.pack(MAGIC, LAYOUT_VERSION, capacity)
+        buf[_GEN_OFFSET:_GEN_OFFSET + 8] = _U64.pack(0)
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def publish(self, payload: bytes) -> int:
+        """Publish ``payload`` as the next generation and return that generation."""
+        if len(payload) > self.capacity:
+            raise SegmentError(
+                f"table of {len(payload)} bytes exceeds the slot capacity of {self.capacity}")
+        buf = self._shm.buf
+        nxt = self._generation + 2
+        off = _slot_offset(self.capacity, (nxt // 2) % 2)
+        buf[_GEN_OFFSET:_GEN_OFFSET + 8] = _U64.pack(self._generation + 1)
+        start = off + _SLOT_HEADER.size
+        buf[start:start + len(payload)] = payload
+        buf[off:start] = _SLOT_HEADER.pack(len(payload), zlib.crc32(payload), nxt)
+        buf[_GEN_OFFSET:_GEN_OFFSET + 8] = _U64.pack(nxt)
+        self._generation = nxt
+        return nxt
+
+    def close(self, unlink: bool = True) -> None:
+        self._shm.close()
+        if unlink:
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
+
+
+class TableReader:
+    """Attaches to a segment by name and reads the current payload consistently."""
+
+    def __init__(self, name: str) -> None:
+        try:
+            self._shm = shared_memory.SharedMemory(name=name)
+        except FileNotFoundError:
+            raise SegmentError(f"no shared-memory segment {name!r}") from None
+        # Readers must never unlink the writer's segment when they exit.
+        resource_tracker.unregister(self._shm._name, "shared_memory")  # type: ignore[attr-defined]
+        buf = self._shm.buf
+        magic, layout, capacity = _HEADER.unpack_from(buf, 0)
+        if magic != MAGIC:
+            self._shm.close()
+            raise SegmentError(f"segment {name!r} is not a routing-table segment")
+        if layout != LAYOUT_VERSION:
+            self._shm.close()
+            raise SegmentError(f"segment layout {layout}, this reader understands {LAYOUT_VERSION}")
+        self.name = name
+        self.capacity = capacity
+        # A u64 view of the generation word: reading it is one index, no struct call.
+        self._gen = buf[_GEN_OFFSET:_GEN_OFFSET + 8].cast("Q")
+
+    def generation(self) -> int:
+        """The published generation (odd while a publish is in progress)."""
+        return int(self._gen[0])
+
+    def read(self, retries: int = 1000) -> tuple[int, bytes]:
+        """Return (generation, payload) of one consistent published snapshot."""
+        buf = self._shm.buf
+        for attempt in range(retries):
+            g1 = self._gen[0]
+            if g1 == 0:
+                raise SegmentError("nothing has been published yet")
+            if g1 & 1:
+                _pause(attempt)
+                continue
+            off = _slot_offset(self.capacity, (g1 // 2) % 2)
+            length, crc, slot_gen = _SLOT_HEADER.unpack_from(buf, off)
+            if slot_gen != g1 or length > self.capacity:
+                _pause(attempt)
+                continue
+            start = off + _SLOT_HEADER.size
+            payload = bytes(buf[start:start + length])
+            if self._gen[0] == g1 and zlib.crc32(payload) == crc:
+                return int(g1), payload
+            _pause(attempt)
+        raise TornRead(f"no consistent snapshot after {retries} attempts")
+
+    def close(self) -> None:
+        self._gen.release()
+        self._shm.close()
+
+
+def _pause(attempt: int) -> None:
+    if attempt > 10:
+        time.sleep(0.0001)
+
+
+def remove_stale_segments(shm_dir: str = "/dev/shm") -> list[str]:
+    """Unlink apirouter segments whose creating process is gone (e.g. after a kill -9)."""
+    removed = []
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(SEGMENT_PREFIX):
+            continue
+        pid_part = name[len(SEGMENT_PREFIX):].split("-", 1)[0]
+        if not pid_part.isdigit() or _alive(int(pid_part)):
+            continue
+        try:
+            os.unlink(os.path.join(shm_dir, name))
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,172 @@
+"""Request decoding and validation: one pass over the body, clear errors naming the field.
+
+Pure functions from bytes to what the router needs. Errors are RouterError with
+INVALID_REQUEST or MISSING_FIELD, so a malformed request can only ever produce a 4xx.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from apirouter.errors import RouterError
+
+_ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
+_NATIVE_FIELDS = frozenset(
+    {"model", "messages", "prompt", "max_tokens", "temperature", "top_p", "stop", "metadata"})
+
+
+def decode_json_object(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise RouterError("INVALID_REQUEST", "the request body is empty; send a JSON object")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise RouterError("INVALID_REQUEST", "the request body is not valid JSON",
+                          details=str(e)) from None
+    if not isinstance(doc, dict):
+        raise RouterError("INVALID_REQUEST", "the request body must be a JSON object")
+    return doc
+
+
+def _model(doc: dict[str, Any]) -> str:
+    model = doc.get("model")
+    if model is None:
+        raise RouterError("MISSING_FIELD", "'model' is required", field="model")
+    if not isinstance(model, str) or not model:
+        raise RouterError("INVALID_REQUEST", "'model' must be a non-empty string", field="model")
+    return model
+
+
+def _messages(value: Any) -> None:
+    if not isinstance(value, list) or not value:
+        raise RouterError("INVALID_REQUEST", "'messages' must be a non-empty array",
+                          field="messages")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise RouterError("INVALID_REQUEST", f"'messages[{i}]' must be an object",
+                              field=f"messages[{i}]")
+        role = m.get("role")
+        if role is None:
+            raise RouterError("MISSING_FIELD", f"'messages[{i}].role' is required",
+                              field=f"messages[{i}].role")
+        if role not in _ROLES:
+            raise RouterError("INVALID_REQUEST",
+                              f"'messages[{i}].role' must be one of {sorted(_ROLES)}",
+                              field=f"messages[{i}].role")
+
+
+def _stream(doc: dict[str, Any]) -> None:
+    stream = doc.get("stream")
+    if stream is None or stream is False:
+        return
+    if stream is True:
+        raise RouterError("INVALID_REQUEST", "streaming is not supported by this router yet",
+                          field="stream")
+    raise RouterError("INVALID_REQUEST", "'stream' must be a boolean", field="stream")
+
+
+def parse_chat_request(body: bytes) -> str:
+    """Validate an OpenAI chat-completions body; return the model. The body is forwarded as is."""
+    doc = decode_json_object(body)
+    model = _model(doc)
+    if "messages" not in doc:
+        raise RouterError("MISSING_FIELD", "'messages' is required", field="messages")
+    _messages(doc["messages"])
+    _stream(doc)
+    return model
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceRequest:
+    model: str
+    upstream_body: bytes  # the chat-completions body sent to the backend
+    metadata: dict[str, str] | None
+
+
+def _number(doc: dict[str, Any], name: str, lo: float, hi: float, integer: bool = False) -> Any:
+    v = doc.get(name)
+    if v is None:
+        return None
+    ok = isinstance(v, int) if integer else isinstance(v, int | float)
+    if isinstance(v, bool) or not ok or not lo <= v <= hi:
+        kind = "an integer" if integer else "a number"
+        raise RouterError("INVALID_REQUEST", f"'{name}' must be {kind} from {lo:g} to {hi:g}",
+                          field=name)
+    return v
+
+
+def parse_inference_request(body: bytes) -> InferenceRequest:
+    """Validate a native /v1/inference body (schema: apirouter/openapi.yaml)."""
+    doc = decode_json_object(body)
+    unknown = doc.keys() - _NATIVE_FIELDS
+    if unknown:
+        name = sorted(unknown)[0]
+        raise RouterError("INVALID_REQUEST", f"unknown field '{name}'", field=name)
+    model = _model(doc)
+    has_messages, has_prompt = "messages" in doc, "prompt" in doc
+    if has_messages == has_prompt:
+        if has_messages:
+            raise RouterError("INVALID_REQUEST", "send either 'messages' or 'prompt', not both",
+                              field="prompt")
+        raise RouterError("MISSING_FIELD", "'messages' (or 'prompt') is required",
+                          field="messages")
+    if has_prompt:
+        prompt = doc["prompt"]
+        if not isinstance(prompt, str) or not prompt:
+            raise RouterError("INVALID_REQUEST", "'prompt' must be a non-empty string",
+                              field="prompt")
+        messages: list[Any] = [{"role": "user", "content": prompt}]
+    else:
+        _messages(doc["messages"])
+        messages = doc["messages"]
+    upstream: dict[str, Any] = {"model": model, "messages": messages}
+    for name, lo, hi, integer in (("max_tokens", 1, 1_000_000, True), ("temperature", 0, 2, False),
+                                  ("top_p", 0, 1, False)):
+        v = _number(doc, name, lo, hi, integer)
+        if v is not None:
+            upstream[name] = v
+    stop = doc.get("stop")
+    if stop is not None:
+        if not (isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= 4
+                                          and all(isinstance(s, str) for s in stop))):
+            raise RouterError("INVALID_REQUEST", "'stop' must be a string or up to 4 strings",
+                              field="stop")
+        upstream["stop"] = stop
+    metadata = doc.get("metadata")
+    if metadata is not None and not (
+            isinstance(metadata, dict) and len(metadata) <= 16
+            and all(isinstance(v, str) and len(k) <= 64 and len(v) <= 512
+                    for k, v in metadata.items())):
+        raise RouterError("INVALID_REQUEST",
+                          "'metadata' must be an object of up to 16 string values",
+                          field="metadata")
+    return InferenceRequest(model, orjson.dumps(upstream), metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    content: str
+    role: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+def parse_chat_completion(body: bytes) -> Completion:
+    """Read a backend's chat-completions response; anything malformed is BACKEND_ERROR."""
+    try:
+        doc = orjson.loads(body)
+        choice = doc["choices"][0]
+        msg = choice["message"]
+        usage = doc.get("usage") or {}
+        pt = int(usage.get("prompt_tokens", 0))
+        ct = int(usage.get("completion_tokens", 0))
+        return Completion(msg.get("content") or "", msg.get("role") or "assistant",
+                          choice.get("finish_reason"), pt, ct,
+                          int(usage.get("total_tokens", pt + ct)))
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError, AttributeError):
+        raise RouterError("BACKEND_ERROR", "the backend returned a malformed completion") from None

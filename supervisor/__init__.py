@@ -1,0 +1,1 @@
+"""The control plane: config, table publishing, worker-pool lifecycle, clean shutdown."""

@@ -1,0 +1,1 @@
+"""Command-line tools: `apirouter`, `apirouterctl`, and the mock LLM backend."""

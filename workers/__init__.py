@@ -1,0 +1,1 @@
+"""The data plane: gunicorn-managed uvloop/aiohttp workers that authenticate, admit, forward."""
