@@ -28,6 +28,8 @@ import time
 import zlib
 from multiprocessing import resource_tracker, shared_memory
 
+from apirouter.runstate import pid_alive
+
 MAGIC = b"APIRTBL\x01"
 LAYOUT_VERSION = 1
 _HEADER = struct.Struct("<8sII")  # magic, layout version, capacity
@@ -171,7 +173,7 @@ def remove_stale_segments(shm_dir: str = "/dev/shm") -> list[str]:
         if not name.startswith(SEGMENT_PREFIX):
             continue
         pid_part = name[len(SEGMENT_PREFIX):].split("-", 1)[0]
-        if not pid_part.isdigit() or _alive(int(pid_part)):
+        if not pid_part.isdigit() or pid_alive(int(pid_part)):
             continue
         try:
             os.unlink(os.path.join(shm_dir, name))
@@ -180,12 +182,3 @@ def remove_stale_segments(shm_dir: str = "/dev/shm") -> list[str]:
             pass
     return removed
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

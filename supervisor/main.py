@@ -73,6 +73,7 @@ class Supervisor:
             self.reload_failures += 1
             log.error("reload rejected, generation %d stays in force: %s",
                       self.publisher.generation, e)
+            self._write_state()
             return
         old = self.cfg.server
         if cfg.server.bind != old.bind:
@@ -93,6 +94,7 @@ class Supervisor:
             "bind": self.cfg.server.bind,
             "workers": self.cfg.server.workers,
             "table_segment": self.publisher.segment,
+            "metrics_dir": self.metrics_dir,
             "generation": self.publisher.generation,
             "source": self.source,
             "started_at": self.started_at,

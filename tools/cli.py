@@ -18,7 +18,7 @@ from typing import Any
 
 from apirouter import __version__
 from apirouter.config import SETTINGS
-from apirouter.runstate import default_run_dir, read_state
+from apirouter.runstate import default_run_dir, pid_alive, read_state
 from apirouter.shm import SegmentError, TableReader
 from apirouter.table import decode_table
 from tools import mock_backend
@@ -74,22 +74,12 @@ def main(argv: list[str] | None = None) -> int:
 # -- apirouterctl ---------------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 def _load_state(run_dir: str) -> dict[str, Any]:
     try:
         state = read_state(run_dir)
     except FileNotFoundError:
         raise SystemExit(f"apirouterctl: no router is running with run dir {run_dir}") from None
-    if not _alive(int(state["pid"])):
+    if not pid_alive(int(state["pid"])):
         raise SystemExit(f"apirouterctl: supervisor pid {state['pid']} is not running "
                          f"(stale state in {run_dir})")
     return state
@@ -201,9 +191,9 @@ def ctl_main(argv: list[str] | None = None) -> int:
     elif args.command == "stop":
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 60
-        while _alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        _print({"stopped": not _alive(pid)}, args.json)
+        _print({"stopped": not pid_alive(pid)}, args.json)
     elif args.command == "scale":
         sig = signal.SIGTTIN if args.direction == "up" else signal.SIGTTOU
         for _ in range(max(0, args.count)):

@@ -151,7 +151,6 @@ class MockProtocol(asyncio.Protocol):
     async def _answer(self, method: bytes, url: bytes, body: bytes, keep_alive: bool) -> bool:
         """Write one response; False when the connection was deliberately dropped."""
         st = self.state
-        st.requests += 1
         t = self.transport
         assert t is not None
         path = url.split(b"?", 1)[0]
@@ -185,6 +184,7 @@ class MockProtocol(asyncio.Protocol):
         except (ValueError, TypeError, orjson.JSONDecodeError) as e:
             t.write(_error(400, f"bad request: {e}", keep_alive))
             return True
+        st.requests += 1  # API calls only: stats and config calls are not counted
         delay = behaviour.latency_ms + random.uniform(0, behaviour.jitter_ms)
         if delay > 0:
             await asyncio.sleep(delay / 1000)

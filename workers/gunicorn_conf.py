@@ -6,9 +6,13 @@ every deployment lives here.
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
-worker_class = "aiohttp.GunicornUVLoopWebWorker"
+import uvloop  # noqa: F401  imported once in the master, so a forked worker boots faster
+
+worker_class = "workers.gunicorn_worker.RouterWorker"
 # Clients of an inference router hold pooled keep-alive connections; don't drop them after 2 s.
 keepalive = 75
 accesslog = None
@@ -24,3 +28,20 @@ def child_exit(server: Any, worker: Any) -> None:
         multiprocess.mark_process_dead(worker.pid)
     except (OSError, ValueError):
         pass
+
+
+_STOP = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+def _block_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)
+
+
+def _unblock_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP)
+
+
+def when_ready(server: Any) -> None:
+    # A worker is born with stop signals blocked (a pending one waits, it is not lost) and
+    # unblocks them once its own handlers are in place (RouterWorker.init_signals).
+    os.register_at_fork(before=_block_stop_signals, after_in_parent=_unblock_stop_signals)

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from apirouter.errors import RouterError
+from apirouter.outcomes import backend_error_code
+from apirouter.validation import (
+    parse_chat_completion,
+    parse_chat_request,
+    parse_inference_request,
+)
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def err(fn: Any, body: bytes) -> RouterError:
+    with pytest.raises(RouterError) as e:
+        fn(body)
+    return e.value
+
+
+def test_chat_request_returns_model() -> None:
+    assert parse_chat_request(orjson.dumps({"model": "m", "messages": MSG})) == "m"
+
+
+@pytest.mark.parametrize(("doc", "code", "field"), [
+    ({"messages": MSG}, "MISSING_FIELD", "model"),
+    ({"model": 3, "messages": MSG}, "INVALID_REQUEST", "model"),
+    ({"model": "m"}, "MISSING_FIELD", "messages"),
+    ({"model": "m", "messages": []}, "INVALID_REQUEST", "messages"),
+    ({"model": "m", "messages": ["x"]}, "INVALID_REQUEST", "messages[0]"),
+    ({"model": "m", "messages": [{"content": "x"}]}, "MISSING_FIELD", "messages[0].role"),
+    ({"model": "m", "messages": [{"role": "wizard"}]}, "INVALID_REQUEST", "messages[0].role"),
+    ({"model": "m", "messages": MSG, "stream": "yes"}, "INVALID_REQUEST", "stream"),
+])
+def test_chat_request_errors_name_the_field(doc: dict[str, Any], code: str, field: str) -> None:
+    e = err(parse_chat_request, orjson.dumps(doc))
+    assert (e.code, e.field) == (code, field)
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"[1]", b"null", b"\xff\xfe"])
+def test_not_a_json_object_is_invalid_request(body: bytes) -> None:
+    assert err(parse_chat_request, body).code == "INVALID_REQUEST"
+
+
+def test_inference_numbers_beyond_64_bits_are_a_4xx() -> None:
+    body = b'{"model": "m", "messages": [{"role": "user", "content": 99999999999999999999999}]}'
+    assert err(parse_inference_request, body).code == "INVALID_REQUEST"
+
+
+def test_inference_prompt_becomes_a_user_message() -> None:
+    req = parse_inference_request(orjson.dumps(
+        {"model": "m", "prompt": "hello", "max_tokens": 5, "temperature": 0.5,
+         "metadata": {"team": "a"}}))
+    assert req.model == "m" and req.metadata == {"team": "a"}
+    assert orjson.loads(req.upstream_body) == {
+        "model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5,
+        "temperature": 0.5}
+
+
+@pytest.mark.parametrize(("doc", "code", "field"), [
+    ({"model": "m"}, "MISSING_FIELD", "messages"),
+    ({"model": "m", "prompt": "a", "messages": MSG}, "INVALID_REQUEST", "prompt"),
+    ({"model": "m", "prompt": ""}, "INVALID_REQUEST", "prompt"),
+    ({"model": "m", "prompt": "a", "max_tokens": 0}, "INVALID_REQUEST", "max_tokens"),
+    ({"model": "m", "prompt": "a", "max_tokens": True}, "INVALID_REQUEST", "max_tokens"),
+    ({"model": "m", "prompt": "a", "temperature": "hot"}, "INVALID_REQUEST", "temperature"),
+    ({"model": "m", "prompt": "a", "stop": [1]}, "INVALID_REQUEST", "stop"),
+    ({"model": "m", "prompt": "a", "metadata": {"k": 1}}, "INVALID_REQUEST", "metadata"),
+    ({"model": "m", "prompt": "a", "colour": 1}, "INVALID_REQUEST", "colour"),
+])
+def test_inference_errors_name_the_field(doc: dict[str, Any], code: str, field: str) -> None:
+    e = err(parse_inference_request, orjson.dumps(doc))
+    assert (e.code, e.field) == (code, field)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(
+        st.sampled_from(["model", "messages", "prompt", "role", "content", "max_tokens",
+                         "stream", "stop", "metadata", "x"]), children, max_size=5),
+    max_leaves=20)
+
+
+@given(json_values)
+def test_any_json_is_accepted_or_a_4xx(doc: Any) -> None:
+    body = orjson.dumps(doc)
+    for parse in (parse_chat_request, parse_inference_request):
+        try:
+            parse(body)
+        except RouterError as e:
+            assert 400 <= e.status < 500
+
+
+@given(st.binary(max_size=64))
+def test_any_bytes_are_accepted_or_a_4xx(body: bytes) -> None:
+    for parse in (parse_chat_request, parse_inference_request):
+        try:
+            parse(body)
+        except RouterError as e:
+            assert 400 <= e.status < 500
+
+
+def test_backend_completion_parsing() -> None:
+    c = parse_chat_completion(orjson.dumps({"choices": [{"message": {
+        "role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 2, "completion_tokens": 3}}))
+    assert (c.content, c.total_tokens) == ("ok", 5)
+    for bad in (b"{}", b"[]", b"nope", b'{"choices": []}'):
+        assert err(parse_chat_completion, bad).code == "BACKEND_ERROR"
+
+
+@pytest.mark.parametrize(("status", "code"), [
+    (200, None), (400, None), (404, None), (422, None), (401, "BACKEND_ERROR"),
+    (429, "BACKEND_UNAVAILABLE"), (500, "BACKEND_ERROR"), (502, "BACKEND_ERROR"),
+    (503, "BACKEND_UNAVAILABLE"), (504, "BACKEND_TIMEOUT")])
+def test_backend_status_mapping(status: int, code: str | None) -> None:
+    assert backend_error_code(status) == code

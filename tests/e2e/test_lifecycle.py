@@ -1,0 +1,172 @@
+"""The process tree as an operator drives it: HUP reload, bad reloads, drain, worker crashes,
+and apirouterctl."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from apirouter.runstate import pid_alive
+from tests.e2e.conftest import post_json
+from tests.harness import ROOT, MockBackend, Router, http_get, router_config, wait_for
+
+USER = [{"role": "user", "content": "x"}]
+
+
+def generations_by_worker(router: Router, want_workers: int, attempts: int = 400) -> dict[int, int]:
+    """Hit readyz on fresh connections until every worker has answered at least once."""
+    seen: dict[int, int] = {}
+    for _ in range(attempts):
+        body = json.loads(http_get(f"{router.url}/v1/status/readyz")[1])
+        seen[body["worker_pid"]] = body["checks"]["routing_table"]["generation"]
+        if len(seen) >= want_workers:
+            break
+    return seen
+
+
+def chat_backends(router: Router, n: int = 20) -> set[str]:
+    backends = set()
+    for _ in range(n):
+        status, headers, _ = post_json(f"{router.url}/v1/chat/completions",
+                                       {"model": "m", "messages": USER})
+        assert status == 200
+        backends.add(headers["X-Router-Backend"])
+    return backends
+
+
+def test_hup_reload_reaches_every_worker_without_restart(
+        mock_backend: Callable[..., MockBackend], router: Callable[..., Router]) -> None:
+    a, b = mock_backend("a"), mock_backend("b")
+    urls = {"a": a.url, "b": b.url}
+    r = router(router_config(urls, {"m": {"a": 1}}), workers=2)
+    before = generations_by_worker(r, 2)
+    assert set(before.values()) == {2} and len(before) == 2
+    assert chat_backends(r) == {"a"}
+
+    r.write_config(router_config(urls, {"m": {"b": 1}, "m2": {"a": 1}}))
+    os.kill(r.pid, signal.SIGHUP)
+    wait_for(lambda: r.state()["generation"] == 4, 5, "new generation")
+    after = generations_by_worker(r, 2)
+    assert after.keys() == before.keys(), "the same workers, not restarted ones"
+    assert set(after.values()) == {4}
+    assert chat_backends(r) == {"b"}
+
+
+def test_invalid_reload_keeps_the_last_good_table(
+        mock_backend: Callable[..., MockBackend], router: Callable[..., Router]) -> None:
+    a = mock_backend("a")
+    r = router(router_config({"a": a.url}, {"m": {"a": 1}}), workers=1)
+    r.write_config({"backends": {"a": {"url": a.url}},
+                    "models": {"m": {"backends": [{"backend": "ghost"}]}}})
+    os.kill(r.pid, signal.SIGHUP)
+    wait_for(lambda: r.state()["reload_failures"] == 1, 5, "rejected reload")
+    assert r.readyz()["checks"]["routing_table"]["generation"] == 2
+    assert chat_backends(r, 3) == {"a"}
+    assert "unknown backend 'ghost'" in r.output()
+
+
+def test_sigterm_drains_in_flight_requests_and_leaves_nothing_behind(
+        mock_backend: Callable[..., MockBackend], router: Callable[..., Router]) -> None:
+    slow = mock_backend("slow", "--latency-ms", "1500")
+    r = router(router_config({"slow": slow.url}, {"m": {"slow": 1}}), workers=2)
+    state = r.state()
+    segment = f"/dev/shm/{state['table_segment']}"
+    assert os.path.exists(segment) and os.path.isdir(state["metrics_dir"])
+    result: dict[str, Any] = {}
+
+    def in_flight() -> None:
+        result["status"], result["headers"], result["body"] = post_json(
+            f"{r.url}/v1/chat/completions", {"model": "m", "messages": USER})
+
+    t = threading.Thread(target=in_flight)
+    t.start()
+    wait_for(lambda: slow.stats()["requests"] >= 1, 5, "request reached the backend")
+    os.kill(r.pid, signal.SIGTERM)
+    t.join(10)
+    assert result["status"] == 200, "the in-flight request finished during the drain"
+    assert r.proc.wait(20) == 0
+    assert not os.path.exists(segment)
+    assert not any(n.startswith(f"apirouter-{r.pid}-") for n in os.listdir("/dev/shm"))
+    assert not os.path.exists(state["metrics_dir"])
+    assert not os.path.exists(os.path.join(r.run_dir, "supervisor.json"))
+
+
+def test_killed_worker_is_replaced_and_reads_the_table(
+        mock_backend: Callable[..., MockBackend], router: Callable[..., Router]) -> None:
+    a = mock_backend("a")
+    r = router(router_config({"a": a.url}, {"m": {"a": 1}}), workers=2)
+    victim = next(iter(generations_by_worker(r, 2)))
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced() -> bool:
+        seen = generations_by_worker(r, 2, attempts=50)
+        return len(seen) == 2 and victim not in seen and set(seen.values()) == {2}
+
+    wait_for(replaced, 20, "replacement worker")
+    assert chat_backends(r, 5) == {"a"}
+
+
+def ctl(r: Router, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", "from tools.cli import ctl_main; "
+                           "raise SystemExit(ctl_main())", "--run-dir", r.run_dir, *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def test_apirouterctl_status_dump_reload_scale_stop(
+        mock_backend: Callable[..., MockBackend], router: Callable[..., Router]) -> None:
+    a, b = mock_backend("a"), mock_backend("b")
+    urls = {"a": a.url, "b": b.url}
+    r = router(router_config(urls, {"m": {"a": 2, "b": 1}}), workers=1)
+
+    status = json.loads(ctl(r, "--json", "status").stdout)
+    assert status["supervisor_pid"] == r.pid and status["table_generation"] == 2
+    assert status["models"] == ["m"] and len(status["worker_pids"]) == 1
+
+    table = json.loads(ctl(r, "--json", "dump-table").stdout)
+    assert table["models"]["m"] == [{"backend": "a", "weight": 2}, {"backend": "b", "weight": 1}]
+    assert "url" in table["backends"]["a"]
+
+    r.write_config(router_config(urls, {"m": {"b": 1}}))
+    out = ctl(r, "--json", "reload")
+    assert out.returncode == 0 and json.loads(out.stdout)["generation"] == 4
+    r.write_config({"models": {"m": {"backends": ["nope"]}}})
+    out = ctl(r, "reload")
+    assert out.returncode == 1 and "stays" in out.stderr
+
+    assert ctl(r, "scale", "up", "1").returncode == 0
+    wait_for(lambda: len(json.loads(ctl(r, "--json", "status").stdout)["worker_pids"]) == 2,
+             20, "scaled-up pool")
+
+    out = ctl(r, "--json", "stop")
+    assert json.loads(out.stdout) == {"stopped": True}
+    assert r.proc.wait(5) == 0
+    assert "no router is running" in ctl(r, "status").stderr + ctl(r, "status").stdout
+
+
+def test_demo_mode_serves_out_of_the_box(router: Callable[..., Router]) -> None:
+    r = router(None, demo=True, workers=1)
+    status, headers, body = post_json(f"{r.url}/v1/chat/completions",
+                                      {"model": "gpt-4o-mini", "messages": USER})
+    assert status == 200 and headers["X-Router-Backend"] in {"mock-a", "mock-b"}
+    assert body["object"] == "chat.completion"
+    mocks = [p for p in _children(r.pid) if "tools.mock_backend" in _cmdline(p)]
+    assert len(mocks) == 2
+    assert r.stop() == 0
+    assert "supervisor stopped" in r.output()
+    assert not any(pid_alive(p) for p in mocks), "demo backends stop with the router"
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(x) for x in f.read().split()]
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode()

