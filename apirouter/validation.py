@@ -143,12 +143,9 @@ def parse_inference_request(body: bytes) -> InferenceRequest:
         raise RouterError("INVALID_REQUEST",
                           "'metadata' must be an object of up to 16 string values",
                           field="metadata")
-    try:
-        upstream_body = orjson.dumps(upstream)
-    except TypeError:  # e.g. an integer beyond 64 bits, which JSON text can carry
-        raise RouterError("INVALID_REQUEST", "the request contains a number out of range",
-                          field="messages") from None
-    return InferenceRequest(model, upstream_body, metadata)
+    # Everything in `upstream` came from orjson.loads (which reads huge integers as floats),
+    # so it always serializes again.
+    return InferenceRequest(model, orjson.dumps(upstream), metadata)
 
 
 @dataclass(frozen=True, slots=True)

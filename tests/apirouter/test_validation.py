@@ -48,11 +48,6 @@ def test_not_a_json_object_is_invalid_request(body: bytes) -> None:
     assert err(parse_chat_request, body).code == "INVALID_REQUEST"
 
 
-def test_inference_numbers_beyond_64_bits_are_a_4xx() -> None:
-    body = b'{"model": "m", "messages": [{"role": "user", "content": 99999999999999999999999}]}'
-    assert err(parse_inference_request, body).code == "INVALID_REQUEST"
-
-
 def test_inference_prompt_becomes_a_user_message() -> None:
     req = parse_inference_request(orjson.dumps(
         {"model": "m", "prompt": "hello", "max_tokens": 5, "temperature": 0.5,
