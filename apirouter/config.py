@@ -167,7 +167,7 @@ def _backend(bid: Any, raw: Any) -> BackendConfig:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}.url: must be http://HOST[:PORT][/base] or https://…")
     try:
-        parts.port
+        _ = parts.port  # raises on a malformed port
     except ValueError:
         raise ConfigError(f"{where}.url: invalid port") from None
     timeout = raw.get("timeout_s")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -21,7 +21,7 @@ import orjson
 DOCS_BASE_URL = "https://apirouter.dev/docs/errors"
 
 
-class Category(str, Enum):
+class Category(StrEnum):
     AUTHENTICATION = "AUTHENTICATION"
     AUTHORIZATION = "AUTHORIZATION"
     VALIDATION = "VALIDATION"

@@ -7,12 +7,12 @@ branch and property tests can check the distribution.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from enum import Enum
+from enum import StrEnum
 
 from apirouter.table import Route
 
 
-class Decision(str, Enum):
+class Decision(StrEnum):
     PRIMARY = "PRIMARY"  # the model has exactly one backend
     WEIGHTED = "WEIGHTED"  # chosen by weight among several
     FAILOVER = "FAILOVER"  # an earlier attempt failed; this is a later candidate

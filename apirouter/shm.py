@@ -58,6 +58,13 @@ def _slot_offset(capacity: int, slot: int) -> int:
     return _SLOTS_OFFSET + slot * (_SLOT_HEADER.size + capacity)
 
 
+def _buffer(shm: shared_memory.SharedMemory) -> memoryview:
+    buf = shm.buf
+    if buf is None:  # only after close()
+        raise SegmentError(f"segment {shm.name!r} is closed")
+    return buf
+
+
 def segment_size(capacity: int) -> int:
     return _slot_offset(capacity, 2)
 
@@ -69,7 +76,7 @@ class TableWriter:
         self.capacity = capacity
         self._shm = shared_memory.SharedMemory(name=name, create=True, size=segment_size(capacity))
         self.name = self._shm.name
-        buf = self._shm.buf
+        buf = _buffer(self._shm)
         buf[0:_HEADER.size] = _HEADER.pack(MAGIC, LAYOUT_VERSION, capacity)
         buf[_GEN_OFFSET:_GEN_OFFSET + 8] = _U64.pack(0)
         self._generation = 0
@@ -83,7 +90,7 @@ class TableWriter:
         if len(payload) > self.capacity:
             raise SegmentError(
                 f"table of {len(payload)} bytes exceeds the slot capacity of {self.capacity}")
-        buf = self._shm.buf
+        buf = _buffer(self._shm)
         nxt = self._generation + 2
         off = _slot_offset(self.capacity, (nxt // 2) % 2)
         buf[_GEN_OFFSET:_GEN_OFFSET + 8] = _U64.pack(self._generation + 1)
@@ -113,7 +120,7 @@ class TableReader:
             raise SegmentError(f"no shared-memory segment {name!r}") from None
         # Readers must never unlink the writer's segment when they exit.
         resource_tracker.unregister(self._shm._name, "shared_memory")  # type: ignore[attr-defined]
-        buf = self._shm.buf
+        buf = _buffer(self._shm)
         magic, layout, capacity = _HEADER.unpack_from(buf, 0)
         if magic != MAGIC:
             self._shm.close()
@@ -132,7 +139,7 @@ class TableReader:
 
     def read(self, retries: int = 1000) -> tuple[int, bytes]:
         """Return (generation, payload) of one consistent published snapshot."""
-        buf = self._shm.buf
+        buf = _buffer(self._shm)
         for attempt in range(retries):
             g1 = self._gen[0]
             if g1 == 0:
@@ -164,7 +171,7 @@ def _pause(attempt: int) -> None:
 
 def remove_stale_segments(shm_dir: str = "/dev/shm") -> list[str]:
     """Unlink apirouter segments whose creating process is gone (e.g. after a kill -9)."""
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(shm_dir)
     except OSError:

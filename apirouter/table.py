@@ -84,7 +84,8 @@ def compile_table(cfg: RouterConfig, *, source: str, now: float | None = None) -
         scheme, host, port, base = _split_url(b.url)
         backends[b.id] = Backend(b.id, scheme, host, port, base, b.timeout_s)
     routes = {
-        m.name: Route(m.name, tuple(t.backend for t in m.targets), tuple(t.weight for t in m.targets))
+        m.name: Route(m.name, tuple(t.backend for t in m.targets),
+                      tuple(t.weight for t in m.targets))
         for m in cfg.models
     }
     s = cfg.server

@@ -135,7 +135,8 @@ class MockProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         method = self.parser.get_method()
         # Requests are answered in order (HTTP/1.1 pipelining) by one task per connection.
-        self.queue.put_nowait((method, self.url, b"".join(self.body), self.parser.should_keep_alive()))
+        self.queue.put_nowait((method, self.url, b"".join(self.body),
+                               self.parser.should_keep_alive()))
         self.url = b""
         self.body = []
 

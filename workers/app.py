@@ -58,7 +58,8 @@ async def make_app() -> web.Application:
     """gunicorn entry point: attach to the supervisor's segment and build the app."""
     name = os.environ.get(TABLE_SEGMENT_ENV)
     if not name:
-        raise RuntimeError(f"{TABLE_SEGMENT_ENV} is not set: workers are started by `apirouter serve`")
+        raise RuntimeError(
+            f"{TABLE_SEGMENT_ENV} is not set: workers are started by `apirouter serve`")
     tables = TableCache(TableReader(name))
     tables.current()  # fail the boot now, not on the first request, if the table is unreadable
     app = build_app(tables)

@@ -18,7 +18,7 @@ from aiohttp.worker import GunicornUVLoopWebWorker
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
-class RouterWorker(GunicornUVLoopWebWorker):  # type: ignore[misc]
+class RouterWorker(GunicornUVLoopWebWorker):
     def init_signals(self) -> None:
         super().init_signals()
         for sig in STOP_SIGNALS:

@@ -225,7 +225,8 @@ class BackendPool:
         except OSError as e:
             self._open -= 1
             self._wake_one()
-            raise UpstreamConnectError(f"cannot connect to the backend: {e.strerror or e}") from None
+            raise UpstreamConnectError(
+                f"cannot connect to the backend: {e.strerror or e}") from None
         except BaseException:
             self._open -= 1
             self._wake_one()

@@ -94,7 +94,8 @@ def test_readers_in_other_processes_never_see_a_torn_or_mixed_table() -> None:
     try:
         w.publish(table_for(1))
         stop_at = time.time() + 4.0
-        code = f"from tests.apirouter.test_shm import reader_main; reader_main({w.name!r}, {stop_at})"
+        code = ("from tests.apirouter.test_shm import reader_main; "
+                f"reader_main({w.name!r}, {stop_at})")
         procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                                   cwd=ROOT) for _ in range(2)]
         k = 1

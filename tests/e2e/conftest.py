@@ -37,7 +37,8 @@ def deployment_config(mocks: dict[str, MockBackend], down_port: int) -> dict[str
         },
         "models": {
             "gpt-ok": {"backends": [{"backend": "a", "weight": 1}]},
-            "gpt-split": {"backends": [{"backend": "a", "weight": 3}, {"backend": "b", "weight": 1}]},
+            "gpt-split": {"backends": [{"backend": "a", "weight": 3},
+                                       {"backend": "b", "weight": 1}]},
             "gpt-slow": {"backends": ["slow"]},
             "gpt-broken": {"backends": ["broken"]},
             "gpt-down": {"backends": ["down"]},

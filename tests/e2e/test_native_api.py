@@ -33,7 +33,8 @@ def call(spec: OpenAPI, d: Deployment, method: str, path: str, doc: Any = None,
     body = raw if raw is not None else (json.dumps(doc).encode() if doc is not None else None)
     hdrs = {"Content-Type": "application/json", **(headers or {})} if body is not None else {}
     if validate_request:
-        spec.validate_request(MockRequest(SPEC_SERVER, method.lower(), path, data=body, headers=hdrs))
+        spec.validate_request(MockRequest(SPEC_SERVER, method.lower(), path, data=body,
+                                          headers=hdrs))
     status, rheaders, rbody = request(f"{d.url}{path}", method, body, hdrs)
     ctype = rheaders.get("Content-Type", "application/json").split(";")[0]
     spec.validate_response(

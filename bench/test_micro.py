@@ -1,0 +1,80 @@
+"""Microbenchmarks of the per-request building blocks (pytest-benchmark).
+
+    pytest bench --benchmark-only            # measure
+    pytest bench --benchmark-disable         # run each once as a test (CI does this)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+
+import orjson
+import pytest
+from pytest_benchmark.fixture import BenchmarkFixture
+
+from apirouter.errors import RouterError, native_body, openai_body
+from apirouter.request_ids import RequestIds
+from apirouter.routing import choose_backend
+from apirouter.shm import TableReader, TableWriter
+from apirouter.table import Backend, Limits, Route, RoutingTable, decode_table, encode_table
+from apirouter.validation import parse_chat_request, parse_inference_request
+from bench.overhead import BODY
+
+CHAT = BODY.encode()
+NATIVE = orjson.dumps({"model": "bench-model", "messages": orjson.loads(CHAT)["messages"],
+                       "max_tokens": 16})
+
+
+def _table(n_models: int = 50) -> RoutingTable:
+    backends = {f"b{i}": Backend(f"b{i}", "http", "127.0.0.1", 9000 + i, "", None)
+                for i in range(8)}
+    routes = {f"m{i}": Route(f"m{i}", ("b0", "b1", "b2"), (5, 3, 1)) for i in range(n_models)}
+    return RoutingTable(0.0, "bench", Limits(1 << 20, 60.0, 2.0, 256), backends, routes)
+
+
+@pytest.fixture(scope="module")
+def segment() -> Iterator[TableReader]:
+    writer = TableWriter(f"apirouter-{os.getpid()}-bench", 1 << 20)
+    writer.publish(encode_table(_table()))
+    reader = TableReader(writer.name)
+    yield reader
+    reader.close()
+    writer.close()
+
+
+def test_table_generation_check(benchmark: BenchmarkFixture, segment: TableReader) -> None:
+    """What every request pays to learn whether the table changed."""
+    assert benchmark(segment.generation) == 2
+
+
+def test_table_read_and_decode(benchmark: BenchmarkFixture, segment: TableReader) -> None:
+    """What a worker pays once per published generation."""
+    table = benchmark(lambda: decode_table(segment.read()[1]))
+    assert len(table.routes) == 50
+
+
+def test_chat_request_decode(benchmark: BenchmarkFixture) -> None:
+    assert benchmark(parse_chat_request, CHAT) == "bench-model"
+
+
+def test_native_request_decode(benchmark: BenchmarkFixture) -> None:
+    assert benchmark(parse_inference_request, NATIVE).model == "bench-model"
+
+
+def test_weighted_choice(benchmark: BenchmarkFixture) -> None:
+    route = _table().routes["m1"]
+    rnd = random.random
+    assert benchmark(lambda: choose_backend(route, rnd()))[0] in {"b0", "b1", "b2"}
+
+
+def test_request_id(benchmark: BenchmarkFixture) -> None:
+    ids = RequestIds()
+    assert benchmark(ids.accept, None).startswith("req_")
+
+
+@pytest.mark.parametrize("render", [native_body, openai_body])
+def test_error_render(benchmark: BenchmarkFixture, render: object) -> None:
+    err = RouterError("MODEL_NOT_FOUND", "model 'x' is not routed", field="model")
+    assert benchmark(render, err, "req-1")  # type: ignore[operator]
