@@ -61,6 +61,11 @@ SETTINGS: tuple[Setting, ...] = (
             _positive, "must be > 0"),
     Setting("max_connections_per_backend", int, 256,
             "keep-alive connections one worker may hold to one backend", _positive, "must be > 0"),
+    Setting("keepalive_s", float, 75.0,
+            "how long an idle client connection is kept open (takes effect on restart)",
+            _positive, "must be > 0"),
+    Setting("client_timeout_s", float, 30.0,
+            "how long a client may take to send one complete request", _positive, "must be > 0"),
     Setting("graceful_timeout_s", float, 30.0, "how long a drain waits for in-flight requests",
             _positive, "must be > 0"),
     Setting("table_slot_bytes", int, 4 * 1024 * 1024,
@@ -80,6 +85,8 @@ class ServerConfig:
     request_timeout_s: float
     connect_timeout_s: float
     max_connections_per_backend: int
+    keepalive_s: float
+    client_timeout_s: float
     graceful_timeout_s: float
     table_slot_bytes: int
 

@@ -109,6 +109,8 @@ CATALOG: dict[str, ErrorSpec] = {s.name: s for s in (
           "no healthy backend serves this model"),
     _spec("BACKEND_TIMEOUT", 1800, 504, C.TIMEOUT, True,
           "the backend did not answer before the deadline"),
+    _spec("REQUEST_TIMEOUT", 1801, 408, C.TIMEOUT, True,
+          "the request was not received in time"),
     _spec("INTERNAL_ERROR", 1900, 500, C.INTERNAL, True, "internal error"),
     _spec("ROUTING_ERROR", 1901, 500, C.INTERNAL, True, "the request could not be routed"),
 )}

@@ -57,6 +57,7 @@ class Limits:
     request_timeout_s: float
     connect_timeout_s: float
     max_connections_per_backend: int
+    client_timeout_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +91,7 @@ def compile_table(cfg: RouterConfig, *, source: str, now: float | None = None) -
     }
     s = cfg.server
     limits = Limits(s.max_body_bytes, s.request_timeout_s, s.connect_timeout_s,
-                    s.max_connections_per_backend)
+                    s.max_connections_per_backend, s.client_timeout_s)
     return RoutingTable(time.time() if now is None else now, source, limits, backends, routes)
 
 
@@ -100,7 +101,8 @@ def encode_table(t: RoutingTable) -> bytes:
         "compiled_at": t.compiled_at,
         "source": t.source,
         "limits": [t.limits.max_body_bytes, t.limits.request_timeout_s,
-                   t.limits.connect_timeout_s, t.limits.max_connections_per_backend],
+                   t.limits.connect_timeout_s, t.limits.max_connections_per_backend,
+                   t.limits.client_timeout_s],
         "backends": [[b.id, b.scheme, b.host, b.port, b.base_path, b.timeout_s]
                      for b in t.backends.values()],
         "routes": [[r.model, list(r.backend_ids), list(r.weights)] for r in t.routes.values()],
@@ -112,14 +114,15 @@ def decode_table(data: bytes | memoryview) -> RoutingTable:
         d: Any = orjson.loads(data)
         if d.get("v") != CODEC_VERSION:
             raise TableDecodeError(f"codec version {d.get('v')!r}, expected {CODEC_VERSION}")
-        mb, rt, ct, mc = d["limits"]
+        mb, rt, ct, mc, cl = d["limits"]
         backends = {
             bid: Backend(bid, scheme, host, int(port), base, None if to is None else float(to))
             for bid, scheme, host, port, base, to in d["backends"]
         }
         routes = {m: Route(m, tuple(ids), tuple(ws)) for m, ids, ws in d["routes"]}
         return RoutingTable(float(d["compiled_at"]), d["source"],
-                            Limits(int(mb), float(rt), float(ct), int(mc)), backends, routes)
+                            Limits(int(mb), float(rt), float(ct), int(mc), float(cl)),
+                            backends, routes)
     except TableDecodeError:
         raise
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:

@@ -31,7 +31,7 @@ def _table(n_models: int = 50) -> RoutingTable:
     backends = {f"b{i}": Backend(f"b{i}", "http", "127.0.0.1", 9000 + i, "", None)
                 for i in range(8)}
     routes = {f"m{i}": Route(f"m{i}", ("b0", "b1", "b2"), (5, 3, 1)) for i in range(n_models)}
-    return RoutingTable(0.0, "bench", Limits(1 << 20, 60.0, 2.0, 256), backends, routes)
+    return RoutingTable(0.0, "bench", Limits(1 << 20, 60.0, 2.0, 256, 30.0), backends, routes)
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,7 @@ class WorkerPool:
                 "--config", "python:workers.gunicorn_conf",
                 "--bind", s.bind, "--workers", str(s.workers),
                 "--graceful-timeout", str(math.ceil(s.graceful_timeout_s)),
+                "--keep-alive", str(math.ceil(s.keepalive_s)),
                 "--timeout", str(max(30, int(s.request_timeout_s) + 10)),
                 "--name", "apirouter"]
 

@@ -1,7 +1,9 @@
-"""The worker application: what gunicorn's aiohttp worker runs (``workers.app:make_app``).
+"""The worker's aiohttp application: every endpoint, for connections the lean server hands off.
 
-A worker attaches to the routing-table segment named by APIROUTER_TABLE_SHM, serves from it,
-and freezes its start-up heap out of the garbage collector's sight.
+gunicorn's worker (workers.gunicorn_worker) calls ``make_app``: it attaches to the routing-table
+segment named by APIROUTER_TABLE_SHM, builds the shared Endpoints, and wraps each in an aiohttp
+handler. The hot endpoints are normally answered by workers.fast_server before aiohttp sees the
+connection; aiohttp serves the rest (and the hot ones too, on connections handed to it).
 """
 
 from __future__ import annotations
@@ -9,48 +11,71 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from apirouter.errors import RouterError
 from apirouter.shm import TABLE_SEGMENT_ENV, TableReader
-from workers.handlers import Handlers
+from workers.endpoints import Endpoint, Endpoints, Reply
 from workers.table_view import TableCache
 
-HANDLERS_KEY = web.AppKey("handlers", Handlers)
-_OPENAI_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/embeddings", "/v1/models")
+ENDPOINTS_KEY = web.AppKey("endpoints", Endpoints)
+AioHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = logging.getLogger("apirouter.worker")
 
 
-def build_app(tables: TableCache) -> web.Application:
-    """The application for an already-attached table; tests use this directly."""
-    # Our own reader enforces the body limit from the live table, so aiohttp's is lifted.
+async def read_body(request: web.Request, limit: int) -> bytes:
+    declared = request.content_length
+    if declared is not None:
+        if declared > limit:
+            raise RouterError("PAYLOAD_TOO_LARGE", details=f"the limit is {limit} bytes")
+        return await request.read()
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise RouterError("PAYLOAD_TOO_LARGE", details=f"the limit is {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def to_response(reply: Reply) -> web.Response:
+    headers = {"Content-Type": reply.content_type}
+    headers.update(reply.headers)
+    return web.Response(body=reply.body, status=reply.status, headers=headers)
+
+
+def _adapt(endpoints: Endpoints, ep: Endpoint) -> AioHandler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        request_id = endpoints.ids.accept(request.headers.get("X-Request-ID"))
+        try:
+            body = await read_body(request, endpoints.max_body_bytes())
+        except RouterError as e:
+            return to_response(endpoints.error_reply(e, request_id, ep.openai))
+        return to_response(await endpoints.call(ep, body, request_id))
+    return handler
+
+
+def build_app(endpoints: Endpoints) -> web.Application:
+    # read_body enforces the live table's limit, so aiohttp's own is lifted.
     app = web.Application(client_max_size=2**62, handler_args={"max_field_size": 16384})
-    h = Handlers(tables)
-    app[HANDLERS_KEY] = h
-    r = app.router
-    r.add_post("/v1/chat/completions", h.endpoint(h.chat_completions, openai=True))
-    r.add_get("/v1/models", h.endpoint(h.models, openai=True), allow_head=False)
-    r.add_post("/v1/inference", h.endpoint(h.inference, openai=False))
-    r.add_get("/v1/status/healthz", h.endpoint(h.healthz, openai=False), allow_head=False)
-    r.add_get("/v1/status/readyz", h.endpoint(h.readyz, openai=False), allow_head=False)
-    r.add_get("/metrics", h.endpoint(h.metrics_endpoint, openai=False), allow_head=False)
-    openai_fallback = h.endpoint(h.fallback, openai=True)
-    native_fallback = h.endpoint(h.fallback, openai=False)
+    app[ENDPOINTS_KEY] = endpoints
+    for ep in endpoints.all:
+        app.router.add_route(ep.method, ep.path, _adapt(endpoints, ep))
 
-    async def fallback(request: web.Request) -> web.StreamResponse:
-        if request.path.startswith(_OPENAI_PREFIXES):
-            return await openai_fallback(request)
-        return await native_fallback(request)
+    async def unrouted(request: web.Request) -> web.StreamResponse:
+        request_id = endpoints.ids.accept(request.headers.get("X-Request-ID"))
+        return to_response(endpoints.unrouted(request.method, request.path, request_id))
 
-    r.add_route("*", "/{tail:.*}", fallback)
+    app.router.add_route("*", "/{tail:.*}", unrouted)
 
-    async def pools(app: web.Application) -> AsyncIterator[None]:
+    async def close_tables(app: web.Application) -> AsyncIterator[None]:
         yield
-        tables.close()
+        endpoints.tables.close()
 
-    app.cleanup_ctx.append(pools)
+    app.cleanup_ctx.append(close_tables)
     return app
 
 
@@ -62,7 +87,7 @@ async def make_app() -> web.Application:
             f"{TABLE_SEGMENT_ENV} is not set: workers are started by `apirouter serve`")
     tables = TableCache(TableReader(name))
     tables.current()  # fail the boot now, not on the first request, if the table is unreadable
-    app = build_app(tables)
+    app = build_app(Endpoints(tables))
     # Everything allocated so far lives as long as the worker: keep the collector off it,
     # and let young garbage accumulate longer before a collection pauses a request.
     gc.collect()

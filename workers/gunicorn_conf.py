@@ -13,8 +13,6 @@ from typing import Any
 import uvloop  # noqa: F401  imported once in the master, so a forked worker boots faster
 
 worker_class = "workers.gunicorn_worker.RouterWorker"
-# Clients of an inference router hold pooled keep-alive connections; don't drop them after 2 s.
-keepalive = 75
 accesslog = None
 # gunicorn 27 opens ~/.gunicorn/gunicorn.ctl by default; parallel instances would collide.
 control_socket_disable = True

@@ -24,7 +24,7 @@ def table_for(k: int) -> bytes:
     backends = {f"b{i}": Backend(f"b{i}", "http", f"h{k}", k % 65535 + 1, f"/{k}", None)
                 for i in range(n)}
     routes = {f"m{k}-{i}": Route(f"m{k}-{i}", (f"b{i}",), (k % 7 + 1,)) for i in range(n)}
-    return encode_table(RoutingTable(float(k), f"gen{k}", Limits(k + 1, 1.0, 1.0, 1),
+    return encode_table(RoutingTable(float(k), f"gen{k}", Limits(k + 1, 1.0, 1.0, 1, 1.0),
                                      backends, routes))
 
 

@@ -34,7 +34,8 @@ def tables(draw: st.DrawFn) -> RoutingTable:
         weights = draw(st.lists(st.integers(0, 1000), min_size=len(chosen), max_size=len(chosen)))
         routes[model] = Route(model, tuple(chosen), tuple(weights))
     limits = Limits(draw(st.integers(1, 2**31)), draw(st.floats(0.001, 3600)),
-                    draw(st.floats(0.001, 60)), draw(st.integers(1, 10_000)))
+                    draw(st.floats(0.001, 60)), draw(st.integers(1, 10_000)),
+                    draw(st.floats(0.001, 600)))
     return RoutingTable(draw(st.floats(0, 2e9)), draw(ids), limits, backends, routes)
 
 

@@ -1,0 +1,228 @@
+"""What each endpoint does, independent of the HTTP server that carried the request.
+
+Two servers call this: the lean protocol server for the hot endpoints (workers.fast_server),
+and aiohttp for everything handed off to it (workers.app). Both give an endpoint the method,
+path, a header lookup and the complete body, and write back the Reply it returns. Every error
+is rendered here, through the catalog, in the shape the endpoint's family uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import orjson
+
+from apirouter import __version__
+from apirouter.errors import RouterError, native_body, openai_body
+from apirouter.outcomes import backend_error_code
+from apirouter.request_ids import RequestIds
+from apirouter.validation import parse_chat_completion, parse_chat_request, parse_inference_request
+from workers.forwarding import Forwarded, forward_chat, resolve_route
+from workers.metrics import CONTENT_TYPE, RequestMetrics, exposition
+from workers.table_view import TableCache
+
+log = logging.getLogger("apirouter.worker")
+
+JSON = "application/json"
+
+
+@dataclass(slots=True)
+class Reply:
+    status: int
+    body: bytes
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    content_type: str = JSON
+
+
+Handler = Callable[[bytes, str], Awaitable[Reply]]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    method: str
+    path: str
+    handler: Handler
+    openai: bool  # errors in OpenAI's shape (OpenAI-compatible family) or the native envelope
+    hot: bool  # served by the lean protocol server rather than handed to aiohttp
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3f}"
+
+
+class Endpoints:
+    def __init__(self, tables: TableCache) -> None:
+        self.tables = tables
+        self.ids = RequestIds()
+        self.metrics = RequestMetrics()
+        self.pid = os.getpid()
+        self.loop = asyncio.get_running_loop()
+        self.all = (
+            Endpoint("POST", "/v1/chat/completions", self.chat_completions, True, True),
+            Endpoint("GET", "/v1/models", self.models, True, True),
+            Endpoint("POST", "/v1/inference", self.inference, False, True),
+            Endpoint("GET", "/v1/status/healthz", self.healthz, False, True),
+            Endpoint("GET", "/v1/status/readyz", self.readyz, False, True),
+            Endpoint("GET", "/metrics", self.metrics_text, False, False),
+        )
+        self.by_path = {e.path: e for e in self.all}
+
+    def max_body_bytes(self) -> int:
+        return self.tables.current().table.limits.max_body_bytes
+
+    # -- the envelope every endpoint runs in ---------------------------------------------------
+
+    async def call(self, endpoint: Endpoint, body: bytes, request_id: str) -> Reply:
+        try:
+            return await endpoint.handler(body, request_id)
+        except RouterError as e:
+            return self.error_reply(e, request_id, endpoint.openai)
+        except Exception:
+            # The traceback names our code only; request bodies never reach the log.
+            log.exception("unhandled error serving %s %s (request %s)", endpoint.method,
+                          endpoint.path, request_id)
+            return self.error_reply(RouterError("INTERNAL_ERROR"), request_id, endpoint.openai)
+
+    def error_reply(self, err: RouterError, request_id: str, openai: bool) -> Reply:
+        self.metrics.error(err.code)
+        headers = [("X-Request-ID", request_id)]
+        if err.headers:
+            headers.extend(err.headers.items())
+        render = openai_body if openai else native_body
+        return Reply(err.status, render(err, request_id), headers)
+
+    def unrouted(self, method: str, path: str, request_id: str) -> Reply:
+        """404 for unknown paths, 405 with Allow for known paths and a wrong method."""
+        openai = path.startswith(("/v1/chat/", "/v1/completions", "/v1/embeddings", "/v1/models"))
+        known = self.by_path.get(path)
+        if known is not None:
+            err = RouterError("METHOD_NOT_ALLOWED",
+                              f"{method} is not allowed on {path}; use {known.method}",
+                              headers={"Allow": known.method})
+            return self.error_reply(err, request_id, known.openai)
+        return self.error_reply(RouterError("NOT_FOUND", f"no endpoint at {path}"), request_id,
+                                openai)
+
+    def _account(self, fwd: Forwarded, model: str, success: bool, total_s: float) -> None:
+        status = fwd.response.status if fwd.response is not None else 0
+        self.metrics.routed(fwd.backend_id, fwd.decision.value, success, model, status,
+                            fwd.backend_s, max(0.0, total_s - fwd.backend_s))
+
+    # -- inference -----------------------------------------------------------------------------
+
+    async def chat_completions(self, body: bytes, request_id: str) -> Reply:
+        started = time.perf_counter()
+        view = self.tables.current()
+        model = parse_chat_request(body)
+        route = resolve_route(view, model)
+        fwd = await forward_chat(view, route, body, request_id, self.loop)
+        resp = fwd.response
+        error = fwd.error
+        if error is None and resp is not None:
+            code = backend_error_code(resp.status)
+            if code is not None:
+                error = RouterError(code,
+                                    details=f"backend {fwd.backend_id} answered {resp.status}")
+        total = time.perf_counter() - started
+        self._account(fwd, model, error is None, total)
+        if error is not None:
+            raise error
+        assert resp is not None
+        ctype = resp.header(b"content-type")
+        return Reply(resp.status, resp.body, [
+            ("X-Request-ID", request_id),
+            ("X-Router-Backend", fwd.backend_id),
+            ("X-Router-Decision", fwd.decision.value),
+            ("X-Router-Latency-Ms", _ms(total)),
+        ], ctype.decode("latin-1") if ctype else JSON)
+
+    async def inference(self, body: bytes, request_id: str) -> Reply:
+        started = time.perf_counter()
+        view = self.tables.current()
+        req = parse_inference_request(body)
+        route = resolve_route(view, req.model)
+        fwd = await forward_chat(view, route, req.upstream_body, request_id, self.loop)
+        resp = fwd.response
+        if fwd.error is None and resp is not None and resp.status >= 300:
+            code = backend_error_code(resp.status)
+            fwd.error = RouterError(code or "INVALID_REQUEST",
+                                    "the backend rejected the request" if code is None else None,
+                                    details=f"backend {fwd.backend_id} answered {resp.status}")
+        if fwd.error is not None:
+            self._account(fwd, req.model, False, time.perf_counter() - started)
+            raise fwd.error
+        assert resp is not None
+        try:
+            completion = parse_chat_completion(resp.body)
+        except RouterError:
+            self._account(fwd, req.model, False, time.perf_counter() - started)
+            raise
+        total = time.perf_counter() - started
+        self._account(fwd, req.model, True, total)
+        return Reply(200, orjson.dumps({
+            "id": request_id,
+            "object": "inference",
+            "created": int(time.time()),
+            "model": req.model,
+            "output": {"role": completion.role, "content": completion.content,
+                       "finish_reason": completion.finish_reason},
+            "usage": {"prompt_tokens": completion.prompt_tokens,
+                      "completion_tokens": completion.completion_tokens,
+                      "total_tokens": completion.total_tokens},
+            "router": {
+                "request_id": request_id,
+                "backend_id": fwd.backend_id,
+                "decision_type": fwd.decision.value,
+                "attempts": 1,
+                "table_generation": view.generation,
+                "router_overhead_ms": round((total - fwd.backend_s) * 1000, 3),
+                "backend_latency_ms": round(fwd.backend_s * 1000, 3),
+                "total_latency_ms": round(total * 1000, 3),
+            },
+        }), [("X-Request-ID", request_id), ("X-Router-Backend", fwd.backend_id),
+             ("X-Router-Latency-Ms", _ms(total))])
+
+    # -- catalogue and status ----------------------------------------------------------------
+
+    async def models(self, body: bytes, request_id: str) -> Reply:
+        return Reply(200, self.tables.current().models_body, [("X-Request-ID", request_id)])
+
+    async def healthz(self, body: bytes, request_id: str) -> Reply:
+        return Reply(200, orjson.dumps({"status": "ok", "worker_pid": self.pid}),
+                     [("X-Request-ID", request_id)])
+
+    async def readyz(self, body: bytes, request_id: str) -> Reply:
+        view = self.tables.current()
+        table = view.table
+        registry_ok = bool(table.backends) and bool(table.routes)
+        doc = {
+            "status": "ready" if registry_ok else "degraded",
+            "worker_pid": self.pid,
+            "checks": {
+                "routing_table": {
+                    "status": "ok",
+                    "generation": view.generation,
+                    "source": table.source,
+                    "compiled_at": table.compiled_at,
+                    "age_s": round(time.time() - table.compiled_at, 3),
+                    "load_errors": self.tables.reload_errors,
+                },
+                "backend_registry": {
+                    "status": "ok" if registry_ok else "empty",
+                    "backends": len(table.backends),
+                    "models": len(table.routes),
+                },
+            },
+            "build": {"version": __version__, "python": platform.python_version()},
+        }
+        return Reply(200 if registry_ok else 503, orjson.dumps(doc),
+                     [("X-Request-ID", request_id)])
+
+    async def metrics_text(self, body: bytes, request_id: str) -> Reply:
+        return Reply(200, exposition(), [], CONTENT_TYPE)
