@@ -18,7 +18,8 @@ from typing import Any
 
 import orjson
 
-DOCS_BASE_URL = "https://apirouter.dev/docs/errors"
+# Anchors into the generated catalog shipped with the project (docs/errors.md).
+DOCS_BASE_URL = "docs/errors.md"
 
 
 class Category(StrEnum):

@@ -47,3 +47,12 @@ def test_openai_shape_has_type_param_and_code() -> None:
 def test_unknown_code_is_a_programming_error() -> None:
     with pytest.raises(KeyError):
         RouterError("NOT_A_CODE")
+
+
+def test_docs_errors_md_matches_the_catalog() -> None:
+    from pathlib import Path
+
+    from tools.errors_doc import render
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "errors.md"
+    assert doc.read_text() == render(), "run: python -m tools.errors_doc > docs/errors.md"
