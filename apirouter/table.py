@@ -67,6 +67,8 @@ class RoutingTable:
     limits: Limits
     backends: dict[str, Backend]
     routes: dict[str, Route]
+    # Control-plane state for readiness reporting (config store, ...): JSON-able, not routing.
+    status: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_names(self) -> list[str]:
@@ -79,7 +81,8 @@ def _split_url(url: str) -> tuple[str, str, int, str]:
     return p.scheme, p.hostname or "", port, p.path.rstrip("/")
 
 
-def compile_table(cfg: RouterConfig, *, source: str, now: float | None = None) -> RoutingTable:
+def compile_table(cfg: RouterConfig, *, source: str, now: float | None = None,
+                  status: dict[str, Any] | None = None) -> RoutingTable:
     backends = {}
     for b in cfg.backends:
         scheme, host, port, base = _split_url(b.url)
@@ -92,7 +95,8 @@ def compile_table(cfg: RouterConfig, *, source: str, now: float | None = None) -
     s = cfg.server
     limits = Limits(s.max_body_bytes, s.request_timeout_s, s.connect_timeout_s,
                     s.max_connections_per_backend, s.client_timeout_s)
-    return RoutingTable(time.time() if now is None else now, source, limits, backends, routes)
+    return RoutingTable(time.time() if now is None else now, source, limits, backends, routes,
+                        status or {})
 
 
 def encode_table(t: RoutingTable) -> bytes:
@@ -106,6 +110,7 @@ def encode_table(t: RoutingTable) -> bytes:
         "backends": [[b.id, b.scheme, b.host, b.port, b.base_path, b.timeout_s]
                      for b in t.backends.values()],
         "routes": [[r.model, list(r.backend_ids), list(r.weights)] for r in t.routes.values()],
+        "status": t.status,
     })
 
 
@@ -122,7 +127,7 @@ def decode_table(data: bytes | memoryview) -> RoutingTable:
         routes = {m: Route(m, tuple(ids), tuple(ws)) for m, ids, ws in d["routes"]}
         return RoutingTable(float(d["compiled_at"]), d["source"],
                             Limits(int(mb), float(rt), float(ct), int(mc), float(cl)),
-                            backends, routes)
+                            backends, routes, dict(d.get("status") or {}))
     except TableDecodeError:
         raise
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:

@@ -1,8 +1,13 @@
 """The supervisor process: load config, publish the table, run the worker pool, react to signals.
 
 Signal handlers only queue the signal; the main loop dispatches it (gunicorn's arbiter does the
-same): HUP re-reads the config and publishes a new generation, TERM/INT drain and exit,
-TTIN/TTOU pass through to gunicorn to scale the pool.
+same): HUP re-reads the config (file) or resyncs with etcd and publishes a new generation,
+TERM/INT drain and exit, TTIN/TTOU pass through to gunicorn to scale the pool.
+
+Config sources: a YAML file (re-read on HUP), the embedded demo, or etcd (watched; every
+accepted revision is also written to the local cache, which is what the supervisor boots from
+when etcd is unreachable). An invalid config never replaces the last good one: the rejection
+is logged, counted, and shown in readyz and `apirouterctl status`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +25,10 @@ import apirouter
 from apirouter.config import ConfigError, RouterConfig, load_config_file, parse_config
 from apirouter.runstate import remove_state, write_state
 from apirouter.shm import TABLE_SEGMENT_ENV, SegmentError, remove_stale_segments
+from supervisor import metrics
+from supervisor.config_cache import ConfigCache
 from supervisor.demo import DemoBackends, demo_config
+from supervisor.etcd_source import EtcdSource, Snapshot
 from supervisor.publisher import TablePublisher
 from supervisor.worker_pool import BOOT_FAILURE_CODES, WorkerPool
 
@@ -29,6 +36,7 @@ log = logging.getLogger("apirouter.supervisor")
 
 _RESTART_WINDOW_S = 60.0
 _MAX_RESTARTS = 5
+ETCD_BOOT_TIMEOUT_S = 3.0
 
 
 @dataclass
@@ -37,6 +45,10 @@ class ServeOptions:
     demo: bool
     run_dir: str
     overrides: dict[str, Any]
+    metrics_dir: str
+    etcd: str | None = None
+    etcd_prefix: str = "/apirouter"
+    cache_dir: str | None = None
 
 
 class Supervisor:
@@ -47,56 +59,176 @@ class Supervisor:
         self.pool: WorkerPool | None = None
         self.demo: DemoBackends | None = None
         self.cfg: RouterConfig | None = None
-        self.metrics_dir: str | None = None
+        self.etcd: EtcdSource | None = None
+        self.cache = ConfigCache(opts.cache_dir or os.path.join(opts.run_dir, "cache"))
+        self.from_cache = False
+        self.applied_revision: int | None = None
+        self.rejected: dict[str, Any] | None = None
         self.reload_failures = 0
         self.started_at = time.time()
+        self._tasks: list[asyncio.Task[None]] = []
 
     # -- config ------------------------------------------------------------------------------
 
-    def load(self) -> RouterConfig:
+    @property
+    def source(self) -> str:
+        if self.opts.demo:
+            return "demo"
+        if self.opts.etcd:
+            return f"etcd:{self.opts.etcd}{self.opts.etcd_prefix}"
+        return f"file:{self.opts.config_path}"
+
+    def parse(self, raw: dict[str, Any]) -> RouterConfig:
+        return parse_config(raw, env=os.environ, overrides=self.opts.overrides)
+
+    def config_status(self) -> dict[str, Any]:
+        """The config store's state, as readyz and apirouterctl status report it."""
+        if self.etcd is None:
+            return {"status": "ok", "kind": "demo" if self.opts.demo else "file",
+                    "source": self.source, "rejected": self.rejected}
+        healthy = self.etcd.connected and self.rejected is None
+        return {
+            "status": "ok" if healthy else "degraded",
+            "kind": "etcd",
+            "endpoint": self.etcd.endpoint,
+            "prefix": self.opts.etcd_prefix,
+            "connected": self.etcd.connected,
+            "revision": self.applied_revision,
+            "from_cache": self.from_cache,
+            "last_error": self.etcd.last_error,
+            "rejected": self.rejected,
+        }
+
+    def publish(self, cfg: RouterConfig) -> None:
+        """Publish ``cfg`` with the current control-plane status; adjust the pool to it."""
+        assert self.publisher is not None
+        old = self.cfg
+        self.publisher.publish(cfg, self.source, {"config_store": self.config_status()})
+        self.cfg = cfg
+        metrics.TABLE_GENERATION.set(self.publisher.generation)
+        if old is not None and self.pool is not None:
+            if cfg.server.bind != old.server.bind:
+                log.warning("bind changed to %s: it takes effect on restart", cfg.server.bind)
+            delta = cfg.server.workers - old.server.workers
+            for _ in range(abs(delta)):
+                self._signal_pool(signal.SIGTTIN if delta > 0 else signal.SIGTTOU)
+        self._write_state()
+
+    def reject(self, reason: str, revision: int | None = None) -> None:
+        self.reload_failures += 1
+        self.rejected = {"reason": reason, "revision": revision, "at": time.time()}
+        metrics.CONFIG_REJECTIONS.inc()
+        generation = self.publisher.generation if self.publisher else 0
+        log.error("config rejected, generation %d stays in force: %s", generation, reason)
+        if self.cfg is not None and self.publisher is not None:
+            self.publish(self.cfg)  # same routes, new status: readyz shows the rejection
+        else:
+            self._write_state()
+
+    def load_file(self) -> RouterConfig:
         if self.demo is not None:
-            return parse_config(demo_config(self.demo.ports), env=os.environ,
-                                overrides=self.opts.overrides)
+            return self.parse(demo_config(self.demo.ports))
         assert self.opts.config_path is not None
         return load_config_file(self.opts.config_path, overrides=self.opts.overrides)
 
-    @property
-    def source(self) -> str:
-        return "demo" if self.opts.demo else f"file:{self.opts.config_path}"
-
     def reload(self) -> None:
-        assert self.publisher is not None and self.cfg is not None
-        try:
-            cfg = self.load()
-            self.publisher.publish(cfg, self.source)
-        except (ConfigError, SegmentError) as e:
-            self.reload_failures += 1
-            log.error("reload rejected, generation %d stays in force: %s",
-                      self.publisher.generation, e)
-            self._write_state()
+        if self.etcd is not None:
+            self._tasks.append(asyncio.ensure_future(self._resync()))
             return
-        old = self.cfg.server
-        if cfg.server.bind != old.bind:
-            log.warning("bind changed to %s: it takes effect on restart", cfg.server.bind)
-        delta = cfg.server.workers - old.workers
-        for _ in range(abs(delta)):
-            self._signal_pool(signal.SIGTTIN if delta > 0 else signal.SIGTTOU)
-        self.cfg = cfg
-        self._write_state()
+        try:
+            cfg = self.load_file()
+        except ConfigError as e:
+            self.reject(str(e))
+            return
+        self.rejected = None
+        try:
+            self.publish(cfg)
+        except SegmentError as e:
+            self.reject(str(e))
+
+    # -- etcd --------------------------------------------------------------------------------
+
+    def on_snapshot(self, snap: Snapshot) -> None:
+        try:
+            cfg = self.parse(snap.raw)
+        except ConfigError as e:
+            self.reject(str(e), snap.revision)
+            return
+        previous = (self.rejected, self.from_cache, self.applied_revision)
+        self.rejected, self.from_cache, self.applied_revision = None, False, snap.revision
+        try:
+            self.publish(cfg)
+        except SegmentError as e:
+            self.rejected, self.from_cache, self.applied_revision = previous
+            self.reject(str(e), snap.revision)
+            return
+        metrics.CONFIG_REVISION.set(snap.revision)
+        self.cache.save(snap.raw, snap.revision)
+
+    def on_source_state(self) -> None:
+        assert self.etcd is not None
+        metrics.CONFIG_STORE_UP.set(1 if self.etcd.connected else 0)
+        if self.cfg is not None and self.publisher is not None:
+            self.publish(self.cfg)
+
+    async def _resync(self) -> None:
+        assert self.etcd is not None
+        try:
+            self.on_snapshot(await self.etcd.fetch_once(ETCD_BOOT_TIMEOUT_S))
+        except Exception as e:  # etcd down: the watcher reconnects and resyncs by itself
+            log.error("resync with etcd failed: %s", e)
+
+    async def initial_config(self) -> RouterConfig | None:
+        if self.opts.etcd is None:
+            try:
+                return self.load_file()
+            except ConfigError as e:
+                log.error("invalid config: %s", e)
+                return None
+        self.etcd = EtcdSource(self.opts.etcd, self.opts.etcd_prefix, self.on_snapshot,
+                               self.on_source_state)
+        try:
+            snap = await self.etcd.fetch_once(ETCD_BOOT_TIMEOUT_S)
+        except Exception as e:
+            self.etcd.last_error = f"{type(e).__name__}: {e}"[:300]
+            return self._from_cache(f"etcd {self.opts.etcd} unreachable at boot")
+        try:
+            cfg = self.parse(snap.raw)
+        except ConfigError as e:
+            self.rejected = {"reason": str(e), "revision": snap.revision, "at": time.time()}
+            return self._from_cache(f"etcd revision {snap.revision} is invalid: {e}")
+        self.etcd.connected, self.etcd.revision = True, snap.revision
+        self.applied_revision = snap.revision
+        self.cache.save(snap.raw, snap.revision)
+        return cfg
+
+    def _from_cache(self, why: str) -> RouterConfig | None:
+        cached = self.cache.load()
+        if cached is None:
+            log.error("%s and no cached config in %s: cannot start", why, self.cache.path)
+            return None
+        raw, revision = cached
+        log.warning("%s: serving the cached config of revision %d", why, revision)
+        assert self.etcd is not None
+        self.etcd.revision = revision  # the watcher publishes anything newer when etcd returns
+        self.from_cache, self.applied_revision = True, revision
+        return self.parse(raw)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def _write_state(self) -> None:
-        assert self.cfg is not None and self.publisher is not None
+        if self.cfg is None or self.publisher is None:
+            return
         write_state(self.opts.run_dir, {
             "pid": os.getpid(),
             "gunicorn_pid": self.pool.pid if self.pool else None,
             "bind": self.cfg.server.bind,
             "workers": self.cfg.server.workers,
             "table_segment": self.publisher.segment,
-            "metrics_dir": self.metrics_dir,
+            "metrics_dir": self.opts.metrics_dir,
             "generation": self.publisher.generation,
             "source": self.source,
+            "config_store": self.config_status(),
             "started_at": self.started_at,
             "reload_failures": self.reload_failures,
             "version": apirouter.__version__,
@@ -122,60 +254,56 @@ class Supervisor:
         if self.opts.demo:
             self.demo = DemoBackends()
             await self.demo.start()
-        try:
-            self.cfg = self.load()
-        except ConfigError as e:
-            log.error("invalid config: %s", e)
+        cfg = await self.initial_config()
+        if cfg is None:
             return 2
-        self.publisher = TablePublisher(self.cfg.server.table_slot_bytes)
-        self.publisher.publish(self.cfg, self.source)
-        self.metrics_dir = tempfile.mkdtemp(prefix="apirouter-metrics-")
+        self.publisher = TablePublisher(cfg.server.table_slot_bytes)
+        self.publish(cfg)
         project_root = os.path.dirname(os.path.dirname(os.path.abspath(apirouter.__file__)))
         pythonpath = os.pathsep.join(p for p in (project_root, os.environ.get("PYTHONPATH")) if p)
-        self.pool = WorkerPool(self.cfg.server, {
+        self.pool = WorkerPool(cfg.server, {
             TABLE_SEGMENT_ENV: self.publisher.segment,
-            "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
+            "PROMETHEUS_MULTIPROC_DIR": self.opts.metrics_dir,
             "PYTHONPATH": pythonpath,
         })
         restarts: list[float] = []
         await self.pool.start()
         self._write_state()
-        announce = asyncio.create_task(self._announce_ready())
-        try:
-            while True:
-                exited = asyncio.ensure_future(self.pool.wait())
-                sig_task = asyncio.ensure_future(self.signals.get())
-                done, _ = await asyncio.wait({exited, sig_task},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if sig_task in done:
-                    exited.cancel()
-                    sig = sig_task.result()
-                    if sig in (signal.SIGTERM, signal.SIGINT):
-                        log.info("received %s: draining", signal.Signals(sig).name)
-                        return 0
-                    if sig == signal.SIGHUP:
-                        self.reload()
-                    else:
-                        self._signal_pool(sig)
-                    continue
-                sig_task.cancel()
-                code = exited.result()
-                if code in BOOT_FAILURE_CODES:
-                    log.error("worker pool cannot start: %s (gunicorn exit %d)",
-                              BOOT_FAILURE_CODES[code], code)
-                    return 1
-                now = time.monotonic()
-                restarts = [t for t in restarts if now - t < _RESTART_WINDOW_S] + [now]
-                if len(restarts) > _MAX_RESTARTS:
-                    log.error("gunicorn exited %d times within %.0fs; giving up",
-                              len(restarts), _RESTART_WINDOW_S)
-                    return 1
-                log.error("gunicorn exited with %s; restarting it", code)
-                await asyncio.sleep(0.5 * len(restarts))
-                await self.pool.start()
-                self._write_state()
-        finally:
-            announce.cancel()
+        self._tasks.append(asyncio.ensure_future(self._announce_ready()))
+        if self.etcd is not None:
+            metrics.CONFIG_STORE_UP.set(1 if self.etcd.connected else 0)
+            self._tasks.append(asyncio.ensure_future(self.etcd.run()))
+        while True:
+            exited = asyncio.ensure_future(self.pool.wait())
+            sig_task = asyncio.ensure_future(self.signals.get())
+            done, _ = await asyncio.wait({exited, sig_task}, return_when=asyncio.FIRST_COMPLETED)
+            if sig_task in done:
+                exited.cancel()
+                sig = sig_task.result()
+                if sig in (signal.SIGTERM, signal.SIGINT):
+                    log.info("received %s: draining", signal.Signals(sig).name)
+                    return 0
+                if sig == signal.SIGHUP:
+                    self.reload()
+                else:
+                    self._signal_pool(sig)
+                continue
+            sig_task.cancel()
+            code = exited.result()
+            if code in BOOT_FAILURE_CODES:
+                log.error("worker pool cannot start: %s (gunicorn exit %d)",
+                          BOOT_FAILURE_CODES[code], code)
+                return 1
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < _RESTART_WINDOW_S] + [now]
+            if len(restarts) > _MAX_RESTARTS:
+                log.error("gunicorn exited %d times within %.0fs; giving up",
+                          len(restarts), _RESTART_WINDOW_S)
+                return 1
+            log.error("gunicorn exited with %s; restarting it", code)
+            await asyncio.sleep(0.5 * len(restarts))
+            await self.pool.start()
+            self._write_state()
 
     async def _announce_ready(self) -> None:
         assert self.cfg is not None
@@ -201,14 +329,16 @@ class Supervisor:
             await asyncio.sleep(0.05)
 
     async def _shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.pool is not None:
             timeout = (self.cfg.server.graceful_timeout_s if self.cfg else 30.0) + 5.0
             code = await self.pool.stop(timeout)
             log.info("worker pool stopped (exit %s)", code)
         if self.publisher is not None:
             self.publisher.close()
-        if self.metrics_dir is not None:
-            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        shutil.rmtree(self.opts.metrics_dir, ignore_errors=True)
         if self.demo is not None:
             await self.demo.stop()
         remove_state(self.opts.run_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 from apirouter.config import RouterConfig
 from apirouter.shm import TableWriter, segment_name
@@ -21,9 +22,9 @@ class TablePublisher:
     def generation(self) -> int:
         return self._writer.generation
 
-    def publish(self, cfg: RouterConfig, source: str) -> int:
+    def publish(self, cfg: RouterConfig, source: str, status: dict[str, Any] | None = None) -> int:
         """Compile and publish; raises SegmentError (nothing published) if it does not fit."""
-        payload = encode_table(compile_table(cfg, source=source))
+        payload = encode_table(compile_table(cfg, source=source, status=status))
         gen = self._writer.publish(payload)
         log.info("published routing table generation %d (%d backends, %d models, %d bytes)",
                  gen, len(cfg.backends), len(cfg.models), len(payload))

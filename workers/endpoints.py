@@ -218,6 +218,7 @@ class Endpoints:
                     "backends": len(table.backends),
                     "models": len(table.routes),
                 },
+                **{name: check for name, check in table.status.items()},
             },
             "build": {"version": __version__, "python": platform.python_version()},
         }
