@@ -68,6 +68,26 @@ SETTINGS: tuple[Setting, ...] = (
             "how long a client may take to send one complete request", _positive, "must be > 0"),
     Setting("graceful_timeout_s", float, 30.0, "how long a drain waits for in-flight requests",
             _positive, "must be > 0"),
+    Setting("max_attempts", int, 3, "backends one request may try (failover included)",
+            _positive, "must be > 0"),
+    Setting("health_interval_s", float, 2.0, "active health probe interval per backend",
+            _positive, "must be > 0"),
+    Setting("health_timeout_s", float, 1.0, "deadline of one health probe", _positive,
+            "must be > 0"),
+    Setting("healthy_threshold", int, 2, "consecutive good probes that restore a backend",
+            _positive, "must be > 0"),
+    Setting("unhealthy_threshold", int, 3, "consecutive failed probes that mark it unhealthy",
+            _positive, "must be > 0"),
+    Setting("outlier_consecutive_failures", int, 5,
+            "consecutive request failures (all workers) that eject a backend", _positive,
+            "must be > 0"),
+    Setting("outlier_base_ejection_s", float, 5.0,
+            "first ejection time; doubles on each repeat ejection", _positive, "must be > 0"),
+    Setting("outlier_max_ejection_s", float, 300.0, "longest ejection", _positive,
+            "must be > 0"),
+    Setting("outlier_max_ejected_percent", int, 50,
+            "never eject more than this share of the backends", lambda v: 0 <= v <= 100,
+            "must be 0..100"),
     Setting("table_slot_bytes", int, 4 * 1024 * 1024,
             "capacity of one routing-table slot in shared memory", lambda v: v >= 4096,
             "must be >= 4096"),
@@ -88,6 +108,15 @@ class ServerConfig:
     keepalive_s: float
     client_timeout_s: float
     graceful_timeout_s: float
+    max_attempts: int
+    health_interval_s: float
+    health_timeout_s: float
+    healthy_threshold: int
+    unhealthy_threshold: int
+    outlier_consecutive_failures: int
+    outlier_base_ejection_s: float
+    outlier_max_ejection_s: float
+    outlier_max_ejected_percent: int
     table_slot_bytes: int
 
     @classmethod
@@ -100,6 +129,7 @@ class BackendConfig:
     id: str
     url: str
     timeout_s: float | None = None
+    health_path: str = "/health"  # "" disables active probing
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +142,11 @@ class TargetConfig:
 class ModelConfig:
     name: str
     targets: tuple[TargetConfig, ...]
+    strategy: str = "weighted"
+    fallbacks: tuple[str, ...] = ()
+
+
+STRATEGIES = ("weighted", "least_inflight", "latency")
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +199,7 @@ def _backend(bid: Any, raw: Any) -> BackendConfig:
         raw = {"url": raw}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with a url")
-    unknown = set(raw) - {"url", "timeout_s"}
+    unknown = set(raw) - {"url", "timeout_s", "health_path"}
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown field")
     url = raw.get("url")
@@ -181,7 +216,11 @@ def _backend(bid: Any, raw: Any) -> BackendConfig:
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
                                 or timeout <= 0):
         raise ConfigError(f"{where}.timeout_s: must be a positive number")
-    return BackendConfig(bid, url.rstrip("/"), float(timeout) if timeout is not None else None)
+    health_path = raw.get("health_path", "/health")
+    if not isinstance(health_path, str) or (health_path and not health_path.startswith("/")):
+        raise ConfigError(f"{where}.health_path: a path starting with /, or \"\" for no probes")
+    return BackendConfig(bid, url.rstrip("/"), float(timeout) if timeout is not None else None,
+                         health_path)
 
 
 def _model(name: Any, raw: Any, backend_ids: set[str]) -> ModelConfig:
@@ -191,9 +230,15 @@ def _model(name: Any, raw: Any, backend_ids: set[str]) -> ModelConfig:
     if not isinstance(raw, dict) or not isinstance(raw.get("backends"), list) or not raw[
             "backends"]:
         raise ConfigError(f"{where}.backends: required, a non-empty list")
-    unknown = set(raw) - {"backends"}
+    unknown = set(raw) - {"backends", "strategy", "fallbacks"}
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown field")
+    strategy = raw.get("strategy", "weighted")
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"{where}.strategy: one of {', '.join(STRATEGIES)}")
+    fallbacks = raw.get("fallbacks", [])
+    if not isinstance(fallbacks, list) or not all(isinstance(f, str) for f in fallbacks):
+        raise ConfigError(f"{where}.fallbacks: a list of model names")
     targets = []
     seen: set[str] = set()
     for i, t in enumerate(raw["backends"]):
@@ -214,7 +259,26 @@ def _model(name: Any, raw: Any, backend_ids: set[str]) -> ModelConfig:
         targets.append(TargetConfig(bid, weight))
     if not any(t.weight for t in targets):
         raise ConfigError(f"{where}.backends: at least one weight must be > 0")
-    return ModelConfig(name, tuple(targets))
+    return ModelConfig(name, tuple(targets), strategy, tuple(fallbacks))
+
+
+def _check_fallbacks(models: tuple[ModelConfig, ...]) -> None:
+    """Fallbacks name known models and never lead back to where they started."""
+    by_name = {m.name: m for m in models}
+    for m in models:
+        for f in m.fallbacks:
+            if f not in by_name:
+                raise ConfigError(f"models.{m.name}.fallbacks: unknown model {f!r}")
+
+    def visit(name: str, path: list[str]) -> None:
+        for f in by_name[name].fallbacks:
+            if f in path:
+                cycle = " -> ".join([*path[path.index(f):], f])
+                raise ConfigError(f"models.{name}.fallbacks: cycle {cycle}")
+            visit(f, [*path, f])
+
+    for m in models:
+        visit(m.name, [m.name])
 
 
 def parse_config(raw: Any, *, env: Mapping[str, str] | None = None,
@@ -237,6 +301,7 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None,
         raise ConfigError("models: expected a mapping of model name -> {backends: [...]}")
     ids = {b.id for b in backends}
     models = tuple(_model(k, v, ids) for k, v in mraw.items())
+    _check_fallbacks(models)
     return RouterConfig(server, backends, models)
 
 

@@ -16,3 +16,11 @@ def backend_error_code(status: int) -> str | None:
     if status == 504:
         return "BACKEND_TIMEOUT"
     return "BACKEND_ERROR"
+
+
+# Statuses worth another backend: the backend is failing or overloaded, not the request.
+_FAILOVER = frozenset({429, 500, 502, 503, 504})
+
+
+def should_failover(status: int) -> bool:
+    return status in _FAILOVER

@@ -1,14 +1,16 @@
 """The routing table: the immutable snapshot workers route from, and its byte codec.
 
-The supervisor compiles a RouterConfig into a RoutingTable, encodes it (orjson) and publishes
-the bytes in shared memory; each worker decodes it once per generation. Everything a worker
-needs to decide is here, pre-digested (URLs split, cumulative weights summed), so the
-per-request path does lookups, not parsing.
+The supervisor compiles a RouterConfig (plus live backend health and operator overrides) into
+a RoutingTable, encodes it (orjson) and publishes the bytes in shared memory; each worker
+decodes it once per generation. Everything a worker needs to decide is here, pre-digested
+(URLs split, cumulative weights summed, fallback chains expanded), so the per-request path does
+lookups, not parsing.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
@@ -18,7 +20,15 @@ import orjson
 
 from apirouter.config import RouterConfig
 
-CODEC_VERSION = 1
+CODEC_VERSION = 2
+
+# Backend states, as health checking and operators set them.
+HEALTHY = "healthy"
+UNHEALTHY = "unhealthy"  # failed active probes
+EJECTED = "ejected"  # outlier detection: too many failed requests in a row
+DEGRADED = "degraded"  # operator: use only when nothing better is left
+DRAINING = "draining"  # operator: send it nothing new
+ROUTABLE_FIRST = frozenset({HEALTHY})
 
 
 class TableDecodeError(ValueError):
@@ -33,6 +43,8 @@ class Backend:
     port: int
     base_path: str
     timeout_s: float | None
+    index: int  # this backend's slot in the stats segment, stable across reloads
+    health_path: str
 
     @property
     def url(self) -> str:
@@ -44,6 +56,9 @@ class Route:
     model: str
     backend_ids: tuple[str, ...]
     weights: tuple[int, ...]
+    strategy: str = "weighted"
+    fallbacks: tuple[str, ...] = ()  # the whole chain, depth first, no repeats
+    pinned: str | None = None  # operator override: always try this backend first
     # Derived once at decode so a weighted pick is one bisect.
     cumulative: tuple[int, ...] = field(init=False, compare=False, repr=False)
 
@@ -58,6 +73,7 @@ class Limits:
     connect_timeout_s: float
     max_connections_per_backend: int
     client_timeout_s: float
+    max_attempts: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +83,28 @@ class RoutingTable:
     limits: Limits
     backends: dict[str, Backend]
     routes: dict[str, Route]
+    # Backend id -> state; a backend missing here is healthy.
+    health: dict[str, str] = field(default_factory=dict)
     # Control-plane state for readiness reporting (config store, ...): JSON-able, not routing.
     status: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_names(self) -> list[str]:
         return sorted(self.routes)
+
+    def state(self, backend_id: str) -> str:
+        return self.health.get(backend_id, HEALTHY)
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    """An operator's change to routing, applied when the table is compiled."""
+
+    kind: str  # "pin" (model -> backend), "weights" (model -> {backend: w}), "drain", "degrade"
+    target: str  # a model (pin, weights) or a backend (drain, degrade)
+    backend: str | None = None
+    weights: dict[str, int] | None = None
+    expires_at: float | None = None
 
 
 def _split_url(url: str) -> tuple[str, str, int, str]:
@@ -81,35 +113,73 @@ def _split_url(url: str) -> tuple[str, str, int, str]:
     return p.scheme, p.hostname or "", port, p.path.rstrip("/")
 
 
+def _chain(model: str, fallbacks: Mapping[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """Depth-first expansion of a model's fallbacks; config validation forbids cycles."""
+    out: list[str] = []
+
+    def walk(name: str) -> None:
+        for f in fallbacks.get(name, ()):
+            if f != model and f not in out:
+                out.append(f)
+                walk(f)
+
+    walk(model)
+    return tuple(out)
+
+
 def compile_table(cfg: RouterConfig, *, source: str, now: float | None = None,
-                  status: dict[str, Any] | None = None) -> RoutingTable:
+                  status: dict[str, Any] | None = None,
+                  health: Mapping[str, str] | None = None,
+                  indices: Mapping[str, int] | None = None,
+                  overrides: tuple[Override, ...] = ()) -> RoutingTable:
+    now = time.time() if now is None else now
     backends = {}
-    for b in cfg.backends:
+    for i, b in enumerate(cfg.backends):
         scheme, host, port, base = _split_url(b.url)
-        backends[b.id] = Backend(b.id, scheme, host, port, base, b.timeout_s)
-    routes = {
-        m.name: Route(m.name, tuple(t.backend for t in m.targets),
-                      tuple(t.weight for t in m.targets))
-        for m in cfg.models
-    }
+        index = indices[b.id] if indices is not None else i
+        backends[b.id] = Backend(b.id, scheme, host, port, base, b.timeout_s, index,
+                                 b.health_path)
+    states = {bid: s for bid, s in (health or {}).items() if bid in backends}
+    pins: dict[str, str] = {}
+    weights: dict[str, dict[str, int]] = {}
+    for o in overrides:
+        if o.expires_at is not None and o.expires_at <= now:
+            continue
+        if o.kind == "drain" and o.target in backends:
+            states[o.target] = DRAINING
+        elif o.kind == "degrade" and o.target in backends and states.get(o.target) != DRAINING:
+            states[o.target] = DEGRADED
+        elif o.kind == "pin" and o.backend in backends:
+            pins[o.target] = o.backend
+        elif o.kind == "weights" and o.weights:
+            weights[o.target] = o.weights
+    fallbacks = {m.name: m.fallbacks for m in cfg.models}
+    routes = {}
+    for m in cfg.models:
+        ids = tuple(t.backend for t in m.targets)
+        ws = tuple(weights.get(m.name, {}).get(t.backend, t.weight) for t in m.targets)
+        routes[m.name] = Route(m.name, ids, ws, m.strategy, _chain(m.name, fallbacks),
+                               pins.get(m.name))
     s = cfg.server
     limits = Limits(s.max_body_bytes, s.request_timeout_s, s.connect_timeout_s,
-                    s.max_connections_per_backend, s.client_timeout_s)
-    return RoutingTable(time.time() if now is None else now, source, limits, backends, routes,
-                        status or {})
+                    s.max_connections_per_backend, s.client_timeout_s, s.max_attempts)
+    return RoutingTable(now, source, limits, backends, routes,
+                        {k: v for k, v in states.items() if v != HEALTHY}, status or {})
 
 
 def encode_table(t: RoutingTable) -> bytes:
+    lim = t.limits
     return orjson.dumps({
         "v": CODEC_VERSION,
         "compiled_at": t.compiled_at,
         "source": t.source,
-        "limits": [t.limits.max_body_bytes, t.limits.request_timeout_s,
-                   t.limits.connect_timeout_s, t.limits.max_connections_per_backend,
-                   t.limits.client_timeout_s],
-        "backends": [[b.id, b.scheme, b.host, b.port, b.base_path, b.timeout_s]
-                     for b in t.backends.values()],
-        "routes": [[r.model, list(r.backend_ids), list(r.weights)] for r in t.routes.values()],
+        "limits": [lim.max_body_bytes, lim.request_timeout_s, lim.connect_timeout_s,
+                   lim.max_connections_per_backend, lim.client_timeout_s, lim.max_attempts],
+        "backends": [[b.id, b.scheme, b.host, b.port, b.base_path, b.timeout_s, b.index,
+                      b.health_path] for b in t.backends.values()],
+        "routes": [[r.model, list(r.backend_ids), list(r.weights), r.strategy,
+                    list(r.fallbacks), r.pinned] for r in t.routes.values()],
+        "health": t.health,
         "status": t.status,
     })
 
@@ -119,15 +189,18 @@ def decode_table(data: bytes | memoryview) -> RoutingTable:
         d: Any = orjson.loads(data)
         if d.get("v") != CODEC_VERSION:
             raise TableDecodeError(f"codec version {d.get('v')!r}, expected {CODEC_VERSION}")
-        mb, rt, ct, mc, cl = d["limits"]
+        mb, rt, ct, mc, cl, ma = d["limits"]
         backends = {
-            bid: Backend(bid, scheme, host, int(port), base, None if to is None else float(to))
-            for bid, scheme, host, port, base, to in d["backends"]
+            bid: Backend(bid, scheme, host, int(port), base, None if to is None else float(to),
+                         int(index), hp)
+            for bid, scheme, host, port, base, to, index, hp in d["backends"]
         }
-        routes = {m: Route(m, tuple(ids), tuple(ws)) for m, ids, ws in d["routes"]}
+        routes = {m: Route(m, tuple(ids), tuple(ws), strategy, tuple(fb), pinned)
+                  for m, ids, ws, strategy, fb, pinned in d["routes"]}
         return RoutingTable(float(d["compiled_at"]), d["source"],
-                            Limits(int(mb), float(rt), float(ct), int(mc), float(cl)),
-                            backends, routes, dict(d.get("status") or {}))
+                            Limits(int(mb), float(rt), float(ct), int(mc), float(cl), int(ma)),
+                            backends, routes, dict(d.get("health") or {}),
+                            dict(d.get("status") or {}))
     except TableDecodeError:
         raise
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:

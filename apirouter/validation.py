@@ -172,3 +172,11 @@ def parse_chat_completion(body: bytes) -> Completion:
                           int(usage.get("total_tokens", pt + ct)))
     except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError, AttributeError):
         raise RouterError("BACKEND_ERROR", "the backend returned a malformed completion") from None
+
+
+def with_model(body: bytes, model: str) -> bytes:
+    """The same request for another model (a fallback). Only on failover, so a re-encode is
+    affordable; the body was validated as a JSON object before."""
+    doc = orjson.loads(body)
+    doc["model"] = model
+    return orjson.dumps(doc)

@@ -16,7 +16,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from apirouter.errors import RouterError, native_body, openai_body
 from apirouter.request_ids import RequestIds
-from apirouter.routing import choose_backend
+from apirouter.routing import choose, failover_order
 from apirouter.shm import TableReader, TableWriter
 from apirouter.table import Backend, Limits, Route, RoutingTable, decode_table, encode_table
 from apirouter.validation import parse_chat_request, parse_inference_request
@@ -28,10 +28,10 @@ NATIVE = orjson.dumps({"model": "bench-model", "messages": orjson.loads(CHAT)["m
 
 
 def _table(n_models: int = 50) -> RoutingTable:
-    backends = {f"b{i}": Backend(f"b{i}", "http", "127.0.0.1", 9000 + i, "", None)
+    backends = {f"b{i}": Backend(f"b{i}", "http", "127.0.0.1", 9000 + i, "", None, i, "/health")
                 for i in range(8)}
     routes = {f"m{i}": Route(f"m{i}", ("b0", "b1", "b2"), (5, 3, 1)) for i in range(n_models)}
-    return RoutingTable(0.0, "bench", Limits(1 << 20, 60.0, 2.0, 256, 30.0), backends, routes)
+    return RoutingTable(0.0, "bench", Limits(1 << 20, 60.0, 2.0, 256, 30.0, 3), backends, routes)
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +64,17 @@ def test_native_request_decode(benchmark: BenchmarkFixture) -> None:
 
 
 def test_weighted_choice(benchmark: BenchmarkFixture) -> None:
-    route = _table().routes["m1"]
+    """The first choice for a request, all backends healthy (the common case)."""
+    table = _table()
+    route = table.routes["m1"]
     rnd = random.random
-    assert benchmark(lambda: choose_backend(route, rnd()))[0] in {"b0", "b1", "b2"}
+    assert benchmark(lambda: choose(table, route, rnd()))[0] in {"b0", "b1", "b2"}
+
+
+def test_failover_order(benchmark: BenchmarkFixture) -> None:
+    """Computed only after a failed attempt."""
+    table = _table()
+    assert benchmark(failover_order, table, table.routes["m1"], ["b0"])[0][0] == "b1"
 
 
 def test_request_id(benchmark: BenchmarkFixture) -> None:

@@ -23,12 +23,21 @@ from typing import Any
 
 import apirouter
 from apirouter.config import ConfigError, RouterConfig, load_config_file, parse_config
+from apirouter.health import HealthPolicy
 from apirouter.runstate import remove_state, write_state
-from apirouter.shm import TABLE_SEGMENT_ENV, SegmentError, remove_stale_segments
+from apirouter.shm import TABLE_SEGMENT_ENV, SegmentError, remove_stale_segments, segment_name
+from apirouter.stats import (
+    RUN_DIR_ENV,
+    STATS_SEGMENT_ENV,
+    StatsReader,
+    create_stats_segment,
+)
+from apirouter.table import compile_table
 from supervisor import metrics
 from supervisor.config_cache import ConfigCache
 from supervisor.demo import DemoBackends, demo_config
 from supervisor.etcd_source import EtcdSource, Snapshot
+from supervisor.health_monitor import HealthMonitor
 from supervisor.publisher import TablePublisher
 from supervisor.worker_pool import BOOT_FAILURE_CODES, WorkerPool
 
@@ -37,6 +46,8 @@ log = logging.getLogger("apirouter.supervisor")
 _RESTART_WINDOW_S = 60.0
 _MAX_RESTARTS = 5
 ETCD_BOOT_TIMEOUT_S = 3.0
+STATS_SLOTS = 128  # worker slots: TTIN may grow the pool well past its configured size
+STATS_BACKENDS = 256  # distinct backend ids a router can track
 
 
 @dataclass
@@ -67,6 +78,10 @@ class Supervisor:
         self.reload_failures = 0
         self.started_at = time.time()
         self._tasks: list[asyncio.Task[None]] = []
+        self.stats_shm = create_stats_segment(segment_name(os.getpid(), "stats"), STATS_SLOTS,
+                                              STATS_BACKENDS)
+        self.monitor = HealthMonitor(StatsReader(self.stats_shm), self.republish)
+        self.indices: dict[str, int] = {}
 
     # -- config ------------------------------------------------------------------------------
 
@@ -99,11 +114,34 @@ class Supervisor:
             "rejected": self.rejected,
         }
 
+    def _allocate_indices(self, cfg: RouterConfig) -> dict[str, int]:
+        """Stable stats-segment slots per backend id: a reload must not shuffle counters."""
+        wanted = [b.id for b in cfg.backends]
+        kept = {b: i for b, i in self.indices.items() if b in wanted}
+        free = (i for i in range(STATS_BACKENDS) if i not in kept.values())
+        for b in wanted:
+            if b not in kept:
+                kept[b] = next(free, -1)
+                if kept[b] < 0:
+                    raise ConfigError(f"more than {STATS_BACKENDS} backends")
+        self.indices = kept
+        return kept
+
     def publish(self, cfg: RouterConfig) -> None:
-        """Publish ``cfg`` with the current control-plane status; adjust the pool to it."""
+        """Publish ``cfg`` with live health and control-plane status; adjust the pool to it."""
         assert self.publisher is not None
         old = self.cfg
-        self.publisher.publish(cfg, self.source, {"config_store": self.config_status()})
+        table = compile_table(cfg, source=self.source,
+                              status={"config_store": self.config_status()},
+                              health=self.monitor.states(), indices=self._allocate_indices(cfg))
+        self.publisher.publish(table)
+        s = cfg.server
+        self.monitor.configure(table.backends, HealthPolicy.from_server(s), s.health_interval_s,
+                               s.health_timeout_s)
+        if old is None or old != cfg:
+            log.info("published routing table generation %d from %s (%d backends, %d models)",
+                     self.publisher.generation, self.source, len(table.backends),
+                     len(table.routes))
         self.cfg = cfg
         metrics.TABLE_GENERATION.set(self.publisher.generation)
         if old is not None and self.pool is not None:
@@ -114,16 +152,22 @@ class Supervisor:
                 self._signal_pool(signal.SIGTTIN if delta > 0 else signal.SIGTTOU)
         self._write_state()
 
+    def republish(self) -> None:
+        """Same config, new live state (health, config store): workers see it next request."""
+        if self.cfg is not None and self.publisher is not None:
+            try:
+                self.publish(self.cfg)
+            except SegmentError as e:
+                log.error("cannot publish the routing table: %s", e)
+
     def reject(self, reason: str, revision: int | None = None) -> None:
         self.reload_failures += 1
         self.rejected = {"reason": reason, "revision": revision, "at": time.time()}
         metrics.CONFIG_REJECTIONS.inc()
         generation = self.publisher.generation if self.publisher else 0
         log.error("config rejected, generation %d stays in force: %s", generation, reason)
-        if self.cfg is not None and self.publisher is not None:
-            self.publish(self.cfg)  # same routes, new status: readyz shows the rejection
-        else:
-            self._write_state()
+        self.republish()  # same routes, new status: readyz shows the rejection
+        self._write_state()
 
     def load_file(self) -> RouterConfig:
         if self.demo is not None:
@@ -168,8 +212,7 @@ class Supervisor:
     def on_source_state(self) -> None:
         assert self.etcd is not None
         metrics.CONFIG_STORE_UP.set(1 if self.etcd.connected else 0)
-        if self.cfg is not None and self.publisher is not None:
-            self.publish(self.cfg)
+        self.republish()
 
     async def _resync(self) -> None:
         assert self.etcd is not None
@@ -225,6 +268,9 @@ class Supervisor:
             "bind": self.cfg.server.bind,
             "workers": self.cfg.server.workers,
             "table_segment": self.publisher.segment,
+            "stats_segment": self.stats_shm.name,
+            "live_workers": self.monitor.live_workers,
+            "backend_health": self.monitor.states(),
             "metrics_dir": self.opts.metrics_dir,
             "generation": self.publisher.generation,
             "source": self.source,
@@ -263,12 +309,15 @@ class Supervisor:
         pythonpath = os.pathsep.join(p for p in (project_root, os.environ.get("PYTHONPATH")) if p)
         self.pool = WorkerPool(cfg.server, {
             TABLE_SEGMENT_ENV: self.publisher.segment,
+            STATS_SEGMENT_ENV: self.stats_shm.name,
+            RUN_DIR_ENV: self.opts.run_dir,
             "PROMETHEUS_MULTIPROC_DIR": self.opts.metrics_dir,
             "PYTHONPATH": pythonpath,
         })
         restarts: list[float] = []
         await self.pool.start()
         self._write_state()
+        self.monitor.start()
         self._tasks.append(asyncio.ensure_future(self._announce_ready()))
         if self.etcd is not None:
             metrics.CONFIG_STORE_UP.set(1 if self.etcd.connected else 0)
@@ -336,8 +385,12 @@ class Supervisor:
             timeout = (self.cfg.server.graceful_timeout_s if self.cfg else 30.0) + 5.0
             code = await self.pool.stop(timeout)
             log.info("worker pool stopped (exit %s)", code)
+        await self.monitor.stop()
         if self.publisher is not None:
             self.publisher.close()
+        self.stats_shm.close()
+        self.stats_shm.unlink()
+        shutil.rmtree(os.path.join(self.opts.run_dir, "slots"), ignore_errors=True)
         shutil.rmtree(self.opts.metrics_dir, ignore_errors=True)
         if self.demo is not None:
             await self.demo.stop()

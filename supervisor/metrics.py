@@ -17,3 +17,7 @@ CONFIG_STORE_UP = Gauge("router_config_store_up", "1 while the config store (etc
                         multiprocess_mode="livemax")
 CONFIG_REJECTIONS = Counter("router_config_rejections_total",
                             "Config changes rejected as invalid (the last good one stays)")
+BACKEND_HEALTH = Gauge("router_backend_health_status",
+                       "1 while the backend takes traffic first-hand, 0 when unhealthy or ejected",
+                       ["backend_id"], multiprocess_mode="livemax")
+EJECTIONS = Counter("router_backend_ejections_total", "Outlier ejections", ["backend_id"])

@@ -1,14 +1,12 @@
-"""Compile configs into routing tables and publish them: the table segment's only writer."""
+"""Publish routing tables: the table segment's only writer."""
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
-from apirouter.config import RouterConfig
 from apirouter.shm import TableWriter, segment_name
-from apirouter.table import compile_table, encode_table
+from apirouter.table import RoutingTable, encode_table
 
 log = logging.getLogger("apirouter.supervisor")
 
@@ -22,12 +20,13 @@ class TablePublisher:
     def generation(self) -> int:
         return self._writer.generation
 
-    def publish(self, cfg: RouterConfig, source: str, status: dict[str, Any] | None = None) -> int:
-        """Compile and publish; raises SegmentError (nothing published) if it does not fit."""
-        payload = encode_table(compile_table(cfg, source=source, status=status))
+    def publish(self, table: RoutingTable) -> int:
+        """Encode and publish; raises SegmentError (nothing published) if it does not fit."""
+        payload = encode_table(table)
         gen = self._writer.publish(payload)
-        log.info("published routing table generation %d (%d backends, %d models, %d bytes)",
-                 gen, len(cfg.backends), len(cfg.models), len(payload))
+        log.debug("published routing table generation %d (%d backends, %d models, %d bytes, "
+                  "%d not healthy)", gen, len(table.backends), len(table.routes), len(payload),
+                  len(table.health))
         return gen
 
     def close(self) -> None:

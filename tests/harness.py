@@ -202,8 +202,8 @@ class KafkaBroker(ManagedProcess):
 
 
 class MockBackend(ManagedProcess):
-    def __init__(self, name: str = "mock", *args: str) -> None:
-        self.port = free_port()
+    def __init__(self, name: str = "mock", *args: str, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.backend_name = name
         super().__init__(f"mock-{name}", [
             sys.executable, "-m", "tools.mock_backend", "--bind", f"{HOST}:{self.port}",

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from apirouter.errors import RouterError
 from apirouter.shm import TABLE_SEGMENT_ENV, TableReader
+from apirouter.stats import RUN_DIR_ENV, STATS_SEGMENT_ENV, WorkerStats
 from workers.endpoints import Endpoint, Endpoints, Reply
 from workers.table_view import TableCache
 
@@ -74,6 +75,8 @@ def build_app(endpoints: Endpoints) -> web.Application:
     async def close_tables(app: web.Application) -> AsyncIterator[None]:
         yield
         endpoints.tables.close()
+        if endpoints.stats is not None:
+            endpoints.stats.close()
 
     app.cleanup_ctx.append(close_tables)
     return app
@@ -87,7 +90,8 @@ async def make_app() -> web.Application:
             f"{TABLE_SEGMENT_ENV} is not set: workers are started by `apirouter serve`")
     tables = TableCache(TableReader(name))
     tables.current()  # fail the boot now, not on the first request, if the table is unreadable
-    app = build_app(Endpoints(tables))
+    stats = WorkerStats(os.environ[STATS_SEGMENT_ENV], os.environ[RUN_DIR_ENV])
+    app = build_app(Endpoints(tables, stats))
     # Everything allocated so far lives as long as the worker: keep the collector off it,
     # and let young garbage accumulate longer before a collection pauses a request.
     gc.collect()

@@ -22,6 +22,7 @@ from apirouter import __version__
 from apirouter.errors import RouterError, native_body, openai_body
 from apirouter.outcomes import backend_error_code
 from apirouter.request_ids import RequestIds
+from apirouter.stats import WorkerStats
 from apirouter.validation import parse_chat_completion, parse_chat_request, parse_inference_request
 from workers.forwarding import Forwarded, forward_chat, resolve_route
 from workers.metrics import CONTENT_TYPE, RequestMetrics, exposition
@@ -57,8 +58,9 @@ def _ms(seconds: float) -> str:
 
 
 class Endpoints:
-    def __init__(self, tables: TableCache) -> None:
+    def __init__(self, tables: TableCache, stats: WorkerStats | None = None) -> None:
         self.tables = tables
+        self.stats = stats
         self.ids = RequestIds()
         self.metrics = RequestMetrics()
         self.pid = os.getpid()
@@ -121,7 +123,7 @@ class Endpoints:
         view = self.tables.current()
         model = parse_chat_request(body)
         route = resolve_route(view, model)
-        fwd = await forward_chat(view, route, body, request_id, self.loop)
+        fwd = await forward_chat(view, route, body, request_id, self.loop, self.stats)
         resp = fwd.response
         error = fwd.error
         if error is None and resp is not None:
@@ -147,7 +149,8 @@ class Endpoints:
         view = self.tables.current()
         req = parse_inference_request(body)
         route = resolve_route(view, req.model)
-        fwd = await forward_chat(view, route, req.upstream_body, request_id, self.loop)
+        fwd = await forward_chat(view, route, req.upstream_body, request_id, self.loop,
+                                 self.stats)
         resp = fwd.response
         if fwd.error is None and resp is not None and resp.status >= 300:
             code = backend_error_code(resp.status)
@@ -179,7 +182,7 @@ class Endpoints:
                 "request_id": request_id,
                 "backend_id": fwd.backend_id,
                 "decision_type": fwd.decision.value,
-                "attempts": 1,
+                "attempts": fwd.attempts,
                 "table_generation": view.generation,
                 "router_overhead_ms": round((total - fwd.backend_s) * 1000, 3),
                 "backend_latency_ms": round(fwd.backend_s * 1000, 3),

@@ -49,9 +49,12 @@ class RouterWorker(GunicornUVLoopWebWorker):
                    for sock in self.sockets]
         # Sockets are serving: tell the arbiter the boot succeeded.
         self.booted = True
+        stats = app[ENDPOINTS_KEY].stats
         try:
             while self.alive:
                 self.notify()
+                if stats is not None:
+                    stats.heartbeat()
                 if self.ppid != os.getppid():
                     self.log.info("parent changed, shutting down: %s", self)
                     break

@@ -33,6 +33,11 @@ OVERHEAD = Histogram(
     "router_overhead_seconds", "Time spent in the router itself (total minus backend)",
     buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1))
 ERRORS = Counter("router_errors_total", "Error responses by catalog code", ["error_code"])
+FAILOVERS = Counter("router_failover_total", "Attempts that failed over to another backend",
+                    ["model", "from_backend", "reason"])
+DECISION_LATENCY = Histogram(
+    "router_decision_latency_seconds", "Time to choose the first backend of a request",
+    buckets=(.000005, .00001, .000025, .00005, .0001, .00025, .0005, .001, .005))
 TABLE_GENERATION = Gauge("router_table_generation", "Routing-table generation in use",
                          multiprocess_mode="livemax")
 

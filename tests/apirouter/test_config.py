@@ -63,3 +63,19 @@ def test_file_errors_are_config_errors(tmp_path: Any) -> None:
     bad.write_text("models: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config_file(str(bad))
+
+
+def test_fallbacks_must_exist_and_be_cycle_free() -> None:
+    base = {"backends": {"a": "http://h:1"}}
+    ok = parse_config({**base, "models": {
+        "m1": {"backends": ["a"], "fallbacks": ["m2"], "strategy": "least_inflight"},
+        "m2": {"backends": ["a"], "fallbacks": ["m3"]},
+        "m3": {"backends": ["a"]}}})
+    assert ok.models[0].fallbacks == ("m2",) and ok.models[0].strategy == "least_inflight"
+    with pytest.raises(ConfigError, match="unknown model 'zz'"):
+        parse_config({**base, "models": {"m1": {"backends": ["a"], "fallbacks": ["zz"]}}})
+    with pytest.raises(ConfigError, match="cycle m1 -> m2 -> m1"):
+        parse_config({**base, "models": {"m1": {"backends": ["a"], "fallbacks": ["m2"]},
+                                         "m2": {"backends": ["a"], "fallbacks": ["m1"]}}})
+    with pytest.raises(ConfigError, match="strategy"):
+        parse_config({**base, "models": {"m1": {"backends": ["a"], "strategy": "random"}}})

@@ -21,10 +21,10 @@ def _name(tag: str) -> str:
 def table_for(k: int) -> bytes:
     """A table whose every field encodes k, and whose size varies with k."""
     n = 1 + k % 17
-    backends = {f"b{i}": Backend(f"b{i}", "http", f"h{k}", k % 65535 + 1, f"/{k}", None)
+    backends = {f"b{i}": Backend(f"b{i}", "http", f"h{k}", k % 65535 + 1, f"/{k}", None, i, "")
                 for i in range(n)}
     routes = {f"m{k}-{i}": Route(f"m{k}-{i}", (f"b{i}",), (k % 7 + 1,)) for i in range(n)}
-    return encode_table(RoutingTable(float(k), f"gen{k}", Limits(k + 1, 1.0, 1.0, 1, 1.0),
+    return encode_table(RoutingTable(float(k), f"gen{k}", Limits(k + 1, 1.0, 1.0, 1, 1.0, 1),
                                      backends, routes))
 
 

@@ -25,18 +25,26 @@ def tables(draw: st.DrawFn) -> RoutingTable:
     backends = {
         b: Backend(b, draw(st.sampled_from(["http", "https"])), draw(ids),
                    draw(st.integers(1, 65535)), draw(st.sampled_from(["", "/v1x", "/a/b"])),
-                   draw(st.none() | st.floats(0.001, 600)))
-        for b in backend_ids
+                   draw(st.none() | st.floats(0.001, 600)), i,
+                   draw(st.sampled_from(["", "/health"])))
+        for i, b in enumerate(backend_ids)
     }
     routes = {}
-    for model in draw(st.lists(ids, max_size=8, unique=True)):
+    models = draw(st.lists(ids, max_size=8, unique=True))
+    for model in models:
         chosen = draw(st.lists(st.sampled_from(backend_ids), min_size=1, unique=True))
         weights = draw(st.lists(st.integers(0, 1000), min_size=len(chosen), max_size=len(chosen)))
-        routes[model] = Route(model, tuple(chosen), tuple(weights))
+        routes[model] = Route(model, tuple(chosen), tuple(weights),
+                              draw(st.sampled_from(["weighted", "least_inflight", "latency"])),
+                              tuple(draw(st.lists(st.sampled_from(models), unique=True))),
+                              draw(st.none() | st.sampled_from(chosen)))
     limits = Limits(draw(st.integers(1, 2**31)), draw(st.floats(0.001, 3600)),
                     draw(st.floats(0.001, 60)), draw(st.integers(1, 10_000)),
-                    draw(st.floats(0.001, 600)))
-    return RoutingTable(draw(st.floats(0, 2e9)), draw(ids), limits, backends, routes)
+                    draw(st.floats(0.001, 600)), draw(st.integers(1, 10)))
+    health = draw(st.dictionaries(st.sampled_from(backend_ids),
+                                  st.sampled_from(["unhealthy", "ejected", "draining"])))
+    return RoutingTable(draw(st.floats(0, 2e9)), draw(ids), limits, backends, routes, health,
+                        draw(st.dictionaries(ids, st.integers(-(2**63), 2**63 - 1))))
 
 
 @given(tables())
@@ -56,7 +64,24 @@ def test_compile_splits_urls_and_default_ports() -> None:
     assert t.routes["m"].cumulative == (1, 2)
 
 
-@pytest.mark.parametrize("payload", [b"", b"[]", b'{"v": 99}', b'{"v": 1}', b"\xff"])
+def test_compile_applies_health_overrides_and_expands_fallbacks() -> None:
+    from apirouter.table import Override
+
+    cfg = parse_config({"backends": {"a": "http://h:1", "b": "http://h:2", "c": "http://h:3"},
+                        "models": {"m1": {"backends": ["a", "b"], "fallbacks": ["m2"]},
+                                   "m2": {"backends": ["b"], "fallbacks": ["m3"]},
+                                   "m3": {"backends": ["c"]}}})
+    t = compile_table(cfg, source="t", now=100.0, health={"a": "unhealthy", "zz": "ejected"},
+                      overrides=(Override("drain", "b"), Override("pin", "m1", backend="a"),
+                                 Override("weights", "m1", weights={"a": 7}),
+                                 Override("degrade", "c", expires_at=50.0)))
+    assert t.routes["m1"].fallbacks == ("m2", "m3")
+    assert t.routes["m1"].pinned == "a" and t.routes["m1"].weights == (7, 1)
+    assert t.health == {"a": "unhealthy", "b": "draining"}  # expired and unknown ones dropped
+    assert t.state("c") == "healthy"
+
+
+@pytest.mark.parametrize("payload", [b"", b"[]", b'{"v": 99}', b'{"v": 2}', b"\xff"])
 def test_garbage_is_a_decode_error(payload: bytes) -> None:
     with pytest.raises(TableDecodeError):
         decode_table(payload)
