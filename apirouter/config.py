@@ -88,6 +88,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("outlier_max_ejected_percent", int, 50,
             "never eject more than this share of the backends", lambda v: 0 <= v <= 100,
             "must be 0..100"),
+    Setting("admin_token_sha256", str, "",
+            "hex SHA-256 of the admin API's bearer token (empty: admin API disabled)",
+            lambda v: v == "" or (len(v) == 64 and all(c in "0123456789abcdef" for c in v)),
+            "must be 64 lowercase hex digits"),
     Setting("table_slot_bytes", int, 4 * 1024 * 1024,
             "capacity of one routing-table slot in shared memory", lambda v: v >= 4096,
             "must be >= 4096"),
@@ -117,6 +121,7 @@ class ServerConfig:
     outlier_base_ejection_s: float
     outlier_max_ejection_s: float
     outlier_max_ejected_percent: int
+    admin_token_sha256: str
     table_slot_bytes: int
 
     @classmethod

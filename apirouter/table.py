@@ -85,6 +85,7 @@ class RoutingTable:
     routes: dict[str, Route]
     # Backend id -> state; a backend missing here is healthy.
     health: dict[str, str] = field(default_factory=dict)
+    admin_token_sha256: str = ""  # hex SHA-256 of the admin bearer token; "" = admin disabled
     # Control-plane state for readiness reporting (config store, ...): JSON-able, not routing.
     status: dict[str, Any] = field(default_factory=dict)
 
@@ -164,7 +165,8 @@ def compile_table(cfg: RouterConfig, *, source: str, now: float | None = None,
     limits = Limits(s.max_body_bytes, s.request_timeout_s, s.connect_timeout_s,
                     s.max_connections_per_backend, s.client_timeout_s, s.max_attempts)
     return RoutingTable(now, source, limits, backends, routes,
-                        {k: v for k, v in states.items() if v != HEALTHY}, status or {})
+                        {k: v for k, v in states.items() if v != HEALTHY},
+                        s.admin_token_sha256, status or {})
 
 
 def encode_table(t: RoutingTable) -> bytes:
@@ -180,6 +182,7 @@ def encode_table(t: RoutingTable) -> bytes:
         "routes": [[r.model, list(r.backend_ids), list(r.weights), r.strategy,
                     list(r.fallbacks), r.pinned] for r in t.routes.values()],
         "health": t.health,
+        "admin": t.admin_token_sha256,
         "status": t.status,
     })
 
@@ -199,9 +202,26 @@ def decode_table(data: bytes | memoryview) -> RoutingTable:
                   for m, ids, ws, strategy, fb, pinned in d["routes"]}
         return RoutingTable(float(d["compiled_at"]), d["source"],
                             Limits(int(mb), float(rt), float(ct), int(mc), float(cl), int(ma)),
-                            backends, routes, dict(d.get("health") or {}),
+                            backends, routes, dict(d.get("health") or {}), str(d["admin"]),
                             dict(d.get("status") or {}))
     except TableDecodeError:
         raise
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise TableDecodeError(f"malformed table: {e}") from None
+
+
+def describe(t: RoutingTable) -> dict[str, Any]:
+    """A readable form of a table, for operators (apirouterctl dump-table, the admin API)."""
+    return {
+        "source": t.source,
+        "compiled_at": t.compiled_at,
+        "limits": {k: getattr(t.limits, k) for k in t.limits.__slots__},
+        "backends": {b.id: {"url": b.url, "timeout_s": b.timeout_s, "state": t.state(b.id),
+                            "health_path": b.health_path} for b in t.backends.values()},
+        "models": {r.model: {"strategy": r.strategy, "fallbacks": list(r.fallbacks),
+                             "pinned": r.pinned,
+                             "backends": [{"backend": b, "weight": w} for b, w in
+                                          zip(r.backend_ids, r.weights, strict=True)]}
+                   for r in t.routes.values()},
+        "status": t.status,
+    }

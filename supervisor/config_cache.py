@@ -22,10 +22,13 @@ class ConfigCache:
         self.directory = directory
         self.path = os.path.join(directory, CACHE_FILE)
 
-    def save(self, raw: dict[str, Any], revision: int) -> None:
+    def save(self, raw: dict[str, Any], revision: int,
+             extra_kvs: dict[bytes, bytes] | None = None) -> None:
+        """Keep ``raw`` (and other etcd keys the router needs at boot, e.g. overrides)."""
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        doc = json.dumps({"revision": revision, "saved_at": time.time(), "config": raw},
-                         sort_keys=True).encode()
+        kvs = {k.decode(): v.decode() for k, v in (extra_kvs or {}).items()}
+        doc = json.dumps({"revision": revision, "saved_at": time.time(), "config": raw,
+                          "kvs": kvs}, sort_keys=True).encode()
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".config.")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -45,11 +48,12 @@ class ConfigCache:
         finally:
             os.close(dir_fd)
 
-    def load(self) -> tuple[dict[str, Any], int] | None:
-        """(config document, revision), or None when there is no readable cache."""
+    def load(self) -> tuple[dict[str, Any], int, dict[bytes, bytes]] | None:
+        """(config document, revision, extra keys), or None when there is no readable cache."""
         try:
             with open(self.path, "rb") as f:
                 doc = json.loads(f.read())
-            return doc["config"], int(doc["revision"])
+            kvs = {k.encode(): v.encode() for k, v in (doc.get("kvs") or {}).items()}
+            return doc["config"], int(doc["revision"]), kvs
         except (OSError, ValueError, KeyError, TypeError):
             return None

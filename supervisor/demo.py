@@ -6,6 +6,7 @@ This is the embedded default a newcomer gets with no config file and no services
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import socket
 import sys
@@ -14,6 +15,7 @@ from typing import Any
 log = logging.getLogger("apirouter.supervisor")
 
 DEMO_MODELS = ("gpt-4o-mini", "demo-model")
+DEMO_TOKEN = "demo"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -27,6 +29,8 @@ def demo_config(ports: dict[str, int]) -> dict[str, Any]:
     """Every demo model is served by both mocks, weighted 3:1 so routing is visible."""
     weights = {"mock-a": 3, "mock-b": 1}
     return {
+        # Demo only: the admin API accepts the token "demo".
+        "server": {"admin_token_sha256": hashlib.sha256(DEMO_TOKEN.encode()).hexdigest()},
         "backends": {name: {"url": f"http://127.0.0.1:{port}"} for name, port in ports.items()},
         "models": {m: {"backends": [{"backend": b, "weight": weights[b]} for b in ports]}
                    for m in DEMO_MODELS},

@@ -68,6 +68,14 @@ class EtcdSource:
         finally:
             await client.close()
 
+    async def put(self, key: bytes, value: bytes) -> None:
+        async with self._new_client() as client:
+            await client.put(key, value)
+
+    async def delete(self, key: bytes) -> None:
+        async with self._new_client() as client:
+            await client.delete(key)
+
     def _set(self, connected: bool, error: str | None) -> None:
         changed = (connected, error) != (self.connected, self.last_error)
         self.connected, self.last_error = connected, error

@@ -24,6 +24,7 @@ from typing import Any
 import apirouter
 from apirouter.config import ConfigError, RouterConfig, load_config_file, parse_config
 from apirouter.health import HealthPolicy
+from apirouter.overrides import active, next_expiry, to_override
 from apirouter.runstate import remove_state, write_state
 from apirouter.shm import TABLE_SEGMENT_ENV, SegmentError, remove_stale_segments, segment_name
 from apirouter.stats import (
@@ -32,12 +33,14 @@ from apirouter.stats import (
     StatsReader,
     create_stats_segment,
 )
-from apirouter.table import compile_table
+from apirouter.table import Override, compile_table
 from supervisor import metrics
 from supervisor.config_cache import ConfigCache
+from supervisor.control_server import ControlServer
 from supervisor.demo import DemoBackends, demo_config
 from supervisor.etcd_source import EtcdSource, Snapshot
 from supervisor.health_monitor import HealthMonitor
+from supervisor.override_store import OverrideStore
 from supervisor.publisher import TablePublisher
 from supervisor.worker_pool import BOOT_FAILURE_CODES, WorkerPool
 
@@ -77,11 +80,15 @@ class Supervisor:
         self.rejected: dict[str, Any] | None = None
         self.reload_failures = 0
         self.started_at = time.time()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Future[Any]] = []
+        self._boot_kvs: dict[bytes, bytes] | None = None
         self.stats_shm = create_stats_segment(segment_name(os.getpid(), "stats"), STATS_SLOTS,
                                               STATS_BACKENDS)
         self.monitor = HealthMonitor(StatsReader(self.stats_shm), self.republish)
         self.indices: dict[str, int] = {}
+        self.overrides = OverrideStore(self.cache.directory, None)
+        self.control = ControlServer(self)
+        self._expiry: asyncio.TimerHandle | None = None
 
     # -- config ------------------------------------------------------------------------------
 
@@ -133,7 +140,8 @@ class Supervisor:
         old = self.cfg
         table = compile_table(cfg, source=self.source,
                               status={"config_store": self.config_status()},
-                              health=self.monitor.states(), indices=self._allocate_indices(cfg))
+                              health=self.monitor.states(), indices=self._allocate_indices(cfg),
+                              overrides=self.override_objects())
         self.publisher.publish(table)
         s = cfg.server
         self.monitor.configure(table.backends, HealthPolicy.from_server(s), s.health_interval_s,
@@ -151,6 +159,44 @@ class Supervisor:
             for _ in range(abs(delta)):
                 self._signal_pool(signal.SIGTTIN if delta > 0 else signal.SIGTTOU)
         self._write_state()
+
+    # -- overrides ---------------------------------------------------------------------------
+
+    def active_overrides(self) -> dict[str, dict[str, Any]]:
+        return active(self.overrides.records, time.time())
+
+    def override_objects(self) -> tuple[Override, ...]:
+        return tuple(o for r in self.active_overrides().values()
+                     if (o := to_override(r)) is not None)
+
+    def overrides_changed(self) -> None:
+        """Publish the new set and wake up again when the next one expires."""
+        self.republish()
+        self._arm_expiry()
+
+    def _arm_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        now = time.time()
+        due = next_expiry(self.overrides.records, now)
+        if due is not None:
+            loop = asyncio.get_running_loop()
+            self._expiry = loop.call_at(loop.time() + (due - now) + 0.001, self._on_expiry)
+
+    def _on_expiry(self) -> None:
+        now = time.time()
+        expired = [i for i, r in self.overrides.records.items()
+                   if r.get("expires_at") is not None and r["expires_at"] <= now]
+        for override_id in expired:
+            self._tasks.append(asyncio.ensure_future(
+                self.overrides.remove(override_id, "ttl", action="override.expired")))
+        self.overrides_changed()
+
+    async def reload_now(self) -> None:
+        if self.etcd is not None:
+            await self._resync()
+        else:
+            self.reload()
 
     def republish(self) -> None:
         """Same config, new live state (health, config store): workers see it next request."""
@@ -193,6 +239,7 @@ class Supervisor:
     # -- etcd --------------------------------------------------------------------------------
 
     def on_snapshot(self, snap: Snapshot) -> None:
+        self.overrides.update_from_kvs(snap.kvs, self.opts.etcd_prefix)
         try:
             cfg = self.parse(snap.raw)
         except ConfigError as e:
@@ -207,7 +254,8 @@ class Supervisor:
             self.reject(str(e), snap.revision)
             return
         metrics.CONFIG_REVISION.set(snap.revision)
-        self.cache.save(snap.raw, snap.revision)
+        self.cache.save(snap.raw, snap.revision, _override_kvs(snap.kvs, self.opts.etcd_prefix))
+        self._arm_expiry()
 
     def on_source_state(self) -> None:
         assert self.etcd is not None
@@ -242,7 +290,8 @@ class Supervisor:
             return self._from_cache(f"etcd revision {snap.revision} is invalid: {e}")
         self.etcd.connected, self.etcd.revision = True, snap.revision
         self.applied_revision = snap.revision
-        self.cache.save(snap.raw, snap.revision)
+        self._boot_kvs = snap.kvs
+        self.cache.save(snap.raw, snap.revision, _override_kvs(snap.kvs, self.opts.etcd_prefix))
         return cfg
 
     def _from_cache(self, why: str) -> RouterConfig | None:
@@ -250,7 +299,8 @@ class Supervisor:
         if cached is None:
             log.error("%s and no cached config in %s: cannot start", why, self.cache.path)
             return None
-        raw, revision = cached
+        raw, revision, override_kvs = cached
+        self._boot_kvs = override_kvs
         log.warning("%s: serving the cached config of revision %d", why, revision)
         assert self.etcd is not None
         self.etcd.revision = revision  # the watcher publishes anything newer when etcd returns
@@ -303,6 +353,9 @@ class Supervisor:
         cfg = await self.initial_config()
         if cfg is None:
             return 2
+        if self.etcd is not None:
+            self.overrides = OverrideStore(self.cache.directory, self.etcd)
+            self.overrides.update_from_kvs(self._boot_kvs or {}, self.opts.etcd_prefix)
         self.publisher = TablePublisher(cfg.server.table_slot_bytes)
         self.publish(cfg)
         project_root = os.path.dirname(os.path.dirname(os.path.abspath(apirouter.__file__)))
@@ -318,6 +371,8 @@ class Supervisor:
         await self.pool.start()
         self._write_state()
         self.monitor.start()
+        await self.control.start()
+        self._arm_expiry()  # for overrides loaded at boot
         self._tasks.append(asyncio.ensure_future(self._announce_ready()))
         if self.etcd is not None:
             metrics.CONFIG_STORE_UP.set(1 if self.etcd.connected else 0)
@@ -378,6 +433,9 @@ class Supervisor:
             await asyncio.sleep(0.05)
 
     async def _shutdown(self) -> None:
+        await self.control.close()
+        if self._expiry is not None:
+            self._expiry.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -396,6 +454,11 @@ class Supervisor:
             await self.demo.stop()
         remove_state(self.opts.run_dir)
         log.info("supervisor stopped; segments unlinked")
+
+
+def _override_kvs(kvs: dict[bytes, bytes], prefix: str) -> dict[bytes, bytes]:
+    base = f"{prefix.rstrip('/')}/overrides/".encode()
+    return {k: v for k, v in kvs.items() if k.startswith(base)}
 
 
 def serve(opts: ServeOptions) -> int:

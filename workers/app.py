@@ -18,11 +18,13 @@ from aiohttp import web
 from apirouter.errors import RouterError
 from apirouter.shm import TABLE_SEGMENT_ENV, TableReader
 from apirouter.stats import RUN_DIR_ENV, STATS_SEGMENT_ENV, WorkerStats
+from workers.admin import Admin
 from workers.endpoints import Endpoint, Endpoints, Reply
 from workers.table_view import TableCache
 
 ENDPOINTS_KEY = web.AppKey("endpoints", Endpoints)
 AioHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+AdminHandler = Callable[[web.Request, str], Awaitable[Reply]]
 
 log = logging.getLogger("apirouter.worker")
 
@@ -59,12 +61,30 @@ def _adapt(endpoints: Endpoints, ep: Endpoint) -> AioHandler:
     return handler
 
 
+def _adapt_admin(endpoints: Endpoints, admin: Admin, inner: AdminHandler) -> AioHandler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        request_id = endpoints.ids.accept(request.headers.get("X-Request-ID"))
+        try:
+            admin.authorize(request)
+            reply = await inner(request, request_id)
+        except RouterError as e:
+            reply = endpoints.error_reply(e, request_id, openai=False)
+        except Exception:
+            log.exception("admin request %s failed", request_id)
+            reply = endpoints.error_reply(RouterError("INTERNAL_ERROR"), request_id, False)
+        return to_response(reply)
+    return handler
+
+
 def build_app(endpoints: Endpoints) -> web.Application:
     # read_body enforces the live table's limit, so aiohttp's own is lifted.
     app = web.Application(client_max_size=2**62, handler_args={"max_field_size": 16384})
     app[ENDPOINTS_KEY] = endpoints
     for ep in endpoints.all:
         app.router.add_route(ep.method, ep.path, _adapt(endpoints, ep))
+    admin = Admin(endpoints)
+    for method, path, handler in admin.routes():
+        app.router.add_route(method, path, _adapt_admin(endpoints, admin, handler))
 
     async def unrouted(request: web.Request) -> web.StreamResponse:
         request_id = endpoints.ids.accept(request.headers.get("X-Request-ID"))

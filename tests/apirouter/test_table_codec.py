@@ -44,6 +44,7 @@ def tables(draw: st.DrawFn) -> RoutingTable:
     health = draw(st.dictionaries(st.sampled_from(backend_ids),
                                   st.sampled_from(["unhealthy", "ejected", "draining"])))
     return RoutingTable(draw(st.floats(0, 2e9)), draw(ids), limits, backends, routes, health,
+                        draw(st.sampled_from(["", "ab" * 32])),
                         draw(st.dictionaries(ids, st.integers(-(2**63), 2**63 - 1))))
 
 

@@ -20,8 +20,8 @@ from tests.harness import ROOT, EtcdServer, MockBackend, Router, router_config, 
 
 
 def ctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", "from tools.cli import ctl_main; "
-                           "raise SystemExit(ctl_main())", *args],
+    return subprocess.run([sys.executable, "-c", "from tools.ctl import main; "
+                           "raise SystemExit(main())", *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
 
 

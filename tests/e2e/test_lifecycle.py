@@ -114,8 +114,8 @@ def test_killed_worker_is_replaced_and_reads_the_table(
 
 
 def ctl(r: Router, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", "from tools.cli import ctl_main; "
-                           "raise SystemExit(ctl_main())", "--run-dir", r.run_dir, *args],
+    return subprocess.run([sys.executable, "-c", "from tools.ctl import main; "
+                           "raise SystemExit(main())", "--run-dir", r.run_dir, *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
 
 
@@ -130,12 +130,14 @@ def test_apirouterctl_status_dump_reload_scale_stop(
     assert status["models"] == ["m"] and len(status["worker_pids"]) == 1
 
     table = json.loads(ctl(r, "--json", "dump-table").stdout)
-    assert table["models"]["m"] == [{"backend": "a", "weight": 2}, {"backend": "b", "weight": 1}]
-    assert "url" in table["backends"]["a"]
+    assert table["models"]["m"]["backends"] == [{"backend": "a", "weight": 2},
+                                                {"backend": "b", "weight": 1}]
+    assert table["backends"]["a"]["url"] == a.url
+    assert table["backends"]["a"]["state"] == "healthy"
 
     r.write_config(router_config(urls, {"m": {"b": 1}}))
     out = ctl(r, "--json", "reload")
-    assert out.returncode == 0 and json.loads(out.stdout)["generation"] == 4
+    assert out.returncode == 0 and json.loads(out.stdout)["generation"] > 2
     r.write_config({"models": {"m": {"backends": ["nope"]}}})
     out = ctl(r, "reload")
     assert out.returncode == 1 and "reload rejected" in out.stderr and "nope" in out.stderr
@@ -147,7 +149,36 @@ def test_apirouterctl_status_dump_reload_scale_stop(
     out = ctl(r, "--json", "stop")
     assert json.loads(out.stdout) == {"stopped": True}
     assert r.proc.wait(5) == 0
-    assert "no router is running" in ctl(r, "status").stderr + ctl(r, "status").stdout
+    out = ctl(r, "status")
+    assert out.returncode == 3 and "no router is running" in out.stderr
+
+
+def test_overrides_drain_pin_weights_with_ttl_and_audit(
+        mock_backend: Callable[..., MockBackend], router: Callable[..., Router]) -> None:
+    a, b = mock_backend("a"), mock_backend("b")
+    r = router(router_config({"a": a.url, "b": b.url}, {"m": {"a": 1, "b": 1}}), workers=2)
+
+    drained = json.loads(ctl(r, "--json", "drain", "a", "--ttl", "1.5").stdout)
+    assert drained["kind"] == "drain" and drained["created_by"].startswith("uid:")
+    assert chat_backends(r, 30) == {"b"}  # every worker sees it right away
+    wait_for(lambda: chat_backends(r, 20) == {"a", "b"}, 10, "drain to expire")
+
+    pinned = json.loads(ctl(r, "--json", "pin", "m", "b").stdout)
+    status, headers, _ = post_json(f"{r.url}/v1/chat/completions",
+                                   {"model": "m", "messages": USER})
+    assert headers["X-Router-Backend"] == "b" and headers["X-Router-Decision"] == "OVERRIDE"
+    assert ctl(r, "overrides", "--clear", pinned["id"]).returncode == 0
+
+    assert ctl(r, "weights", "m", "a=0,b=5").returncode == 0
+    assert chat_backends(r, 20) == {"b"}
+    listed = json.loads(ctl(r, "--json", "overrides").stdout)
+    assert [o["kind"] for o in listed] == ["weights"]
+    assert ctl(r, "weights", "m", "a=0,b=0").returncode == 1  # would leave no weight
+    assert ctl(r, "drain", "ghost").returncode == 1
+
+    actions = [e["action"] for e in json.loads(ctl(r, "--json", "audit").stdout)]
+    assert actions == ["override.set", "override.expired", "override.set", "override.clear",
+                       "override.set"]
 
 
 def test_demo_mode_serves_out_of_the_box(router: Callable[..., Router]) -> None:

@@ -1,0 +1,115 @@
+"""The admin API, ``/v1/admin/routing/*``: read the live table; change overrides via the supervisor.
+
+Reads answer from the worker's own table view (what this worker is routing with right now).
+Writes are relayed over the supervisor's control socket: the supervisor is the only writer of
+the config store, validates the change, records who made it, and publishes the new table.
+Every call needs the admin bearer token (until API keys with scopes exist): its SHA-256 is
+compared in constant time with the configured one; without one configured the API is off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from apirouter.control_protocol import SOCKET_NAME, CommandError, ProtocolError, call
+from apirouter.errors import CATALOG, RouterError
+from apirouter.stats import RUN_DIR_ENV
+from apirouter.table import describe
+from apirouter.validation import decode_json_object
+from workers.endpoints import Endpoints, Reply
+
+PREFIX = "/v1/admin/routing"
+
+
+def credential(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    return request.headers.get("X-API-Key") or None
+
+
+class Admin:
+    def __init__(self, endpoints: Endpoints) -> None:
+        self.endpoints = endpoints
+        self.socket = os.path.join(os.environ.get(RUN_DIR_ENV, ""), SOCKET_NAME)
+
+    def authorize(self, request: web.Request) -> None:
+        expected = self.endpoints.tables.current().table.admin_token_sha256
+        if not expected:
+            raise RouterError("FORBIDDEN", "the admin API is disabled: configure "
+                                           "server.admin_token_sha256")
+        token = credential(request)
+        if token is None:
+            raise RouterError("UNAUTHORIZED", "send the admin token as 'Authorization: "
+                                              "Bearer ...'")
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        if not hmac.compare_digest(digest, expected):
+            raise RouterError("INVALID_API_KEY", "the admin token is not valid")
+
+    async def relay(self, cmd: str, args: dict[str, Any], request: web.Request,
+                    request_id: str) -> Any:
+        args = {**args, "actor": f"admin-token from {request.remote} (request {request_id})"}
+        try:
+            return await call(self.socket, cmd, args, timeout=10)
+        except CommandError as e:
+            code = e.code if e.code in CATALOG else "INTERNAL_ERROR"
+            raise RouterError(code, e.message, field=e.field) from None
+        except (OSError, ProtocolError, TimeoutError):
+            raise RouterError("SERVICE_UNAVAILABLE",
+                              "the supervisor cannot be reached; routing continues unchanged"
+                              ) from None
+
+    # -- endpoints: (request, request_id) -> Reply ------------------------------------------
+
+    async def table(self, request: web.Request, request_id: str) -> Reply:
+        view = self.endpoints.tables.current()
+        return _json({"generation": view.generation, "worker_pid": os.getpid(),
+                      **describe(view.table)}, request_id)
+
+    async def backends(self, request: web.Request, request_id: str) -> Reply:
+        t = self.endpoints.tables.current().table
+        return _json({"backends": [{"id": b.id, "url": b.url, "state": t.state(b.id)}
+                                   for b in t.backends.values()]}, request_id)
+
+    async def list_overrides(self, request: web.Request, request_id: str) -> Reply:
+        return _json({"overrides": await self.relay("overrides.list", {}, request, request_id)},
+                     request_id)
+
+    async def set_override(self, request: web.Request, request_id: str) -> Reply:
+        doc = decode_json_object(await request.read())
+        record = await self.relay("overrides.set", doc, request, request_id)
+        return _json(record, request_id, status=201)
+
+    async def clear_override(self, request: web.Request, request_id: str) -> Reply:
+        result = await self.relay("overrides.clear", {"id": request.match_info["id"]}, request,
+                                  request_id)
+        return _json(result, request_id)
+
+    async def audit(self, request: web.Request, request_id: str) -> Reply:
+        try:
+            limit = int(request.query.get("limit", "100"))
+        except ValueError:
+            raise RouterError("INVALID_REQUEST", "'limit' must be an integer",
+                              field="limit") from None
+        entries = await self.relay("audit.list", {"limit": limit}, request, request_id)
+        return _json({"entries": entries}, request_id)
+
+    def routes(self) -> list[tuple[str, str, Any]]:
+        return [
+            ("GET", f"{PREFIX}/table", self.table),
+            ("GET", f"{PREFIX}/backends", self.backends),
+            ("GET", f"{PREFIX}/overrides", self.list_overrides),
+            ("POST", f"{PREFIX}/overrides", self.set_override),
+            ("DELETE", f"{PREFIX}/overrides/{{id}}", self.clear_override),
+            ("GET", f"{PREFIX}/audit", self.audit),
+        ]
+
+
+def _json(doc: Any, request_id: str, status: int = 200) -> Reply:
+    return Reply(status, orjson.dumps(doc), [("X-Request-ID", request_id)])
