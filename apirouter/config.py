@@ -88,6 +88,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("outlier_max_ejected_percent", int, 50,
             "never eject more than this share of the backends", lambda v: 0 <= v <= 100,
             "must be 0..100"),
+    Setting("auth_required", bool, True,
+            "require an API key on inference and admin endpoints (off: open access)"),
     Setting("admin_token_sha256", str, "",
             "hex SHA-256 of the admin API's bearer token (empty: admin API disabled)",
             lambda v: v == "" or (len(v) == 64 and all(c in "0123456789abcdef" for c in v)),
@@ -121,6 +123,7 @@ class ServerConfig:
     outlier_base_ejection_s: float
     outlier_max_ejection_s: float
     outlier_max_ejected_percent: int
+    auth_required: bool
     admin_token_sha256: str
     table_slot_bytes: int
 
@@ -159,6 +162,8 @@ class RouterConfig:
     server: ServerConfig = field(default_factory=lambda: ServerConfig.from_values({}))
     backends: tuple[BackendConfig, ...] = ()
     models: tuple[ModelConfig, ...] = ()
+    tiers: dict[str, Any] = field(default_factory=dict)  # name -> keys.Tier
+    keys: tuple[Any, ...] = ()  # keys.KeyRecord
 
 
 def _coerce(setting: Setting, raw: Any, where: str) -> Any:
@@ -293,7 +298,7 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None,
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("config: expected a mapping at the top level")
-    unknown = set(raw) - {"server", "backends", "models"}
+    unknown = set(raw) - {"server", "backends", "models", "tiers", "keys"}
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section")
     server = _server(raw.get("server"), env or {}, overrides or {})
@@ -307,7 +312,10 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None,
     ids = {b.id for b in backends}
     models = tuple(_model(k, v, ids) for k, v in mraw.items())
     _check_fallbacks(models)
-    return RouterConfig(server, backends, models)
+    from apirouter.keys import parse_keys, parse_tiers  # keys builds on this module
+
+    tiers = parse_tiers(raw.get("tiers"))
+    return RouterConfig(server, backends, models, tiers, parse_keys(raw.get("keys"), tiers))
 
 
 def load_config_file(path: str, *, overrides: Mapping[str, Any] | None = None) -> RouterConfig:

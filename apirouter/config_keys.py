@@ -3,6 +3,9 @@
     {prefix}/server                 {"workers": 4, "max_body_bytes": 1048576, ...}
     {prefix}/backends/{id}          {"url": "http://10.0.0.11:8000", "timeout_s": 120}
     {prefix}/models/{name}          {"backends": [{"backend": "vllm-a", "weight": 3}, ...]}
+    {prefix}/tiers/{name}           {"rpm": 10000, "rpm_burst": 12000, "tpm": ..., ...}
+    {prefix}/keys/{key_id}          {"sha256": "...", "org": "acme", "scopes": [...], ...}
+    {prefix}/overrides/{id}         operator overrides (apirouter.overrides)
 
 Values are JSON; names are percent-encoded (model names may contain "/"). Sections added by
 later features (API keys, limit tiers, budgets, overrides) live beside these under their own
@@ -21,7 +24,9 @@ from apirouter.config import ConfigError
 
 DEFAULT_PREFIX = "/apirouter"
 # Sections `config push` owns: it replaces them wholesale and leaves any other section alone.
-CONFIG_SECTIONS = ("server", "backends", "models")
+CONFIG_SECTIONS = ("server", "backends", "models", "tiers")
+# Read as config too, but managed one entry at a time (apirouterctl keys create/revoke).
+MANAGED_SECTIONS = ("keys",)
 
 
 def _base(prefix: str) -> str:
@@ -34,7 +39,7 @@ def to_kv(raw: Mapping[str, Any], prefix: str = DEFAULT_PREFIX) -> dict[bytes, b
     kv: dict[bytes, bytes] = {}
     if raw.get("server"):
         kv[f"{base}server".encode()] = json.dumps(raw["server"], sort_keys=True).encode()
-    for section in ("backends", "models"):
+    for section in ("backends", "models", "tiers", "keys"):
         for name, value in (raw.get(section) or {}).items():
             key = f"{base}{section}/{quote(str(name), safe='')}"
             kv[key.encode()] = json.dumps(value, sort_keys=True).encode()
@@ -50,7 +55,7 @@ def from_kv(kvs: Mapping[bytes, bytes], prefix: str = DEFAULT_PREFIX) -> dict[st
             continue
         rel = key[len(base):].decode("utf-8", "replace")
         section, _, name = rel.partition("/")
-        if section not in CONFIG_SECTIONS:
+        if section not in CONFIG_SECTIONS and section not in MANAGED_SECTIONS:
             continue  # another feature's section
         try:
             doc = json.loads(value)

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from apirouter.config import RouterConfig
+from apirouter.keys import KeyRecord
 
 CODEC_VERSION = 2
 
@@ -86,6 +87,8 @@ class RoutingTable:
     # Backend id -> state; a backend missing here is healthy.
     health: dict[str, str] = field(default_factory=dict)
     admin_token_sha256: str = ""  # hex SHA-256 of the admin bearer token; "" = admin disabled
+    auth_required: bool = False
+    keys: dict[str, KeyRecord] = field(default_factory=dict)  # by the key's SHA-256
     # Control-plane state for readiness reporting (config store, ...): JSON-able, not routing.
     status: dict[str, Any] = field(default_factory=dict)
 
@@ -166,7 +169,8 @@ def compile_table(cfg: RouterConfig, *, source: str, now: float | None = None,
                     s.max_connections_per_backend, s.client_timeout_s, s.max_attempts)
     return RoutingTable(now, source, limits, backends, routes,
                         {k: v for k, v in states.items() if v != HEALTHY},
-                        s.admin_token_sha256, status or {})
+                        s.admin_token_sha256, s.auth_required,
+                        {k.sha256: k for k in cfg.keys}, status or {})
 
 
 def encode_table(t: RoutingTable) -> bytes:
@@ -183,6 +187,8 @@ def encode_table(t: RoutingTable) -> bytes:
                     list(r.fallbacks), r.pinned] for r in t.routes.values()],
         "health": t.health,
         "admin": t.admin_token_sha256,
+        "auth": t.auth_required,
+        "keys": [[k.key_id, k.to_doc()] for k in t.keys.values()],
         "status": t.status,
     })
 
@@ -193,6 +199,7 @@ def decode_table(data: bytes | memoryview) -> RoutingTable:
         if d.get("v") != CODEC_VERSION:
             raise TableDecodeError(f"codec version {d.get('v')!r}, expected {CODEC_VERSION}")
         mb, rt, ct, mc, cl, ma = d["limits"]
+        keys = {doc["sha256"]: KeyRecord.from_doc(key_id, doc) for key_id, doc in d["keys"]}
         backends = {
             bid: Backend(bid, scheme, host, int(port), base, None if to is None else float(to),
                          int(index), hp)
@@ -203,7 +210,7 @@ def decode_table(data: bytes | memoryview) -> RoutingTable:
         return RoutingTable(float(d["compiled_at"]), d["source"],
                             Limits(int(mb), float(rt), float(ct), int(mc), float(cl), int(ma)),
                             backends, routes, dict(d.get("health") or {}), str(d["admin"]),
-                            dict(d.get("status") or {}))
+                            bool(d["auth"]), keys, dict(d.get("status") or {}))
     except TableDecodeError:
         raise
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:

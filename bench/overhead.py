@@ -27,6 +27,7 @@ from typing import Any
 
 import psutil
 
+from apirouter.keys import hash_key
 from tests.harness import MockBackend, Router
 
 # A ~300-byte chat request, the size the design brief's measurements used.
@@ -41,6 +42,7 @@ BODY = json.dumps({
     "temperature": 0,
 })
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+BENCH_KEY = "ar-bench-key"
 
 
 @dataclass
@@ -120,13 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.connections.split(",")]
 
     mock = MockBackend("bench", "--models", "bench-model")
+    # Authentication on, as in production: every routed request carries an API key.
     router = Router({"backends": {"bench": {"url": mock.url}},
-                     "models": {"bench-model": {"backends": ["bench"]}}}, workers=args.workers)
+                     "models": {"bench-model": {"backends": ["bench"]}},
+                     "keys": {"bench": {"sha256": hash_key(BENCH_KEY), "org": "bench",
+                                        "tier": "admin"}}}, workers=args.workers)
     script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
     body = BODY if args.endpoint == "/v1/chat/completions" else json.dumps(
         {k: v for k, v in json.loads(BODY).items() if k != "temperature"})
     script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
-                 'wrk.headers["Content-Type"] = "application/json"\n')
+                 'wrk.headers["Content-Type"] = "application/json"\n'
+                 f'wrk.headers["Authorization"] = "Bearer {BENCH_KEY}"\n')
     script.close()
     results: list[LoadResult] = []
     try:

@@ -29,8 +29,10 @@ def demo_config(ports: dict[str, int]) -> dict[str, Any]:
     """Every demo model is served by both mocks, weighted 3:1 so routing is visible."""
     weights = {"mock-a": 3, "mock-b": 1}
     return {
-        # Demo only: the admin API accepts the token "demo".
-        "server": {"admin_token_sha256": hashlib.sha256(DEMO_TOKEN.encode()).hexdigest()},
+        # Demo only: the API key "demo" is accepted, with every scope.
+        "keys": {"demo": {"sha256": hashlib.sha256(DEMO_TOKEN.encode()).hexdigest(),
+                          "org": "demo", "scopes": ["inference", "audit", "admin"],
+                          "tier": "admin"}},
         "backends": {name: {"url": f"http://127.0.0.1:{port}"} for name, port in ports.items()},
         "models": {m: {"backends": [{"backend": b, "weight": weights[b]} for b in ports]}
                    for m in DEMO_MODELS},

@@ -277,13 +277,16 @@ class Router(ManagedProcess):
 
 
 def router_config(backends: dict[str, str], models: dict[str, dict[str, int]],
-                  **server: Any) -> dict[str, Any]:
-    """A config dict: backends {id: url}, models {name: {backend_id: weight}}."""
+                  keys: dict[str, dict[str, Any]] | None = None, **server: Any
+                  ) -> dict[str, Any]:
+    """A config dict: backends {id: url}, models {name: {backend_id: weight}}; without
+    ``keys`` the router runs with authentication off."""
     cfg: dict[str, Any] = {
+        "server": {"auth_required": keys is not None, **server},
         "backends": {bid: {"url": url} for bid, url in backends.items()},
         "models": {m: {"backends": [{"backend": b, "weight": w} for b, w in targets.items()]}
                    for m, targets in models.items()},
     }
-    if server:
-        cfg["server"] = server
+    if keys is not None:
+        cfg["keys"] = keys
     return cfg

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from apirouter.control_protocol import SOCKET_NAME, CommandError, ProtocolError, call
 from apirouter.errors import CATALOG, RouterError
+from apirouter.keys import authenticate, credential
 from apirouter.stats import RUN_DIR_ENV
 from apirouter.table import describe
 from apirouter.validation import decode_json_object
@@ -27,34 +28,32 @@ from workers.endpoints import Endpoints, Reply
 PREFIX = "/v1/admin/routing"
 
 
-def credential(request: web.Request) -> str | None:
-    auth = request.headers.get("Authorization", "")
-    if auth[:7].lower() == "bearer ":
-        return auth[7:].strip() or None
-    return request.headers.get("X-API-Key") or None
-
-
 class Admin:
     def __init__(self, endpoints: Endpoints) -> None:
         self.endpoints = endpoints
         self.socket = os.path.join(os.environ.get(RUN_DIR_ENV, ""), SOCKET_NAME)
 
-    def authorize(self, request: web.Request) -> None:
-        expected = self.endpoints.tables.current().table.admin_token_sha256
-        if not expected:
+    def authorize(self, request: web.Request) -> str:
+        """Who is asking: the admin token, or an API key with the admin scope."""
+        table = self.endpoints.tables.current().table
+        expected = table.admin_token_sha256
+        if not expected and not table.keys:
             raise RouterError("FORBIDDEN", "the admin API is disabled: configure "
-                                           "server.admin_token_sha256")
-        token = credential(request)
+                                           "server.admin_token_sha256 or an admin-scoped key")
+        token = credential(request.headers.get("Authorization"), request.headers.get("X-API-Key"))
         if token is None:
-            raise RouterError("UNAUTHORIZED", "send the admin token as 'Authorization: "
-                                              "Bearer ...'")
-        digest = hashlib.sha256(token.encode()).hexdigest()
-        if not hmac.compare_digest(digest, expected):
-            raise RouterError("INVALID_API_KEY", "the admin token is not valid")
+            raise RouterError("UNAUTHORIZED", "send the admin token or an admin key as "
+                                              "'Authorization: Bearer ...'")
+        if expected and hmac.compare_digest(hashlib.sha256(token.encode()).hexdigest(),
+                                            expected):
+            return "admin-token"
+        record = authenticate(table.keys, token, "admin")
+        return f"key {record.key_id} (org {record.org})"
 
     async def relay(self, cmd: str, args: dict[str, Any], request: web.Request,
                     request_id: str) -> Any:
-        args = {**args, "actor": f"admin-token from {request.remote} (request {request_id})"}
+        who = request.get("admin_actor", "admin")
+        args = {**args, "actor": f"{who} from {request.remote} (request {request_id})"}
         try:
             return await call(self.socket, cmd, args, timeout=10)
         except CommandError as e:

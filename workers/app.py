@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from apirouter.errors import RouterError
+from apirouter.keys import credential
 from apirouter.shm import TABLE_SEGMENT_ENV, TableReader
 from apirouter.stats import RUN_DIR_ENV, STATS_SEGMENT_ENV, WorkerStats
 from workers.admin import Admin
@@ -57,7 +58,8 @@ def _adapt(endpoints: Endpoints, ep: Endpoint) -> AioHandler:
             body = await read_body(request, endpoints.max_body_bytes())
         except RouterError as e:
             return to_response(endpoints.error_reply(e, request_id, ep.openai))
-        return to_response(await endpoints.call(ep, body, request_id))
+        cred = credential(request.headers.get("Authorization"), request.headers.get("X-API-Key"))
+        return to_response(await endpoints.call(ep, body, request_id, cred))
     return handler
 
 
@@ -65,7 +67,7 @@ def _adapt_admin(endpoints: Endpoints, admin: Admin, inner: AdminHandler) -> Aio
     async def handler(request: web.Request) -> web.StreamResponse:
         request_id = endpoints.ids.accept(request.headers.get("X-Request-ID"))
         try:
-            admin.authorize(request)
+            request["admin_actor"] = admin.authorize(request)
             reply = await inner(request, request_id)
         except RouterError as e:
             reply = endpoints.error_reply(e, request_id, openai=False)

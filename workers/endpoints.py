@@ -20,6 +20,7 @@ import orjson
 
 from apirouter import __version__
 from apirouter.errors import RouterError, native_body, openai_body
+from apirouter.keys import KeyRecord, authenticate
 from apirouter.outcomes import backend_error_code
 from apirouter.request_ids import RequestIds
 from apirouter.stats import WorkerStats
@@ -41,7 +42,7 @@ class Reply:
     content_type: str = JSON
 
 
-Handler = Callable[[bytes, str], Awaitable[Reply]]
+Handler = Callable[[bytes, str, KeyRecord | None], Awaitable[Reply]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,7 @@ class Endpoint:
     handler: Handler
     openai: bool  # errors in OpenAI's shape (OpenAI-compatible family) or the native envelope
     hot: bool  # served by the lean protocol server rather than handed to aiohttp
+    scope: str | None  # the API-key scope it needs (when the table requires auth)
 
 
 def _ms(seconds: float) -> str:
@@ -66,12 +68,13 @@ class Endpoints:
         self.pid = os.getpid()
         self.loop = asyncio.get_running_loop()
         self.all = (
-            Endpoint("POST", "/v1/chat/completions", self.chat_completions, True, True),
-            Endpoint("GET", "/v1/models", self.models, True, True),
-            Endpoint("POST", "/v1/inference", self.inference, False, True),
-            Endpoint("GET", "/v1/status/healthz", self.healthz, False, True),
-            Endpoint("GET", "/v1/status/readyz", self.readyz, False, True),
-            Endpoint("GET", "/metrics", self.metrics_text, False, False),
+            Endpoint("POST", "/v1/chat/completions", self.chat_completions, True, True,
+                     "inference"),
+            Endpoint("GET", "/v1/models", self.models, True, True, "inference"),
+            Endpoint("POST", "/v1/inference", self.inference, False, True, "inference"),
+            Endpoint("GET", "/v1/status/healthz", self.healthz, False, True, None),
+            Endpoint("GET", "/v1/status/readyz", self.readyz, False, True, None),
+            Endpoint("GET", "/metrics", self.metrics_text, False, False, None),
         )
         self.by_path = {e.path: e for e in self.all}
 
@@ -80,9 +83,22 @@ class Endpoints:
 
     # -- the envelope every endpoint runs in ---------------------------------------------------
 
-    async def call(self, endpoint: Endpoint, body: bytes, request_id: str) -> Reply:
+    def authenticate(self, scope: str, credential: str | None) -> KeyRecord | None:
+        """The caller's key record, or None when the table does not require auth."""
+        table = self.tables.current().table
+        if not table.auth_required:
+            return None
         try:
-            return await endpoint.handler(body, request_id)
+            return authenticate(table.keys, credential, scope)
+        except RouterError as e:
+            self.metrics.denied(e.code)
+            raise
+
+    async def call(self, endpoint: Endpoint, body: bytes, request_id: str,
+                   credential: str | None = None) -> Reply:
+        try:
+            key = self.authenticate(endpoint.scope, credential) if endpoint.scope else None
+            return await endpoint.handler(body, request_id, key)
         except RouterError as e:
             return self.error_reply(e, request_id, endpoint.openai)
         except Exception:
@@ -118,7 +134,8 @@ class Endpoints:
 
     # -- inference -----------------------------------------------------------------------------
 
-    async def chat_completions(self, body: bytes, request_id: str) -> Reply:
+    async def chat_completions(self, body: bytes, request_id: str, key: KeyRecord | None
+                               ) -> Reply:
         started = time.perf_counter()
         view = self.tables.current()
         model = parse_chat_request(body)
@@ -144,7 +161,7 @@ class Endpoints:
             ("X-Router-Latency-Ms", _ms(total)),
         ], ctype.decode("latin-1") if ctype else JSON)
 
-    async def inference(self, body: bytes, request_id: str) -> Reply:
+    async def inference(self, body: bytes, request_id: str, key: KeyRecord | None) -> Reply:
         started = time.perf_counter()
         view = self.tables.current()
         req = parse_inference_request(body)
@@ -193,14 +210,14 @@ class Endpoints:
 
     # -- catalogue and status ----------------------------------------------------------------
 
-    async def models(self, body: bytes, request_id: str) -> Reply:
+    async def models(self, body: bytes, request_id: str, key: KeyRecord | None) -> Reply:
         return Reply(200, self.tables.current().models_body, [("X-Request-ID", request_id)])
 
-    async def healthz(self, body: bytes, request_id: str) -> Reply:
+    async def healthz(self, body: bytes, request_id: str, key: KeyRecord | None) -> Reply:
         return Reply(200, orjson.dumps({"status": "ok", "worker_pid": self.pid}),
                      [("X-Request-ID", request_id)])
 
-    async def readyz(self, body: bytes, request_id: str) -> Reply:
+    async def readyz(self, body: bytes, request_id: str, key: KeyRecord | None) -> Reply:
         view = self.tables.current()
         table = view.table
         registry_ok = bool(table.backends) and bool(table.routes)
@@ -228,5 +245,5 @@ class Endpoints:
         return Reply(200 if registry_ok else 503, orjson.dumps(doc),
                      [("X-Request-ID", request_id)])
 
-    async def metrics_text(self, body: bytes, request_id: str) -> Reply:
+    async def metrics_text(self, body: bytes, request_id: str, key: KeyRecord | None) -> Reply:
         return Reply(200, exposition(), [], CONTENT_TYPE)

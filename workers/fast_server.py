@@ -25,6 +25,7 @@ from http import HTTPStatus
 import httptools
 
 from apirouter.errors import RouterError
+from apirouter.keys import credential
 from workers.endpoints import Endpoint, Endpoints, Reply
 
 log = logging.getLogger("apirouter.worker")
@@ -46,7 +47,7 @@ class _Reject(Exception):
         self.error = error
 
 
-_Item = tuple[Endpoint, bytes | None, bytes, bool] | Reply
+_Item = tuple[Endpoint, bytes | None, bytes, bool, str | None] | Reply
 
 
 class FastServer:
@@ -122,6 +123,8 @@ class FastProtocol(asyncio.Protocol):
         self.url = b""
         self.header_bytes = 0
         self.request_id: bytes | None = None
+        self.authorization: bytes | None = None
+        self.api_key: bytes | None = None
         self.content_length = -1
         self.expect_continue = False
         self.endpoint: Endpoint | None = None
@@ -201,6 +204,10 @@ class FastProtocol(asyncio.Protocol):
             self.content_length = int(value) if value.isdigit() else -1
         elif n == b"x-request-id":
             self.request_id = value
+        elif n == b"authorization":
+            self.authorization = value
+        elif n == b"x-api-key":
+            self.api_key = value
         elif n == b"expect":
             self.expect_continue = value.lower() == b"100-continue"
 
@@ -229,7 +236,10 @@ class FastProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         assert self.endpoint is not None
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-        self.queue.append((self.endpoint, self.request_id, body, self.parser.should_keep_alive()))
+        cred = credential(self.authorization.decode("latin-1") if self.authorization else None,
+                          self.api_key.decode("latin-1") if self.api_key else None)
+        self.queue.append((self.endpoint, self.request_id, body, self.parser.should_keep_alive(),
+                           cred))
         self._reset_message()
         self.completed_in_feed = True
         self.last_active = self.server.loop.time()
@@ -258,10 +268,10 @@ class FastProtocol(asyncio.Protocol):
             self._close()
 
     async def _serve(self, endpoint: Endpoint, request_id: bytes | None, body: bytes,
-                     keep_alive: bool) -> None:
+                     keep_alive: bool, cred: str | None) -> None:
         endpoints = self.server.endpoints
         rid = endpoints.ids.accept(request_id.decode("latin-1") if request_id else None)
-        reply = await endpoints.call(endpoint, body, rid)
+        reply = await endpoints.call(endpoint, body, rid, cred)
         # When closing, the connection ends with the last queued answer, not this one.
         self._write(reply, keep_alive and (not self.closing or bool(self.queue)))
         self._next()

@@ -33,6 +33,8 @@ OVERHEAD = Histogram(
     "router_overhead_seconds", "Time spent in the router itself (total minus backend)",
     buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1))
 ERRORS = Counter("router_errors_total", "Error responses by catalog code", ["error_code"])
+DENIALS = Counter("router_denials_total",
+                  "Requests refused by authentication or admission, by reason", ["reason"])
 FAILOVERS = Counter("router_failover_total", "Attempts that failed over to another backend",
                     ["model", "from_backend", "reason"])
 DECISION_LATENCY = Histogram(
@@ -70,6 +72,9 @@ class RequestMetrics:
             h = self._latency[backend_id] = BACKEND_LATENCY.labels(backend_id)
         h.observe(backend_s)
         OVERHEAD.observe(overhead_s)
+
+    def denied(self, reason: str) -> None:
+        DENIALS.labels(reason).inc()
 
     def error(self, code: str) -> None:
         c = self._errors.get(code)

@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from apirouter.config import parse_config
+from apirouter.keys import SCOPES, KeyRecord, Tier
 from apirouter.table import (
     Backend,
     Limits,
@@ -44,8 +45,20 @@ def tables(draw: st.DrawFn) -> RoutingTable:
     health = draw(st.dictionaries(st.sampled_from(backend_ids),
                                   st.sampled_from(["unhealthy", "ejected", "draining"])))
     return RoutingTable(draw(st.floats(0, 2e9)), draw(ids), limits, backends, routes, health,
-                        draw(st.sampled_from(["", "ab" * 32])),
+                        draw(st.sampled_from(["", "ab" * 32])), draw(st.booleans()),
+                        {k.sha256: k for k in draw(st.lists(key_records(), max_size=3,
+                                                            unique_by=lambda k: k.sha256))},
                         draw(st.dictionaries(ids, st.integers(-(2**63), 2**63 - 1))))
+
+
+@st.composite
+def key_records(draw: st.DrawFn) -> KeyRecord:
+    return KeyRecord(draw(ids), draw(st.text("0123456789abcdef", min_size=64, max_size=64)),
+                     draw(ids), draw(st.text(max_size=5)),
+                     frozenset(draw(st.lists(st.sampled_from(SCOPES), min_size=1))),
+                     draw(st.sampled_from(["developer", "custom"])),
+                     Tier(*draw(st.lists(st.integers(0, 10**9), min_size=4, max_size=4))),
+                     draw(st.booleans()))
 
 
 @given(tables())

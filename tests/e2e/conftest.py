@@ -27,7 +27,7 @@ class Deployment:
 
 def deployment_config(mocks: dict[str, MockBackend], down_port: int) -> dict[str, Any]:
     return {
-        "server": {"max_body_bytes": 65536, "request_timeout_s": 10},
+        "server": {"max_body_bytes": 65536, "request_timeout_s": 10, "auth_required": False},
         "backends": {
             "a": {"url": mocks["a"].url},
             "b": {"url": mocks["b"].url},

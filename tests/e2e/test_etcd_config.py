@@ -83,7 +83,7 @@ def test_push_get_watch_and_publish(etcd_server: EtcdServer, two_mocks: dict[str
     assert json.loads(got.stdout)["config"]["models"] == {"m": {"backends": [
         {"backend": "b", "weight": 1}]}}
     unchanged = push(etcd_server.endpoint, prefix, router_config(two_mocks, {"m": {"b": 1}}))
-    assert json.loads(unchanged.stdout) == {"changed": False, "keys": 3}
+    assert json.loads(unchanged.stdout) == {"changed": False, "keys": 4}  # server, 2, 1
 
 
 def test_invalid_changes_are_rejected_and_the_last_good_table_stays(

@@ -21,7 +21,7 @@ FAST_HEALTH = {"health_interval_s": 0.2, "health_timeout_s": 0.5, "healthy_thres
 
 
 def config(backends: dict[str, str], models: dict[str, Any], **server: Any) -> dict[str, Any]:
-    return {"server": {**FAST_HEALTH, **server},
+    return {"server": {**FAST_HEALTH, "auth_required": False, **server},
             "backends": {b: {"url": u} for b, u in backends.items()}, "models": models}
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from apirouter.runstate import pid_alive
-from tests.e2e.conftest import post_json
+from tests.e2e.conftest import post_json, request
 from tests.harness import ROOT, MockBackend, Router, http_get, router_config, wait_for
 
 USER = [{"role": "user", "content": "x"}]
@@ -183,10 +183,16 @@ def test_overrides_drain_pin_weights_with_ttl_and_audit(
 
 def test_demo_mode_serves_out_of_the_box(router: Callable[..., Router]) -> None:
     r = router(None, demo=True, workers=1)
+    status, _, body = post_json(f"{r.url}/v1/chat/completions",
+                                {"model": "gpt-4o-mini", "messages": USER})
+    assert status == 401 and body["error"]["code"] == "unauthorized"
     status, headers, body = post_json(f"{r.url}/v1/chat/completions",
-                                      {"model": "gpt-4o-mini", "messages": USER})
+                                      {"model": "gpt-4o-mini", "messages": USER},
+                                      {"Authorization": "Bearer demo"})
     assert status == 200 and headers["X-Router-Backend"] in {"mock-a", "mock-b"}
     assert body["object"] == "chat.completion"
+    status, _, _ = request(f"{r.url}/v1/admin/routing/table", headers={"X-API-Key": "demo"})
+    assert status == 200
     mocks = [p for p in _children(r.pid) if "tools.mock_backend" in _cmdline(p)]
     assert len(mocks) == 2
     assert r.stop() == 0

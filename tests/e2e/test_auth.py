@@ -1,0 +1,84 @@
+"""API keys through the real router: both servers, the official client, scopes, revocation."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+
+import openai
+import pytest
+
+from apirouter.keys import hash_key
+from tests.e2e.conftest import post_json, request
+from tests.e2e.test_lifecycle import generations_by_worker
+from tests.harness import MockBackend, Router, router_config, wait_for
+
+USER = [{"role": "user", "content": "x"}]
+KEYS = {
+    "k-infer": {"sha256": hash_key("ar-infer"), "org": "acme", "scopes": ["inference"]},
+    "k-audit": {"sha256": hash_key("ar-audit"), "org": "acme", "scopes": ["audit"]},
+    "k-admin": {"sha256": hash_key("ar-admin"), "org": "ops", "scopes": ["admin"]},
+}
+
+
+@pytest.fixture
+def keyed(mock_backend: Callable[..., MockBackend],
+          router: Callable[..., Router]) -> tuple[Router, MockBackend]:
+    a = mock_backend("a")
+    return router(router_config({"a": a.url}, {"m": {"a": 1}}, keys=KEYS), workers=2), a
+
+
+def test_openai_client_with_keys(keyed: tuple[Router, MockBackend]) -> None:
+    r, _ = keyed
+
+    def client(key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{r.url}/v1", api_key=key, max_retries=0)
+
+    assert client("ar-infer").chat.completions.create(model="m", messages=USER).choices
+    assert [m.id for m in client("ar-infer").models.list()] == ["m"]
+    with pytest.raises(openai.AuthenticationError) as e:
+        client("ar-nope").chat.completions.create(model="m", messages=USER)
+    assert e.value.code == "invalid_api_key"
+    with pytest.raises(openai.PermissionDeniedError) as e2:
+        client("ar-audit").chat.completions.create(model="m", messages=USER)
+    assert e2.value.code == "forbidden"
+
+
+def test_native_endpoint_headers_and_envelope(keyed: tuple[Router, MockBackend]) -> None:
+    r, _ = keyed
+    url = f"{r.url}/v1/inference"
+    status, _, body = post_json(url, {"model": "m", "prompt": "x"})
+    assert status == 401 and body["error"]["error_code"] == "UNAUTHORIZED"
+    status, _, body = post_json(url, {"model": "m", "prompt": "x"}, {"X-API-Key": "ar-infer"})
+    assert status == 200 and body["router"]["backend_id"] == "a"
+    status, _, body = post_json(url, {"model": "m", "prompt": "x"},
+                                {"Authorization": "Bearer ar-wrong"})
+    assert status == 401 and body["error"]["error_code"] == "INVALID_API_KEY"
+    status, _, _ = request(f"{r.url}/v1/status/readyz")
+    assert status == 200  # probes stay open
+    assert "ar-infer" not in r.output() and "ar-wrong" not in r.output()
+
+
+def test_admin_endpoints_need_the_admin_scope(keyed: tuple[Router, MockBackend]) -> None:
+    r, _ = keyed
+    url = f"{r.url}/v1/admin/routing/table"
+    assert request(url, headers={"Authorization": "Bearer ar-infer"})[0] == 403
+    assert request(url, headers={"Authorization": "Bearer ar-admin"})[0] == 200
+    assert request(url)[0] == 401
+
+
+def test_revocation_reaches_every_worker(keyed: tuple[Router, MockBackend]) -> None:
+    r, a = keyed
+    ok = {"Authorization": "Bearer ar-infer"}
+    assert post_json(f"{r.url}/v1/chat/completions", {"model": "m", "messages": USER}, ok)[0] \
+        == 200
+    before = max(generations_by_worker(r, 2).values())
+    r.write_config(router_config({"a": a.url}, {"m": {"a": 1}},
+                                 keys={k: v for k, v in KEYS.items() if k != "k-infer"}))
+    os.kill(r.pid, signal.SIGHUP)
+    wait_for(lambda: min(generations_by_worker(r, 2).values()) > before, 5, "all workers")
+    for _ in range(20):  # fresh connections land on both workers
+        status, _, body = post_json(f"{r.url}/v1/chat/completions",
+                                    {"model": "m", "messages": USER}, ok)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
