@@ -318,12 +318,16 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None,
     return RouterConfig(server, backends, models, tiers, parse_keys(raw.get("keys"), tiers))
 
 
-def load_config_file(path: str, *, overrides: Mapping[str, Any] | None = None) -> RouterConfig:
+def read_config_file(path: str) -> Any:
+    """The decoded YAML document, or a ConfigError saying why not."""
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    return parse_config(raw, env=os.environ, overrides=overrides)
+
+
+def load_config_file(path: str, *, overrides: Mapping[str, Any] | None = None) -> RouterConfig:
+    return parse_config(read_config_file(path), env=os.environ, overrides=overrides)

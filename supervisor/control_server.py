@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from apirouter.config import ConfigError
 from apirouter.control_protocol import (
     SOCKET_NAME,
     CommandError,
@@ -26,6 +27,7 @@ from apirouter.control_protocol import (
     read_frame,
 )
 from apirouter.errors import RouterError
+from apirouter.keys import hash_key, new_key, parse_key
 from apirouter.overrides import new_record
 from apirouter.table import compile_table, describe
 
@@ -51,6 +53,9 @@ class ControlServer:
             "overrides.set": self.set_override,
             "overrides.clear": self.clear_override,
             "audit.list": self.audit,
+            "keys.create": self.create_key,
+            "keys.list": self.list_keys,
+            "keys.revoke": self.revoke_key,
         }
 
     async def start(self) -> None:
@@ -162,14 +167,14 @@ class ControlServer:
         sup = self.sup
         assert sup.cfg is not None
         record = new_record(args, sup.cfg, actor)
-        await sup.overrides.add(record, actor)
+        await sup.overrides.add(record["id"], record, actor, "override.set")
         sup.overrides_changed()
         return record
 
     async def clear_override(self, args: dict[str, Any], actor: str) -> Any:
         override_id = args.get("id")
         if not isinstance(override_id, str) or not await self.sup.overrides.remove(
-                override_id, actor):
+                override_id, actor, "override.clear"):
             raise CommandError("NOT_FOUND", f"no override {override_id!r}")
         self.sup.overrides_changed()
         return {"cleared": override_id}
@@ -177,6 +182,46 @@ class ControlServer:
     async def audit(self, args: dict[str, Any], actor: str) -> Any:
         limit = args.get("limit", 100)
         return self.sup.overrides.recent_audit(limit if isinstance(limit, int) else 100)
+
+    # -- API keys ------------------------------------------------------------------------------
+
+    async def create_key(self, args: dict[str, Any], actor: str) -> Any:
+        sup = self.sup
+        assert sup.cfg is not None
+        key_id, key = new_key()
+        record = {"sha256": hash_key(key), "org": args.get("org"),
+                  "team": args.get("team") or "", "scopes": args.get("scopes") or ["inference"],
+                  "tier": args.get("tier") or "developer", "hmac": bool(args.get("hmac")),
+                  "created_at": time.time(), "created_by": actor}
+        try:
+            parse_key(key_id, record, sup.cfg.tiers)
+        except ConfigError as e:
+            raise CommandError("INVALID_REQUEST", str(e)) from None
+        await sup.keys.add(key_id, record, actor, "key.create")
+        sup.keys_changed()
+        shown = {k: v for k, v in record.items() if k != "sha256"}
+        return {"key_id": key_id, "key": key, **shown,
+                "note": "store the key now: it is not kept and cannot be shown again"}
+
+    async def list_keys(self, args: dict[str, Any], actor: str) -> Any:
+        sup = self.sup
+        assert sup.cfg is not None
+        return [{"key_id": k.key_id, "org": k.org, "team": k.team, "scopes": sorted(k.scopes),
+                 "tier": k.tier, "hmac": k.hmac_required,
+                 "managed": k.key_id in sup.keys.records} for k in sup.cfg.keys]
+
+    async def revoke_key(self, args: dict[str, Any], actor: str) -> Any:
+        sup = self.sup
+        key_id = args.get("key_id")
+        if not isinstance(key_id, str):
+            raise CommandError("INVALID_REQUEST", "'key_id' is required")
+        if not await sup.keys.remove(key_id, actor, "key.revoke"):
+            if sup.cfg is not None and any(k.key_id == key_id for k in sup.cfg.keys):
+                raise CommandError("INVALID_REQUEST", f"key {key_id} is defined in the config "
+                                                      "file: remove it there and reload")
+            raise CommandError("NOT_FOUND", f"no key {key_id!r}")
+        sup.keys_changed()
+        return {"revoked": key_id}
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:

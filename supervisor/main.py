@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import apirouter
-from apirouter.config import ConfigError, RouterConfig, load_config_file, parse_config
+from apirouter.config import ConfigError, RouterConfig, parse_config, read_config_file
 from apirouter.health import HealthPolicy
 from apirouter.overrides import active, next_expiry, to_override
 from apirouter.runstate import remove_state, write_state
@@ -40,8 +40,8 @@ from supervisor.control_server import ControlServer
 from supervisor.demo import DemoBackends, demo_config
 from supervisor.etcd_source import EtcdSource, Snapshot
 from supervisor.health_monitor import HealthMonitor
-from supervisor.override_store import OverrideStore
 from supervisor.publisher import TablePublisher
+from supervisor.record_store import RecordStore
 from supervisor.worker_pool import BOOT_FAILURE_CODES, WorkerPool
 
 log = logging.getLogger("apirouter.supervisor")
@@ -86,7 +86,8 @@ class Supervisor:
                                               STATS_BACKENDS)
         self.monitor = HealthMonitor(StatsReader(self.stats_shm), self.republish)
         self.indices: dict[str, int] = {}
-        self.overrides = OverrideStore(self.cache.directory, None)
+        self.overrides = RecordStore("overrides", self.cache.directory, None)
+        self.keys = RecordStore("keys", self.cache.directory, None)
         self.control = ControlServer(self)
         self._expiry: asyncio.TimerHandle | None = None
 
@@ -101,7 +102,16 @@ class Supervisor:
         return f"file:{self.opts.config_path}"
 
     def parse(self, raw: dict[str, Any]) -> RouterConfig:
+        if self.opts.etcd is None and self.keys.records:
+            # Without etcd, keys created with apirouterctl live beside the file's own keys.
+            raw = {**raw, "keys": {**(raw.get("keys") or {}), **self.keys.records}}
         return parse_config(raw, env=os.environ, overrides=self.opts.overrides)
+
+    def keys_changed(self) -> None:
+        """Without etcd, a key created or revoked here takes effect by re-reading the config
+        with the managed keys merged in (with etcd, the watch delivers the change)."""
+        if self.etcd is None:
+            self.reload()
 
     def config_status(self) -> dict[str, Any]:
         """The config store's state, as readyz and apirouterctl status report it."""
@@ -189,7 +199,7 @@ class Supervisor:
                    if r.get("expires_at") is not None and r["expires_at"] <= now]
         for override_id in expired:
             self._tasks.append(asyncio.ensure_future(
-                self.overrides.remove(override_id, "ttl", action="override.expired")))
+                self.overrides.remove(override_id, "ttl", "override.expired")))
         self.overrides_changed()
 
     async def reload_now(self) -> None:
@@ -219,7 +229,10 @@ class Supervisor:
         if self.demo is not None:
             return self.parse(demo_config(self.demo.ports))
         assert self.opts.config_path is not None
-        return load_config_file(self.opts.config_path, overrides=self.opts.overrides)
+        raw = read_config_file(self.opts.config_path)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{self.opts.config_path}: expected a mapping at the top level")
+        return self.parse(raw)
 
     def reload(self) -> None:
         if self.etcd is not None:
@@ -240,6 +253,7 @@ class Supervisor:
 
     def on_snapshot(self, snap: Snapshot) -> None:
         self.overrides.update_from_kvs(snap.kvs, self.opts.etcd_prefix)
+        self.keys.update_from_kvs(snap.kvs, self.opts.etcd_prefix)
         try:
             cfg = self.parse(snap.raw)
         except ConfigError as e:
@@ -354,8 +368,10 @@ class Supervisor:
         if cfg is None:
             return 2
         if self.etcd is not None:
-            self.overrides = OverrideStore(self.cache.directory, self.etcd)
+            self.overrides = RecordStore("overrides", self.cache.directory, self.etcd)
             self.overrides.update_from_kvs(self._boot_kvs or {}, self.opts.etcd_prefix)
+            self.keys = RecordStore("keys", self.cache.directory, self.etcd)
+            self.keys.update_from_kvs(self._boot_kvs or {}, self.opts.etcd_prefix)
         self.publisher = TablePublisher(cfg.server.table_slot_bytes)
         self.publish(cfg)
         project_root = os.path.dirname(os.path.dirname(os.path.abspath(apirouter.__file__)))
@@ -457,6 +473,7 @@ class Supervisor:
 
 
 def _override_kvs(kvs: dict[bytes, bytes], prefix: str) -> dict[bytes, bytes]:
+    """The keys to cache beside the config: the overrides (keys are part of the config)."""
     base = f"{prefix.rstrip('/')}/overrides/".encode()
     return {k: v for k, v in kvs.items() if k.startswith(base)}
 

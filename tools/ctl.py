@@ -152,6 +152,18 @@ def run(args: argparse.Namespace) -> Any:
             return _call(d, "audit.list", {"limit": args.limit})
         case "config":
             return _config(args)
+        case "keys":
+            if args.action == "create":
+                if not args.org:
+                    raise CtlError("apirouterctl keys create --org ORG [...]", 2)
+                return _call(d, "keys.create", {
+                    "org": args.org, "team": args.team, "tier": args.tier, "hmac": args.hmac,
+                    "scopes": [s for s in (args.scopes or "inference").split(",") if s]})
+            if args.action == "revoke":
+                if not args.key_id:
+                    raise CtlError("apirouterctl keys revoke KEY_ID", 2)
+                return _call(d, "keys.revoke", {"key_id": args.key_id})
+            return _call(d, "keys.list")
     raise CtlError(f"unknown command {args.command}", 2)
 
 
@@ -186,6 +198,14 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--clear", metavar="ID")
     a = sub.add_parser("audit", help="recent override changes: who, what, when")
     a.add_argument("--limit", type=int, default=50)
+    k = sub.add_parser("keys", help="API keys: create (shown once), list, revoke")
+    k.add_argument("action", choices=("create", "list", "revoke"))
+    k.add_argument("key_id", nargs="?", help="with revoke")
+    k.add_argument("--org")
+    k.add_argument("--team")
+    k.add_argument("--scopes", help="comma-separated: inference,audit,admin")
+    k.add_argument("--tier")
+    k.add_argument("--hmac", action="store_true", help="require HMAC-signed requests")
     cfg = sub.add_parser("config", help="the config in etcd: push a YAML file, or get it")
     cfg.add_argument("action", choices=("push", "get"))
     cfg.add_argument("file", nargs="?", help="YAML config to push")

@@ -82,3 +82,36 @@ def test_revocation_reaches_every_worker(keyed: tuple[Router, MockBackend]) -> N
         status, _, body = post_json(f"{r.url}/v1/chat/completions",
                                     {"model": "m", "messages": USER}, ok)
         assert status == 401 and body["error"]["code"] == "invalid_api_key"
+
+
+def test_keys_created_and_revoked_with_apirouterctl(
+        mock_backend: Callable[..., MockBackend], router: Callable[..., Router]) -> None:
+    import json
+
+    from tests.e2e.test_lifecycle import ctl
+
+    a = mock_backend("a")
+    r = router(router_config({"a": a.url}, {"m": {"a": 1}}, keys=KEYS), workers=2)
+    out = ctl(r, "--json", "keys", "create", "--org", "globex", "--scopes", "inference",
+              "--tier", "viewer")
+    created = json.loads(out.stdout)
+    key = created["key"]
+    assert key.startswith("ar-") and "sha256" not in created
+    headers = {"Authorization": f"Bearer {key}"}
+    wait_for(lambda: post_json(f"{r.url}/v1/chat/completions",
+                               {"model": "m", "messages": USER}, headers)[0] == 200, 5, "key")
+    listed = {k["key_id"]: k for k in json.loads(ctl(r, "--json", "keys", "list").stdout)}
+    assert listed[created["key_id"]]["managed"] and listed[created["key_id"]]["org"] == "globex"
+    assert not listed["k-infer"]["managed"]
+    assert key not in ctl(r, "--json", "keys", "list").stdout
+
+    assert ctl(r, "keys", "revoke", created["key_id"]).returncode == 0
+    for _ in range(20):
+        assert post_json(f"{r.url}/v1/chat/completions", {"model": "m", "messages": USER},
+                         headers)[0] == 401
+    out = ctl(r, "keys", "revoke", "k-infer")
+    assert out.returncode == 1 and "config file" in out.stderr
+    assert ctl(r, "keys", "create", "--org", "x", "--scopes", "root").returncode == 1
+    actions = [e["action"] for e in json.loads(ctl(r, "--json", "audit").stdout)]
+    assert actions == ["key.create", "key.revoke"]
+    assert key not in r.output()
