@@ -88,6 +88,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("outlier_max_ejected_percent", int, 50,
             "never eject more than this share of the backends", lambda v: 0 <= v <= 100,
             "must be 0..100"),
+    Setting("redis_url", str, "",
+            "Redis for admission (redis://host:port/db); empty: the in-process limiter"),
+    Setting("redis_timeout_ms", float, 5.0,
+            "longest an admission decision waits for Redis before the failure policy applies",
+            _positive, "must be > 0"),
+    Setting("redis_failure_policy", str, "open",
+            "when Redis fails: open (admit) or closed (refuse with 503)",
+            lambda v: v in ("open", "closed"), "must be open or closed"),
+    Setting("default_completion_tokens", int, 256,
+            "tokens reserved for a completion when a request sets no max_tokens", _positive,
+            "must be > 0"),
     Setting("auth_required", bool, True,
             "require an API key on inference and admin endpoints (off: open access)"),
     Setting("admin_token_sha256", str, "",
@@ -123,6 +134,10 @@ class ServerConfig:
     outlier_base_ejection_s: float
     outlier_max_ejection_s: float
     outlier_max_ejected_percent: int
+    redis_url: str
+    redis_timeout_ms: float
+    redis_failure_policy: str
+    default_completion_tokens: int
     auth_required: bool
     admin_token_sha256: str
     table_slot_bytes: int
@@ -152,6 +167,7 @@ class ModelConfig:
     targets: tuple[TargetConfig, ...]
     strategy: str = "weighted"
     fallbacks: tuple[str, ...] = ()
+    limits: Any = None  # keys.Tier applied per key per model, or None
 
 
 STRATEGIES = ("weighted", "least_inflight", "latency")
@@ -164,6 +180,7 @@ class RouterConfig:
     models: tuple[ModelConfig, ...] = ()
     tiers: dict[str, Any] = field(default_factory=dict)  # name -> keys.Tier
     keys: tuple[Any, ...] = ()  # keys.KeyRecord
+    orgs: dict[str, Any] = field(default_factory=dict)  # org -> keys.Tier
 
 
 def _coerce(setting: Setting, raw: Any, where: str) -> Any:
@@ -240,7 +257,7 @@ def _model(name: Any, raw: Any, backend_ids: set[str]) -> ModelConfig:
     if not isinstance(raw, dict) or not isinstance(raw.get("backends"), list) or not raw[
             "backends"]:
         raise ConfigError(f"{where}.backends: required, a non-empty list")
-    unknown = set(raw) - {"backends", "strategy", "fallbacks"}
+    unknown = set(raw) - {"backends", "strategy", "fallbacks", "limits"}
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown field")
     strategy = raw.get("strategy", "weighted")
@@ -269,7 +286,12 @@ def _model(name: Any, raw: Any, backend_ids: set[str]) -> ModelConfig:
         targets.append(TargetConfig(bid, weight))
     if not any(t.weight for t in targets):
         raise ConfigError(f"{where}.backends: at least one weight must be > 0")
-    return ModelConfig(name, tuple(targets), strategy, tuple(fallbacks))
+    limits = None
+    if raw.get("limits") is not None:
+        from apirouter.keys import parse_limits
+
+        limits = parse_limits(raw["limits"], f"{where}.limits")
+    return ModelConfig(name, tuple(targets), strategy, tuple(fallbacks), limits)
 
 
 def _check_fallbacks(models: tuple[ModelConfig, ...]) -> None:
@@ -298,7 +320,7 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None,
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("config: expected a mapping at the top level")
-    unknown = set(raw) - {"server", "backends", "models", "tiers", "keys"}
+    unknown = set(raw) - {"server", "backends", "models", "tiers", "keys", "orgs"}
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section")
     server = _server(raw.get("server"), env or {}, overrides or {})
@@ -312,10 +334,11 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None,
     ids = {b.id for b in backends}
     models = tuple(_model(k, v, ids) for k, v in mraw.items())
     _check_fallbacks(models)
-    from apirouter.keys import parse_keys, parse_tiers  # keys builds on this module
+    from apirouter.keys import parse_keys, parse_orgs, parse_tiers  # keys builds on this module
 
     tiers = parse_tiers(raw.get("tiers"))
-    return RouterConfig(server, backends, models, tiers, parse_keys(raw.get("keys"), tiers))
+    return RouterConfig(server, backends, models, tiers, parse_keys(raw.get("keys"), tiers),
+                        parse_orgs(raw.get("orgs")))
 
 
 def read_config_file(path: str) -> Any:

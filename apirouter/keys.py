@@ -90,6 +90,25 @@ def _int(raw: Mapping[str, Any], name: str, default: int, where: str) -> int:
     return v
 
 
+def parse_limits(raw: Any, where: str) -> Tier:
+    """A standalone limit set ({rpm, rpm_burst, tpm, tpm_burst}; 0 = unlimited)."""
+    if not isinstance(raw, dict) or set(raw) - {"rpm", "rpm_burst", "tpm", "tpm_burst"}:
+        raise ConfigError(f"{where}: expected {{rpm, rpm_burst, tpm, tpm_burst}}")
+    rpm, tpm = _int(raw, "rpm", 0, where), _int(raw, "tpm", 0, where)
+    t = Tier(rpm, _int(raw, "rpm_burst", rpm, where), tpm, _int(raw, "tpm_burst", tpm, where))
+    if t.rpm_burst < t.rpm or t.tpm_burst < t.tpm:
+        raise ConfigError(f"{where}: a burst cannot be below its rate")
+    return t
+
+
+def parse_orgs(raw: Any) -> dict[str, Tier]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError("orgs: expected a mapping of org -> {rpm, rpm_burst, tpm, tpm_burst}")
+    return {str(org): parse_limits(v, f"orgs.{org}") for org, v in raw.items()}
+
+
 def parse_tiers(raw: Any) -> dict[str, Tier]:
     tiers = dict(DEFAULT_TIERS)
     if raw is None:

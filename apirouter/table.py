@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from apirouter.config import RouterConfig
-from apirouter.keys import KeyRecord
+from apirouter.keys import KeyRecord, Tier
 
 CODEC_VERSION = 2
 
@@ -60,6 +60,7 @@ class Route:
     strategy: str = "weighted"
     fallbacks: tuple[str, ...] = ()  # the whole chain, depth first, no repeats
     pinned: str | None = None  # operator override: always try this backend first
+    limits: Tier | None = None  # per key on this model
     # Derived once at decode so a weighted pick is one bisect.
     cumulative: tuple[int, ...] = field(init=False, compare=False, repr=False)
 
@@ -75,6 +76,11 @@ class Limits:
     max_connections_per_backend: int
     client_timeout_s: float
     max_attempts: int
+    redis_url: str = ""
+    redis_timeout_ms: float = 5.0
+    redis_failure_policy: str = "open"
+    default_completion_tokens: int = 256
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +95,7 @@ class RoutingTable:
     admin_token_sha256: str = ""  # hex SHA-256 of the admin bearer token; "" = admin disabled
     auth_required: bool = False
     keys: dict[str, KeyRecord] = field(default_factory=dict)  # by the key's SHA-256
+    orgs: dict[str, Tier] = field(default_factory=dict)
     # Control-plane state for readiness reporting (config store, ...): JSON-able, not routing.
     status: dict[str, Any] = field(default_factory=dict)
 
@@ -163,14 +170,24 @@ def compile_table(cfg: RouterConfig, *, source: str, now: float | None = None,
         ids = tuple(t.backend for t in m.targets)
         ws = tuple(weights.get(m.name, {}).get(t.backend, t.weight) for t in m.targets)
         routes[m.name] = Route(m.name, ids, ws, m.strategy, _chain(m.name, fallbacks),
-                               pins.get(m.name))
+                               pins.get(m.name), m.limits)
     s = cfg.server
     limits = Limits(s.max_body_bytes, s.request_timeout_s, s.connect_timeout_s,
-                    s.max_connections_per_backend, s.client_timeout_s, s.max_attempts)
+                    s.max_connections_per_backend, s.client_timeout_s, s.max_attempts,
+                    s.redis_url, s.redis_timeout_ms, s.redis_failure_policy,
+                    s.default_completion_tokens, s.workers)
     return RoutingTable(now, source, limits, backends, routes,
                         {k: v for k, v in states.items() if v != HEALTHY},
                         s.admin_token_sha256, s.auth_required,
-                        {k.sha256: k for k in cfg.keys}, status or {})
+                        {k.sha256: k for k in cfg.keys}, dict(cfg.orgs), status or {})
+
+
+def _tier(t: Tier | None) -> list[int] | None:
+    return None if t is None else [t.rpm, t.rpm_burst, t.tpm, t.tpm_burst]
+
+
+def _untier(v: list[int] | None) -> Tier | None:
+    return None if v is None else Tier(*v)
 
 
 def encode_table(t: RoutingTable) -> bytes:
@@ -180,11 +197,14 @@ def encode_table(t: RoutingTable) -> bytes:
         "compiled_at": t.compiled_at,
         "source": t.source,
         "limits": [lim.max_body_bytes, lim.request_timeout_s, lim.connect_timeout_s,
-                   lim.max_connections_per_backend, lim.client_timeout_s, lim.max_attempts],
+                   lim.max_connections_per_backend, lim.client_timeout_s, lim.max_attempts,
+                   lim.redis_url, lim.redis_timeout_ms, lim.redis_failure_policy,
+                   lim.default_completion_tokens, lim.workers],
         "backends": [[b.id, b.scheme, b.host, b.port, b.base_path, b.timeout_s, b.index,
                       b.health_path] for b in t.backends.values()],
         "routes": [[r.model, list(r.backend_ids), list(r.weights), r.strategy,
-                    list(r.fallbacks), r.pinned] for r in t.routes.values()],
+                    list(r.fallbacks), r.pinned, _tier(r.limits)] for r in t.routes.values()],
+        "orgs": {o: _tier(v) for o, v in t.orgs.items()},
         "health": t.health,
         "admin": t.admin_token_sha256,
         "auth": t.auth_required,
@@ -198,19 +218,22 @@ def decode_table(data: bytes | memoryview) -> RoutingTable:
         d: Any = orjson.loads(data)
         if d.get("v") != CODEC_VERSION:
             raise TableDecodeError(f"codec version {d.get('v')!r}, expected {CODEC_VERSION}")
-        mb, rt, ct, mc, cl, ma = d["limits"]
+        mb, rt, ct, mc, cl, ma, ru, rto, rp, dct, wk = d["limits"]
         keys = {doc["sha256"]: KeyRecord.from_doc(key_id, doc) for key_id, doc in d["keys"]}
         backends = {
             bid: Backend(bid, scheme, host, int(port), base, None if to is None else float(to),
                          int(index), hp)
             for bid, scheme, host, port, base, to, index, hp in d["backends"]
         }
-        routes = {m: Route(m, tuple(ids), tuple(ws), strategy, tuple(fb), pinned)
-                  for m, ids, ws, strategy, fb, pinned in d["routes"]}
+        routes = {m: Route(m, tuple(ids), tuple(ws), strategy, tuple(fb), pinned, _untier(lim))
+                  for m, ids, ws, strategy, fb, pinned, lim in d["routes"]}
         return RoutingTable(float(d["compiled_at"]), d["source"],
-                            Limits(int(mb), float(rt), float(ct), int(mc), float(cl), int(ma)),
+                            Limits(int(mb), float(rt), float(ct), int(mc), float(cl), int(ma),
+                                   str(ru), float(rto), str(rp), int(dct), int(wk)),
                             backends, routes, dict(d.get("health") or {}), str(d["admin"]),
-                            bool(d["auth"]), keys, dict(d.get("status") or {}))
+                            bool(d["auth"]), keys,
+                            {o: Tier(*v) for o, v in d["orgs"].items()},
+                            dict(d.get("status") or {}))
     except TableDecodeError:
         raise
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:

@@ -68,15 +68,20 @@ def _stream(doc: dict[str, Any]) -> None:
     raise RouterError("INVALID_REQUEST", "'stream' must be a boolean", field="stream")
 
 
-def parse_chat_request(body: bytes) -> str:
-    """Validate an OpenAI chat-completions body; return the model. The body is forwarded as is."""
+def parse_chat_request(body: bytes) -> tuple[str, int | None]:
+    """Validate an OpenAI chat-completions body; return (model, max_tokens). The body itself is
+    forwarded as is."""
     doc = decode_json_object(body)
     model = _model(doc)
     if "messages" not in doc:
         raise RouterError("MISSING_FIELD", "'messages' is required", field="messages")
     _messages(doc["messages"])
     _stream(doc)
-    return model
+    limit = doc.get("max_completion_tokens", doc.get("max_tokens"))
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise RouterError("INVALID_REQUEST", "'max_tokens' must be a positive integer",
+                          field="max_tokens")
+    return model, limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +89,7 @@ class InferenceRequest:
     model: str
     upstream_body: bytes  # the chat-completions body sent to the backend
     metadata: dict[str, str] | None
+    max_tokens: int | None = None
 
 
 def _number(doc: dict[str, Any], name: str, lo: float, hi: float, integer: bool = False) -> Any:
@@ -145,7 +151,7 @@ def parse_inference_request(body: bytes) -> InferenceRequest:
                           field="metadata")
     # Everything in `upstream` came from orjson.loads (which reads huge integers as floats),
     # so it always serializes again.
-    return InferenceRequest(model, orjson.dumps(upstream), metadata)
+    return InferenceRequest(model, orjson.dumps(upstream), metadata, upstream.get("max_tokens"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,3 +186,13 @@ def with_model(body: bytes, model: str) -> bytes:
     doc = orjson.loads(body)
     doc["model"] = model
     return orjson.dumps(doc)
+
+
+def usage_total_tokens(body: bytes) -> int | None:
+    """total_tokens of an OpenAI-shaped response, if it says; for settling token buckets."""
+    try:
+        usage = orjson.loads(body).get("usage") or {}
+        total = usage.get("total_tokens")
+        return int(total) if total is not None else None
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return None

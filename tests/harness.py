@@ -119,11 +119,11 @@ class ManagedProcess:
 
 
 class RedisServer(ManagedProcess):
-    def __init__(self) -> None:
+    def __init__(self, port: int | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise FileNotFoundError("redis-server is not installed (tools/test.sh installs it)")
-        self.port = free_port()
+        self.port = port or free_port()
         super().__init__("redis", [binary, "--bind", HOST, "--port", str(self.port), "--save", "",
                                    "--appendonly", "no", "--daemonize", "no"])
         wait_for(self._ping, 10, "redis-server")
@@ -131,6 +131,12 @@ class RedisServer(ManagedProcess):
     @property
     def url(self) -> str:
         return f"redis://{HOST}:{self.port}/0"
+
+    def restarted(self) -> RedisServer:
+        """Stop this server and start an empty one on the same port."""
+        self.stop()
+        self.cleanup()
+        return RedisServer(self.port)
 
     def _ping(self) -> bool:
         self.ensure_running()

@@ -21,15 +21,24 @@ import orjson
 from apirouter import __version__
 from apirouter.errors import RouterError, native_body, openai_body
 from apirouter.keys import KeyRecord, authenticate
+from apirouter.limits import BucketSpec, Verdict, estimate_tokens
 from apirouter.outcomes import backend_error_code
 from apirouter.request_ids import RequestIds
 from apirouter.stats import WorkerStats
-from apirouter.validation import parse_chat_completion, parse_chat_request, parse_inference_request
+from apirouter.table import Route
+from apirouter.validation import (
+    parse_chat_completion,
+    parse_chat_request,
+    parse_inference_request,
+    usage_total_tokens,
+)
+from workers.admission import Admission, Ticket, spawn
 from workers.forwarding import Forwarded, forward_chat, resolve_route
 from workers.metrics import CONTENT_TYPE, RequestMetrics, exposition
-from workers.table_view import TableCache
+from workers.table_view import TableCache, TableView
 
 log = logging.getLogger("apirouter.worker")
+audit = logging.getLogger("apirouter.audit")
 
 JSON = "application/json"
 
@@ -59,10 +68,17 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.3f}"
 
 
+def _rate_headers(spec: BucketSpec, v: Verdict) -> list[tuple[str, str]]:
+    return [("X-RateLimit-Limit", str(spec.per_minute)),
+            ("X-RateLimit-Remaining", str(v.remaining)),
+            ("X-RateLimit-Reset", str(int(time.time() + v.reset_ms / 1000)))]
+
+
 class Endpoints:
     def __init__(self, tables: TableCache, stats: WorkerStats | None = None) -> None:
         self.tables = tables
         self.stats = stats
+        self.admission = Admission()
         self.ids = RequestIds()
         self.metrics = RequestMetrics()
         self.pid = os.getpid()
@@ -132,14 +148,50 @@ class Endpoints:
         self.metrics.routed(fwd.backend_id, fwd.decision.value, success, model, status,
                             fwd.backend_s, max(0.0, total_s - fwd.backend_s))
 
+    # -- admission -----------------------------------------------------------------------------
+
+    async def _admit(self, view: TableView, key: KeyRecord | None, route: Route,
+                     body_len: int, max_tokens: int | None) -> Ticket | None:
+        if key is None:
+            return None
+        table = view.table
+        tokens = estimate_tokens(body_len, max_tokens, table.limits.default_completion_tokens)
+        ticket = await self.admission.admit(table.limits, key, route.model, tokens,
+                                            table.orgs.get(key.org), route.limits)
+        v = ticket.verdict
+        if v.allowed:
+            return ticket
+        assert v.failed is not None
+        bucket = v.failed.name.split(":", 1)[0] + "_" + v.failed.name.rsplit(":", 1)[1]
+        retry_s = max(1, -(-v.retry_after_ms // 1000))
+        self.metrics.denied(f"rate_limit_{bucket}")
+        audit.info("%s", orjson.dumps({
+            "event": "admission.denied", "reason": "RATE_LIMIT_EXCEEDED", "limit": bucket,
+            "key_id": key.key_id, "org": key.org, "model": route.model,
+            "remaining": v.remaining, "retry_after_s": retry_s}).decode())
+        raise RouterError("RATE_LIMIT_EXCEEDED",
+                          f"rate limit exceeded ({bucket.replace('_', ' ')})",
+                          headers={**dict(_rate_headers(v.failed, v)),
+                                   "Retry-After": str(retry_s)})
+
+    def _finish(self, view: TableView, ticket: Ticket | None, actual_tokens: int | None
+                ) -> list[tuple[str, str]]:
+        """Settle the reservation off the response path; the rate-limit headers to send."""
+        if ticket is None:
+            return []
+        if actual_tokens is not None:
+            spawn(self.admission.settle(view.table.limits, ticket, actual_tokens))
+        return _rate_headers(ticket.specs[0], ticket.verdict) if ticket.specs else []
+
     # -- inference -----------------------------------------------------------------------------
 
     async def chat_completions(self, body: bytes, request_id: str, key: KeyRecord | None
                                ) -> Reply:
         started = time.perf_counter()
         view = self.tables.current()
-        model = parse_chat_request(body)
+        model, max_tokens = parse_chat_request(body)
         route = resolve_route(view, model)
+        ticket = await self._admit(view, key, route, len(body), max_tokens)
         fwd = await forward_chat(view, route, body, request_id, self.loop, self.stats)
         resp = fwd.response
         error = fwd.error
@@ -151,14 +203,17 @@ class Endpoints:
         total = time.perf_counter() - started
         self._account(fwd, model, error is None, total)
         if error is not None:
+            error.headers = {**(error.headers or {}), **dict(self._finish(view, ticket, 0))}
             raise error
         assert resp is not None
+        used = usage_total_tokens(resp.body) if ticket is not None else None
         ctype = resp.header(b"content-type")
         return Reply(resp.status, resp.body, [
             ("X-Request-ID", request_id),
             ("X-Router-Backend", fwd.backend_id),
             ("X-Router-Decision", fwd.decision.value),
             ("X-Router-Latency-Ms", _ms(total)),
+            *self._finish(view, ticket, used),
         ], ctype.decode("latin-1") if ctype else JSON)
 
     async def inference(self, body: bytes, request_id: str, key: KeyRecord | None) -> Reply:
@@ -166,6 +221,7 @@ class Endpoints:
         view = self.tables.current()
         req = parse_inference_request(body)
         route = resolve_route(view, req.model)
+        ticket = await self._admit(view, key, route, len(body), req.max_tokens)
         fwd = await forward_chat(view, route, req.upstream_body, request_id, self.loop,
                                  self.stats)
         resp = fwd.response
@@ -176,12 +232,15 @@ class Endpoints:
                                     details=f"backend {fwd.backend_id} answered {resp.status}")
         if fwd.error is not None:
             self._account(fwd, req.model, False, time.perf_counter() - started)
+            fwd.error.headers = {**(fwd.error.headers or {}),
+                                 **dict(self._finish(view, ticket, 0))}
             raise fwd.error
         assert resp is not None
         try:
             completion = parse_chat_completion(resp.body)
-        except RouterError:
+        except RouterError as e:
             self._account(fwd, req.model, False, time.perf_counter() - started)
+            e.headers = dict(self._finish(view, ticket, 0))
             raise
         total = time.perf_counter() - started
         self._account(fwd, req.model, True, total)
@@ -206,7 +265,8 @@ class Endpoints:
                 "total_latency_ms": round(total * 1000, 3),
             },
         }), [("X-Request-ID", request_id), ("X-Router-Backend", fwd.backend_id),
-             ("X-Router-Latency-Ms", _ms(total))])
+             ("X-Router-Latency-Ms", _ms(total)),
+             *self._finish(view, ticket, completion.total_tokens)])
 
     # -- catalogue and status ----------------------------------------------------------------
 
@@ -238,6 +298,7 @@ class Endpoints:
                     "backends": len(table.backends),
                     "models": len(table.routes),
                 },
+                "admission": self.admission.status(table.limits),
                 **{name: check for name, check in table.status.items()},
             },
             "build": {"version": __version__, "python": platform.python_version()},

@@ -40,6 +40,12 @@ FAILOVERS = Counter("router_failover_total", "Attempts that failed over to anoth
 DECISION_LATENCY = Histogram(
     "router_decision_latency_seconds", "Time to choose the first backend of a request",
     buckets=(.000005, .00001, .000025, .00005, .0001, .00025, .0005, .001, .005))
+ADMISSION_LATENCY = Histogram(
+    "router_admission_latency_seconds", "Time to decide admission (Redis round trip included)",
+    buckets=(.00005, .0001, .00025, .0005, .001, .0025, .005, .01, .025))
+ADMISSION_DEGRADED = Counter("router_admission_degraded_total",
+                             "Decisions made by the failure policy because Redis did not answer",
+                             ["policy"])
 TABLE_GENERATION = Gauge("router_table_generation", "Routing-table generation in use",
                          multiprocess_mode="livemax")
 

@@ -38,17 +38,26 @@ def tables(draw: st.DrawFn) -> RoutingTable:
         routes[model] = Route(model, tuple(chosen), tuple(weights),
                               draw(st.sampled_from(["weighted", "least_inflight", "latency"])),
                               tuple(draw(st.lists(st.sampled_from(models), unique=True))),
-                              draw(st.none() | st.sampled_from(chosen)))
+                              draw(st.none() | st.sampled_from(chosen)),
+                              draw(st.none() | tiers()))
     limits = Limits(draw(st.integers(1, 2**31)), draw(st.floats(0.001, 3600)),
                     draw(st.floats(0.001, 60)), draw(st.integers(1, 10_000)),
-                    draw(st.floats(0.001, 600)), draw(st.integers(1, 10)))
+                    draw(st.floats(0.001, 600)), draw(st.integers(1, 10)),
+                    draw(st.sampled_from(["", "redis://127.0.0.1:6379/0"])),
+                    draw(st.floats(0.1, 100)), draw(st.sampled_from(["open", "closed"])),
+                    draw(st.integers(1, 4096)), draw(st.integers(1, 64)))
     health = draw(st.dictionaries(st.sampled_from(backend_ids),
                                   st.sampled_from(["unhealthy", "ejected", "draining"])))
     return RoutingTable(draw(st.floats(0, 2e9)), draw(ids), limits, backends, routes, health,
                         draw(st.sampled_from(["", "ab" * 32])), draw(st.booleans()),
                         {k.sha256: k for k in draw(st.lists(key_records(), max_size=3,
                                                             unique_by=lambda k: k.sha256))},
+                        draw(st.dictionaries(ids, tiers(), max_size=3)),
                         draw(st.dictionaries(ids, st.integers(-(2**63), 2**63 - 1))))
+
+
+def tiers() -> st.SearchStrategy[Tier]:
+    return st.builds(Tier, *(st.integers(0, 10**9) for _ in range(4)))
 
 
 @st.composite

@@ -25,7 +25,9 @@ def err(fn: Any, body: bytes) -> RouterError:
 
 
 def test_chat_request_returns_model() -> None:
-    assert parse_chat_request(orjson.dumps({"model": "m", "messages": MSG})) == "m"
+    assert parse_chat_request(orjson.dumps({"model": "m", "messages": MSG})) == ("m", None)
+    assert parse_chat_request(orjson.dumps({"model": "m", "messages": MSG,
+                                            "max_tokens": 9}))[1] == 9
 
 
 @pytest.mark.parametrize(("doc", "code", "field"), [

@@ -1,0 +1,111 @@
+"""Rate limits as token buckets: which buckets a request touches, and the bucket arithmetic.
+
+A request is admitted only if every applicable bucket holds enough tokens; then all of them are
+charged at once (Redis runs this as one Lua script; the embedded limiter runs ``take_all``
+below, which is also the model the Lua script is tested against). Buckets:
+
+    key:{id}:rpm, key:{id}:tpm            the key's tier (or its own limits)
+    org:{org}:rpm, org:{org}:tpm          optional, from the config's ``orgs`` section
+    key:{id}:model:{m}:rpm / :tpm         optional, from the model's ``limits``
+
+A token bucket of rate r per minute and capacity b (the burst) admits at most b + r*t/60 over
+any window of t seconds: that is the exactness property the tests check.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from apirouter.keys import KeyRecord, Tier
+
+
+@dataclass(frozen=True, slots=True)
+class BucketSpec:
+    name: str
+    capacity: int
+    per_minute: int
+    cost: int
+
+    @property
+    def refill_per_ms(self) -> float:
+        return self.per_minute / 60_000.0
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    allowed: bool
+    failed: BucketSpec | None  # the first bucket that refused
+    remaining: int  # tokens left in the reported bucket (the failing one, else the key's rpm)
+    retry_after_ms: int  # until the failing bucket holds enough; 0 when allowed
+    reset_ms: int  # until the reported bucket is full again
+
+
+def buckets_for(key: KeyRecord, model: str, tokens: int, org: Tier | None = None,
+                model_limits: Tier | None = None) -> list[BucketSpec]:
+    """The buckets one request charges: 1 per request-bucket, ``tokens`` per token-bucket."""
+    specs: list[BucketSpec] = []
+
+    def add(prefix: str, tier: Tier) -> None:
+        if tier.rpm:
+            specs.append(BucketSpec(f"{prefix}:rpm", tier.rpm_burst, tier.rpm, 1))
+        if tier.tpm and tokens:
+            specs.append(BucketSpec(f"{prefix}:tpm", tier.tpm_burst, tier.tpm, tokens))
+
+    add(f"key:{key.key_id}", key.limits)
+    if org is not None:
+        add(f"org:{key.org}", org)
+    if model_limits is not None:
+        add(f"key:{key.key_id}:model:{model}", model_limits)
+    return specs
+
+
+@dataclass(slots=True)
+class BucketState:
+    tokens: float
+    at_ms: float
+
+
+def level(spec: BucketSpec, state: BucketState | None, now_ms: float) -> float:
+    if state is None:
+        return float(spec.capacity)
+    return min(float(spec.capacity),
+               state.tokens + max(0.0, now_ms - state.at_ms) * spec.refill_per_ms)
+
+
+def take_all(specs: list[BucketSpec], states: dict[str, BucketState], now_ms: float) -> Verdict:
+    """Charge every bucket or none (mutates ``states`` only when admitting)."""
+    levels = []
+    for spec in specs:
+        tokens = level(spec, states.get(spec.name), now_ms)
+        if tokens < spec.cost:
+            rate = spec.refill_per_ms
+            retry = math.ceil((spec.cost - tokens) / rate) if rate > 0 else 60_000
+            return Verdict(False, spec, max(0, int(tokens)), retry,
+                           _reset(spec, tokens))
+        levels.append(tokens)
+    for spec, tokens in zip(specs, levels, strict=True):
+        states[spec.name] = BucketState(tokens - spec.cost, now_ms)
+    if not specs:
+        return Verdict(True, None, 0, 0, 0)
+    first = specs[0]
+    left = levels[0] - first.cost
+    return Verdict(True, None, max(0, int(left)), 0, _reset(first, left))
+
+
+def settle(spec: BucketSpec, states: dict[str, BucketState], now_ms: float,
+           delta: int) -> None:
+    """Refund (delta < 0) or charge more (delta > 0) after the fact; a bucket may go negative."""
+    tokens = level(spec, states.get(spec.name), now_ms)
+    states[spec.name] = BucketState(min(float(spec.capacity), tokens - delta), now_ms)
+
+
+def _reset(spec: BucketSpec, tokens: float) -> int:
+    rate = spec.refill_per_ms
+    return math.ceil((spec.capacity - tokens) / rate) if rate > 0 else 0
+
+
+def estimate_tokens(prompt_bytes: int, max_tokens: int | None, default_completion: int) -> int:
+    """What a request may consume, reserved at admission: ~4 bytes a token for the prompt, plus
+    ``max_tokens`` (or a default) for the completion. Settled to actual usage afterwards."""
+    return max(1, prompt_bytes // 4) + (max_tokens if max_tokens else default_completion)

@@ -1,0 +1,67 @@
+"""The hot-path Redis client and the admission script against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from apirouter.keys import KeyRecord, Tier
+from apirouter.table import Limits
+from tests.harness import RedisServer
+from workers.admission import Admission
+from workers.redis_client import RedisClient, RedisError, RedisUnavailable, encode_command
+
+
+def limits(url: str, policy: str = "open") -> Limits:
+    return Limits(1 << 20, 30.0, 1.0, 8, 30.0, 3, url, 50.0, policy, 256, 1)
+
+
+async def test_commands_pipelining_and_errors(redis_server: RedisServer) -> None:
+    client = RedisClient(redis_server.url)
+    assert await client.execute("SET", "rc:k", "v", timeout=1) == "OK"
+    assert await client.execute("GET", "rc:k", timeout=1) == b"v"
+    results = await asyncio.gather(*(client.execute("INCR", "rc:n", timeout=1)
+                                     for _ in range(200)))
+    assert sorted(results) == list(range(1, 201))  # pipelined on one connection, in order
+    assert isinstance(await client.execute("NOSUCHCOMMAND", timeout=1), RedisError)
+    assert await client.execute("EVAL", "return {1, 'a', {2}}", 0, timeout=1) == [1, b"a", [2]]
+    client.close()
+
+
+async def test_unreachable_redis_fails_fast() -> None:
+    client = RedisClient("redis://127.0.0.1:9/0")
+    with pytest.raises(RedisUnavailable):
+        await client.execute("PING", timeout=0.2)
+
+
+def test_encoding() -> None:
+    assert encode_command("SET", b"k", 1) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n1\r\n"
+
+
+async def test_admission_script_is_exact(redis_server: RedisServer) -> None:
+    key = KeyRecord("rc-key", "b" * 64, "rc-org", "", frozenset({"inference"}), "t",
+                    Tier(1, 10, 0, 0), False)
+    admission = Admission()
+    lim = limits(redis_server.url)
+    verdicts = await asyncio.gather(*(admission.admit(lim, key, "m", 5, None, None)
+                                      for _ in range(30)))
+    allowed = [t for t in verdicts if t.verdict.allowed]
+    assert len(allowed) == 10  # burst 10, refill 1/min: exactly the burst
+    denied = next(t for t in verdicts if not t.verdict.allowed)
+    assert denied.verdict.failed is not None and denied.verdict.failed.name == "key:rc-key:rpm"
+    assert 0 < denied.verdict.retry_after_ms <= 60_000
+    assert admission.status(lim)["status"] == "ok"
+
+
+async def test_replayed_nonce_is_refused(redis_server: RedisServer) -> None:
+    from apirouter.errors import RouterError
+
+    key = KeyRecord("rc-nonce", "c" * 64, "rc-org", "", frozenset({"inference"}), "t",
+                    Tier(100, 100, 0, 0), False)
+    admission = Admission()
+    lim = limits(redis_server.url)
+    assert (await admission.admit(lim, key, "m", 1, None, None, "n-1", 60_000)).verdict.allowed
+    with pytest.raises(RouterError) as e:
+        await admission.admit(lim, key, "m", 1, None, None, "n-1", 60_000)
+    assert e.value.code == "INVALID_REQUEST" and "replay" in e.value.message

@@ -1,0 +1,202 @@
+"""A small pipelined Redis client for the hot path: one connection, RESP2, EVALSHA, deadlines.
+
+redis-py's asyncio client costs 40-65 µs of CPU a call (design brief); admission needs one
+script call per request, so the worker keeps a single connection of its own, writes commands
+back to back (pipelining: replies come in order) and resolves one future per reply. A call
+that misses its deadline fails alone; a connection error fails every call on it, and the
+connection is then
+dropped and re-opened by the next call; a late reply to an abandoned call is read and thrown
+away. Errors are RedisUnavailable (retriable), RedisError (Redis answered with an error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any
+from urllib.parse import urlsplit
+
+RespValue = Any
+
+
+class RedisUnavailable(Exception):
+    """No answer: connect failure, connection lost, or the deadline passed."""
+
+
+class RedisError(Exception):
+    """Redis answered with an error reply."""
+
+
+def encode_command(*args: bytes | str | int | float) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        if isinstance(a, bytes):
+            b = a
+        elif isinstance(a, str):
+            b = a.encode()
+        elif isinstance(a, float):
+            b = repr(a).encode()
+        else:
+            b = str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+class _NeedMore(Exception):
+    pass
+
+
+def parse_reply(buf: bytes, pos: int) -> tuple[RespValue, int]:
+    """One RESP2 value from ``buf`` at ``pos``: (value, next position); _NeedMore if partial."""
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        raise _NeedMore
+    kind, line = buf[pos:pos + 1], buf[pos + 1:end]
+    nxt = end + 2
+    if kind == b":":
+        return int(line), nxt
+    if kind == b"+":
+        return line.decode(), nxt
+    if kind == b"-":
+        return RedisError(line.decode()), nxt
+    if kind == b"$":
+        n = int(line)
+        if n < 0:
+            return None, nxt
+        if len(buf) < nxt + n + 2:
+            raise _NeedMore
+        return buf[nxt:nxt + n], nxt + n + 2
+    if kind == b"*":
+        n = int(line)
+        if n < 0:
+            return None, nxt
+        items = []
+        for _ in range(n):
+            item, nxt = parse_reply(buf, nxt)
+            items.append(item)
+        return items, nxt
+    raise RedisUnavailable(f"unexpected RESP type {kind!r}")
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, client: RedisClient) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.waiters: deque[asyncio.Future[RespValue]] = deque()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        pos = 0
+        try:
+            while self.waiters and pos < len(self.buf):
+                try:
+                    value, pos = parse_reply(self.buf, pos)
+                except _NeedMore:
+                    break
+                w = self.waiters.popleft()
+                if not w.done():
+                    w.set_result(value)
+        except (ValueError, RedisUnavailable) as e:
+            self.fail(RedisUnavailable(f"bad reply: {e}"))
+            return
+        self.buf = self.buf[pos:]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(RedisUnavailable("connection lost"))
+
+    def fail(self, exc: Exception) -> None:
+        while self.waiters:
+            w = self.waiters.popleft()
+            if not w.done():
+                w.set_exception(exc)
+        if self.transport is not None:
+            self.transport.abort()
+            self.transport = None
+        if self.client._proto is self:
+            self.client._proto = None
+
+
+class RedisClient:
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "redis":
+            raise ValueError(f"unsupported Redis URL {url!r} (redis://host:port/db)")
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 6379
+        self.db = int(parts.path.lstrip("/") or 0)
+        self.password = parts.password
+        self._proto: _Protocol | None = None
+        self._connecting: asyncio.Future[_Protocol] | None = None
+        self._loop = asyncio.get_running_loop()
+
+    async def _connection(self, deadline: float) -> _Protocol:
+        if self._proto is not None:
+            return self._proto
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(self._connecting)
+        except TimeoutError:
+            raise RedisUnavailable("connect timed out") from None
+        finally:
+            if self._connecting is not None and self._connecting.done():
+                self._connecting = None
+
+    async def _connect(self) -> _Protocol:
+        try:
+            _, proto = await self._loop.create_connection(lambda: _Protocol(self), self.host,
+                                                          self.port)
+        except OSError as e:
+            raise RedisUnavailable(f"cannot connect: {e.strerror or e}") from None
+        setup = []
+        if self.password:
+            setup.append(encode_command("AUTH", self.password))
+        if self.db:
+            setup.append(encode_command("SELECT", self.db))
+        self._proto = proto
+        for cmd in setup:
+            reply = await self._send(proto, cmd, self._loop.time() + 2)
+            if isinstance(reply, RedisError):
+                proto.fail(RedisUnavailable(str(reply)))
+                raise RedisUnavailable(f"setup failed: {reply}")
+        return proto
+
+    async def _send(self, proto: _Protocol, data: bytes, deadline: float) -> RespValue:
+        if proto.transport is None:
+            raise RedisUnavailable("not connected")
+        fut: asyncio.Future[RespValue] = self._loop.create_future()
+        proto.waiters.append(fut)
+        proto.transport.write(data)
+        timer = self._loop.call_at(deadline, _expire, fut, proto)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+
+    async def execute(self, *args: bytes | str | int | float, timeout: float) -> RespValue:
+        """Run one command; RedisError replies are returned, not raised (scripts need them)."""
+        deadline = self._loop.time() + timeout
+        proto = await self._connection(deadline)
+        return await self._send(proto, encode_command(*args), deadline)
+
+    def close(self) -> None:
+        if self._proto is not None:
+            self._proto.fail(RedisUnavailable("closed"))
+
+
+MAX_OUTSTANDING = 10_000
+
+
+def _expire(fut: asyncio.Future[RespValue], proto: _Protocol) -> None:
+    if fut.done():
+        return
+    # The caller gives up; the future stays queued so its late reply is read and discarded in
+    # order (replies are positional). A Redis that answers nothing at all is cut off.
+    fut.set_exception(RedisUnavailable("deadline passed"))
+    if len(proto.waiters) > MAX_OUTSTANDING:
+        proto.fail(RedisUnavailable(f"over {MAX_OUTSTANDING} replies outstanding"))
