@@ -42,15 +42,18 @@ class Verdict:
 
 
 def buckets_for(key: KeyRecord, model: str, tokens: int, org: Tier | None = None,
-                model_limits: Tier | None = None) -> list[BucketSpec]:
-    """The buckets one request charges: 1 per request-bucket, ``tokens`` per token-bucket."""
+                model_limits: Tier | None = None, share: int = 1) -> list[BucketSpec]:
+    """The buckets one request charges: 1 per request-bucket, ``tokens`` per token-bucket.
+    ``share`` > 1 gives each of that many independent limiters an equal part of every limit."""
     specs: list[BucketSpec] = []
 
     def add(prefix: str, tier: Tier) -> None:
         if tier.rpm:
-            specs.append(BucketSpec(f"{prefix}:rpm", tier.rpm_burst, tier.rpm, 1))
+            specs.append(BucketSpec(f"{prefix}:rpm", max(1, tier.rpm_burst // share),
+                                    max(1, tier.rpm // share), 1))
         if tier.tpm and tokens:
-            specs.append(BucketSpec(f"{prefix}:tpm", tier.tpm_burst, tier.tpm, tokens))
+            specs.append(BucketSpec(f"{prefix}:tpm", max(1, tier.tpm_burst // share),
+                                    max(1, tier.tpm // share), tokens))
 
     add(f"key:{key.key_id}", key.limits)
     if org is not None:

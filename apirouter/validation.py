@@ -189,7 +189,16 @@ def with_model(body: bytes, model: str) -> bytes:
 
 
 def usage_total_tokens(body: bytes) -> int | None:
-    """total_tokens of an OpenAI-shaped response, if it says; for settling token buckets."""
+    """total_tokens of an OpenAI-shaped response, if it says; for settling token buckets.
+    The usage block comes last, so a search from the end usually avoids a full parse."""
+    at = body.rfind(b'"total_tokens":')
+    if at >= 0:
+        digits = body[at + 15:at + 40].lstrip(b" ")
+        end = 0
+        while end < len(digits) and 48 <= digits[end] <= 57:
+            end += 1
+        if end and digits[end:end + 1] in (b",", b"}", b" ", b"\n"):
+            return int(digits[:end])
     try:
         usage = orjson.loads(body).get("usage") or {}
         total = usage.get("total_tokens")

@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 
 from apirouter.keys import hash_key
-from tests.harness import MockBackend, Router
+from tests.harness import MockBackend, RedisServer, Router
 
 # A ~300-byte chat request, the size the design brief's measurements used.
 BODY = json.dumps({
@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint", default="/v1/chat/completions",
                    choices=("/v1/chat/completions", "/v1/inference"))
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per target")
+    p.add_argument("--redis", action="store_true",
+                   help="admit through a real redis-server (default: the in-process limiter)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -122,11 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.connections.split(",")]
 
     mock = MockBackend("bench", "--models", "bench-model")
+    redis = RedisServer() if args.redis else None
     # Authentication on, as in production: every routed request carries an API key.
     router = Router({"backends": {"bench": {"url": mock.url}},
                      "models": {"bench-model": {"backends": ["bench"]}},
                      "keys": {"bench": {"sha256": hash_key(BENCH_KEY), "org": "bench",
-                                        "tier": "admin"}}}, workers=args.workers)
+                                        "tier": "admin", "rpm": 10**9, "tpm": 10**12}},
+                     "server": {"redis_url": redis.url if redis else ""}},
+                    workers=args.workers)
     script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
     body = BODY if args.endpoint == "/v1/chat/completions" else json.dumps(
         {k: v for k, v in json.loads(BODY).items() if k != "temperature"})
@@ -145,15 +150,15 @@ def main(argv: list[str] | None = None) -> int:
             results.append(measure(routed_url, "router", c, args.duration, script.name,
                                    router.pid))
     finally:
-        router.stop()
-        mock.stop()
-        router.cleanup()
-        mock.cleanup()
+        for proc in (router, mock, *([redis] if redis else [])):
+            proc.stop()
+            proc.cleanup()
         os.unlink(script.name)
 
     rows = []
     print(f"\nrouter overhead, {args.endpoint}, {args.workers} worker(s), {args.duration:g}s "
-          f"per run, body {len(body)} bytes, {os.cpu_count()} cores")
+          f"per run, body {len(body)} bytes, {os.cpu_count()} cores, auth on, admission "
+          f"{'Redis' if redis else 'in-process'}")
     print(f"{'conns':>5} {'target':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'added p50':>10} {'added p99':>10} {'CPU us/req':>10} {'errors':>6}")
     for direct, routed in zip(results[::2], results[1::2], strict=True):

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from apirouter.errors import RouterError
@@ -118,6 +118,8 @@ class Admission:
         self.failures = 0
         self.open_until = 0.0
         self.last_error: str | None = None
+        self._decisions = 0
+        self._nonces: dict[str, float] = {}
 
     # -- configuration --------------------------------------------------------------------------
 
@@ -145,30 +147,32 @@ class Admission:
     async def admit(self, limits: Limits, key: KeyRecord, model: str, tokens: int,
                     org: Tier | None, model_limits: Tier | None,
                     nonce: str | None = None, nonce_ttl_ms: int = 0) -> Ticket:
-        specs = buckets_for(key, model, tokens, org, model_limits)
-        started = time.perf_counter()
         client = self._client(limits)
         if client is None:
-            verdict = self._admit_local(limits, specs, nonce, nonce_ttl_ms)
-        else:
-            verdict = await self._admit_redis(client, limits, key, specs, nonce, nonce_ttl_ms)
-        ADMISSION_LATENCY.observe(time.perf_counter() - started)
+            # In-process: this worker enforces its equal share of every limit.
+            specs = buckets_for(key, model, tokens, org, model_limits, max(1, limits.workers))
+            return Ticket(key, specs, tokens,
+                          self._admit_local(specs, nonce, nonce_ttl_ms))
+        specs = buckets_for(key, model, tokens, org, model_limits)
+        started = time.perf_counter()
+        verdict = await self._admit_redis(client, limits, key, specs, nonce, nonce_ttl_ms)
+        self._decisions += 1
+        if not self._decisions & 7:  # a sampled histogram: 1 in 8 decisions
+            ADMISSION_LATENCY.observe(time.perf_counter() - started)
         return Ticket(key, specs, tokens, verdict)
 
-    def _local_specs(self, limits: Limits, specs: list[BucketSpec]) -> list[BucketSpec]:
-        n = max(1, limits.workers)
-        return [replace(s, capacity=max(1, s.capacity // n), per_minute=max(1, s.per_minute // n))
-                for s in specs]
-
-    def _admit_local(self, limits: Limits, specs: list[BucketSpec], nonce: str | None,
+    def _admit_local(self, specs: list[BucketSpec], nonce: str | None,
                      nonce_ttl_ms: int) -> Verdict:
         if nonce is not None:
+            # Without Redis, replay protection covers this worker only (documented).
             now = time.monotonic()
-            seen = self._local.get("nonce:" + nonce)
-            if seen is not None and seen.at_ms > now:
-                return Verdict(False, None, 0, 0, 0)
-            self._local["nonce:" + nonce] = BucketState(0, now + nonce_ttl_ms / 1000)
-        return take_all(self._local_specs(limits, specs), self._local, time.monotonic() * 1000)
+            if self._nonces.get(nonce, 0.0) > now:
+                raise RouterError("INVALID_REQUEST", "this request's nonce was already used "
+                                                     "(a replay)", field="X-Signature-Nonce")
+            self._nonces[nonce] = now + nonce_ttl_ms / 1000
+            if len(self._nonces) > 4096 and len(self._nonces) % 1024 == 0:
+                self._nonces = {n: t for n, t in self._nonces.items() if t > now}
+        return take_all(specs, self._local, time.monotonic() * 1000)
 
     async def _script(self, client: RedisClient, name: str, source: str,
                       keys: list[str], args: list[str | int | float], timeout: float) -> object:
@@ -232,18 +236,25 @@ class Admission:
 
     # -- after the response ---------------------------------------------------------------------
 
-    async def settle(self, limits: Limits, ticket: Ticket, actual_tokens: int) -> None:
-        """Correct every token bucket from the estimate to what the request really used."""
+    def settle_soon(self, limits: Limits, ticket: Ticket, actual_tokens: int) -> None:
+        """Correct every token bucket from the estimate to what the request really used:
+        at once in-process, in the background with Redis (never delaying the response)."""
         delta = actual_tokens - ticket.reserved_tokens
         specs = [s for s in ticket.specs if s.name.endswith(":tpm")]
         if not delta or not specs or not ticket.verdict.allowed:
             return
-        client = self._client(limits)
-        if client is None:
-            n = max(1, limits.workers)
-            for s in self._local_specs(limits, specs):
-                settle(s, self._local, time.monotonic() * 1000, delta // n)
+        if self._client(limits) is None:
+            now = time.monotonic() * 1000
+            share = max(1, limits.workers)
+            for s in specs:
+                settle(s, self._local, now, delta // share)
             return
+        spawn(self._settle_redis(limits, ticket, specs, delta))
+
+    async def _settle_redis(self, limits: Limits, ticket: Ticket, specs: list[BucketSpec],
+                            delta: int) -> None:
+        client = self._client(limits)
+        assert client is not None
         for s in specs:
             try:
                 await self._script(client, "settle", SETTLE_LUA, [redis_key(ticket.key, s.name)],

@@ -18,9 +18,10 @@ from aiohttp import web
 from apirouter.errors import RouterError
 from apirouter.keys import credential
 from apirouter.shm import TABLE_SEGMENT_ENV, TableReader
+from apirouter.signing import NONCE, SIGNATURE, TIMESTAMP
 from apirouter.stats import RUN_DIR_ENV, STATS_SEGMENT_ENV, WorkerStats
 from workers.admin import Admin
-from workers.endpoints import Endpoint, Endpoints, Reply
+from workers.endpoints import Endpoint, Endpoints, Reply, Signed
 from workers.table_view import TableCache
 
 ENDPOINTS_KEY = web.AppKey("endpoints", Endpoints)
@@ -58,8 +59,11 @@ def _adapt(endpoints: Endpoints, ep: Endpoint) -> AioHandler:
             body = await read_body(request, endpoints.max_body_bytes())
         except RouterError as e:
             return to_response(endpoints.error_reply(e, request_id, ep.openai))
-        cred = credential(request.headers.get("Authorization"), request.headers.get("X-API-Key"))
-        return to_response(await endpoints.call(ep, body, request_id, cred))
+        h = request.headers
+        cred = credential(h.get("Authorization"), h.get("X-API-Key"))
+        signed = Signed(request.method, request.path_qs, h.get(TIMESTAMP), h.get(NONCE),
+                        h.get(SIGNATURE))
+        return to_response(await endpoints.call(ep, body, request_id, cred, signed))
     return handler
 
 

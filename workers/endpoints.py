@@ -24,6 +24,7 @@ from apirouter.keys import KeyRecord, authenticate
 from apirouter.limits import BucketSpec, Verdict, estimate_tokens
 from apirouter.outcomes import backend_error_code
 from apirouter.request_ids import RequestIds
+from apirouter.signing import verify
 from apirouter.stats import WorkerStats
 from apirouter.table import Route
 from apirouter.validation import (
@@ -32,7 +33,7 @@ from apirouter.validation import (
     parse_inference_request,
     usage_total_tokens,
 )
-from workers.admission import Admission, Ticket, spawn
+from workers.admission import Admission, Ticket
 from workers.forwarding import Forwarded, forward_chat, resolve_route
 from workers.metrics import CONTENT_TYPE, RequestMetrics, exposition
 from workers.table_view import TableCache, TableView
@@ -41,6 +42,7 @@ log = logging.getLogger("apirouter.worker")
 audit = logging.getLogger("apirouter.audit")
 
 JSON = "application/json"
+SIGNATURE_WINDOW_S = 300.0  # signed requests: allowed clock difference, either way
 
 
 @dataclass(slots=True)
@@ -51,7 +53,26 @@ class Reply:
     content_type: str = JSON
 
 
-Handler = Callable[[bytes, str, KeyRecord | None], Awaitable[Reply]]
+Handler = Callable[[bytes, str, "Caller | None"], Awaitable[Reply]]
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling: the authenticated key, and the nonce of a signed request."""
+
+    key: KeyRecord
+    nonce: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """What request signing needs from the transport (both servers fill it in)."""
+
+    method: str
+    path: str  # with the query string
+    timestamp: str | None
+    nonce: str | None
+    signature: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,22 +120,31 @@ class Endpoints:
 
     # -- the envelope every endpoint runs in ---------------------------------------------------
 
-    def authenticate(self, scope: str, credential: str | None) -> KeyRecord | None:
-        """The caller's key record, or None when the table does not require auth."""
+    def authenticate(self, scope: str, credential: str | None, body: bytes,
+                     signed: Signed | None) -> Caller | None:
+        """The caller, or None when the table does not require auth."""
         table = self.tables.current().table
         if not table.auth_required:
             return None
         try:
-            return authenticate(table.keys, credential, scope)
+            key = authenticate(table.keys, credential, scope)
+            if not key.hmac_required:
+                return Caller(key)
+            if signed is None:
+                raise RouterError("UNAUTHORIZED", "this key requires signed requests")
+            return Caller(key, verify(key, signed.method, signed.path, body, signed.timestamp,
+                                      signed.nonce, signed.signature, time.time(),
+                                      SIGNATURE_WINDOW_S))
         except RouterError as e:
             self.metrics.denied(e.code)
             raise
 
     async def call(self, endpoint: Endpoint, body: bytes, request_id: str,
-                   credential: str | None = None) -> Reply:
+                   credential: str | None = None, signed: Signed | None = None) -> Reply:
         try:
-            key = self.authenticate(endpoint.scope, credential) if endpoint.scope else None
-            return await endpoint.handler(body, request_id, key)
+            caller = (self.authenticate(endpoint.scope, credential, body, signed)
+                      if endpoint.scope else None)
+            return await endpoint.handler(body, request_id, caller)
         except RouterError as e:
             return self.error_reply(e, request_id, endpoint.openai)
         except Exception:
@@ -150,14 +180,16 @@ class Endpoints:
 
     # -- admission -----------------------------------------------------------------------------
 
-    async def _admit(self, view: TableView, key: KeyRecord | None, route: Route,
+    async def _admit(self, view: TableView, caller: Caller | None, route: Route,
                      body_len: int, max_tokens: int | None) -> Ticket | None:
-        if key is None:
+        if caller is None:
             return None
+        key = caller.key
         table = view.table
         tokens = estimate_tokens(body_len, max_tokens, table.limits.default_completion_tokens)
         ticket = await self.admission.admit(table.limits, key, route.model, tokens,
-                                            table.orgs.get(key.org), route.limits)
+                                            table.orgs.get(key.org), route.limits, caller.nonce,
+                                            int(SIGNATURE_WINDOW_S * 2000))
         v = ticket.verdict
         if v.allowed:
             return ticket
@@ -180,18 +212,18 @@ class Endpoints:
         if ticket is None:
             return []
         if actual_tokens is not None:
-            spawn(self.admission.settle(view.table.limits, ticket, actual_tokens))
+            self.admission.settle_soon(view.table.limits, ticket, actual_tokens)
         return _rate_headers(ticket.specs[0], ticket.verdict) if ticket.specs else []
 
     # -- inference -----------------------------------------------------------------------------
 
-    async def chat_completions(self, body: bytes, request_id: str, key: KeyRecord | None
+    async def chat_completions(self, body: bytes, request_id: str, caller: Caller | None
                                ) -> Reply:
         started = time.perf_counter()
         view = self.tables.current()
         model, max_tokens = parse_chat_request(body)
         route = resolve_route(view, model)
-        ticket = await self._admit(view, key, route, len(body), max_tokens)
+        ticket = await self._admit(view, caller, route, len(body), max_tokens)
         fwd = await forward_chat(view, route, body, request_id, self.loop, self.stats)
         resp = fwd.response
         error = fwd.error
@@ -216,12 +248,12 @@ class Endpoints:
             *self._finish(view, ticket, used),
         ], ctype.decode("latin-1") if ctype else JSON)
 
-    async def inference(self, body: bytes, request_id: str, key: KeyRecord | None) -> Reply:
+    async def inference(self, body: bytes, request_id: str, caller: Caller | None) -> Reply:
         started = time.perf_counter()
         view = self.tables.current()
         req = parse_inference_request(body)
         route = resolve_route(view, req.model)
-        ticket = await self._admit(view, key, route, len(body), req.max_tokens)
+        ticket = await self._admit(view, caller, route, len(body), req.max_tokens)
         fwd = await forward_chat(view, route, req.upstream_body, request_id, self.loop,
                                  self.stats)
         resp = fwd.response
@@ -270,14 +302,14 @@ class Endpoints:
 
     # -- catalogue and status ----------------------------------------------------------------
 
-    async def models(self, body: bytes, request_id: str, key: KeyRecord | None) -> Reply:
+    async def models(self, body: bytes, request_id: str, caller: Caller | None) -> Reply:
         return Reply(200, self.tables.current().models_body, [("X-Request-ID", request_id)])
 
-    async def healthz(self, body: bytes, request_id: str, key: KeyRecord | None) -> Reply:
+    async def healthz(self, body: bytes, request_id: str, caller: Caller | None) -> Reply:
         return Reply(200, orjson.dumps({"status": "ok", "worker_pid": self.pid}),
                      [("X-Request-ID", request_id)])
 
-    async def readyz(self, body: bytes, request_id: str, key: KeyRecord | None) -> Reply:
+    async def readyz(self, body: bytes, request_id: str, caller: Caller | None) -> Reply:
         view = self.tables.current()
         table = view.table
         registry_ok = bool(table.backends) and bool(table.routes)
@@ -306,5 +338,5 @@ class Endpoints:
         return Reply(200 if registry_ok else 503, orjson.dumps(doc),
                      [("X-Request-ID", request_id)])
 
-    async def metrics_text(self, body: bytes, request_id: str, key: KeyRecord | None) -> Reply:
+    async def metrics_text(self, body: bytes, request_id: str, caller: Caller | None) -> Reply:
         return Reply(200, exposition(), [], CONTENT_TYPE)

@@ -26,7 +26,7 @@ import httptools
 
 from apirouter.errors import RouterError
 from apirouter.keys import credential
-from workers.endpoints import Endpoint, Endpoints, Reply
+from workers.endpoints import Endpoint, Endpoints, Reply, Signed
 
 log = logging.getLogger("apirouter.worker")
 
@@ -47,7 +47,8 @@ class _Reject(Exception):
         self.error = error
 
 
-_Item = tuple[Endpoint, bytes | None, bytes, bool, str | None] | Reply
+_Item = tuple[Endpoint, bytes | None, bytes, bool, str | None, Signed] | Reply
+_SIGNATURE_HEADERS = {b"x-signature-timestamp": 0, b"x-signature-nonce": 1, b"x-signature": 2}
 
 
 class FastServer:
@@ -125,6 +126,7 @@ class FastProtocol(asyncio.Protocol):
         self.request_id: bytes | None = None
         self.authorization: bytes | None = None
         self.api_key: bytes | None = None
+        self.signature: list[bytes | None] = [None, None, None]  # timestamp, nonce, signature
         self.content_length = -1
         self.expect_continue = False
         self.endpoint: Endpoint | None = None
@@ -208,6 +210,10 @@ class FastProtocol(asyncio.Protocol):
             self.authorization = value
         elif n == b"x-api-key":
             self.api_key = value
+        elif n.startswith(b"x-signature"):
+            slot = _SIGNATURE_HEADERS.get(n)
+            if slot is not None:
+                self.signature[slot] = value
         elif n == b"expect":
             self.expect_continue = value.lower() == b"100-continue"
 
@@ -238,8 +244,11 @@ class FastProtocol(asyncio.Protocol):
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         cred = credential(self.authorization.decode("latin-1") if self.authorization else None,
                           self.api_key.decode("latin-1") if self.api_key else None)
+        ts, nonce, sig = (v.decode("latin-1") if v is not None else None
+                          for v in self.signature)
+        signed = Signed(self.endpoint.method, self.url.decode("latin-1"), ts, nonce, sig)
         self.queue.append((self.endpoint, self.request_id, body, self.parser.should_keep_alive(),
-                           cred))
+                           cred, signed))
         self._reset_message()
         self.completed_in_feed = True
         self.last_active = self.server.loop.time()
@@ -268,10 +277,10 @@ class FastProtocol(asyncio.Protocol):
             self._close()
 
     async def _serve(self, endpoint: Endpoint, request_id: bytes | None, body: bytes,
-                     keep_alive: bool, cred: str | None) -> None:
+                     keep_alive: bool, cred: str | None, signed: Signed) -> None:
         endpoints = self.server.endpoints
         rid = endpoints.ids.accept(request_id.decode("latin-1") if request_id else None)
-        reply = await endpoints.call(endpoint, body, rid, cred)
+        reply = await endpoints.call(endpoint, body, rid, cred, signed)
         # When closing, the connection ends with the last queued answer, not this one.
         self._write(reply, keep_alive and (not self.closing or bool(self.queue)))
         self._next()

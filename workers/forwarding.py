@@ -80,7 +80,8 @@ async def forward_chat(view: TableView, route: Route, body: bytes, request_id: s
     except NoBackend:
         raise RouterError("NO_BACKEND_AVAILABLE",
                           f"no backend may serve model '{route.model}' now") from None
-    DECISION_LATENCY.observe(time.perf_counter() - decided)
+    if not int(decided * 1e6) & 7:  # a sampled histogram: about 1 decision in 8
+        DECISION_LATENCY.observe(time.perf_counter() - decided)
     model = route.model
     tried: list[str] = []
     order: list[tuple[str, str]] | None = None

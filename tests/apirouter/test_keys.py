@@ -74,3 +74,24 @@ def test_credential_sources_and_new_keys() -> None:
     assert credential("Basic abc", None) is None
     key_id, key = new_key()
     assert key.startswith("ar-") and len(key) > 40 and key_id.startswith("key_")
+
+
+def test_signing_round_trip_and_failures() -> None:
+    import time
+
+    from apirouter.keys import KeyRecord, Tier
+    from apirouter.signing import NONCE, SIGNATURE, TIMESTAMP, sign, verify
+
+    record = KeyRecord("k", hash_key(KEY), "o", "", frozenset({"inference"}), "t",
+                       Tier(1, 1, 0, 0), True)
+    h = sign(KEY, "post", "/v1/inference?x=1", b"{}")
+    now = time.time()
+    assert verify(record, "POST", "/v1/inference?x=1", b"{}", h[TIMESTAMP], h[NONCE],
+                  h[SIGNATURE], now, 300) == h[NONCE]
+    for args in ((b"{ }", h[NONCE]), (b"{}", "short")):
+        with pytest.raises(RouterError):
+            verify(record, "POST", "/v1/inference?x=1", args[0], h[TIMESTAMP], args[1],
+                   h[SIGNATURE], now, 300)
+    with pytest.raises(RouterError, match="window"):
+        verify(record, "POST", "/v1/inference?x=1", b"{}", h[TIMESTAMP], h[NONCE],
+               h[SIGNATURE], now + 301, 300)

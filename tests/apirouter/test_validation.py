@@ -119,3 +119,17 @@ def test_backend_completion_parsing() -> None:
     (503, "BACKEND_UNAVAILABLE"), (504, "BACKEND_TIMEOUT")])
 def test_backend_status_mapping(status: int, code: str | None) -> None:
     assert backend_error_code(status) == code
+
+
+@pytest.mark.parametrize(("body", "total"), [
+    (b'{"usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}}', 7),
+    (b'{"usage":{"total_tokens":12,"prompt_tokens_details":{"cached_tokens":0}}}', 12),
+    (b'{"usage": {"total_tokens": 5}\n}', 5),
+    (b'{"choices": []}', None),
+    (b'not json', None),
+    (b'{"x": "\\"total_tokens\\": 99 in text", "usage": {"total_tokens": 3}}', 3),
+])
+def test_usage_total_tokens(body: bytes, total: int | None) -> None:
+    from apirouter.validation import usage_total_tokens
+
+    assert usage_total_tokens(body) == total
