@@ -168,6 +168,7 @@ class ModelConfig:
     strategy: str = "weighted"
     fallbacks: tuple[str, ...] = ()
     limits: Any = None  # keys.Tier applied per key per model, or None
+    price: Any = None  # budgets.Price, or None (free)
 
 
 STRATEGIES = ("weighted", "least_inflight", "latency")
@@ -181,6 +182,7 @@ class RouterConfig:
     tiers: dict[str, Any] = field(default_factory=dict)  # name -> keys.Tier
     keys: tuple[Any, ...] = ()  # keys.KeyRecord
     orgs: dict[str, Any] = field(default_factory=dict)  # org -> keys.Tier
+    budgets: tuple[Any, ...] = ()  # budgets.Budget
 
 
 def _coerce(setting: Setting, raw: Any, where: str) -> Any:
@@ -257,7 +259,7 @@ def _model(name: Any, raw: Any, backend_ids: set[str]) -> ModelConfig:
     if not isinstance(raw, dict) or not isinstance(raw.get("backends"), list) or not raw[
             "backends"]:
         raise ConfigError(f"{where}.backends: required, a non-empty list")
-    unknown = set(raw) - {"backends", "strategy", "fallbacks", "limits"}
+    unknown = set(raw) - {"backends", "strategy", "fallbacks", "limits", "price"}
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown field")
     strategy = raw.get("strategy", "weighted")
@@ -291,7 +293,12 @@ def _model(name: Any, raw: Any, backend_ids: set[str]) -> ModelConfig:
         from apirouter.keys import parse_limits
 
         limits = parse_limits(raw["limits"], f"{where}.limits")
-    return ModelConfig(name, tuple(targets), strategy, tuple(fallbacks), limits)
+    price = None
+    if raw.get("price") is not None:
+        from apirouter.budgets import parse_price
+
+        price = parse_price(raw["price"], f"{where}.price")
+    return ModelConfig(name, tuple(targets), strategy, tuple(fallbacks), limits, price)
 
 
 def _check_fallbacks(models: tuple[ModelConfig, ...]) -> None:
@@ -320,7 +327,7 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None,
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("config: expected a mapping at the top level")
-    unknown = set(raw) - {"server", "backends", "models", "tiers", "keys", "orgs"}
+    unknown = set(raw) - {"server", "backends", "models", "tiers", "keys", "orgs", "budgets"}
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section")
     server = _server(raw.get("server"), env or {}, overrides or {})
@@ -337,8 +344,10 @@ def parse_config(raw: Any, *, env: Mapping[str, str] | None = None,
     from apirouter.keys import parse_keys, parse_orgs, parse_tiers  # keys builds on this module
 
     tiers = parse_tiers(raw.get("tiers"))
+    from apirouter.budgets import parse_budgets
+
     return RouterConfig(server, backends, models, tiers, parse_keys(raw.get("keys"), tiers),
-                        parse_orgs(raw.get("orgs")))
+                        parse_orgs(raw.get("orgs")), parse_budgets(raw.get("budgets")))
 
 
 def read_config_file(path: str) -> Any:

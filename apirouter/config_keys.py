@@ -24,7 +24,7 @@ from apirouter.config import ConfigError
 
 DEFAULT_PREFIX = "/apirouter"
 # Sections `config push` owns: it replaces them wholesale and leaves any other section alone.
-CONFIG_SECTIONS = ("server", "backends", "models", "tiers", "orgs")
+CONFIG_SECTIONS = ("server", "backends", "models", "tiers", "orgs", "budgets")
 # Read as config too, but managed one entry at a time (apirouterctl keys create/revoke).
 MANAGED_SECTIONS = ("keys",)
 
@@ -39,7 +39,7 @@ def to_kv(raw: Mapping[str, Any], prefix: str = DEFAULT_PREFIX) -> dict[bytes, b
     kv: dict[bytes, bytes] = {}
     if raw.get("server"):
         kv[f"{base}server".encode()] = json.dumps(raw["server"], sort_keys=True).encode()
-    for section in ("backends", "models", "tiers", "orgs", "keys"):
+    for section in ("backends", "models", "tiers", "orgs", "budgets", "keys"):
         for name, value in (raw.get(section) or {}).items():
             key = f"{base}{section}/{quote(str(name), safe='')}"
             kv[key.encode()] = json.dumps(value, sort_keys=True).encode()

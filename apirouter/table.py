@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from apirouter.budgets import Budget, Price
 from apirouter.config import RouterConfig
 from apirouter.keys import KeyRecord, Tier
 
@@ -61,6 +62,7 @@ class Route:
     fallbacks: tuple[str, ...] = ()  # the whole chain, depth first, no repeats
     pinned: str | None = None  # operator override: always try this backend first
     limits: Tier | None = None  # per key on this model
+    price: Price | None = None
     # Derived once at decode so a weighted pick is one bisect.
     cumulative: tuple[int, ...] = field(init=False, compare=False, repr=False)
 
@@ -96,6 +98,7 @@ class RoutingTable:
     auth_required: bool = False
     keys: dict[str, KeyRecord] = field(default_factory=dict)  # by the key's SHA-256
     orgs: dict[str, Tier] = field(default_factory=dict)
+    budgets: dict[str, Budget] = field(default_factory=dict)  # by scope
     # Control-plane state for readiness reporting (config store, ...): JSON-able, not routing.
     status: dict[str, Any] = field(default_factory=dict)
 
@@ -170,7 +173,7 @@ def compile_table(cfg: RouterConfig, *, source: str, now: float | None = None,
         ids = tuple(t.backend for t in m.targets)
         ws = tuple(weights.get(m.name, {}).get(t.backend, t.weight) for t in m.targets)
         routes[m.name] = Route(m.name, ids, ws, m.strategy, _chain(m.name, fallbacks),
-                               pins.get(m.name), m.limits)
+                               pins.get(m.name), m.limits, m.price)
     s = cfg.server
     limits = Limits(s.max_body_bytes, s.request_timeout_s, s.connect_timeout_s,
                     s.max_connections_per_backend, s.client_timeout_s, s.max_attempts,
@@ -179,7 +182,8 @@ def compile_table(cfg: RouterConfig, *, source: str, now: float | None = None,
     return RoutingTable(now, source, limits, backends, routes,
                         {k: v for k, v in states.items() if v != HEALTHY},
                         s.admin_token_sha256, s.auth_required,
-                        {k.sha256: k for k in cfg.keys}, dict(cfg.orgs), status or {})
+                        {k.sha256: k for k in cfg.keys}, dict(cfg.orgs),
+                        {b.scope: b for b in cfg.budgets}, status or {})
 
 
 def _tier(t: Tier | None) -> list[int] | None:
@@ -203,8 +207,13 @@ def encode_table(t: RoutingTable) -> bytes:
         "backends": [[b.id, b.scheme, b.host, b.port, b.base_path, b.timeout_s, b.index,
                       b.health_path] for b in t.backends.values()],
         "routes": [[r.model, list(r.backend_ids), list(r.weights), r.strategy,
-                    list(r.fallbacks), r.pinned, _tier(r.limits)] for r in t.routes.values()],
+                    list(r.fallbacks), r.pinned, _tier(r.limits),
+                    None if r.price is None else [r.price.prompt_per_1k,
+                                                  r.price.completion_per_1k]]
+                   for r in t.routes.values()],
         "orgs": {o: _tier(v) for o, v in t.orgs.items()},
+        "budgets": [[b.scope, b.period, b.spend_micro, b.tokens, b.requests]
+                    for b in t.budgets.values()],
         "health": t.health,
         "admin": t.admin_token_sha256,
         "auth": t.auth_required,
@@ -225,14 +234,16 @@ def decode_table(data: bytes | memoryview) -> RoutingTable:
                          int(index), hp)
             for bid, scheme, host, port, base, to, index, hp in d["backends"]
         }
-        routes = {m: Route(m, tuple(ids), tuple(ws), strategy, tuple(fb), pinned, _untier(lim))
-                  for m, ids, ws, strategy, fb, pinned, lim in d["routes"]}
+        routes = {m: Route(m, tuple(ids), tuple(ws), strategy, tuple(fb), pinned, _untier(lim),
+                           None if price is None else Price(*price))
+                  for m, ids, ws, strategy, fb, pinned, lim, price in d["routes"]}
         return RoutingTable(float(d["compiled_at"]), d["source"],
                             Limits(int(mb), float(rt), float(ct), int(mc), float(cl), int(ma),
                                    str(ru), float(rto), str(rp), int(dct), int(wk)),
                             backends, routes, dict(d.get("health") or {}), str(d["admin"]),
                             bool(d["auth"]), keys,
                             {o: Tier(*v) for o, v in d["orgs"].items()},
+                            {b[0]: Budget(*b) for b in d["budgets"]},
                             dict(d.get("status") or {}))
     except TableDecodeError:
         raise

@@ -205,3 +205,13 @@ def usage_total_tokens(body: bytes) -> int | None:
         return int(total) if total is not None else None
     except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
         return None
+
+
+def usage_counts(body: bytes) -> tuple[int, int] | None:
+    """(prompt_tokens, completion_tokens) of an OpenAI-shaped response, if it reports them."""
+    try:
+        usage = orjson.loads(body).get("usage") or {}
+        return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+        total = usage_total_tokens(body)
+        return None if total is None else (total, 0)

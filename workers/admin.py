@@ -23,7 +23,9 @@ from apirouter.keys import authenticate, credential
 from apirouter.stats import RUN_DIR_ENV
 from apirouter.table import describe
 from apirouter.validation import decode_json_object
+from workers.admission import budget_usage
 from workers.endpoints import Endpoints, Reply
+from workers.redis_client import RedisUnavailable
 
 PREFIX = "/v1/admin/routing"
 
@@ -99,6 +101,18 @@ class Admin:
         entries = await self.relay("audit.list", {"limit": limit}, request, request_id)
         return _json({"entries": entries}, request_id)
 
+    async def budgets(self, request: web.Request, request_id: str) -> Reply:
+        table = self.endpoints.tables.current().table
+        wanted = request.query.get("scope")
+        budgets = [b for s, b in table.budgets.items() if wanted is None or s == wanted]
+        org_of = {f"key:{k.key_id}": k.org for k in table.keys.values()}
+        try:
+            rows = await budget_usage(self.endpoints.admission, table.limits, budgets, org_of)
+        except RedisUnavailable:
+            raise RouterError("SERVICE_UNAVAILABLE", "the budget store (Redis) is not "
+                                                     "answering") from None
+        return _json({"budgets": rows}, request_id)
+
     def routes(self) -> list[tuple[str, str, Any]]:
         return [
             ("GET", f"{PREFIX}/table", self.table),
@@ -107,6 +121,7 @@ class Admin:
             ("POST", f"{PREFIX}/overrides", self.set_override),
             ("DELETE", f"{PREFIX}/overrides/{{id}}", self.clear_override),
             ("GET", f"{PREFIX}/audit", self.audit),
+            ("GET", "/v1/admin/budgets", self.budgets),
         ]
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from apirouter import __version__
+from apirouter.budgets import applicable, reservation
 from apirouter.errors import RouterError, native_body, openai_body
 from apirouter.keys import KeyRecord, authenticate
 from apirouter.limits import BucketSpec, Verdict, estimate_tokens
@@ -31,7 +32,7 @@ from apirouter.validation import (
     parse_chat_completion,
     parse_chat_request,
     parse_inference_request,
-    usage_total_tokens,
+    usage_counts,
 )
 from workers.admission import Admission, Ticket
 from workers.forwarding import Forwarded, forward_chat, resolve_route
@@ -186,13 +187,27 @@ class Endpoints:
             return None
         key = caller.key
         table = view.table
+        completion = max_tokens or table.limits.default_completion_tokens
         tokens = estimate_tokens(body_len, max_tokens, table.limits.default_completion_tokens)
-        ticket = await self.admission.admit(table.limits, key, route.model, tokens,
-                                            table.orgs.get(key.org), route.limits, caller.nonce,
-                                            int(SIGNATURE_WINDOW_S * 2000))
+        budgets = applicable(table.budgets, key.org, key.key_id)
+        ticket = await self.admission.admit(
+            table.limits, key, route.model, tokens, table.orgs.get(key.org), route.limits,
+            caller.nonce, int(SIGNATURE_WINDOW_S * 2000), budgets,
+            reservation(route.price, tokens - completion, completion) if budgets else None)
         v = ticket.verdict
         if v.allowed:
             return ticket
+        if ticket.refused_budget is not None:
+            budget, dimension = ticket.refused_budget
+            code = "BUDGET_EXCEEDED" if dimension == "spend" else "QUOTA_EXCEEDED"
+            self.metrics.denied(f"{code.lower()}_{dimension}")
+            audit.info("%s", orjson.dumps({
+                "event": "admission.denied", "reason": code, "limit": budget.scope,
+                "dimension": dimension, "period": budget.period, "key_id": key.key_id,
+                "org": key.org, "model": route.model}).decode())
+            raise RouterError(code, f"the {budget.period}ly {dimension} "
+                                    f"{'budget' if dimension == 'spend' else 'quota'} of "
+                                    f"{budget.scope} is exhausted")
         assert v.failed is not None
         bucket = v.failed.name.split(":", 1)[0] + "_" + v.failed.name.rsplit(":", 1)[1]
         retry_s = max(1, -(-v.retry_after_ms // 1000))
@@ -206,13 +221,19 @@ class Endpoints:
                           headers={**dict(_rate_headers(v.failed, v)),
                                    "Retry-After": str(retry_s)})
 
-    def _finish(self, view: TableView, ticket: Ticket | None, actual_tokens: int | None
-                ) -> list[tuple[str, str]]:
-        """Settle the reservation off the response path; the rate-limit headers to send."""
+    def _finish(self, view: TableView, route: Route, ticket: Ticket | None,
+                usage: tuple[int, int] | None, failed: bool = False) -> list[tuple[str, str]]:
+        """Settle the reservation (release it for a failed request) off the response path;
+        return the rate-limit headers to send. Without reported usage it stays as reserved."""
         if ticket is None:
             return []
-        if actual_tokens is not None:
-            self.admission.settle_soon(view.table.limits, ticket, actual_tokens)
+        limits = view.table.limits
+        if failed:
+            self.admission.settle_soon(limits, ticket, 0, 0)
+        elif usage is not None:
+            prompt, completion = usage
+            spend = route.price.cost_micro(prompt, completion) if route.price else 0
+            self.admission.settle_soon(limits, ticket, prompt + completion, spend)
         return _rate_headers(ticket.specs[0], ticket.verdict) if ticket.specs else []
 
     # -- inference -----------------------------------------------------------------------------
@@ -235,17 +256,18 @@ class Endpoints:
         total = time.perf_counter() - started
         self._account(fwd, model, error is None, total)
         if error is not None:
-            error.headers = {**(error.headers or {}), **dict(self._finish(view, ticket, 0))}
+            error.headers = {**(error.headers or {}),
+                             **dict(self._finish(view, route, ticket, None, failed=True))}
             raise error
         assert resp is not None
-        used = usage_total_tokens(resp.body) if ticket is not None else None
+        used = usage_counts(resp.body) if ticket is not None else None
         ctype = resp.header(b"content-type")
         return Reply(resp.status, resp.body, [
             ("X-Request-ID", request_id),
             ("X-Router-Backend", fwd.backend_id),
             ("X-Router-Decision", fwd.decision.value),
             ("X-Router-Latency-Ms", _ms(total)),
-            *self._finish(view, ticket, used),
+            *self._finish(view, route, ticket, used),
         ], ctype.decode("latin-1") if ctype else JSON)
 
     async def inference(self, body: bytes, request_id: str, caller: Caller | None) -> Reply:
@@ -265,14 +287,14 @@ class Endpoints:
         if fwd.error is not None:
             self._account(fwd, req.model, False, time.perf_counter() - started)
             fwd.error.headers = {**(fwd.error.headers or {}),
-                                 **dict(self._finish(view, ticket, 0))}
+                                 **dict(self._finish(view, route, ticket, None, failed=True))}
             raise fwd.error
         assert resp is not None
         try:
             completion = parse_chat_completion(resp.body)
         except RouterError as e:
             self._account(fwd, req.model, False, time.perf_counter() - started)
-            e.headers = dict(self._finish(view, ticket, 0))
+            e.headers = dict(self._finish(view, route, ticket, None, failed=True))
             raise
         total = time.perf_counter() - started
         self._account(fwd, req.model, True, total)
@@ -298,7 +320,8 @@ class Endpoints:
             },
         }), [("X-Request-ID", request_id), ("X-Router-Backend", fwd.backend_id),
              ("X-Router-Latency-Ms", _ms(total)),
-             *self._finish(view, ticket, completion.total_tokens)])
+             *self._finish(view, route, ticket,
+                           (completion.prompt_tokens, completion.completion_tokens))])
 
     # -- catalogue and status ----------------------------------------------------------------
 

@@ -4,6 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from apirouter.budgets import Budget, Price
 from apirouter.config import parse_config
 from apirouter.keys import SCOPES, KeyRecord, Tier
 from apirouter.table import (
@@ -39,7 +40,9 @@ def tables(draw: st.DrawFn) -> RoutingTable:
                               draw(st.sampled_from(["weighted", "least_inflight", "latency"])),
                               tuple(draw(st.lists(st.sampled_from(models), unique=True))),
                               draw(st.none() | st.sampled_from(chosen)),
-                              draw(st.none() | tiers()))
+                              draw(st.none() | tiers()),
+                              draw(st.none() | st.builds(Price, st.floats(0, 100),
+                                                         st.floats(0, 100))))
     limits = Limits(draw(st.integers(1, 2**31)), draw(st.floats(0.001, 3600)),
                     draw(st.floats(0.001, 60)), draw(st.integers(1, 10_000)),
                     draw(st.floats(0.001, 600)), draw(st.integers(1, 10)),
@@ -53,6 +56,11 @@ def tables(draw: st.DrawFn) -> RoutingTable:
                         {k.sha256: k for k in draw(st.lists(key_records(), max_size=3,
                                                             unique_by=lambda k: k.sha256))},
                         draw(st.dictionaries(ids, tiers(), max_size=3)),
+                        {b.scope: b for b in draw(st.lists(st.builds(
+                            Budget, ids.map(lambda s: "org:" + s),
+                            st.sampled_from(["day", "month"]),
+                            st.integers(-1, 10**12), st.integers(-1, 10**9),
+                            st.integers(-1, 10**9)), max_size=3))},
                         draw(st.dictionaries(ids, st.integers(-(2**63), 2**63 - 1))))
 
 
