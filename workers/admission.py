@@ -162,7 +162,7 @@ class Admission:
 
     # -- configuration --------------------------------------------------------------------------
 
-    def _client(self, limits: Limits) -> RedisClient | None:
+    def client_for(self, limits: Limits) -> RedisClient | None:
         if limits.redis_url != self._redis_url:
             if self.redis is not None:
                 self.redis.close()
@@ -188,7 +188,7 @@ class Admission:
                     nonce: str | None = None, nonce_ttl_ms: int = 0,
                     budgets: list[Budget] | None = None,
                     reservation: Reservation | None = None) -> Ticket:
-        client = self._client(limits)
+        client = self.client_for(limits)
         budgets = budgets or []
         if client is None:
             # In-process: this worker enforces its equal share of every limit.
@@ -223,7 +223,7 @@ class Admission:
             for b in ticket.budgets:
                 local = Budget(b.scope, b.period, *(v if v < 0 else v // share for v in (
                     b.spend_micro, b.tokens, b.requests)))
-                dim = refused(local, self._ledger(b), r)
+                dim = refused(local, self.ledger(b), r)
                 if dim is not None:
                     ticket.refused_budget = (b, dim)
                     return Verdict(False, None, 0, 0, 0)
@@ -233,12 +233,12 @@ class Admission:
                 self._charge(b, r.spend_micro, r.tokens, r.requests)
         return verdict
 
-    def _ledger(self, b: Budget) -> dict[str, int]:
+    def ledger(self, b: Budget) -> dict[str, int]:
         return self._used.setdefault((b.scope, period_id(b.period)),
                                      {"spend": 0, "tokens": 0, "requests": 0})
 
     def _charge(self, b: Budget, spend: int, tokens: int, requests: int) -> None:
-        used = self._ledger(b)
+        used = self.ledger(b)
         used["spend"] += spend
         used["tokens"] += tokens
         used["requests"] += requests
@@ -334,7 +334,7 @@ class Admission:
             failed = actual_tokens == 0
             budget_delta = ((actual_spend_micro or 0) - r.spend_micro,
                             actual_tokens - r.tokens, -r.requests if failed else 0)
-        if self._client(limits) is None:
+        if self.client_for(limits) is None:
             now = time.monotonic() * 1000
             share = max(1, limits.workers)
             for s in specs:
@@ -348,7 +348,7 @@ class Admission:
 
     async def _settle_redis(self, limits: Limits, ticket: Ticket, specs: list[BucketSpec],
                             delta: int, budget_delta: tuple[int, int, int] | None) -> None:
-        client = self._client(limits)
+        client = self.client_for(limits)
         assert client is not None
         timeout = max(0.05, limits.redis_timeout_ms / 1000)
         if budget_delta is not None:
@@ -382,11 +382,11 @@ _pending: set[asyncio.Future[None]] = set()
 async def budget_usage(admission: Admission, limits: Limits, budgets: list[Budget],
                        org_of: dict[str, str]) -> list[dict[str, object]]:
     """Spend and remaining per budget for the admin API (the current period)."""
-    client = admission._client(limits)
+    client = admission.client_for(limits)
     out = []
     for b in budgets:
         if client is None:
-            used = dict(admission._ledger(b))
+            used = dict(admission.ledger(b))
             scope_note = "this worker's share (in-process limiter)"
         else:
             org = org_of.get(b.scope, b.scope.split(":", 1)[1])

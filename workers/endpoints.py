@@ -138,6 +138,9 @@ class Endpoints:
                                       SIGNATURE_WINDOW_S))
         except RouterError as e:
             self.metrics.denied(e.code)
+            # The audit trail of a refusal: never the key itself, nor anything derived from it.
+            audit.info("%s", orjson.dumps({"event": "auth.denied", "reason": e.code,
+                                           "scope": scope}).decode())
             raise
 
     async def call(self, endpoint: Endpoint, body: bytes, request_id: str,
