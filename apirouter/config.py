@@ -108,6 +108,26 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("table_slot_bytes", int, 4 * 1024 * 1024,
             "capacity of one routing-table slot in shared memory", lambda v: v >= 4096,
             "must be >= 4096"),
+    Setting("kafka_bootstrap", str, "",
+            "Kafka bootstrap servers for usage records, HOST:PORT[,HOST:PORT] (empty: JSONL "
+            "files in the spool directory; restart to change)"),
+    Setting("kafka_topic", str, "apirouter.usage", "topic usage records are published to",
+            lambda v: 0 < len(v) <= 249, "must be 1-249 chars"),
+    Setting("kafka_idempotence", bool, True,
+            "idempotent producer (turn off only for brokers without InitProducerId)"),
+    Setting("kafka_compression", str, "gzip", "batch compression: none, gzip, snappy, lz4, zstd",
+            lambda v: v in ("none", "gzip", "snappy", "lz4", "zstd"),
+            "must be none, gzip, snappy, lz4 or zstd"),
+    Setting("kafka_timeout_s", float, 5.0,
+            "a batch Kafka has not acknowledged by then goes to the disk spool", _positive,
+            "must be > 0"),
+    Setting("spool_dir", str, "",
+            "usage spool and local audit store (empty: RUN_DIR/spool; restart to change)"),
+    Setting("usage_ring_bytes", int, 1024 * 1024,
+            "per-worker usage ring in shared memory (restart to change)",
+            lambda v: 65536 <= v <= 1 << 30, "must be 64 KiB .. 1 GiB"),
+    Setting("audit_ttl_s", int, 86400, "how long a request's audit record can be looked up",
+            _positive, "must be > 0"),
 )
 SETTINGS_BY_NAME = {s.name: s for s in SETTINGS}
 
@@ -141,6 +161,14 @@ class ServerConfig:
     auth_required: bool
     admin_token_sha256: str
     table_slot_bytes: int
+    kafka_bootstrap: str
+    kafka_topic: str
+    kafka_idempotence: bool
+    kafka_compression: str
+    kafka_timeout_s: float
+    spool_dir: str
+    usage_ring_bytes: int
+    audit_ttl_s: int
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> ServerConfig:

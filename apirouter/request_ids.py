@@ -25,3 +25,8 @@ class RequestIds:
         if incoming and _ACCEPTABLE.fullmatch(incoming):
             return incoming
         return self.new()
+
+
+def valid_request_id(value: str) -> bool:
+    """Whether ``value`` has the shape of a request id this router accepts or makes."""
+    return _ACCEPTABLE.fullmatch(value) is not None

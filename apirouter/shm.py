@@ -177,8 +177,8 @@ def remove_stale_segments(shm_dir: str = "/dev/shm") -> list[str]:
     except OSError:
         return removed
     for name in names:
-        if not name.startswith(SEGMENT_PREFIX):
-            continue
+        if not name.startswith(SEGMENT_PREFIX) or name.endswith("-usage"):
+            continue  # usage segments hold records: supervisor.usage_drain recovers them
         pid_part = name[len(SEGMENT_PREFIX):].split("-", 1)[0]
         if not pid_part.isdigit() or pid_alive(int(pid_part)):
             continue

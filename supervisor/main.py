@@ -42,6 +42,7 @@ from supervisor.etcd_source import EtcdSource, Snapshot
 from supervisor.health_monitor import HealthMonitor
 from supervisor.publisher import TablePublisher
 from supervisor.record_store import RecordStore
+from supervisor.usage_export import UsageExport
 from supervisor.worker_pool import BOOT_FAILURE_CODES, WorkerPool
 
 log = logging.getLogger("apirouter.supervisor")
@@ -90,6 +91,7 @@ class Supervisor:
         self.keys = RecordStore("keys", self.cache.directory, None)
         self.control = ControlServer(self)
         self._expiry: asyncio.TimerHandle | None = None
+        self.usage: UsageExport | None = None
 
     # -- config ------------------------------------------------------------------------------
 
@@ -149,7 +151,8 @@ class Supervisor:
         assert self.publisher is not None
         old = self.cfg
         table = compile_table(cfg, source=self.source,
-                              status={"config_store": self.config_status()},
+                              status={"config_store": self.config_status(),
+                                      **(self.usage.status() if self.usage else {})},
                               health=self.monitor.states(), indices=self._allocate_indices(cfg),
                               overrides=self.override_objects())
         self.publisher.publish(table)
@@ -333,6 +336,7 @@ class Supervisor:
             "workers": self.cfg.server.workers,
             "table_segment": self.publisher.segment,
             "stats_segment": self.stats_shm.name,
+            "usage": self.usage.state() if self.usage else None,
             "live_workers": self.monitor.live_workers,
             "backend_health": self.monitor.states(),
             "metrics_dir": self.opts.metrics_dir,
@@ -373,6 +377,8 @@ class Supervisor:
             self.keys = RecordStore("keys", self.cache.directory, self.etcd)
             self.keys.update_from_kvs(self._boot_kvs or {}, self.opts.etcd_prefix)
         self.publisher = TablePublisher(cfg.server.table_slot_bytes)
+        self.usage = UsageExport(cfg.server, self.opts.run_dir, STATS_SLOTS, self.republish)
+        await self.usage.start()
         self.publish(cfg)
         project_root = os.path.dirname(os.path.dirname(os.path.abspath(apirouter.__file__)))
         pythonpath = os.pathsep.join(p for p in (project_root, os.environ.get("PYTHONPATH")) if p)
@@ -380,6 +386,7 @@ class Supervisor:
             TABLE_SEGMENT_ENV: self.publisher.segment,
             STATS_SEGMENT_ENV: self.stats_shm.name,
             RUN_DIR_ENV: self.opts.run_dir,
+            **self.usage.worker_env(),
             "PROMETHEUS_MULTIPROC_DIR": self.opts.metrics_dir,
             "PYTHONPATH": pythonpath,
         })
@@ -460,6 +467,8 @@ class Supervisor:
             code = await self.pool.stop(timeout)
             log.info("worker pool stopped (exit %s)", code)
         await self.monitor.stop()
+        if self.usage is not None:
+            await self.usage.stop()  # after the workers: their last records are in the rings
         if self.publisher is not None:
             self.publisher.close()
         self.stats_shm.close()

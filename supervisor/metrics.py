@@ -21,3 +21,28 @@ BACKEND_HEALTH = Gauge("router_backend_health_status",
                        "1 while the backend takes traffic first-hand, 0 when unhealthy or ejected",
                        ["backend_id"], multiprocess_mode="livemax")
 EJECTIONS = Counter("router_backend_ejections_total", "Outlier ejections", ["backend_id"])
+USAGE_DRAINED = Counter("router_usage_records_drained_total",
+                        "Usage records taken from worker rings and overflow files")
+USAGE_PUBLISHED = Counter("router_usage_records_published_total",
+                          "Usage records acknowledged by the sink (Kafka, or JSONL files)")
+USAGE_SPOOLED = Counter("router_usage_records_spooled_total",
+                        "Usage records written to the disk spool because Kafka did not take them")
+USAGE_REPLAYED = Counter("router_usage_records_replayed_total",
+                         "Spooled usage records published to Kafka later")
+USAGE_SPOOL_BYTES = Gauge("router_usage_spool_bytes", "Bytes in the disk spool not yet replayed",
+                          multiprocess_mode="livemax")
+USAGE_SPOOL_AGE = Gauge("router_usage_spool_oldest_age_seconds",
+                        "Age of the oldest record waiting in the disk spool (0: empty)",
+                        multiprocess_mode="livemax")
+USAGE_SPOOL_CORRUPT = Counter("router_usage_spool_corrupt_entries_total",
+                              "Torn or corrupt spool entries skipped (a crash mid-write)")
+USAGE_SINK_UP = Gauge("router_usage_sink_up", "1 while the usage sink (Kafka) takes records",
+                      multiprocess_mode="livemax")
+USAGE_SINK_ERRORS = Counter("router_usage_sink_errors_total",
+                            "Failed attempts to hand usage records to the sink or spool",
+                            ["sink"])
+USAGE_MALFORMED = Counter("router_usage_records_malformed_total",
+                          "Ring entries that were not usage records (skipped, logged)")
+AUDIT_WRITES = Counter("router_audit_records_stored_total", "Records written to the audit store")
+AUDIT_ERRORS = Counter("router_audit_store_errors_total",
+                       "Batches the audit store did not take (the records are still exported)")

@@ -15,14 +15,20 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
+from apirouter.audit import AUDIT_STORE_ENV
 from apirouter.errors import RouterError
 from apirouter.keys import credential
 from apirouter.shm import TABLE_SEGMENT_ENV, TableReader
 from apirouter.signing import NONCE, SIGNATURE, TIMESTAMP
 from apirouter.stats import RUN_DIR_ENV, STATS_SEGMENT_ENV, WorkerStats
+from apirouter.usage_ring import USAGE_SEGMENT_ENV
 from workers.admin import Admin
+from workers.audit_api import PATH as AUDIT_PATH
+from workers.audit_api import AuditApi
+from workers.audit_reader import AuditReader
 from workers.endpoints import Endpoint, Endpoints, Reply, Signed
 from workers.table_view import TableCache
+from workers.usage_out import UsageOut
 
 ENDPOINTS_KEY = web.AppKey("endpoints", Endpoints)
 AioHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -67,11 +73,14 @@ def _adapt(endpoints: Endpoints, ep: Endpoint) -> AioHandler:
     return handler
 
 
-def _adapt_admin(endpoints: Endpoints, admin: Admin, inner: AdminHandler) -> AioHandler:
+def _adapt_native(endpoints: Endpoints, inner: AdminHandler, admin: Admin | None = None
+                  ) -> AioHandler:
+    """A native-envelope endpoint that authorizes itself (or, with ``admin``, needs admin)."""
     async def handler(request: web.Request) -> web.StreamResponse:
         request_id = endpoints.ids.accept(request.headers.get("X-Request-ID"))
         try:
-            request["admin_actor"] = admin.authorize(request)
+            if admin is not None:
+                request["admin_actor"] = admin.authorize(request)
             reply = await inner(request, request_id)
         except RouterError as e:
             reply = endpoints.error_reply(e, request_id, openai=False)
@@ -90,7 +99,10 @@ def build_app(endpoints: Endpoints) -> web.Application:
         app.router.add_route(ep.method, ep.path, _adapt(endpoints, ep))
     admin = Admin(endpoints)
     for method, path, handler in admin.routes():
-        app.router.add_route(method, path, _adapt_admin(endpoints, admin, handler))
+        app.router.add_route(method, path, _adapt_native(endpoints, handler, admin))
+    spec = os.environ.get(AUDIT_STORE_ENV)
+    audit = AuditApi(endpoints, AuditReader(spec) if spec else None)
+    app.router.add_route("GET", AUDIT_PATH, _adapt_native(endpoints, audit.lookup))
 
     async def unrouted(request: web.Request) -> web.StreamResponse:
         request_id = endpoints.ids.accept(request.headers.get("X-Request-ID"))
@@ -101,6 +113,10 @@ def build_app(endpoints: Endpoints) -> web.Application:
     async def close_tables(app: web.Application) -> AsyncIterator[None]:
         yield
         endpoints.tables.close()
+        if audit.reader is not None:
+            audit.reader.close()
+        if endpoints.usage is not None:
+            endpoints.usage.close()
         if endpoints.stats is not None:
             endpoints.stats.close()
 
@@ -116,8 +132,11 @@ async def make_app() -> web.Application:
             f"{TABLE_SEGMENT_ENV} is not set: workers are started by `apirouter serve`")
     tables = TableCache(TableReader(name))
     tables.current()  # fail the boot now, not on the first request, if the table is unreadable
-    stats = WorkerStats(os.environ[STATS_SEGMENT_ENV], os.environ[RUN_DIR_ENV])
-    app = build_app(Endpoints(tables, stats))
+    run_dir = os.environ[RUN_DIR_ENV]
+    stats = WorkerStats(os.environ[STATS_SEGMENT_ENV], run_dir)
+    # One slot claim serves both segments: the ring of slot i is fed by whoever holds slot i.
+    usage = UsageOut(os.environ[USAGE_SEGMENT_ENV], stats.slot, run_dir)
+    app = build_app(Endpoints(tables, stats, usage))
     # Everything allocated so far lives as long as the worker: keep the collector off it,
     # and let young garbage accumulate longer before a collection pauses a request.
     gc.collect()

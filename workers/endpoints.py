@@ -28,6 +28,7 @@ from apirouter.request_ids import RequestIds
 from apirouter.signing import verify
 from apirouter.stats import WorkerStats
 from apirouter.table import Route
+from apirouter.usage import usage_record
 from apirouter.validation import (
     parse_chat_completion,
     parse_chat_request,
@@ -36,13 +37,16 @@ from apirouter.validation import (
 )
 from workers.admission import Admission, Ticket
 from workers.forwarding import Forwarded, forward_chat, resolve_route
-from workers.metrics import CONTENT_TYPE, RequestMetrics, exposition
+from workers.metrics import CONTENT_TYPE, USAGE_LOST, RequestMetrics, exposition
 from workers.table_view import TableCache, TableView
+from workers.usage_out import UsageOut
 
 log = logging.getLogger("apirouter.worker")
 audit = logging.getLogger("apirouter.audit")
 
 JSON = "application/json"
+CHAT = "/v1/chat/completions"
+INFERENCE = "/v1/inference"
 SIGNATURE_WINDOW_S = 300.0  # signed requests: allowed clock difference, either way
 
 
@@ -97,19 +101,20 @@ def _rate_headers(spec: BucketSpec, v: Verdict) -> list[tuple[str, str]]:
 
 
 class Endpoints:
-    def __init__(self, tables: TableCache, stats: WorkerStats | None = None) -> None:
+    def __init__(self, tables: TableCache, stats: WorkerStats | None = None,
+                 usage: UsageOut | None = None) -> None:
         self.tables = tables
         self.stats = stats
+        self.usage = usage
         self.admission = Admission()
         self.ids = RequestIds()
         self.metrics = RequestMetrics()
         self.pid = os.getpid()
         self.loop = asyncio.get_running_loop()
         self.all = (
-            Endpoint("POST", "/v1/chat/completions", self.chat_completions, True, True,
-                     "inference"),
+            Endpoint("POST", CHAT, self.chat_completions, True, True, "inference"),
             Endpoint("GET", "/v1/models", self.models, True, True, "inference"),
-            Endpoint("POST", "/v1/inference", self.inference, False, True, "inference"),
+            Endpoint("POST", INFERENCE, self.inference, False, True, "inference"),
             Endpoint("GET", "/v1/status/healthz", self.healthz, False, True, None),
             Endpoint("GET", "/v1/status/readyz", self.readyz, False, True, None),
             Endpoint("GET", "/metrics", self.metrics_text, False, False, None),
@@ -182,10 +187,50 @@ class Endpoints:
         self.metrics.routed(fwd.backend_id, fwd.decision.value, success, model, status,
                             fwd.backend_s, max(0.0, total_s - fwd.backend_s))
 
+    def _emit(self, request_id: str, record: bytes) -> None:
+        """Hand a usage record to the supervisor; accounting never fails a response."""
+        if self.usage is None:
+            return
+        try:
+            self.usage.emit(record)
+        except OSError as e:  # the ring was full and the overflow file unwritable
+            USAGE_LOST.inc()
+            log.error("usage record of request %s lost: ring full and %s", request_id, e)
+
+    def _record(self, endpoint: str, request_id: str, caller: Caller | None, view: TableView,
+                model: str, fwd: Forwarded, t0: float, status: int, error_code: str | None,
+                used: tuple[int, int] | None, cost_micro: int) -> None:
+        if self.usage is None:
+            return
+        key = caller.key if caller is not None else None
+        self._emit(request_id, usage_record(
+            kind="request", request_id=request_id, ts_start=t0, ts_end=time.time(),
+            endpoint=endpoint, key_id=key.key_id if key else None, org=key.org if key else None,
+            model=model, backend_id=fwd.backend_id, decision_type=fwd.decision.value,
+            attempts=fwd.attempts, status=status, error_code=error_code,
+            prompt_tokens=used[0] if used else None, completion_tokens=used[1] if used else None,
+            cost_micro=cost_micro, backend_s=fwd.backend_s, table_generation=view.generation,
+            worker_pid=self.pid))
+
+    def _deny(self, endpoint: str, request_id: str, key: KeyRecord, view: TableView,
+              model: str, t0: float, err: RouterError, limit: str,
+              retry_after_s: int | None) -> RouterError:
+        """Account an admission refusal like a request (kind denial) and return the error."""
+        if self.usage is not None:
+            self._emit(request_id, usage_record(
+                kind="denial", request_id=request_id, ts_start=t0, ts_end=time.time(),
+                endpoint=endpoint, key_id=key.key_id, org=key.org, model=model, backend_id=None,
+                decision_type=None, attempts=0, status=err.status, error_code=err.code,
+                prompt_tokens=None, completion_tokens=None, cost_micro=0, backend_s=0.0,
+                table_generation=view.generation, worker_pid=self.pid, limit=limit,
+                retry_after_s=retry_after_s))
+        return err
+
     # -- admission -----------------------------------------------------------------------------
 
     async def _admit(self, view: TableView, caller: Caller | None, route: Route,
-                     body_len: int, max_tokens: int | None) -> Ticket | None:
+                     body_len: int, max_tokens: int | None, endpoint: str, request_id: str,
+                     t0: float) -> Ticket | None:
         if caller is None:
             return None
         key = caller.key
@@ -208,9 +253,10 @@ class Endpoints:
                 "event": "admission.denied", "reason": code, "limit": budget.scope,
                 "dimension": dimension, "period": budget.period, "key_id": key.key_id,
                 "org": key.org, "model": route.model}).decode())
-            raise RouterError(code, f"the {budget.period}ly {dimension} "
-                                    f"{'budget' if dimension == 'spend' else 'quota'} of "
-                                    f"{budget.scope} is exhausted")
+            raise self._deny(endpoint, request_id, key, view, route.model, t0, RouterError(
+                code, f"the {budget.period}ly {dimension} "
+                      f"{'budget' if dimension == 'spend' else 'quota'} of "
+                      f"{budget.scope} is exhausted"), budget.scope, None)
         assert v.failed is not None
         bucket = v.failed.name.split(":", 1)[0] + "_" + v.failed.name.rsplit(":", 1)[1]
         retry_s = max(1, -(-v.retry_after_ms // 1000))
@@ -219,13 +265,13 @@ class Endpoints:
             "event": "admission.denied", "reason": "RATE_LIMIT_EXCEEDED", "limit": bucket,
             "key_id": key.key_id, "org": key.org, "model": route.model,
             "remaining": v.remaining, "retry_after_s": retry_s}).decode())
-        raise RouterError("RATE_LIMIT_EXCEEDED",
-                          f"rate limit exceeded ({bucket.replace('_', ' ')})",
-                          headers={**dict(_rate_headers(v.failed, v)),
-                                   "Retry-After": str(retry_s)})
+        raise self._deny(endpoint, request_id, key, view, route.model, t0, RouterError(
+            "RATE_LIMIT_EXCEEDED", f"rate limit exceeded ({bucket.replace('_', ' ')})",
+            headers={**dict(_rate_headers(v.failed, v)), "Retry-After": str(retry_s)}),
+            bucket, retry_s)
 
-    def _finish(self, view: TableView, route: Route, ticket: Ticket | None,
-                usage: tuple[int, int] | None, failed: bool = False) -> list[tuple[str, str]]:
+    def _finish(self, view: TableView, ticket: Ticket | None, usage: tuple[int, int] | None,
+                cost_micro: int = 0, failed: bool = False) -> list[tuple[str, str]]:
         """Settle the reservation (release it for a failed request) off the response path;
         return the rate-limit headers to send. Without reported usage it stays as reserved."""
         if ticket is None:
@@ -234,9 +280,7 @@ class Endpoints:
         if failed:
             self.admission.settle_soon(limits, ticket, 0, 0)
         elif usage is not None:
-            prompt, completion = usage
-            spend = route.price.cost_micro(prompt, completion) if route.price else 0
-            self.admission.settle_soon(limits, ticket, prompt + completion, spend)
+            self.admission.settle_soon(limits, ticket, usage[0] + usage[1], cost_micro)
         return _rate_headers(ticket.specs[0], ticket.verdict) if ticket.specs else []
 
     # -- inference -----------------------------------------------------------------------------
@@ -244,10 +288,12 @@ class Endpoints:
     async def chat_completions(self, body: bytes, request_id: str, caller: Caller | None
                                ) -> Reply:
         started = time.perf_counter()
+        t0 = time.time()
         view = self.tables.current()
         model, max_tokens = parse_chat_request(body)
         route = resolve_route(view, model)
-        ticket = await self._admit(view, caller, route, len(body), max_tokens)
+        ticket = await self._admit(view, caller, route, len(body), max_tokens, CHAT,
+                                   request_id, t0)
         fwd = await forward_chat(view, route, body, request_id, self.loop, self.stats)
         resp = fwd.response
         error = fwd.error
@@ -259,26 +305,33 @@ class Endpoints:
         total = time.perf_counter() - started
         self._account(fwd, model, error is None, total)
         if error is not None:
+            self._record(CHAT, request_id, caller, view, model, fwd, t0, error.status,
+                         error.code, None, 0)
             error.headers = {**(error.headers or {}),
-                             **dict(self._finish(view, route, ticket, None, failed=True))}
+                             **dict(self._finish(view, ticket, None, failed=True))}
             raise error
         assert resp is not None
-        used = usage_counts(resp.body) if ticket is not None else None
+        used = usage_counts(resp.body)
+        cost = route.price.cost_micro(*used) if route.price is not None and used else 0
+        self._record(CHAT, request_id, caller, view, model, fwd, t0, resp.status, None, used,
+                     cost)
         ctype = resp.header(b"content-type")
         return Reply(resp.status, resp.body, [
             ("X-Request-ID", request_id),
             ("X-Router-Backend", fwd.backend_id),
             ("X-Router-Decision", fwd.decision.value),
             ("X-Router-Latency-Ms", _ms(total)),
-            *self._finish(view, route, ticket, used),
+            *self._finish(view, ticket, used, cost),
         ], ctype.decode("latin-1") if ctype else JSON)
 
     async def inference(self, body: bytes, request_id: str, caller: Caller | None) -> Reply:
         started = time.perf_counter()
+        t0 = time.time()
         view = self.tables.current()
         req = parse_inference_request(body)
         route = resolve_route(view, req.model)
-        ticket = await self._admit(view, caller, route, len(body), req.max_tokens)
+        ticket = await self._admit(view, caller, route, len(body), req.max_tokens, INFERENCE,
+                                   request_id, t0)
         fwd = await forward_chat(view, route, req.upstream_body, request_id, self.loop,
                                  self.stats)
         resp = fwd.response
@@ -289,18 +342,26 @@ class Endpoints:
                                     details=f"backend {fwd.backend_id} answered {resp.status}")
         if fwd.error is not None:
             self._account(fwd, req.model, False, time.perf_counter() - started)
+            self._record(INFERENCE, request_id, caller, view, req.model, fwd, t0,
+                         fwd.error.status, fwd.error.code, None, 0)
             fwd.error.headers = {**(fwd.error.headers or {}),
-                                 **dict(self._finish(view, route, ticket, None, failed=True))}
+                                 **dict(self._finish(view, ticket, None, failed=True))}
             raise fwd.error
         assert resp is not None
         try:
             completion = parse_chat_completion(resp.body)
         except RouterError as e:
             self._account(fwd, req.model, False, time.perf_counter() - started)
-            e.headers = dict(self._finish(view, route, ticket, None, failed=True))
+            self._record(INFERENCE, request_id, caller, view, req.model, fwd, t0, e.status,
+                         e.code, None, 0)
+            e.headers = dict(self._finish(view, ticket, None, failed=True))
             raise
         total = time.perf_counter() - started
         self._account(fwd, req.model, True, total)
+        used = (completion.prompt_tokens, completion.completion_tokens)
+        cost = route.price.cost_micro(*used) if route.price is not None else 0
+        self._record(INFERENCE, request_id, caller, view, req.model, fwd, t0, 200, None, used,
+                     cost)
         return Reply(200, orjson.dumps({
             "id": request_id,
             "object": "inference",
@@ -323,8 +384,7 @@ class Endpoints:
             },
         }), [("X-Request-ID", request_id), ("X-Router-Backend", fwd.backend_id),
              ("X-Router-Latency-Ms", _ms(total)),
-             *self._finish(view, route, ticket,
-                           (completion.prompt_tokens, completion.completion_tokens))])
+             *self._finish(view, ticket, used, cost)])
 
     # -- catalogue and status ----------------------------------------------------------------
 

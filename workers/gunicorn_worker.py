@@ -50,11 +50,14 @@ class RouterWorker(GunicornUVLoopWebWorker):
         # Sockets are serving: tell the arbiter the boot succeeded.
         self.booted = True
         stats = app[ENDPOINTS_KEY].stats
+        usage = app[ENDPOINTS_KEY].usage
         try:
             while self.alive:
                 self.notify()
                 if stats is not None:
                     stats.heartbeat()
+                if usage is not None:
+                    usage.rotate()
                 if self.ppid != os.getppid():
                     self.log.info("parent changed, shutting down: %s", self)
                     break

@@ -46,6 +46,11 @@ ADMISSION_LATENCY = Histogram(
 ADMISSION_DEGRADED = Counter("router_admission_degraded_total",
                              "Decisions made by the failure policy because Redis did not answer",
                              ["policy"])
+USAGE_OVERFLOW = Counter("router_usage_ring_overflow_total",
+                         "Usage records written to an overflow file because the ring was full")
+USAGE_LOST = Counter("router_usage_records_lost_total",
+                     "Usage records lost: ring full and the overflow file not writable")
+AUDIT_LOOKUPS = Counter("router_audit_lookups_total", "Audit lookups by outcome", ["outcome"])
 TABLE_GENERATION = Gauge("router_table_generation", "Routing-table generation in use",
                          multiprocess_mode="livemax")
 

@@ -1,0 +1,118 @@
+"""The usage record: what the router accounts for each request, and how readers select from it.
+
+The JSON Schema beside this module (usage_record.schema.json) is the contract; a test holds
+``usage_record`` to it. Records are encoded once, in the worker, and travel as bytes from there
+on (ring → supervisor → Kafka, spool, audit store) so every copy of a record is identical.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import orjson
+
+from apirouter.errors import RouterError
+
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("usage_record.schema.json")
+MAX_FIELDS = 64
+
+
+@cache
+def schema() -> dict[str, Any]:
+    with open(SCHEMA_PATH, encoding="utf-8") as f:
+        doc: dict[str, Any] = json.load(f)
+    return doc
+
+
+@cache
+def field_names() -> frozenset[str]:
+    return frozenset(schema()["properties"])
+
+
+def usage_record(*, kind: str, request_id: str, ts_start: float, ts_end: float, endpoint: str,
+                 key_id: str | None, org: str | None, model: str, backend_id: str | None,
+                 decision_type: str | None, attempts: int, status: int,
+                 error_code: str | None, prompt_tokens: int | None,
+                 completion_tokens: int | None, cost_micro: int, backend_s: float,
+                 table_generation: int, worker_pid: int, limit: str | None = None,
+                 retry_after_s: int | None = None) -> bytes:
+    total_s = max(0.0, ts_end - ts_start)
+    doc: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "request_id": request_id,
+        "ts_start": round(ts_start, 6),
+        "ts_end": round(ts_end, 6),
+        "endpoint": endpoint,
+        "key_id": key_id,
+        "org": org,
+        "model": model,
+        "backend_id": backend_id,
+        "decision_type": decision_type,
+        "attempts": attempts,
+        "status": status,
+        "error_code": error_code,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": (prompt_tokens + completion_tokens
+                         if prompt_tokens is not None and completion_tokens is not None
+                         else None),
+        "cost_micro": cost_micro,
+        "router_overhead_ms": round(max(0.0, total_s - backend_s) * 1000, 3),
+        "backend_latency_ms": round(backend_s * 1000, 3),
+        "total_latency_ms": round(total_s * 1000, 3),
+        "table_generation": table_generation,
+        "worker_pid": worker_pid,
+    }
+    if limit is not None:
+        doc["limit"] = limit
+    if retry_after_s is not None:
+        doc["retry_after_s"] = retry_after_s
+    return orjson.dumps(doc)
+
+
+class UsageItem(NamedTuple):
+    """An encoded record and the fields its destinations index it by."""
+
+    raw: bytes
+    request_id: str
+    org: str | None
+    ts_end: float
+
+
+def read_item(raw: bytes) -> UsageItem | None:
+    """The index fields of an encoded record; None if it is not a usage record at all."""
+    try:
+        doc = orjson.loads(raw)
+        return UsageItem(raw, str(doc["request_id"]), doc.get("org"), float(doc["ts_end"]))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def parse_fields(raw: str | None) -> tuple[str, ...] | None:
+    """``?fields=a,b`` → the names, checked against the schema; None selects everything."""
+    if raw is None:
+        return None
+    names = tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+    if not names:
+        raise RouterError("INVALID_REQUEST", "fields: give a comma-separated list of field "
+                                             "names, or leave the parameter out")
+    if len(names) > MAX_FIELDS:
+        raise RouterError("INVALID_REQUEST", f"fields: at most {MAX_FIELDS} names")
+    known = field_names()
+    for n in names:
+        if n not in known:
+            shown = n if len(n) <= 64 else n[:64] + "…"
+            raise RouterError("INVALID_REQUEST", f"fields: unknown field {shown!r}; known: "
+                                                 f"{', '.join(sorted(known))}")
+    return names
+
+
+def select(record: dict[str, Any], fields: tuple[str, ...] | None) -> dict[str, Any]:
+    if fields is None:
+        return record
+    return {n: record[n] for n in fields if n in record}

@@ -1,0 +1,106 @@
+"""Writes drained usage records to the audit store (Redis with a TTL, or local SQLite).
+
+The first record of a request id wins (SET NX / INSERT OR IGNORE): a replayed duplicate is
+identical anyway, and a client re-using an id, or sending another org's, cannot overwrite a
+record already stored.
+
+The audit store is a lookup index; the durable copy of a record is the usage sink (Kafka or
+the spool). So a store failure never holds records back: the batch is counted in
+router_audit_store_errors_total, logged once per outage, and readyz shows ``audit_store``
+degraded until a write succeeds again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from apirouter.audit import CREATE_INDEX, CREATE_TABLE, INSERT, PURGE, redis_key
+from apirouter.usage import UsageItem
+from supervisor import metrics
+
+log = logging.getLogger("apirouter.audit")
+
+REDIS_TIMEOUT_S = 2.0
+PURGE_EVERY_S = 60.0
+
+
+class AuditWriter:
+    def __init__(self, spec: str, ttl_s: int, on_state: Callable[[], None] = lambda: None
+                 ) -> None:
+        self.spec = spec
+        self.kind, self.where = spec.split(":", 1)
+        self.ttl_s = ttl_s
+        self.on_state = on_state
+        self.ok = True
+        self.last_error: str | None = None
+        self._redis: aioredis.Redis | None = None
+        self._db: sqlite3.Connection | None = None
+        self._purged_at = 0.0
+        if self.kind == "redis":
+            self._redis = aioredis.Redis.from_url(self.where, socket_timeout=REDIS_TIMEOUT_S,
+                                                  socket_connect_timeout=REDIS_TIMEOUT_S)
+        else:
+            os.makedirs(os.path.dirname(self.where), mode=0o700, exist_ok=True)
+            os.close(os.open(self.where, os.O_RDWR | os.O_CREAT, 0o600))  # owner-only
+            db = sqlite3.connect(self.where, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(CREATE_TABLE)
+            db.execute(CREATE_INDEX)
+            self._db = db
+
+    async def put(self, items: list[UsageItem]) -> None:
+        try:
+            if self._redis is not None:
+                pipe = self._redis.pipeline(transaction=False)
+                for item in items:
+                    pipe.set(redis_key(item.request_id), item.raw, ex=self.ttl_s, nx=True)
+                await asyncio.wait_for(pipe.execute(), REDIS_TIMEOUT_S * 2)
+            else:
+                await asyncio.to_thread(self._put_local, items)
+        except Exception as e:
+            metrics.AUDIT_ERRORS.inc()
+            self._state(False, f"{type(e).__name__}: {e}"[:300])
+            return
+        metrics.AUDIT_WRITES.inc(len(items))
+        self._state(True, None)
+
+    def _put_local(self, items: list[UsageItem]) -> None:
+        assert self._db is not None
+        now = time.time()
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.executemany(INSERT, [(i.request_id, i.org, i.ts_end, i.raw)
+                                          for i in items])
+            if now - self._purged_at > PURGE_EVERY_S:
+                self._db.execute(PURGE, (now - self.ttl_s,))
+                self._purged_at = now
+
+    def _state(self, ok: bool, error: str | None) -> None:
+        if ok != self.ok:
+            if ok:
+                log.info("audit store %s writable again", self.kind)
+            else:
+                log.error("audit store %s failed (%s): lookups miss new records; usage "
+                          "export continues", self.kind, error)
+            self.ok, self.last_error = ok, error
+            self.on_state()
+        self.last_error = error
+
+    def status(self) -> dict[str, Any]:
+        return {"status": "ok" if self.ok else "degraded", "kind": self.kind,
+                "ttl_s": self.ttl_s, "last_error": self.last_error}
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+        if self._db is not None:
+            self._db.close()

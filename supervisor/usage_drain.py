@@ -1,0 +1,201 @@
+"""The supervisor's side of usage hand-off: drain every worker ring into the sink.
+
+Each tick copies records out of every ring (live workers' and dead workers' alike: the rings
+belong to the supervisor's segment) and out of the workers' overflow files, hands them to the
+sink, and only once the sink says they are durable (Kafka acknowledged, or fsync'd to disk)
+consumes them: ring tails move, overflow files are deleted. A supervisor that dies between the
+two steps re-reads the same records on the next drain: duplicates, never gaps. The audit store
+is written after the sink.
+
+At start-up, usage segments left behind by a dead supervisor (``kill -9``) are drained into
+the sink before they are unlinked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from multiprocessing import resource_tracker, shared_memory
+from typing import Any, Protocol
+
+from apirouter.runstate import pid_alive
+from apirouter.shm import SEGMENT_PREFIX, SegmentError
+from apirouter.usage import UsageItem, read_item
+from apirouter.usage_ring import RingConsumer, attach_usage_segment, read_header
+from supervisor import metrics
+
+log = logging.getLogger("apirouter.usage")
+
+OVERFLOW_DIR = "usage-overflow"  # workers.usage_out writes here
+DRAIN_INTERVAL_S = 0.05
+OVERFLOW_SCAN_S = 0.5
+GAUGE_REFRESH_S = 1.0
+BATCH_BYTES = 4 << 20
+
+
+class Sink(Protocol):
+    kind: str
+
+    async def start(self) -> None: ...
+    async def accept(self, items: list[UsageItem]) -> None: ...
+    async def refresh_gauges(self) -> None: ...
+    def status(self) -> dict[str, Any]: ...
+    async def close(self) -> None: ...
+
+
+class Audit(Protocol):
+    async def put(self, items: list[UsageItem]) -> None: ...
+
+
+def _items(raws: list[bytes]) -> list[UsageItem]:
+    out = []
+    for raw in raws:
+        item = read_item(raw)
+        if item is None:
+            metrics.USAGE_MALFORMED.inc()
+            log.error("skipped a %d-byte ring entry that is not a usage record", len(raw))
+            continue
+        out.append(item)
+    return out
+
+
+class UsageDrainer:
+    def __init__(self, shm: shared_memory.SharedMemory, run_dir: str, sink: Sink,
+                 audit: Audit | None) -> None:
+        slots, _ = read_header(shm)
+        self.rings = [RingConsumer(shm, i) for i in range(slots)]
+        self.overflow_dir = os.path.join(run_dir, OVERFLOW_DIR)
+        self.sink = sink
+        self.audit = audit
+        self.drained = 0
+        self._scanned_at = 0.0
+        self._gauges_at = 0.0
+        self._failing = False
+
+    async def run(self) -> None:
+        while True:
+            try:
+                n = await self.drain_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("usage drain failed; retrying")
+                n = 0
+                await asyncio.sleep(1.0)
+            now = time.monotonic()
+            if now - self._gauges_at > GAUGE_REFRESH_S:
+                self._gauges_at = now
+                await self.sink.refresh_gauges()
+            if n == 0:
+                await asyncio.sleep(DRAIN_INTERVAL_S)
+
+    async def drain_once(self, final: bool = False) -> int:
+        """One pass over every ring (and, now and then, the overflow files)."""
+        raws: list[bytes] = []
+        commits: list[tuple[RingConsumer, int]] = []
+        for ring in self.rings:
+            if ring.head == ring.tail:
+                continue
+            records, position = ring.peek(BATCH_BYTES)
+            raws.extend(records)
+            commits.append((ring, position))
+            if len(raws) >= 20_000:
+                break
+        files: list[str] = []
+        now = time.monotonic()
+        if final or now - self._scanned_at > OVERFLOW_SCAN_S:
+            self._scanned_at = now
+            files = self._overflow_files(final)
+            for path in files:
+                with open(path, "rb") as f:
+                    raws.extend(line for line in f.read().split(b"\n") if line)
+        if not raws:
+            return 0
+        items = _items(raws)
+        if items:
+            try:
+                await self.sink.accept(items)
+            except Exception as e:
+                if not self._failing:
+                    log.error("usage sink cannot take records (%s); they wait in the rings",
+                              e)
+                self._failing = True
+                await asyncio.sleep(0.5)
+                return 0
+        self._failing = False
+        for ring, position in commits:
+            ring.commit(position)
+        for path in files:
+            os.unlink(path)
+        self.drained += len(items)
+        metrics.USAGE_DRAINED.inc(len(items))
+        if self.audit is not None and items:
+            await self.audit.put(items)
+        return len(items)
+
+    def _overflow_files(self, final: bool) -> list[str]:
+        try:
+            names = sorted(os.listdir(self.overflow_dir))
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            pid = name.split(".", 1)[0]
+            ready = name.endswith(".ready")
+            abandoned = name.endswith(".open") and pid.isdigit() and (
+                final or not pid_alive(int(pid)))
+            if ready or abandoned:
+                out.append(os.path.join(self.overflow_dir, name))
+        return out
+
+    async def drain_all(self) -> None:
+        """Everything that is in the rings now (at shutdown, after the workers stopped)."""
+        for _ in range(1000):
+            if await self.drain_once(final=True) == 0:
+                return
+
+    def close(self) -> None:
+        for ring in self.rings:
+            ring.release()
+
+
+async def recover_abandoned(sink: Sink, audit: Audit | None, run_dir: str,
+                            shm_dir: str = "/dev/shm") -> int:
+    """Drain usage segments of supervisors that died without draining (before they are
+    removed as stale); returns the records recovered."""
+    total = 0
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return 0
+    for name in names:
+        if not (name.startswith(SEGMENT_PREFIX) and name.endswith("-usage")):
+            continue
+        pid = name[len(SEGMENT_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        try:
+            shm = attach_usage_segment(name, tracked=True)
+        except SegmentError:
+            continue
+        drainer = UsageDrainer(shm, run_dir, sink, audit)
+        try:
+            await drainer.drain_all()
+            emptied = all(r.head == r.tail for r in drainer.rings)
+        finally:
+            drainer.close()
+        if emptied:
+            shm.unlink()
+        else:
+            resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+        shm.close()
+        total += drainer.drained
+        if drainer.drained:
+            log.warning("recovered %d usage records from %s, left by a supervisor that died",
+                        drainer.drained, name)
+        if not emptied:
+            log.error("usage segment %s still holds records the sink did not take; it is "
+                      "kept for the next start", name)
+    return total

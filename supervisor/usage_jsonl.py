@@ -1,0 +1,66 @@
+"""The embedded usage sink: one JSONL file per UTC day in the spool directory.
+
+Each batch is appended and fsync'd before ``accept`` returns, so the drainer only consumes
+records from the worker rings once they are on disk. Files are ``usage-YYYYMMDD.jsonl``, one
+record per line, exactly the bytes the worker encoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+from apirouter.usage import UsageItem
+from supervisor import metrics
+
+
+class JsonlSink:
+    kind = "jsonl"
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self.published = 0
+        self.last_error: str | None = None
+
+    def path_for(self, when: float) -> str:
+        return os.path.join(self.directory, time.strftime("usage-%Y%m%d.jsonl", time.gmtime(when)))
+
+    def _append(self, items: list[UsageItem]) -> None:
+        by_file: dict[str, list[bytes]] = {}
+        for item in items:
+            by_file.setdefault(self.path_for(item.ts_end), []).append(item.raw)
+        for path, raws in by_file.items():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, b"\n".join(raws) + b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    async def start(self) -> None:
+        metrics.USAGE_SINK_UP.set(1)
+
+    async def accept(self, items: list[UsageItem]) -> None:
+        try:
+            await asyncio.to_thread(self._append, items)
+        except OSError as e:
+            self.last_error = f"{type(e).__name__}: {e}"[:300]
+            metrics.USAGE_SINK_ERRORS.labels("jsonl").inc()
+            raise
+        self.last_error = None
+        self.published += len(items)
+        metrics.USAGE_PUBLISHED.inc(len(items))
+
+    async def refresh_gauges(self) -> None:
+        metrics.USAGE_SPOOL_BYTES.set(0)
+        metrics.USAGE_SPOOL_AGE.set(0)
+
+    def status(self) -> dict[str, Any]:
+        return {"status": "ok" if self.last_error is None else "degraded", "kind": self.kind,
+                "directory": self.directory, "last_error": self.last_error}
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,62 @@
+"""A worker's usage hand-off: its ring in the supervisor's usage segment, a file when full.
+
+Once ``emit`` returns, the record no longer depends on this process: it is either in shared
+memory (the supervisor drains the ring, also after this worker dies) or written into an
+overflow file (in the page cache: a ``kill -9`` does not lose it). A full ring therefore never
+drops a record; each overflow is counted (router_usage_ring_overflow_total) and logged once
+per file. Overflow files are named ``<pid>.<n>.open`` while the worker appends to them and
+renamed ``.ready`` on the next heartbeat; the supervisor imports ``.ready`` files, and
+``.open`` files whose worker is dead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from apirouter.usage_ring import RingProducer, attach_usage_segment
+from workers.metrics import USAGE_OVERFLOW
+
+log = logging.getLogger("apirouter.worker")
+
+OVERFLOW_DIR = "usage-overflow"
+
+
+class UsageOut:
+    def __init__(self, segment: str, slot: int, run_dir: str) -> None:
+        self._shm = attach_usage_segment(segment)
+        self.ring = RingProducer(self._shm, slot)
+        self.directory = os.path.join(run_dir, OVERFLOW_DIR)
+        self.pid = os.getpid()
+        self._fd: int | None = None
+        self._open_path = ""
+        self._files = 0
+
+    def emit(self, record: bytes) -> None:
+        if not self.ring.put(record):
+            self._overflow(record)
+
+    def _overflow(self, record: bytes) -> None:
+        if self._fd is None:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            self._files += 1
+            self._open_path = os.path.join(self.directory, f"{self.pid}.{self._files}.open")
+            self._fd = os.open(self._open_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            log.warning("usage ring full (%d bytes in use): writing records to %s",
+                        self.ring.fill(), self._open_path)
+        # orjson never emits a raw newline, so one line is one record.
+        os.write(self._fd, record + b"\n")
+        USAGE_OVERFLOW.inc()
+
+    def rotate(self) -> None:
+        """Hand the current overflow file to the supervisor (called on each heartbeat)."""
+        if self._fd is None:
+            return
+        os.close(self._fd)
+        self._fd = None
+        os.rename(self._open_path, self._open_path[:-len(".open")] + ".ready")
+
+    def close(self) -> None:
+        self.rotate()
+        self.ring.release()
+        self._shm.close()
