@@ -27,6 +27,7 @@ keeps stores in program order; a weakly ordered CPU would need a fence before th
 
 from __future__ import annotations
 
+import _posixshmem
 import struct
 from multiprocessing import resource_tracker, shared_memory
 
@@ -60,9 +61,13 @@ def _buf(shm: shared_memory.SharedMemory) -> memoryview:
 
 
 def create_usage_segment(name: str, slots: int, capacity: int) -> shared_memory.SharedMemory:
+    """Create the segment, untracked: Python's resource tracker would unlink it when the
+    creator dies, records and all. The creator unlinks it (``unlink_segment``) once drained;
+    after a crash the next supervisor drains and unlinks it."""
     if capacity < 4096:
         raise SegmentError("a usage ring needs at least 4096 bytes")
     shm = shared_memory.SharedMemory(name=name, create=True, size=segment_size(slots, capacity))
+    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
     buf = _buf(shm)
     buf[:_HEADER_SIZE] = bytes(_HEADER_SIZE)
     _HEADER.pack_into(buf, 0, MAGIC, LAYOUT_VERSION, slots, capacity)
@@ -77,21 +82,25 @@ def read_header(shm: shared_memory.SharedMemory) -> tuple[int, int]:
     return slots, capacity
 
 
-def attach_usage_segment(name: str, tracked: bool = False) -> shared_memory.SharedMemory:
-    """Attach by name. Unless ``tracked``, keep this process's resource tracker from unlinking
-    the segment when it exits (Python 3.11 has no track=False)."""
+def attach_usage_segment(name: str) -> shared_memory.SharedMemory:
+    """Attach by name, keeping this process's resource tracker from unlinking the segment
+    when it exits (Python 3.11 has no track=False)."""
     try:
         shm = shared_memory.SharedMemory(name=name)
     except FileNotFoundError:
         raise SegmentError(f"no shared-memory segment {name!r}") from None
-    if not tracked:
-        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
     try:
         read_header(shm)
     except SegmentError:
         shm.close()
         raise
     return shm
+
+
+def unlink_segment(shm: shared_memory.SharedMemory) -> None:
+    """Unlink an untracked segment (SharedMemory.unlink would also unregister it)."""
+    _posixshmem.shm_unlink(shm._name)  # type: ignore[attr-defined]
 
 
 class _Ring:

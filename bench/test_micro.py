@@ -86,3 +86,57 @@ def test_request_id(benchmark: BenchmarkFixture) -> None:
 def test_error_render(benchmark: BenchmarkFixture, render: object) -> None:
     err = RouterError("MODEL_NOT_FOUND", "model 'x' is not routed", field="model")
     assert benchmark(render, err, "req-1")  # type: ignore[operator]
+
+
+# -- usage hand-off: what a worker spends per request to account for it --------------------
+
+_RECORD_ARGS = dict(kind="request", request_id="req_0123456789ab00000001", ts_start=1.7e9,
+                    ts_end=1.7e9 + 0.01, endpoint="/v1/chat/completions", key_id="key-1",
+                    org="acme", model="gpt-4o-mini", backend_id="mock-a",
+                    decision_type="WEIGHTED", attempts=1, status=200, error_code=None,
+                    prompt_tokens=12, completion_tokens=30, cost_micro=4200, backend_s=0.008,
+                    table_generation=7, worker_pid=4242)
+
+
+def test_usage_record_encode(benchmark: BenchmarkFixture) -> None:
+    from apirouter.usage import usage_record
+
+    raw = benchmark(lambda: usage_record(**_RECORD_ARGS))  # type: ignore[arg-type]
+    assert len(raw) < 600
+
+
+@pytest.fixture
+def usage_ring() -> Iterator[tuple[object, object]]:
+    from apirouter.shm import segment_name
+    from apirouter.usage_ring import (
+        RingConsumer,
+        RingProducer,
+        create_usage_segment,
+        unlink_segment,
+    )
+
+    shm = create_usage_segment(segment_name(os.getpid(), f"benchusage{random.random():.9f}"[:48]),
+                               1, 1 << 20)
+    prod, cons = RingProducer(shm, 0), RingConsumer(shm, 0)
+    yield prod, cons
+    prod.release()
+    cons.release()
+    shm.close()
+    unlink_segment(shm)
+
+
+def test_usage_ring_put(benchmark: BenchmarkFixture, usage_ring: tuple[object, object]) -> None:
+    """One record into the ring; the consumer empties it whenever it fills (not timed apart:
+    a drain every ~2,000 puts, as the supervisor's 50 ms tick would at 40k req/s)."""
+    from apirouter.usage import usage_record
+
+    prod, cons = usage_ring
+    raw = usage_record(**_RECORD_ARGS)  # type: ignore[arg-type]
+
+    def put() -> None:
+        if not prod.put(raw):  # type: ignore[attr-defined]
+            _, pos = cons.peek(1 << 30)  # type: ignore[attr-defined]
+            cons.commit(pos)  # type: ignore[attr-defined]
+            prod.put(raw)  # type: ignore[attr-defined]
+
+    benchmark(put)

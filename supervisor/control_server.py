@@ -56,6 +56,7 @@ class ControlServer:
             "keys.create": self.create_key,
             "keys.list": self.list_keys,
             "keys.revoke": self.revoke_key,
+            "usage": self.usage,
         }
 
     async def start(self) -> None:
@@ -107,6 +108,15 @@ class ControlServer:
             writer.close()
 
     # -- commands ------------------------------------------------------------------------------
+
+    async def usage(self, args: dict[str, Any], actor: str) -> Any:
+        """Usage export state; ``replay``: reconnect to Kafka and replay the spool now."""
+        if self.sup.usage is None:
+            raise CommandError("SERVICE_UNAVAILABLE", "usage export is not running yet")
+        if args.get("replay"):
+            log.info("spool replay requested by %s", actor)
+            self.sup.usage.sink.replay_now()
+        return self.sup.usage.state()
 
     async def status(self, args: dict[str, Any], actor: str) -> Any:
         sup = self.sup

@@ -17,13 +17,18 @@ import asyncio
 import logging
 import os
 import time
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 from typing import Any, Protocol
 
 from apirouter.runstate import pid_alive
 from apirouter.shm import SEGMENT_PREFIX, SegmentError
 from apirouter.usage import UsageItem, read_item
-from apirouter.usage_ring import RingConsumer, attach_usage_segment, read_header
+from apirouter.usage_ring import (
+    RingConsumer,
+    attach_usage_segment,
+    read_header,
+    unlink_segment,
+)
 from supervisor import metrics
 
 log = logging.getLogger("apirouter.usage")
@@ -41,6 +46,7 @@ class Sink(Protocol):
     async def start(self) -> None: ...
     async def accept(self, items: list[UsageItem]) -> None: ...
     async def refresh_gauges(self) -> None: ...
+    def replay_now(self) -> None: ...
     def status(self) -> dict[str, Any]: ...
     async def close(self) -> None: ...
 
@@ -177,7 +183,7 @@ async def recover_abandoned(sink: Sink, audit: Audit | None, run_dir: str,
         if not pid.isdigit() or pid_alive(int(pid)):
             continue
         try:
-            shm = attach_usage_segment(name, tracked=True)
+            shm = attach_usage_segment(name)
         except SegmentError:
             continue
         drainer = UsageDrainer(shm, run_dir, sink, audit)
@@ -187,9 +193,7 @@ async def recover_abandoned(sink: Sink, audit: Audit | None, run_dir: str,
         finally:
             drainer.close()
         if emptied:
-            shm.unlink()
-        else:
-            resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+            unlink_segment(shm)
         shm.close()
         total += drainer.drained
         if drainer.drained:

@@ -17,13 +17,12 @@ import asyncio
 import logging
 import os
 from collections.abc import Callable
-from multiprocessing import resource_tracker
 from typing import Any
 
 from apirouter.audit import AUDIT_STORE_ENV, LOCAL_DB_NAME
 from apirouter.config import ServerConfig
 from apirouter.shm import segment_name
-from apirouter.usage_ring import USAGE_SEGMENT_ENV, create_usage_segment
+from apirouter.usage_ring import USAGE_SEGMENT_ENV, create_usage_segment, unlink_segment
 from supervisor.audit_writer import AuditWriter
 from supervisor.usage_drain import Sink, UsageDrainer, recover_abandoned
 from supervisor.usage_jsonl import JsonlSink
@@ -71,8 +70,11 @@ class UsageExport:
         return {"usage_sink": self.sink.status(), "audit_store": self.audit.status()}
 
     def state(self) -> dict[str, Any]:
+        spool = getattr(self.sink, "spool", None)
         return {"segment": self.shm.name, "spool_dir": self.spool_dir,
-                "drained": self.drainer.drained, **self.status()}
+                "drained": self.drainer.drained,
+                "spool_pending_bytes": spool.pending_bytes() if spool is not None else 0,
+                **self.status()}
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -83,11 +85,9 @@ class UsageExport:
         self.drainer.close()
         await self.sink.close()
         await self.audit.close()
-        self.shm.close()
         if empty:
-            self.shm.unlink()
+            unlink_segment(self.shm)
         else:
-            # Keep it past our exit: the resource tracker would unlink what we created.
-            resource_tracker.unregister(self.shm._name, "shared_memory")  # type: ignore[attr-defined]
             log.error("usage segment %s still holds records the sink did not take; the next "
                       "start recovers them", self.shm.name)
+        self.shm.close()

@@ -54,6 +54,9 @@ class JsonlSink:
         self.published += len(items)
         metrics.USAGE_PUBLISHED.inc(len(items))
 
+    def replay_now(self) -> None:
+        return None  # JSONL files are the destination: nothing waits to be replayed
+
     async def refresh_gauges(self) -> None:
         metrics.USAGE_SPOOL_BYTES.set(0)
         metrics.USAGE_SPOOL_AGE.set(0)

@@ -59,6 +59,7 @@ class KafkaSink:
         self._spool_pending = not self.spool.empty()
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self._retry_now = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_send = 0.0
         self._reported_corrupt = self.spool.corrupt_entries
@@ -169,7 +170,11 @@ class KafkaSink:
                         backoff = 0.25
                     except Exception as e:
                         self.last_error = f"{type(e).__name__}: {e}"[:300]
-                        await asyncio.sleep(backoff)
+                        self._retry_now.clear()
+                        try:  # `apirouterctl usage --replay` cuts the wait short
+                            await asyncio.wait_for(self._retry_now.wait(), backoff)
+                        except TimeoutError:
+                            pass
                         backoff = min(MAX_BACKOFF_S, backoff * 2)
                         continue
                 if self._spool_pending:
@@ -224,6 +229,11 @@ class KafkaSink:
             log.error("skipped %d torn or corrupt spool entries in %s", new,
                       self.spool.directory)
             self._reported_corrupt = self.spool.corrupt_entries
+
+    def replay_now(self) -> None:
+        """Reconnect (if need be) and replay the spool without waiting for the backoff."""
+        self._retry_now.set()
+        self._wake.set()
 
     # -- state -------------------------------------------------------------------------------
 

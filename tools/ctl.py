@@ -152,6 +152,8 @@ def run(args: argparse.Namespace) -> Any:
             return _call(d, "audit.list", {"limit": args.limit})
         case "config":
             return _config(args)
+        case "usage":
+            return _call(d, "usage", {"replay": args.replay})
         case "keys":
             if args.action == "create":
                 if not args.org:
@@ -173,6 +175,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("status", help="workers, table generation, config store, backend health")
+    u = sub.add_parser("usage", help="usage export: sink, spool, audit store")
+    u.add_argument("--replay", action="store_true",
+                   help="reconnect to Kafka and replay the disk spool now")
     sub.add_parser("dump-table", help="the live routing table, read from shared memory")
     sub.add_parser("reload", help="re-read the config (file) or resync with etcd")
     sub.add_parser("stop", help="drain in-flight requests and stop")

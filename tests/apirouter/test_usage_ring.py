@@ -16,6 +16,7 @@ from apirouter.usage_ring import (
     attach_usage_segment,
     create_usage_segment,
     max_record,
+    unlink_segment,
 )
 from tests.harness import ROOT
 
@@ -29,7 +30,7 @@ def segment():
     shm = create_usage_segment(_name(), 4, 4096)
     yield shm
     shm.close()
-    shm.unlink()
+    unlink_segment(shm)
 
 
 def test_records_come_out_in_order_across_wraps(segment) -> None:
@@ -114,7 +115,7 @@ def test_any_interleaving_delivers_everything_once(records, drain_every) -> None
         cons.release()
     finally:
         shm.close()
-        shm.unlink()
+        unlink_segment(shm)
 
 
 def test_records_survive_a_producer_killed_with_sigkill(segment) -> None:
@@ -131,7 +132,7 @@ def test_records_survive_a_producer_killed_with_sigkill(segment) -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT)
     assert proc.returncode == -9
     # The killed process's tracker must not have unlinked the segment.
-    again = attach_usage_segment(segment.name, tracked=True)
+    again = attach_usage_segment(segment.name)
     cons = RingConsumer(again, 1)
     assert cons.peek()[0] == [b"rec-%d" % i for i in range(30)]
     cons.release()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 from typing import Any
+from urllib.parse import parse_qsl
 
 import pytest
 from openapi_core import OpenAPI
@@ -13,6 +14,7 @@ from openapi_spec_validator import validate
 from openapi_spec_validator.readers import read_from_filename
 
 from tests.e2e.conftest import Deployment, request
+from tests.harness import wait_for
 
 SPEC_PATH = str(resources.files("apirouter") / "openapi.yaml")
 SPEC_SERVER = "http://127.0.0.1:8080"  # the document's server; the test router's port varies
@@ -31,16 +33,19 @@ def call(spec: OpenAPI, d: Deployment, method: str, path: str, doc: Any = None,
          raw: bytes | None = None, headers: dict[str, str] | None = None,
          validate_request: bool = True) -> tuple[int, dict[str, str], Any]:
     body = raw if raw is not None else (json.dumps(doc).encode() if doc is not None else None)
-    hdrs = {"Content-Type": "application/json", **(headers or {})} if body is not None else {}
+    hdrs = {**({"Content-Type": "application/json"} if body is not None else {}),
+            **(headers or {})}
+    route, _, query = path.partition("?")
+    args = dict(parse_qsl(query))
     if validate_request:
-        spec.validate_request(MockRequest(SPEC_SERVER, method.lower(), path, data=body,
-                                          headers=hdrs))
+        spec.validate_request(MockRequest(SPEC_SERVER, method.lower(), route, data=body,
+                                          headers=hdrs, args=args))
     status, rheaders, rbody = request(f"{d.url}{path}", method, body, hdrs)
     ctype = rheaders.get("Content-Type", "application/json").split(";")[0]
     spec.validate_response(
-        MockRequest(SPEC_SERVER, method.lower(), path, data=body, headers=hdrs),
+        MockRequest(SPEC_SERVER, method.lower(), route, data=body, headers=hdrs, args=args),
         MockResponse(rbody, status_code=status, headers=rheaders, content_type=ctype))
-    return status, rheaders, json.loads(rbody) if ctype == "application/json" else rbody
+    return status, rheaders, json.loads(rbody) if ctype == "application/json" and rbody else rbody
 
 
 def test_inference_success_matches_schema(spec: OpenAPI, deployment: Deployment) -> None:
@@ -125,3 +130,18 @@ def test_metrics_aggregate_across_workers(spec: OpenAPI, deployment: Deployment)
     assert ok and sum(float(ln.rsplit(" ", 1)[1]) for ln in ok) >= 10
     assert any(ln.startswith("router_backend_latency_seconds_bucket{") for ln in lines)
     assert any(ln.startswith('router_errors_total{error_code="BACKEND_TIMEOUT"}') for ln in lines)
+
+
+def test_audit_lookup_matches_schema(spec: OpenAPI, deployment: Deployment) -> None:
+    _, headers, _ = call(spec, deployment, "POST", "/v1/inference",
+                         {"model": "gpt-ok", "prompt": "audit me"})
+    path = f"/v1/audit/requests/{headers['X-Request-ID']}"
+    wait_for(lambda: request(f"{deployment.url}{path}")[0] == 200, 5, "audit record")
+    status, headers, body = call(spec, deployment, "GET", path)
+    assert status == 200 and body["kind"] == "request" and body["backend_id"] == "a"
+    status, _, _ = call(spec, deployment, "GET", path, headers={"If-None-Match": headers["ETag"]})
+    assert status == 304
+    status, _, body = call(spec, deployment, "GET", path + "?fields=status,request_id")
+    assert body == {"status": 200, "request_id": path.rsplit("/", 1)[1]}
+    status, _, body = call(spec, deployment, "GET", "/v1/audit/requests/unknown-id")
+    assert status == 404 and body["error"]["error_code"] == "REQUEST_NOT_FOUND"
