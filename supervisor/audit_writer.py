@@ -20,9 +20,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from apirouter.audit import CREATE_INDEX, CREATE_TABLE, INSERT, PURGE, redis_key
+from apirouter.redis_client import RedisClient, RedisError
 from apirouter.usage import UsageItem
 from supervisor import metrics
 
@@ -41,12 +40,12 @@ class AuditWriter:
         self.on_state = on_state
         self.ok = True
         self.last_error: str | None = None
-        self._redis: aioredis.Redis | None = None
+        self._redis: RedisClient | None = None
         self._db: sqlite3.Connection | None = None
         self._purged_at = 0.0
         if self.kind == "redis":
-            self._redis = aioredis.Redis.from_url(self.where, socket_timeout=REDIS_TIMEOUT_S,
-                                                  socket_connect_timeout=REDIS_TIMEOUT_S)
+            # The project's pipelined client: redis-py spends ~25 µs of CPU per SET here.
+            self._redis = RedisClient(self.where)
         else:
             os.makedirs(os.path.dirname(self.where), mode=0o700, exist_ok=True)
             os.close(os.open(self.where, os.O_RDWR | os.O_CREAT, 0o600))  # owner-only
@@ -60,10 +59,13 @@ class AuditWriter:
     async def put(self, items: list[UsageItem]) -> None:
         try:
             if self._redis is not None:
-                pipe = self._redis.pipeline(transaction=False)
-                for item in items:
-                    pipe.set(redis_key(item.request_id), item.raw, ex=self.ttl_s, nx=True)
-                await asyncio.wait_for(pipe.execute(), REDIS_TIMEOUT_S * 2)
+                ttl = self.ttl_s
+                replies = await self._redis.pipeline(
+                    [("SET", redis_key(i.request_id), i.raw, "EX", ttl, "NX") for i in items],
+                    REDIS_TIMEOUT_S)
+                failed = next((r for r in replies if isinstance(r, RedisError)), None)
+                if failed is not None:
+                    raise failed
             else:
                 await asyncio.to_thread(self._put_local, items)
         except Exception as e:
@@ -101,6 +103,6 @@ class AuditWriter:
 
     async def close(self) -> None:
         if self._redis is not None:
-            await self._redis.aclose()
+            self._redis.close()
         if self._db is not None:
             self._db.close()

@@ -20,12 +20,12 @@ from aiohttp import web
 from apirouter.control_protocol import SOCKET_NAME, CommandError, ProtocolError, call
 from apirouter.errors import CATALOG, RouterError
 from apirouter.keys import authenticate, credential
+from apirouter.redis_client import RedisUnavailable
 from apirouter.stats import RUN_DIR_ENV
 from apirouter.table import describe
 from apirouter.validation import decode_json_object
 from workers.admission import budget_usage
 from workers.endpoints import Endpoints, Reply
-from workers.redis_client import RedisUnavailable
 
 PREFIX = "/v1/admin/routing"
 

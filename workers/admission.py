@@ -25,9 +25,9 @@ from apirouter.budgets import Budget, Reservation, period_id, period_ttl_ms, ref
 from apirouter.errors import RouterError
 from apirouter.keys import KeyRecord, Tier
 from apirouter.limits import BucketSpec, BucketState, Verdict, buckets_for, settle, take_all
+from apirouter.redis_client import RedisClient, RedisError, RedisUnavailable
 from apirouter.table import Limits
 from workers.metrics import ADMISSION_DEGRADED, ADMISSION_LATENCY
-from workers.redis_client import RedisClient, RedisError, RedisUnavailable
 
 log = logging.getLogger("apirouter.admission")
 

@@ -7,7 +7,7 @@ import sqlite3
 
 from apirouter.audit import SELECT, parse_store, redis_key
 from apirouter.errors import RouterError
-from workers.redis_client import RedisClient, RedisError, RedisUnavailable
+from apirouter.redis_client import RedisClient, RedisError, RedisUnavailable
 
 LOOKUP_TIMEOUT_S = 1.0
 

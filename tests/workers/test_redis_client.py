@@ -7,10 +7,10 @@ import asyncio
 import pytest
 
 from apirouter.keys import KeyRecord, Tier
+from apirouter.redis_client import RedisClient, RedisError, RedisUnavailable, encode_command
 from apirouter.table import Limits
 from tests.harness import RedisServer
 from workers.admission import Admission
-from workers.redis_client import RedisClient, RedisError, RedisUnavailable, encode_command
 
 
 def limits(url: str, policy: str = "open") -> Limits:

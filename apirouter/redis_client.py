@@ -1,4 +1,5 @@
-"""A small pipelined Redis client for the hot path: one connection, RESP2, EVALSHA, deadlines.
+"""A small pipelined Redis client: one connection, RESP2, EVALSHA, deadlines. Workers use it on
+the hot path (admission), the supervisor for bulk writes (audit store).
 
 redis-py's asyncio client costs 40-65 µs of CPU a call (design brief); admission needs one
 script call per request, so the worker keeps a single connection of its own, writes commands
@@ -183,6 +184,23 @@ class RedisClient:
         deadline = self._loop.time() + timeout
         proto = await self._connection(deadline)
         return await self._send(proto, encode_command(*args), deadline)
+
+    async def pipeline(self, commands: list[tuple[bytes | str | int | float, ...]],
+                       timeout: float) -> list[RespValue]:
+        """Send many commands in one write; their replies in order (errors returned)."""
+        deadline = self._loop.time() + timeout
+        proto = await self._connection(deadline)
+        if proto.transport is None:
+            raise RedisUnavailable("not connected")
+        futs = [self._loop.create_future() for _ in commands]
+        proto.waiters.extend(futs)
+        proto.transport.write(b"".join(encode_command(*c) for c in commands))
+        timer = self._loop.call_at(deadline, _expire, futs[-1], proto)
+        try:
+            await futs[-1]  # replies arrive in order: the last one means all are in
+        finally:
+            timer.cancel()
+        return [f.result() for f in futs]
 
     def close(self) -> None:
         if self._proto is not None:
