@@ -188,13 +188,19 @@ class RedisClient:
     async def pipeline(self, commands: list[tuple[bytes | str | int | float, ...]],
                        timeout: float) -> list[RespValue]:
         """Send many commands in one write; their replies in order (errors returned)."""
+        return await self.pipeline_encoded(b"".join(encode_command(*c) for c in commands),
+                                           len(commands), timeout)
+
+    async def pipeline_encoded(self, data: bytes, count: int, timeout: float
+                               ) -> list[RespValue]:
+        """``pipeline`` for ``count`` commands the caller encoded itself (bulk writers)."""
         deadline = self._loop.time() + timeout
         proto = await self._connection(deadline)
         if proto.transport is None:
             raise RedisUnavailable("not connected")
-        futs = [self._loop.create_future() for _ in commands]
+        futs = [self._loop.create_future() for _ in range(count)]
         proto.waiters.extend(futs)
-        proto.transport.write(b"".join(encode_command(*c) for c in commands))
+        proto.transport.write(data)
         timer = self._loop.call_at(deadline, _expire, futs[-1], proto)
         try:
             await futs[-1]  # replies arrive in order: the last one means all are in

@@ -40,13 +40,18 @@ def usage_record(*, kind: str, request_id: str, ts_start: float, ts_end: float, 
                  completion_tokens: int | None, cost_micro: int, backend_s: float,
                  table_generation: int, worker_pid: int, limit: str | None = None,
                  retry_after_s: int | None = None) -> bytes:
-    total_s = max(0.0, ts_end - ts_start)
+    # Latencies in ms with µs resolution: int() truncation is ~10x cheaper than round().
+    backend_us = int(backend_s * 1e6)
+    # Wall-clock total and monotonic backend time can disagree by a hair: total covers backend.
+    total_us = int((ts_end - ts_start) * 1e6)
+    if total_us < backend_us:
+        total_us = backend_us
     doc: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "kind": kind,
         "request_id": request_id,
-        "ts_start": round(ts_start, 6),
-        "ts_end": round(ts_end, 6),
+        "ts_start": ts_start,
+        "ts_end": ts_end,
         "endpoint": endpoint,
         "key_id": key_id,
         "org": org,
@@ -62,9 +67,9 @@ def usage_record(*, kind: str, request_id: str, ts_start: float, ts_end: float, 
                          if prompt_tokens is not None and completion_tokens is not None
                          else None),
         "cost_micro": cost_micro,
-        "router_overhead_ms": round(max(0.0, total_s - backend_s) * 1000, 3),
-        "backend_latency_ms": round(backend_s * 1000, 3),
-        "total_latency_ms": round(total_s * 1000, 3),
+        "router_overhead_ms": (total_us - backend_us) / 1000,
+        "backend_latency_ms": backend_us / 1000,
+        "total_latency_ms": total_us / 1000,
         "table_generation": table_generation,
         "worker_pid": worker_pid,
     }

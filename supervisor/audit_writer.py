@@ -37,6 +37,8 @@ class AuditWriter:
         self.spec = spec
         self.kind, self.where = spec.split(":", 1)
         self.ttl_s = ttl_s
+        ttl = str(ttl_s).encode()
+        self._ttl_arg = b"$%d\r\n%s\r\n" % (len(ttl), ttl)
         self.on_state = on_state
         self.ok = True
         self.last_error: str | None = None
@@ -59,10 +61,8 @@ class AuditWriter:
     async def put(self, items: list[UsageItem]) -> None:
         try:
             if self._redis is not None:
-                ttl = self.ttl_s
-                replies = await self._redis.pipeline(
-                    [("SET", redis_key(i.request_id), i.raw, "EX", ttl, "NX") for i in items],
-                    REDIS_TIMEOUT_S)
+                replies = await self._redis.pipeline_encoded(
+                    b"".join(self._set_command(i) for i in items), len(items), REDIS_TIMEOUT_S)
                 failed = next((r for r in replies if isinstance(r, RedisError)), None)
                 if failed is not None:
                     raise failed
@@ -74,6 +74,12 @@ class AuditWriter:
             return
         metrics.AUDIT_WRITES.inc(len(items))
         self._state(True, None)
+
+    def _set_command(self, item: UsageItem) -> bytes:
+        """SET audit:<id> <record> EX ttl NX, encoded in one formatting step (~1 µs)."""
+        key = redis_key(item.request_id).encode()
+        return b"*6\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$2\r\nEX\r\n%s$2\r\nNX\r\n" % (
+            len(key), key, len(item.raw), item.raw, self._ttl_arg)
 
     def _put_local(self, items: list[UsageItem]) -> None:
         assert self._db is not None

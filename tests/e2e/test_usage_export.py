@@ -132,13 +132,20 @@ def worker_pids(router: Router) -> list[int]:
     return [p.pid for p in psutil.Process(router.state()["gunicorn_pid"]).children()]
 
 
+def kafka_router(broker: KafkaBroker, mock_backend: Callable[..., MockBackend],
+                 router: Callable[..., Router], tag: str, **server: Any) -> tuple[Router, str]:
+    """A 2-worker router exporting to a fresh topic of ``broker``, once it is connected."""
+    topic = f"usage-{tag}-{free_port()}"
+    r = router(kafka_config(mock_backend("a").url, broker.bootstrap, topic, **server),
+               workers=2)
+    wait_for(lambda: r.readyz()["checks"]["usage_sink"]["connected"], 10, "kafka connected")
+    return r, topic
+
+
 def test_n_requests_make_n_records_with_the_expected_content(
         kafka_broker: KafkaBroker, mock_backend: Callable[..., MockBackend],
         router: Callable[..., Router]) -> None:
-    a = mock_backend("a")
-    topic = f"usage-n-{free_port()}"
-    r = router(kafka_config(a.url, kafka_broker.bootstrap, topic), workers=2)
-    wait_for(lambda: r.readyz()["checks"]["usage_sink"]["connected"], 10, "kafka connected")
+    r, topic = kafka_router(kafka_broker, mock_backend, router, "n")
     ids: dict[str, str] = {}
     for i in range(120):
         key = "sk-acme" if i % 3 else "sk-globex"
@@ -176,9 +183,7 @@ def test_n_requests_make_n_records_with_the_expected_content(
 def test_records_of_workers_killed_with_sigkill_right_after_answering_are_exported(
         kafka_broker: KafkaBroker, mock_backend: Callable[..., MockBackend],
         router: Callable[..., Router]) -> None:
-    a = mock_backend("a")
-    topic = f"usage-kill-{free_port()}"
-    r = router(kafka_config(a.url, kafka_broker.bootstrap, topic), workers=2)
+    r, topic = kafka_router(kafka_broker, mock_backend, router, "kill")
     victims = worker_pids(r)
     ids = set()
     conns = [http.client.HTTPConnection(HOST, r.port, timeout=10) for _ in range(4)]
@@ -360,9 +365,8 @@ def _audit_checks(r: Router) -> None:
 def test_audit_lookup_in_redis(kafka_broker: KafkaBroker, redis_server: RedisServer,
                                mock_backend: Callable[..., MockBackend],
                                router: Callable[..., Router]) -> None:
-    a = mock_backend("a")
-    r = router(kafka_config(a.url, kafka_broker.bootstrap, f"usage-audit-{free_port()}",
-                            redis_url=redis_server.url, audit_ttl_s=600), workers=2)
+    r, _ = kafka_router(kafka_broker, mock_backend, router, "audit",
+                        redis_url=redis_server.url, audit_ttl_s=600)
     assert r.readyz()["checks"]["audit_store"]["kind"] == "redis"
     _audit_checks(r)
 

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from apirouter.redis_client import RedisClient, encode_command
+from apirouter.usage import read_item, usage_record
+from supervisor.audit_writer import AuditWriter
+from tests.harness import RedisServer
+
+
+def _item(rid: str, org: str = "acme"):
+    raw = usage_record(kind="request", request_id=rid, ts_start=time.time(), ts_end=time.time(),
+                       endpoint="/v1/inference", key_id="k", org=org, model="m",
+                       backend_id="b", decision_type="PRIMARY", attempts=1, status=200,
+                       error_code=None, prompt_tokens=1, completion_tokens=2, cost_micro=0,
+                       backend_s=0.001, table_generation=1, worker_pid=1)
+    item = read_item(raw)
+    assert item is not None
+    return item
+
+
+async def test_the_hand_encoded_set_matches_the_generic_encoder() -> None:
+    w = AuditWriter("redis:redis://127.0.0.1:1/0", 3600)
+    item = _item("req-1")
+    assert w._set_command(item) == encode_command("SET", "audit:req-1", item.raw, "EX", 3600,
+                                                  "NX")
+    await w.close()
+
+
+@pytest.mark.parametrize("kind", ["redis", "local"])
+async def test_first_record_of_an_id_wins_and_ttl_is_set(kind: str, redis_server: RedisServer,
+                                                          tmp_path) -> None:
+    spec = f"redis:{redis_server.url}" if kind == "redis" else f"local:{tmp_path}/a.sqlite3"
+    w = AuditWriter(spec, 600)
+    first, second = _item("dup-id", "acme"), _item("dup-id", "intruder")
+    await w.put([first])
+    await w.put([second])  # a client re-using someone's id cannot overwrite their record
+    assert w.ok
+    if kind == "redis":
+        client = RedisClient(redis_server.url)
+        assert await client.execute("GET", "audit:dup-id", timeout=2) == first.raw
+        assert 0 < await client.execute("TTL", "audit:dup-id", timeout=2) <= 600
+        client.close()
+    else:
+        from workers.audit_reader import AuditReader
+
+        reader = AuditReader(spec)
+        assert await reader.get("dup-id") == first.raw
+        assert await reader.get("other") is None
+        reader.close()
+    await w.close()
+
+
+async def test_a_dead_store_is_reported_not_raised() -> None:
+    states = []
+    w = AuditWriter("redis:redis://127.0.0.1:1/0", 60, on_state=lambda: states.append(1))
+    await w.put([_item("x")])
+    assert not w.ok and w.status()["status"] == "degraded" and states
+    await w.close()
