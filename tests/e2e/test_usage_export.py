@@ -156,6 +156,7 @@ def test_n_requests_make_n_records_with_the_expected_content(
     seen = consume(kafka_broker.bootstrap, topic, {*ids, *admitted, denied}, 30)
     assert_delivered(seen, {*ids, *admitted, denied})
     for rid, key in ids.items():
+        assert len(seen[rid]) == 1  # nothing failed: exactly one copy
         msg_key, value = seen[rid][0]
         doc = json.loads(value)
         jsonschema.validate(doc, schema())
