@@ -28,6 +28,7 @@ from supervisor import metrics
 log = logging.getLogger("apirouter.audit")
 
 REDIS_TIMEOUT_S = 2.0
+REDIS_CHUNK = 128
 PURGE_EVERY_S = 60.0
 
 
@@ -61,11 +62,16 @@ class AuditWriter:
     async def put(self, items: list[UsageItem]) -> None:
         try:
             if self._redis is not None:
-                replies = await self._redis.pipeline_encoded(
-                    b"".join(self._set_command(i) for i in items), len(items), REDIS_TIMEOUT_S)
-                failed = next((r for r in replies if isinstance(r, RedisError)), None)
-                if failed is not None:
-                    raise failed
+                # In chunks: a Redis busy with one huge pipeline would delay the workers'
+                # admission calls queued behind it (their deadline is milliseconds).
+                for start in range(0, len(items), REDIS_CHUNK):
+                    chunk = items[start:start + REDIS_CHUNK]
+                    replies = await self._redis.pipeline_encoded(
+                        b"".join(self._set_command(i) for i in chunk), len(chunk),
+                        REDIS_TIMEOUT_S)
+                    failed = next((r for r in replies if isinstance(r, RedisError)), None)
+                    if failed is not None:
+                        raise failed
             else:
                 await asyncio.to_thread(self._put_local, items)
         except Exception as e:

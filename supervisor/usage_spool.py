@@ -29,6 +29,7 @@ _ENTRY = struct.Struct("<IId")
 _SUFFIX = ".spool"
 SEGMENT_BYTES = 16 * 1024 * 1024
 MAX_ENTRY = 16 * 1024 * 1024
+_WINDOW_SLACK = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +138,11 @@ class Spool:
             size = os.path.getsize(self._path(pos.seq))
             with open(self._path(pos.seq), "rb") as f:
                 f.seek(pos.offset)
-                data = f.read(min(size - pos.offset, max_bytes + MAX_ENTRY + _ENTRY.size))
+                data = f.read(min(size - pos.offset, max_bytes + _WINDOW_SLACK))
+                if len(data) >= _ENTRY.size:  # a first entry larger than the window: all of it
+                    n = _ENTRY.unpack_from(data, 0)[0]
+                    if _ENTRY.size + n > len(data) and n <= MAX_ENTRY:
+                        data += f.read(min(size - pos.offset, _ENTRY.size + n) - len(data))
             i = 0
             while i + _ENTRY.size <= len(data) and len(out) < max_records and taken < max_bytes:
                 n, crc, _ = _ENTRY.unpack_from(data, i)

@@ -101,8 +101,12 @@ def test_redis_outage_open_and_closed_policies_then_exact_again(
     redis = own_redis[0]
     a = mock_backend("a")
     limits = {"rpm": 1, "rpm_burst": 20}
-    r_open = router(keyed_config(a.url, redis.url, "ar-out", limits), workers=1)
-    r_closed = router(keyed_config(a.url, redis.url, "ar-out", limits,
+    # 250 ms, not the 5 ms default: the counts below assume no admission call timed out
+    # while Redis still ran it (a refused request whose token Redis spent anyway), which a
+    # freshly restarted Redis loading the script on a busy CI box can cause.
+    r_open = router(keyed_config(a.url, redis.url, "ar-out", limits, redis_timeout_ms=250),
+                    workers=1)
+    r_closed = router(keyed_config(a.url, redis.url, "ar-out", limits, redis_timeout_ms=250,
                                    redis_failure_policy="closed"), workers=1)
     auth = {"Authorization": "Bearer ar-out"}
     url_open = f"{r_open.url}/v1/chat/completions"

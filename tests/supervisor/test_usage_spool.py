@@ -61,3 +61,19 @@ def test_a_flipped_bit_is_detected(tmp_path) -> None:
     fresh = Spool(str(tmp_path))
     assert _drain(fresh) == []
     assert fresh.corrupt_entries == 1
+
+
+def test_entries_larger_than_the_read_window(tmp_path) -> None:
+    spool = Spool(str(tmp_path))
+    big = [bytes([65 + i]) * (200_000 + i) for i in range(5)]
+    spool.append(big[:2])
+    spool.append([b"small"] + big[2:])
+    got = []
+    while True:
+        batch = spool.read(max_records=1000, max_bytes=1000)  # smaller than any big entry
+        if not batch.records:
+            break
+        got.extend(batch.records)
+        spool.advance(batch.end)
+    assert got == big[:2] + [b"small"] + big[2:]
+    assert spool.corrupt_entries == 0
