@@ -36,6 +36,9 @@ USAGE_SPOOL_AGE = Gauge("router_usage_spool_oldest_age_seconds",
                         multiprocess_mode="livemax")
 USAGE_SPOOL_CORRUPT = Counter("router_usage_spool_corrupt_entries_total",
                               "Torn or corrupt spool entries skipped (a crash mid-write)")
+USAGE_RING_FILL = Gauge("router_usage_ring_fill_ratio",
+                        "Fullest worker usage ring, as a share of its capacity (1: overflowing)",
+                        multiprocess_mode="livemax")
 USAGE_SINK_UP = Gauge("router_usage_sink_up", "1 while the usage sink (Kafka) takes records",
                       multiprocess_mode="livemax")
 USAGE_SINK_ERRORS = Counter("router_usage_sink_errors_total",

@@ -102,6 +102,8 @@ class UsageDrainer:
             now = time.monotonic()
             if now - self._gauges_at > GAUGE_REFRESH_S:
                 self._gauges_at = now
+                metrics.USAGE_RING_FILL.set(max((r.head - r.tail) / r.capacity
+                                                for r in self.rings))
                 await self.sink.refresh_gauges()
             if n == 0:
                 await asyncio.sleep(POLL_INTERVAL_S)
