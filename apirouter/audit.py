@@ -4,8 +4,10 @@ The supervisor writes every usage record (denials included) to the audit store; 
 it for ``GET /v1/audit/requests/{requestId}``. Two stores:
 
 - ``redis:<url>``: key ``audit:<request id>`` → the record's bytes, with a TTL.
-- ``local:<path>``: an SQLite database (WAL, so workers read while the supervisor writes) in
-  the spool directory, rows older than the TTL purged.
+- ``local:<directory>``: records appended to hourly files ``<hour>.log`` in the directory,
+  and an SQLite index (WAL, so workers read while the supervisor writes) of request id →
+  (hour, offset, length) beside them: small index rows cost ~2.5 µs a record where rows
+  holding the record cost ~10. Files and rows older than the TTL are dropped.
 
 The supervisor chooses at boot (Redis when ``redis_url`` is set) and tells workers through
 APIROUTER_AUDIT_STORE. Caching follows RFC 9110: a strong ETag over the selected body,
@@ -15,17 +17,24 @@ If-None-Match wins over If-Modified-Since, and a match answers 304.
 from __future__ import annotations
 
 import hashlib
+import os
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 
 AUDIT_STORE_ENV = "APIROUTER_AUDIT_STORE"
-LOCAL_DB_NAME = "audit.sqlite3"
+LOCAL_DIR_NAME = "audit"
+INDEX_NAME = "index.sqlite3"
 CREATE_TABLE = ("CREATE TABLE IF NOT EXISTS audit (request_id TEXT PRIMARY KEY, "
-                "org TEXT, ts_end REAL NOT NULL, record BLOB NOT NULL)")
-CREATE_INDEX = "CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts_end)"
-INSERT = "INSERT OR IGNORE INTO audit (request_id, org, ts_end, record) VALUES (?, ?, ?, ?)"
-SELECT = "SELECT record FROM audit WHERE request_id = ?"
-PURGE = "DELETE FROM audit WHERE ts_end < ?"
+                "hour INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL) "
+                "WITHOUT ROWID")
+INSERT = "INSERT OR IGNORE INTO audit (request_id, hour, offset, length) VALUES (?, ?, ?, ?)"
+SELECT = "SELECT hour, offset, length FROM audit WHERE request_id = ?"
+PURGE = "DELETE FROM audit WHERE hour < ?"
+
+
+def hour_file(directory: str, hour: int) -> str:
+    """The data file of records appended during ``hour`` (unix time // 3600)."""
+    return os.path.join(directory, f"{hour}.log")
 MAX_REQUEST_ID = 128
 
 
@@ -36,7 +45,8 @@ def redis_key(request_id: str) -> str:
 def parse_store(spec: str) -> tuple[str, str]:
     kind, _, where = spec.partition(":")
     if kind not in ("redis", "local") or not where:
-        raise ValueError(f"{AUDIT_STORE_ENV} must be redis:<url> or local:<path>, got {spec!r}")
+        raise ValueError(f"{AUDIT_STORE_ENV} must be redis:<url> or local:<directory>, "
+                         f"got {spec!r}")
     return kind, where
 
 

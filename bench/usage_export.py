@@ -95,7 +95,7 @@ async def export(n: int) -> None:
 
         jsonl = JsonlSink(os.path.join(tmp, "jsonl"))
         _line("jsonl files (fsync per batch)", n, *await _drain_into(jsonl, records))
-        audit = AuditWriter(f"local:{os.path.join(tmp, 'audit.sqlite3')}", 3600)
+        audit = AuditWriter(f"local:{os.path.join(tmp, 'audit')}", 3600)
         _line("jsonl + local audit store", n, *await _drain_into(jsonl, records, audit))
         await audit.close()
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from apirouter.audit import CREATE_INDEX, CREATE_TABLE, INSERT, PURGE, redis_key
+from apirouter.audit import CREATE_TABLE, INDEX_NAME, INSERT, PURGE, hour_file, redis_key
 from apirouter.redis_client import RedisClient, RedisError
 from apirouter.usage import UsageItem
 from supervisor import metrics
@@ -29,7 +29,7 @@ log = logging.getLogger("apirouter.audit")
 
 REDIS_TIMEOUT_S = 2.0
 REDIS_CHUNK = 128
-PURGE_EVERY_S = 60.0
+PURGE_EVERY_S = 300.0
 
 
 class AuditWriter:
@@ -50,13 +50,13 @@ class AuditWriter:
             # The project's pipelined client: redis-py spends ~25 µs of CPU per SET here.
             self._redis = RedisClient(self.where)
         else:
-            os.makedirs(os.path.dirname(self.where), mode=0o700, exist_ok=True)
-            os.close(os.open(self.where, os.O_RDWR | os.O_CREAT, 0o600))  # owner-only
-            db = sqlite3.connect(self.where, check_same_thread=False, isolation_level=None)
+            os.makedirs(self.where, mode=0o700, exist_ok=True)
+            index = os.path.join(self.where, INDEX_NAME)
+            os.close(os.open(index, os.O_RDWR | os.O_CREAT, 0o600))  # owner-only
+            db = sqlite3.connect(index, check_same_thread=False, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(CREATE_TABLE)
-            db.execute(CREATE_INDEX)
             self._db = db
 
     async def put(self, items: list[UsageItem]) -> None:
@@ -88,15 +88,39 @@ class AuditWriter:
             len(key), key, len(item.raw), item.raw, self._ttl_arg)
 
     def _put_local(self, items: list[UsageItem]) -> None:
+        """Append the records to this hour's file, then index them. Neither is fsync'd: the
+        durable copy is the usage sink; a lookup checks what it reads (workers.audit_reader)."""
         assert self._db is not None
         now = time.time()
+        hour = int(now // 3600)
+        path = hour_file(self.where, hour)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            offset = os.fstat(fd).st_size
+            rows = []
+            for i in items:
+                rows.append((i.request_id, hour, offset, len(i.raw)))
+                offset += len(i.raw) + 1
+            os.write(fd, b"\n".join(i.raw for i in items) + b"\n")
+        finally:
+            os.close(fd)
         with self._db:
             self._db.execute("BEGIN")
-            self._db.executemany(INSERT, [(i.request_id, i.org, i.ts_end, i.raw)
-                                          for i in items])
-            if now - self._purged_at > PURGE_EVERY_S:
-                self._db.execute(PURGE, (now - self.ttl_s,))
-                self._purged_at = now
+            self._db.executemany(INSERT, rows)
+        if now - self._purged_at > PURGE_EVERY_S:
+            self._purged_at = now
+            self._purge(int((now - self.ttl_s) // 3600))
+
+    def _purge(self, oldest_hour: int) -> None:
+        """Drop the hours wholly older than the TTL: their rows, then their files."""
+        assert self._db is not None
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute(PURGE, (oldest_hour,))
+        for name in os.listdir(self.where):
+            stem = name[:-len(".log")]
+            if name.endswith(".log") and stem.isdigit() and int(stem) < oldest_hour:
+                os.unlink(os.path.join(self.where, name))
 
     def _state(self, ok: bool, error: str | None) -> None:
         if ok != self.ok:

@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from apirouter.audit import AUDIT_STORE_ENV, LOCAL_DB_NAME
+from apirouter.audit import AUDIT_STORE_ENV, LOCAL_DIR_NAME
 from apirouter.config import ServerConfig
 from apirouter.shm import segment_name
 from apirouter.usage_ring import USAGE_SEGMENT_ENV, create_usage_segment, unlink_segment
@@ -50,7 +50,7 @@ class UsageExport:
         else:
             self.sink = JsonlSink(self.spool_dir)
         self.audit_spec = (f"redis:{server.redis_url}" if server.redis_url
-                           else f"local:{os.path.join(self.spool_dir, LOCAL_DB_NAME)}")
+                           else f"local:{os.path.join(self.spool_dir, LOCAL_DIR_NAME)}")
         self.audit = AuditWriter(self.audit_spec, server.audit_ttl_s, on_state)
         self.shm = create_usage_segment(segment_name(os.getpid(), "usage"), slots,
                                         server.usage_ring_bytes)

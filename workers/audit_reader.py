@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import sqlite3
 
-from apirouter.audit import SELECT, parse_store, redis_key
+from apirouter.audit import INDEX_NAME, SELECT, hour_file, parse_store, redis_key
 from apirouter.errors import RouterError
 from apirouter.redis_client import RedisClient, RedisError, RedisUnavailable
+from apirouter.usage import read_item
 
 LOOKUP_TIMEOUT_S = 1.0
 
@@ -31,9 +32,10 @@ class AuditReader:
 
     def _get_local(self, request_id: str) -> bytes | None:
         if self._db is None:
-            if not os.path.exists(self.where):
+            index = os.path.join(self.where, INDEX_NAME)
+            if not os.path.exists(index):
                 return None  # nothing recorded yet
-            self._db = sqlite3.connect(f"file:{self.where}?mode=ro", uri=True,
+            self._db = sqlite3.connect(f"file:{index}?mode=ro", uri=True,
                                        timeout=LOOKUP_TIMEOUT_S)
         try:
             row = self._db.execute(SELECT, (request_id,)).fetchone()
@@ -42,7 +44,17 @@ class AuditReader:
             self._db = None
             raise RouterError("SERVICE_UNAVAILABLE",
                               "the local audit store cannot be read") from None
-        return bytes(row[0]) if row else None
+        if row is None:
+            return None
+        hour, offset, length = row
+        try:
+            with open(hour_file(self.where, hour), "rb") as f:
+                raw = os.pread(f.fileno(), length, offset)
+        except FileNotFoundError:
+            return None  # expired between the index read and the file read
+        # The data file is not fsync'd: after a crash an index row may point past its end.
+        item = read_item(raw) if len(raw) == length else None
+        return raw if item is not None and item.request_id == request_id else None
 
     def close(self) -> None:
         if self._redis is not None:

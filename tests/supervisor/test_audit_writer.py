@@ -32,7 +32,7 @@ async def test_the_hand_encoded_set_matches_the_generic_encoder() -> None:
 @pytest.mark.parametrize("kind", ["redis", "local"])
 async def test_first_record_of_an_id_wins_and_ttl_is_set(kind: str, redis_server: RedisServer,
                                                           tmp_path) -> None:
-    spec = f"redis:{redis_server.url}" if kind == "redis" else f"local:{tmp_path}/a.sqlite3"
+    spec = f"redis:{redis_server.url}" if kind == "redis" else f"local:{tmp_path}/audit"
     w = AuditWriter(spec, 600)
     first, second = _item("dup-id", "acme"), _item("dup-id", "intruder")
     await w.put([first])
@@ -58,4 +58,23 @@ async def test_a_dead_store_is_reported_not_raised() -> None:
     w = AuditWriter("redis:redis://127.0.0.1:1/0", 60, on_state=lambda: states.append(1))
     await w.put([_item("x")])
     assert not w.ok and w.status()["status"] == "degraded" and states
+    await w.close()
+
+
+async def test_local_store_expires_whole_hours_and_checks_what_it_reads(tmp_path) -> None:
+    from workers.audit_reader import AuditReader
+
+    spec = f"local:{tmp_path}/audit"
+    w = AuditWriter(spec, 3600)
+    await w.put([_item("kept"), _item("torn")])
+    reader = AuditReader(spec)
+    assert (await reader.get("kept")) is not None
+    log = next(p for p in (tmp_path / "audit").iterdir() if p.suffix == ".log")
+    data = log.read_bytes()
+    log.write_bytes(data[:len(data) - 20])  # a crash lost the end of the data file
+    assert await reader.get("torn") is None  # the index row points past the end: a miss
+    hour = int(log.stem)
+    w._purge(hour + 1)
+    assert await reader.get("kept") is None and not log.exists()
+    reader.close()
     await w.close()

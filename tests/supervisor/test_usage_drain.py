@@ -47,7 +47,7 @@ async def test_a_full_ring_overflows_to_a_file_and_nothing_is_lost(tmp_path) -> 
         assert os.listdir(tmp_path / "usage-overflow")  # the overflow file exists
         out.rotate()
         sink = JsonlSink(str(tmp_path / "spool"))
-        audit = AuditWriter(f"local:{tmp_path / 'spool' / 'audit.sqlite3'}", 3600)
+        audit = AuditWriter(f"local:{tmp_path / 'spool' / 'audit'}", 3600)
         drainer = UsageDrainer(shm, str(tmp_path), sink, audit)
         await drainer.drain_all()
         got = _lines(str(tmp_path / "spool"))
