@@ -142,7 +142,10 @@ class KafkaSink:
                         acks.append(await producer.send_batch(batch, self.topic,
                                                               partition=partition))
                         batch = producer.create_batch()
-                        batch.append(key=key, value=item.raw, timestamp=None)
+                        if batch.append(key=key, value=item.raw, timestamp=None) is None:
+                            # Records are ~500 bytes; never drop one silently all the same.
+                            raise ValueError(f"a {len(item.raw)}-byte usage record exceeds "
+                                             "the producer's batch size")
                 acks.append(await producer.send_batch(batch, self.topic, partition=partition))
             await asyncio.gather(*acks)
 
