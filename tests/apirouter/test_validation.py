@@ -4,7 +4,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apirouter.errors import RouterError
@@ -133,3 +133,22 @@ def test_usage_total_tokens(body: bytes, total: int | None) -> None:
     from apirouter.validation import usage_total_tokens
 
     assert usage_total_tokens(body) == total
+
+
+@settings(max_examples=200, deadline=None)
+@given(content=st.text(max_size=200), prompt=st.integers(0, 10**9),
+       completion=st.integers(0, 10**9), details=st.booleans(), indent=st.booleans())
+def test_usage_counts_from_the_tail_agrees_with_a_full_parse(
+        content: str, prompt: int, completion: int, details: bool, indent: bool) -> None:
+    from apirouter.validation import usage_counts
+
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion}
+    if details:
+        usage["prompt_tokens_details"] = {"cached_tokens": 3}
+    doc = {"choices": [{"message": {"role": "assistant",
+                                    "content": content + ' "prompt_tokens": 7 '}}],
+           "usage": usage}
+    body = orjson.dumps(doc, option=orjson.OPT_INDENT_2 if indent else 0)
+    assert usage_counts(body) == (prompt, completion)
+    assert usage_counts(b'{"choices": []}') is None
