@@ -29,14 +29,15 @@ class JsonlSink:
         return os.path.join(self.directory, time.strftime("usage-%Y%m%d.jsonl", time.gmtime(when)))
 
     def _append(self, items: list[UsageItem]) -> None:
-        by_file: dict[str, list[bytes]] = {}
-        for item in items:
-            by_file.setdefault(self.path_for(item.ts_end), []).append(item.raw)
-        for path, raws in by_file.items():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        by_day: dict[int, list[bytes]] = {}
+        for item in items:  # integer days: strftime per record cost ~1 µs
+            by_day.setdefault(int(item.ts_end // 86400), []).append(item.raw)
+        for day, raws in by_day.items():
+            fd = os.open(self.path_for(day * 86400), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                         0o600)
             try:
                 os.write(fd, b"\n".join(raws) + b"\n")
-                os.fsync(fd)
+                os.fdatasync(fd)  # the data and the new size; not the mtime
             finally:
                 os.close(fd)
 

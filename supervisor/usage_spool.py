@@ -115,7 +115,7 @@ class Spool:
         fd = os.open(self._path(self._active), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             os.write(fd, b"".join(parts))
-            os.fsync(fd)
+            os.fdatasync(fd)  # the data and the new size; not the mtime
         finally:
             os.close(fd)
         if new_segment:
