@@ -55,6 +55,9 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     cpu_us_per_req: float | None = None
+    # The part of it spent in the supervisor (usage export, health, control): the rest is
+    # the gunicorn master and the workers.
+    supervisor_cpu_us_per_req: float | None = None
 
 
 def _ms(text: str) -> float:
@@ -80,28 +83,33 @@ def run_wrk(url: str, connections: int, duration: float, script: str) -> dict[st
             "p50_ms": _ms(lat["50"]), "p99_ms": _ms(lat["99"])}
 
 
-def process_tree_cpu(pid: int) -> float:
-    """User+system seconds of a process and all its descendants (live ones)."""
+def process_tree_cpu(pid: int) -> tuple[float, float]:
+    """User+system seconds of a process and all its live descendants, and of the process
+    alone."""
     root = psutil.Process(pid)
-    total = 0.0
+    total = own = 0.0
     for p in [root, *root.children(recursive=True)]:
         try:
             t = p.cpu_times()
             total += t.user + t.system
+            if p is root:
+                own = t.user + t.system
         except psutil.NoSuchProcess:
             pass
-    return total
+    return total, own
 
 
 def measure(url: str, target: str, connections: int, duration: float, script: str,
             cpu_pid: int | None) -> LoadResult:
-    before = process_tree_cpu(cpu_pid) if cpu_pid else 0.0
+    before = process_tree_cpu(cpu_pid) if cpu_pid else (0.0, 0.0)
     r = run_wrk(url, connections, duration, script)
-    cpu = None
+    cpu = own = None
     if cpu_pid and r["requests"]:
-        cpu = (process_tree_cpu(cpu_pid) - before) / r["requests"] * 1e6
+        after = process_tree_cpu(cpu_pid)
+        cpu = (after[0] - before[0]) / r["requests"] * 1e6
+        own = (after[1] - before[1]) / r["requests"] * 1e6
     return LoadResult(target, connections, r["requests"], r["errors"], r["rps"], r["p50_ms"],
-                      r["p99_ms"], cpu)
+                      r["p99_ms"], cpu, own)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
           f"per run, body {len(body)} bytes, {os.cpu_count()} cores, auth on, admission "
           f"{'Redis' if redis else 'in-process'}")
     print(f"{'conns':>5} {'target':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'added p50':>10} {'added p99':>10} {'CPU us/req':>10} {'errors':>6}")
+          f"{'added p50':>10} {'added p99':>10} {'CPU us/req':>10} {'of it sup.':>10} "
+          f"{'errors':>6}")
     for direct, routed in zip(results[::2], results[1::2], strict=True):
         for r in (direct, routed):
             added = r is routed
@@ -168,12 +177,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r.p99_ms:>8.3f} "
                   f"{(routed.p50_ms - direct.p50_ms) if added else 0:>10.3f} "
                   f"{(routed.p99_ms - direct.p99_ms) if added else 0:>10.3f} "
-                  f"{r.cpu_us_per_req or 0:>10.1f} {r.errors:>6}")
+                  f"{r.cpu_us_per_req or 0:>10.1f} "
+                  f"{(r.supervisor_cpu_us_per_req or 0) if added else 0:>10.1f} "
+                  f"{r.errors:>6}")
         rows.append({"connections": direct.connections, "direct": asdict(direct),
                      "router": asdict(routed),
                      "added_p50_ms": routed.p50_ms - direct.p50_ms,
                      "added_p99_ms": routed.p99_ms - direct.p99_ms,
-                     "router_cpu_us_per_req": routed.cpu_us_per_req})
+                     "router_cpu_us_per_req": routed.cpu_us_per_req,
+                     "supervisor_cpu_us_per_req": routed.supervisor_cpu_us_per_req})
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"overhead-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
