@@ -52,6 +52,9 @@ _MAX_RESTARTS = 5
 ETCD_BOOT_TIMEOUT_S = 3.0
 STATS_SLOTS = 128  # worker slots: TTIN may grow the pool well past its configured size
 STATS_BACKENDS = 256  # distinct backend ids a router can track
+# Usage export is assembled once at boot (supervisor.usage_export).
+RESTART_ONLY = ("kafka_bootstrap", "kafka_topic", "kafka_idempotence", "kafka_compression",
+                "kafka_timeout_s", "spool_dir", "usage_ring_bytes", "audit_ttl_s")
 
 
 @dataclass
@@ -168,6 +171,9 @@ class Supervisor:
         if old is not None and self.pool is not None:
             if cfg.server.bind != old.server.bind:
                 log.warning("bind changed to %s: it takes effect on restart", cfg.server.bind)
+            for name in RESTART_ONLY:
+                if getattr(cfg.server, name) != getattr(old.server, name):
+                    log.warning("%s changed: it takes effect on restart", name)
             delta = cfg.server.workers - old.server.workers
             for _ in range(abs(delta)):
                 self._signal_pool(signal.SIGTTIN if delta > 0 else signal.SIGTTOU)
