@@ -73,6 +73,12 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def is_admin_token(token: str | None, expected_sha256: str) -> bool:
+    """Whether ``token`` is the break-glass admin token (configured as its SHA-256)."""
+    return bool(token is not None and expected_sha256
+                and hmac.compare_digest(hash_key(token), expected_sha256))
+
+
 def signing_secret(sha256_hex: str) -> bytes:
     """The HMAC secret of a key: derived from its hash, so the store never needs the key."""
     return hashlib.sha256(b"apirouter-hmac:" + bytes.fromhex(sha256_hex)).digest()

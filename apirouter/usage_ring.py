@@ -36,6 +36,7 @@ from apirouter.shm import SegmentError
 MAGIC = b"APIRUSG\x01"
 LAYOUT_VERSION = 1
 USAGE_SEGMENT_ENV = "APIROUTER_USAGE_SHM"
+OVERFLOW_DIR = "usage-overflow"  # in the run directory: records a full ring could not take
 _HEADER = struct.Struct("<8sIII")
 _HEADER_SIZE = 64
 _SLOT_META = 128
@@ -124,6 +125,10 @@ class _Ring:
     def tail(self) -> int:
         return int(_U64.unpack_from(self._meta, _TAIL_OFFSET)[0])
 
+    def fill(self) -> int:
+        """Bytes written and not yet consumed."""
+        return self.head - self.tail
+
     def release(self) -> None:
         self._meta.release()
         self._data.release()
@@ -152,9 +157,6 @@ class RingProducer(_Ring):
         data[pos + 4:pos + 4 + n] = record
         _U64.pack_into(self._meta, 0, head + skip + 4 + n)
         return True
-
-    def fill(self) -> int:
-        return self.head - self.tail
 
 
 class RingConsumer(_Ring):

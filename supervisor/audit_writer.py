@@ -20,7 +20,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from apirouter.audit import CREATE_TABLE, INDEX_NAME, INSERT, PURGE, hour_file, redis_key
+from apirouter.audit import (
+    CREATE_TABLE,
+    INDEX_NAME,
+    INSERT,
+    PURGE,
+    hour_file,
+    parse_store,
+    redis_key,
+)
 from apirouter.redis_client import RedisClient, RedisError
 from apirouter.usage import UsageItem
 from supervisor import metrics
@@ -36,7 +44,7 @@ class AuditWriter:
     def __init__(self, spec: str, ttl_s: int, on_state: Callable[[], None] = lambda: None
                  ) -> None:
         self.spec = spec
-        self.kind, self.where = spec.split(":", 1)
+        self.kind, self.where = parse_store(spec)
         self.ttl_s = ttl_s
         ttl = str(ttl_s).encode()
         self._ttl_arg = b"$%d\r\n%s\r\n" % (len(ttl), ttl)
@@ -123,15 +131,15 @@ class AuditWriter:
                 os.unlink(os.path.join(self.where, name))
 
     def _state(self, ok: bool, error: str | None) -> None:
+        self.last_error = error
         if ok != self.ok:
             if ok:
                 log.info("audit store %s writable again", self.kind)
             else:
                 log.error("audit store %s failed (%s): lookups miss new records; usage "
                           "export continues", self.kind, error)
-            self.ok, self.last_error = ok, error
-            self.on_state()
-        self.last_error = error
+            self.ok = ok
+            self.on_state()  # republishes status(): last_error is already current
 
     def status(self) -> dict[str, Any]:
         return {"status": "ok" if self.ok else "degraded", "kind": self.kind,

@@ -24,6 +24,7 @@ from apirouter.runstate import pid_alive
 from apirouter.shm import SEGMENT_PREFIX, SegmentError
 from apirouter.usage import UsageItem, read_item
 from apirouter.usage_ring import (
+    OVERFLOW_DIR,
     RingConsumer,
     attach_usage_segment,
     read_header,
@@ -33,7 +34,6 @@ from supervisor import metrics
 
 log = logging.getLogger("apirouter.usage")
 
-OVERFLOW_DIR = "usage-overflow"  # workers.usage_out writes here
 POLL_INTERVAL_S = 0.05
 # Batch at least this long, so per-batch costs (fsync, a thread hop, a Kafka round trip) are
 # shared: measured, 50 ms cost ~4 µs more supervisor CPU a request than 100 ms, and 250 ms
@@ -89,7 +89,7 @@ class UsageDrainer:
     def _due(self) -> bool:
         if time.monotonic() - self._flushed_at >= FLUSH_INTERVAL_S:
             return True
-        return any((r.head - r.tail) * FLUSH_FILL > r.capacity for r in self.rings)
+        return any(r.fill() * FLUSH_FILL > r.capacity for r in self.rings)
 
     async def run(self) -> None:
         while True:
@@ -104,8 +104,7 @@ class UsageDrainer:
             now = time.monotonic()
             if now - self._gauges_at > GAUGE_REFRESH_S:
                 self._gauges_at = now
-                metrics.USAGE_RING_FILL.set(max((r.head - r.tail) / r.capacity
-                                                for r in self.rings))
+                metrics.USAGE_RING_FILL.set(max(r.fill() / r.capacity for r in self.rings))
                 await self.sink.refresh_gauges()
             if n == 0:
                 await asyncio.sleep(POLL_INTERVAL_S)
@@ -115,7 +114,7 @@ class UsageDrainer:
         raws: list[bytes] = []
         commits: list[tuple[RingConsumer, int]] = []
         for ring in self.rings:
-            if ring.head == ring.tail:
+            if not ring.fill():
                 continue
             records, position = ring.peek(BATCH_BYTES)
             raws.extend(records)
@@ -176,6 +175,9 @@ class UsageDrainer:
             if await self.drain_once(final=True) == 0:
                 return
 
+    def empty(self) -> bool:
+        return not any(r.fill() for r in self.rings)
+
     def close(self) -> None:
         for ring in self.rings:
             ring.release()
@@ -203,7 +205,7 @@ async def recover_abandoned(sink: Sink, audit: Audit | None, run_dir: str,
         drainer = UsageDrainer(shm, run_dir, sink, audit)
         try:
             await drainer.drain_all()
-            emptied = all(r.head == r.tail for r in drainer.rings)
+            emptied = drainer.empty()
         finally:
             drainer.close()
         if emptied:

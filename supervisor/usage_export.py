@@ -81,7 +81,7 @@ class UsageExport:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self.drainer.drain_all()
-        empty = all(r.head == r.tail for r in self.drainer.rings)
+        empty = self.drainer.empty()
         self.drainer.close()
         await self.sink.close()
         await self.audit.close()

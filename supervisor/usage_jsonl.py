@@ -22,7 +22,6 @@ class JsonlSink:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        self.published = 0
         self.last_error: str | None = None
 
     def path_for(self, when: float) -> str:
@@ -52,7 +51,6 @@ class JsonlSink:
             metrics.USAGE_SINK_ERRORS.labels("jsonl").inc()
             raise
         self.last_error = None
-        self.published += len(items)
         metrics.USAGE_PUBLISHED.inc(len(items))
 
     def replay_now(self) -> None:

@@ -56,8 +56,6 @@ class KafkaSink:
         self.producer: AIOKafkaProducer | None = None
         self.connected = False
         self.last_error: str | None = None
-        self.published = 0
-        self.spooled = 0
         self._spool_pending = not self.spool.empty()
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -157,7 +155,6 @@ class KafkaSink:
             if self.connected and not self._spool_pending:
                 try:
                     await self._send(items)
-                    self.published += len(items)
                     metrics.USAGE_PUBLISHED.inc(len(items))
                     return
                 except Exception as e:
@@ -171,7 +168,6 @@ class KafkaSink:
             metrics.USAGE_SINK_ERRORS.labels("spool").inc()
             raise  # nothing consumed: the records stay in the rings
         self._spool_pending = True
-        self.spooled += len(items)
         metrics.USAGE_SPOOLED.inc(len(items))
         self._wake.set()
 
@@ -230,7 +226,6 @@ class KafkaSink:
                     return
                 metrics.USAGE_PUBLISHED.inc(len(items))
                 metrics.USAGE_REPLAYED.inc(len(items))
-                self.published += len(items)
             await asyncio.to_thread(self.spool.advance, batch.end)
             if not batch.records:
                 self._spool_pending = False

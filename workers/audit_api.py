@@ -9,15 +9,12 @@ Last-Modified (the request's end); If-None-Match / If-Modified-Since answer 304.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-
 import orjson
 from aiohttp import web
 
 from apirouter.audit import etag, http_date, not_modified
 from apirouter.errors import RouterError
-from apirouter.keys import authenticate, credential
+from apirouter.keys import authenticate, credential, is_admin_token
 from apirouter.request_ids import valid_request_id
 from apirouter.usage import parse_fields, select
 from workers.audit_reader import AuditReader
@@ -38,9 +35,7 @@ class AuditApi:
         if not table.auth_required:
             return True, None
         token = credential(request.headers.get("Authorization"), request.headers.get("X-API-Key"))
-        expected = table.admin_token_sha256
-        if token is not None and expected and hmac.compare_digest(
-                hashlib.sha256(token.encode()).hexdigest(), expected):
+        if is_admin_token(token, table.admin_token_sha256):
             return True, None
         try:
             key = authenticate(table.keys, token, "audit")

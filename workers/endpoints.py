@@ -212,6 +212,17 @@ class Endpoints:
             cost_micro=cost_micro, backend_s=fwd.backend_s, table_generation=view.generation,
             worker_pid=self.pid))
 
+    def _failed(self, endpoint: str, request_id: str, caller: Caller | None, view: TableView,
+                model: str, fwd: Forwarded, t0: float, ticket: Ticket | None,
+                err: RouterError) -> RouterError:
+        """A request that failed after admission: record it, release its reservation, and
+        return the error carrying the rate-limit headers."""
+        self._record(endpoint, request_id, caller, view, model, fwd, t0, err.status, err.code,
+                     None, 0)
+        err.headers = {**(err.headers or {}),
+                       **dict(self._finish(view, ticket, None, failed=True))}
+        return err
+
     def _deny(self, endpoint: str, request_id: str, key: KeyRecord, view: TableView,
               model: str, t0: float, err: RouterError, limit: str,
               retry_after_s: int | None) -> RouterError:
@@ -305,11 +316,7 @@ class Endpoints:
         total = time.perf_counter() - started
         self._account(fwd, model, error is None, total)
         if error is not None:
-            self._record(CHAT, request_id, caller, view, model, fwd, t0, error.status,
-                         error.code, None, 0)
-            error.headers = {**(error.headers or {}),
-                             **dict(self._finish(view, ticket, None, failed=True))}
-            raise error
+            raise self._failed(CHAT, request_id, caller, view, model, fwd, t0, ticket, error)
         assert resp is not None
         used = usage_counts(resp.body)
         cost = route.price.cost_micro(*used) if route.price is not None and used else 0
@@ -342,19 +349,14 @@ class Endpoints:
                                     details=f"backend {fwd.backend_id} answered {resp.status}")
         if fwd.error is not None:
             self._account(fwd, req.model, False, time.perf_counter() - started)
-            self._record(INFERENCE, request_id, caller, view, req.model, fwd, t0,
-                         fwd.error.status, fwd.error.code, None, 0)
-            fwd.error.headers = {**(fwd.error.headers or {}),
-                                 **dict(self._finish(view, ticket, None, failed=True))}
-            raise fwd.error
+            raise self._failed(INFERENCE, request_id, caller, view, req.model, fwd, t0, ticket,
+                               fwd.error)
         assert resp is not None
         try:
             completion = parse_chat_completion(resp.body)
         except RouterError as e:
             self._account(fwd, req.model, False, time.perf_counter() - started)
-            self._record(INFERENCE, request_id, caller, view, req.model, fwd, t0, e.status,
-                         e.code, None, 0)
-            e.headers = dict(self._finish(view, ticket, None, failed=True))
+            self._failed(INFERENCE, request_id, caller, view, req.model, fwd, t0, ticket, e)
             raise
         total = time.perf_counter() - started
         self._account(fwd, req.model, True, total)

@@ -14,12 +14,10 @@ from __future__ import annotations
 import logging
 import os
 
-from apirouter.usage_ring import RingProducer, attach_usage_segment
+from apirouter.usage_ring import OVERFLOW_DIR, RingProducer, attach_usage_segment
 from workers.metrics import USAGE_OVERFLOW
 
 log = logging.getLogger("apirouter.worker")
-
-OVERFLOW_DIR = "usage-overflow"
 
 
 class UsageOut:
