@@ -168,6 +168,7 @@ class Supervisor:
                      len(table.routes))
         self.cfg = cfg
         metrics.TABLE_GENERATION.set(self.publisher.generation)
+        metrics.preregister(table.backends)
         if old is not None and self.pool is not None:
             if cfg.server.bind != old.server.bind:
                 log.warning("bind changed to %s: it takes effect on restart", cfg.server.bind)
@@ -362,6 +363,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGTTIN, signal.SIGTTOU):
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
+        metrics.stamp_build()
         stale = remove_stale_segments()
         if stale:
             log.info("removed %d segments left by dead routers: %s", len(stale), stale)

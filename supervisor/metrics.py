@@ -6,7 +6,12 @@ does that first thing), so these land beside the workers' files and appear on /m
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
+
 from prometheus_client import Counter, Gauge
+
+from apirouter.buildinfo import build_info
 
 TABLE_GENERATION = Gauge("router_table_published_generation",
                          "Latest routing-table generation the supervisor published",
@@ -49,3 +54,27 @@ USAGE_MALFORMED = Counter("router_usage_records_malformed_total",
 AUDIT_WRITES = Counter("router_audit_records_stored_total", "Records written to the audit store")
 AUDIT_ERRORS = Counter("router_audit_store_errors_total",
                        "Batches the audit store did not take (the records are still exported)")
+USAGE_SPOOL_RECORDS = Gauge("router_usage_spool_records",
+                            "Usage records in the disk spool not yet replayed",
+                            multiprocess_mode="livemax")
+HEARTBEAT = Gauge("router_supervisor_heartbeat_timestamp_seconds",
+                  "Unix time of the supervisor's last usage-drain pass (stale: supervisor gone)",
+                  multiprocess_mode="max")
+BUILD_INFO = Gauge("router_build_info", "1, labelled with the build that is running",
+                   ["version", "git_commit", "build_time"], multiprocess_mode="max")
+
+SINKS = ("kafka", "spool", "jsonl")
+for _sink in SINKS:
+    USAGE_SINK_ERRORS.labels(_sink)
+
+
+def stamp_build() -> None:
+    info = build_info()
+    BUILD_INFO.labels(info["version"], info["git_commit"], info["build_time"]).set(1)
+    HEARTBEAT.set(time.time())
+
+
+def preregister(backend_ids: Iterable[str]) -> None:
+    """Create (at zero) the per-backend series of a published table. Idempotent."""
+    for bid in backend_ids:
+        EJECTIONS.labels(bid)

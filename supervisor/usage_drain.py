@@ -105,6 +105,7 @@ class UsageDrainer:
             if now - self._gauges_at > GAUGE_REFRESH_S:
                 self._gauges_at = now
                 metrics.USAGE_RING_FILL.set(max(r.fill() / r.capacity for r in self.rings))
+                metrics.HEARTBEAT.set(time.time())
                 await self.sink.refresh_gauges()
             if n == 0:
                 await asyncio.sleep(POLL_INTERVAL_S)

@@ -58,6 +58,7 @@ class JsonlSink:
 
     async def refresh_gauges(self) -> None:
         metrics.USAGE_SPOOL_BYTES.set(0)
+        metrics.USAGE_SPOOL_RECORDS.set(0)
         metrics.USAGE_SPOOL_AGE.set(0)
 
     def status(self) -> dict[str, Any]:

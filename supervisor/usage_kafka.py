@@ -260,9 +260,11 @@ class KafkaSink:
 
     async def refresh_gauges(self) -> None:
         async with self._lock:
-            pending, oldest = await asyncio.to_thread(
-                lambda: (self.spool.pending_bytes(), self.spool.oldest_appended_at()))
+            pending, oldest, records = await asyncio.to_thread(
+                lambda: (self.spool.pending_bytes(), self.spool.oldest_appended_at(),
+                         self.spool.pending_records()))
         metrics.USAGE_SPOOL_BYTES.set(pending)
+        metrics.USAGE_SPOOL_RECORDS.set(records)
         metrics.USAGE_SPOOL_AGE.set(max(0.0, time.time() - oldest) if oldest else 0.0)
 
     def status(self) -> dict[str, Any]:

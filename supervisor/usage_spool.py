@@ -190,6 +190,24 @@ class Spool:
             total += size - self.cursor.offset if seq == self.cursor.seq else size
         return max(0, total)
 
+    def pending_records(self, limit: int = 1_000_000) -> int:
+        """Entries after the cursor, counted from their headers (at most ``limit``)."""
+        count = 0
+        for seq in self._segments:
+            if seq < self.cursor.seq:
+                continue
+            offset = self.cursor.offset if seq == self.cursor.seq else 0
+            with open(self._path(seq), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                while offset + _ENTRY.size <= size and count < limit:
+                    head = os.pread(f.fileno(), _ENTRY.size, offset)
+                    n = _ENTRY.unpack_from(head, 0)[0]
+                    if n > MAX_ENTRY or offset + _ENTRY.size + n > size:
+                        break  # a torn tail: read() skips it too
+                    count += 1
+                    offset += _ENTRY.size + n
+        return count
+
     def empty(self) -> bool:
         return self.pending_bytes() == 0
 

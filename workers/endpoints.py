@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from apirouter import __version__
 from apirouter.budgets import applicable, reservation
+from apirouter.buildinfo import build_info
 from apirouter.errors import RouterError, native_body, openai_body
 from apirouter.keys import KeyRecord, authenticate
 from apirouter.limits import BucketSpec, Verdict, estimate_tokens
@@ -421,7 +421,7 @@ class Endpoints:
                 "admission": self.admission.status(table.limits),
                 **{name: check for name, check in table.status.items()},
             },
-            "build": {"version": __version__, "python": platform.python_version()},
+            "build": {**build_info(), "python": platform.python_version()},
         }
         return Reply(200 if registry_ok else 503, orjson.dumps(doc),
                      [("X-Request-ID", request_id)])

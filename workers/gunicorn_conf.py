@@ -22,6 +22,9 @@ def child_exit(server: Any, worker: Any) -> None:
     # Dead workers' gauges must not linger in the multiprocess metrics directory.
     from prometheus_client import multiprocess
 
+    from workers.metrics import WORKER_EXITS
+
+    WORKER_EXITS.inc()
     try:
         multiprocess.mark_process_dead(worker.pid)
     except (OSError, ValueError):

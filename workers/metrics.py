@@ -20,6 +20,10 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from apirouter.errors import CATALOG
+from apirouter.routing import Decision
+from apirouter.table import RoutingTable
+
 REQUESTS = Counter("router_requests_total", "Requests routed, by outcome",
                    ["backend_id", "decision_type", "success"])
 REQUESTS_BY_BACKEND = Counter("router_requests_by_backend_total",
@@ -51,10 +55,46 @@ USAGE_OVERFLOW = Counter("router_usage_ring_overflow_total",
 USAGE_LOST = Counter("router_usage_records_lost_total",
                      "Usage records lost: ring full and the overflow file not writable")
 AUDIT_LOOKUPS = Counter("router_audit_lookups_total", "Audit lookups by outcome", ["outcome"])
+WORKER_EXITS = Counter("router_worker_exits_total",
+                       "Worker processes that exited (crashes, kills, scale-down); gunicorn "
+                       "starts a replacement unless the pool shrank")
 TABLE_GENERATION = Gauge("router_table_generation", "Routing-table generation in use",
                          multiprocess_mode="livemax")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Label values known before any traffic, so every series an alert or a dashboard reads exists
+# from start-up at zero (a counter that appears with its first event makes rate() miss it and
+# "absent" look like "fine"). Kept beside the code that produces them.
+FAILOVER_REASONS = ("BACKEND_UNAVAILABLE", "BACKEND_TIMEOUT", "BACKEND_ERROR", "status_429",
+                    "status_500", "status_502", "status_503", "status_504")
+DENIAL_REASONS = ("UNAUTHORIZED", "INVALID_API_KEY", "FORBIDDEN", "rate_limit_key_rpm",
+                  "rate_limit_key_tpm", "rate_limit_org_rpm", "rate_limit_org_tpm",
+                  "budget_exceeded_spend", "quota_exceeded_tokens", "quota_exceeded_requests")
+AUDIT_OUTCOMES = ("found", "not_found", "not_modified")
+FAILURE_POLICIES = ("open", "closed")
+
+
+def preregister(table: RoutingTable) -> None:
+    """Create (at zero) the label children a routing table makes possible. Idempotent."""
+    for code in CATALOG:
+        ERRORS.labels(code)
+    for reason in DENIAL_REASONS:
+        DENIALS.labels(reason)
+    for outcome in AUDIT_OUTCOMES:
+        AUDIT_LOOKUPS.labels(outcome)
+    for policy in FAILURE_POLICIES:
+        ADMISSION_DEGRADED.labels(policy)
+    for bid in table.backends:
+        BACKEND_LATENCY.labels(bid)
+        for decision in Decision:
+            for success in ("true", "false"):
+                REQUESTS.labels(bid, decision.value, success)
+    for route in table.routes.values():
+        for bid in route.backend_ids:
+            REQUESTS_BY_BACKEND.labels(bid, route.model, "200")
+            for reason in FAILOVER_REASONS:
+                FAILOVERS.labels(route.model, bid, reason)
 
 
 class RequestMetrics:

@@ -16,7 +16,7 @@ import orjson
 
 from apirouter.shm import SegmentError, TableReader
 from apirouter.table import Backend, RoutingTable, TableDecodeError, decode_table
-from workers.metrics import TABLE_GENERATION
+from workers.metrics import TABLE_GENERATION, preregister
 from workers.upstream import BackendPool
 
 log = logging.getLogger("apirouter.worker")
@@ -77,6 +77,7 @@ class TableCache:
         self._view = self._build(gen, table)
         self._generation = gen
         TABLE_GENERATION.set(gen)
+        preregister(table)
 
     def _build(self, gen: int, table: RoutingTable) -> TableView:
         limits = table.limits

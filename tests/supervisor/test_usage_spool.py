@@ -77,3 +77,16 @@ def test_entries_larger_than_the_read_window(tmp_path) -> None:
         spool.advance(batch.end)
     assert got == big[:2] + [b"small"] + big[2:]
     assert spool.corrupt_entries == 0
+
+
+def test_pending_records_counts_what_read_would_return(tmp_path) -> None:
+    spool = Spool(str(tmp_path), segment_bytes=500)
+    sent = [b"r%03d" % i * 5 for i in range(120)]
+    for i in range(0, 120, 9):
+        spool.append(sent[i:i + 9])
+    assert spool.pending_records() == 120
+    batch = spool.read(max_records=50)
+    spool.advance(batch.end)
+    assert spool.pending_records(limit=10) == 10
+    assert spool.pending_records() == 70 == len(_drain(spool))
+    assert spool.pending_records() == 0
