@@ -12,9 +12,12 @@ Byte layout (little endian)::
 
 Generation 2k (k >= 1) lives in slot k % 2. The writer bumps the generation to odd, fills the
 *other* slot, then bumps it to the next even number; readers of the current slot are never
-disturbed. A reader that is slow enough for the writer to come round to its slot again sees
-the generation change (or the checksum fail) and retries. So a reader never returns a torn
-or mixed table, and the per-request cost of "has it changed?" is one 8-byte read.
+disturbed, and a reader arriving mid-publish reads the previous generation from its slot (it
+never waits: a writer killed mid-publish leaves the generation odd forever, and readers go on
+with the last complete table). A reader that is slow enough for the writer to come round to
+its slot again sees the generation change (or the checksum fail) and retries. So a reader never
+returns a torn or mixed table, and the per-request cost of "has it changed?" is one 8-byte
+read.
 
 Python 3.11's resource tracker unlinks a segment when any attaching process exits; readers
 unregister right after attaching (``track=False`` only exists from 3.13).
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import os
 import struct
-import time
 import zlib
 from multiprocessing import resource_tracker, shared_memory
 
@@ -137,36 +139,33 @@ class TableReader:
         """The published generation (odd while a publish is in progress)."""
         return int(self._gen[0])
 
-    def read(self, retries: int = 1000) -> tuple[int, bytes]:
-        """Return (generation, payload) of one consistent published snapshot."""
+    def read(self, retries: int = 8) -> tuple[int, bytes]:
+        """Return (generation, payload) of the latest completed snapshot, without waiting.
+
+        While a publish is in progress (odd generation g) the writer fills the other slot, so
+        generation g - 1 is read from its own slot undisturbed. Only a writer that completes a
+        publish *and* starts the next one during this read can disturb it (the slot's
+        generation or checksum then says so): that retries a few times, never sleeps, and
+        raises TornRead for the caller to keep its last good table."""
         buf = _buffer(self._shm)
-        for attempt in range(retries):
-            g1 = self._gen[0]
-            if g1 == 0:
+        for _ in range(retries):
+            g1 = int(self._gen[0])
+            target = g1 - (g1 & 1)
+            if target == 0:
                 raise SegmentError("nothing has been published yet")
-            if g1 & 1:
-                _pause(attempt)
-                continue
-            off = _slot_offset(self.capacity, (g1 // 2) % 2)
-            length, crc, slot_gen = _SLOT_HEADER.unpack_from(buf, off)
-            if slot_gen != g1 or length > self.capacity:
-                _pause(attempt)
+            off = _slot_offset(self.capacity, (target // 2) % 2)
+            length, crc, slot_gen = _SLOT_HEADER.unpack(buf[off:off + _SLOT_HEADER.size])
+            if slot_gen != target or length > self.capacity:
                 continue
             start = off + _SLOT_HEADER.size
             payload = bytes(buf[start:start + length])
-            if self._gen[0] == g1 and zlib.crc32(payload) == crc:
-                return int(g1), payload
-            _pause(attempt)
+            if self._gen[0] - target <= 1 and zlib.crc32(payload) == crc:
+                return target, payload
         raise TornRead(f"no consistent snapshot after {retries} attempts")
 
     def close(self) -> None:
         self._gen.release()
         self._shm.close()
-
-
-def _pause(attempt: int) -> None:
-    if attempt > 10:
-        time.sleep(0.0001)
 
 
 def remove_stale_segments(shm_dir: str = "/dev/shm") -> list[str]:

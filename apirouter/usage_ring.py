@@ -6,7 +6,7 @@ claims both); the supervisor is the only consumer of every ring.
 
 Byte layout (little endian)::
 
-    header  0   8  magic b"APIRUSG\\x01"
+    header  0   8  magic b"APIRUSG\\x02"
             8   4  layout version u32
             12  4  slots u32
             16  4  capacity u32 (data bytes per ring)
@@ -16,25 +16,33 @@ Byte layout (little endian)::
       +64   tail u64   bytes ever consumed (written only by the consumer)
       +128  data[capacity]
 
-A record at ``head % capacity`` is a u32 length then that many bytes. When a record does not
-fit before the end of the data area the producer writes a WRAP length (if four bytes remain)
-and continues at offset 0; the consumer skips the same way. The producer copies the record
-first and only then stores the new head (one aligned 8-byte store): a producer killed half-way
+A record at ``head % capacity`` is a frame: u32 length, u32 crc32 of the payload, the payload.
+When a frame does not fit before the end of the data area the producer writes a WRAP length
+(if a frame header fits) and continues at offset 0; the consumer skips the same way. The
+producer copies the frame first and only then stores the new head: a producer killed half-way
 leaves head where it was, so a torn record is never seen, and its successor in the slot simply
-continues from head. Both indices only grow, so ``head - tail`` is the fill level. (x86-64
-keeps stores in program order; a weakly ordered CPU would need a fence before the head store.)
+continues from head. Both indices only grow, so ``head - tail`` is the fill level.
+
+The indices are live memory read by another process at any moment, so each is read and written
+as one aligned 8-byte word (a ``Q`` element of a cast memoryview: one load, one store).
+``struct.pack_into`` must never touch them: it zeroes the bytes, then writes them one by one,
+and a reader in between sees a tail of 0 (a spurious "ring full") or a head behind the tail.
+(x86-64 keeps stores in program order; a weakly ordered CPU would need a fence before the head
+store.) A frame whose length or checksum is wrong raises ``RingCorrupt`` at its position: the
+drainer retries it and then quarantines the rest of that ring, never skipping it silently.
 """
 
 from __future__ import annotations
 
 import _posixshmem
 import struct
+import zlib
 from multiprocessing import resource_tracker, shared_memory
 
 from apirouter.shm import SegmentError
 
-MAGIC = b"APIRUSG\x01"
-LAYOUT_VERSION = 1
+MAGIC = b"APIRUSG\x02"
+LAYOUT_VERSION = 2
 USAGE_SEGMENT_ENV = "APIROUTER_USAGE_SHM"
 OVERFLOW_DIR = "usage-overflow"  # in the run directory: records a full ring could not take
 _HEADER = struct.Struct("<8sIII")
@@ -42,7 +50,7 @@ _HEADER_SIZE = 64
 _SLOT_META = 128
 _TAIL_OFFSET = 64
 _LEN = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
+_FRAME = struct.Struct("<II")  # length, crc32
 WRAP = 0xFFFFFFFF
 
 
@@ -70,8 +78,8 @@ def create_usage_segment(name: str, slots: int, capacity: int) -> shared_memory.
     shm = shared_memory.SharedMemory(name=name, create=True, size=segment_size(slots, capacity))
     resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
     buf = _buf(shm)
-    buf[:_HEADER_SIZE] = bytes(_HEADER_SIZE)
-    _HEADER.pack_into(buf, 0, MAGIC, LAYOUT_VERSION, slots, capacity)
+    buf[:_HEADER_SIZE] = _HEADER.pack(MAGIC, LAYOUT_VERSION, slots, capacity).ljust(
+        _HEADER_SIZE, b"\0")
     return shm
 
 
@@ -104,6 +112,15 @@ def unlink_segment(shm: shared_memory.SharedMemory) -> None:
     _posixshmem.shm_unlink(shm._name)  # type: ignore[attr-defined]
 
 
+class RingCorrupt(SegmentError):
+    """A frame (or the indices) of one ring cannot be trusted; ``tail`` is where it starts."""
+
+    def __init__(self, message: str, tail: int, head: int) -> None:
+        super().__init__(message)
+        self.tail = tail
+        self.head = head
+
+
 class _Ring:
     """Views of one slot's indices and data. Views are released by ``release`` so the
     segment can be closed (an exported memoryview pins the mapping)."""
@@ -112,24 +129,27 @@ class _Ring:
         slots, self.capacity = read_header(shm)
         if not 0 <= slot < slots:
             raise SegmentError(f"usage slot {slot} out of range (0..{slots - 1})")
+        self.slot = slot
         start = _HEADER_SIZE + slot * (_SLOT_META + self.capacity)
         buf = _buf(shm)
         self._meta = buf[start:start + _SLOT_META]
+        self._idx = self._meta.cast("Q")  # [0] head, [8] tail: whole aligned words
         self._data = buf[start + _SLOT_META:start + _SLOT_META + self.capacity]
 
     @property
     def head(self) -> int:
-        return int(_U64.unpack_from(self._meta, 0)[0])
+        return int(self._idx[0])
 
     @property
     def tail(self) -> int:
-        return int(_U64.unpack_from(self._meta, _TAIL_OFFSET)[0])
+        return int(self._idx[_TAIL_OFFSET // 8])
 
     def fill(self) -> int:
         """Bytes written and not yet consumed."""
         return self.head - self.tail
 
     def release(self) -> None:
+        self._idx.release()
         self._meta.release()
         self._data.release()
 
@@ -142,20 +162,21 @@ class RingProducer(_Ring):
         cap = self.capacity
         if n > max_record(cap):
             return False
-        head = self.head
+        idx = self._idx
+        head = idx[0]
         pos = head % cap
         room_to_end = cap - pos
-        skip = room_to_end if room_to_end < 4 + n else 0
-        if (head - self.tail) + skip + 4 + n > cap:
+        frame = _FRAME.size + n
+        skip = room_to_end if room_to_end < frame else 0
+        if (head - idx[_TAIL_OFFSET // 8]) + skip + frame > cap:
             return False
         data = self._data
         if skip:
-            if room_to_end >= 4:
-                _LEN.pack_into(data, pos, WRAP)
+            if room_to_end >= _FRAME.size:
+                data[pos:pos + 4] = _LEN.pack(WRAP)
             pos = 0
-        _LEN.pack_into(data, pos, n)
-        data[pos + 4:pos + 4 + n] = record
-        _U64.pack_into(self._meta, 0, head + skip + 4 + n)
+        data[pos:pos + frame] = _FRAME.pack(n, zlib.crc32(record)) + record
+        idx[0] = head + skip + frame  # one aligned store publishes the frame
         return True
 
 
@@ -164,27 +185,47 @@ class RingConsumer(_Ring):
     consumes up to a position once they are safe elsewhere (at-least-once hand-off)."""
 
     def peek(self, max_bytes: int = 1 << 20) -> tuple[list[bytes], int]:
+        """Records from the tail on, and the position after them. A bad frame ends the batch
+        before it; met first, it raises RingCorrupt (the caller retries, then quarantines)."""
         cap = self.capacity
-        tail, head = self.tail, self.head
+        idx = self._idx
+        tail = idx[_TAIL_OFFSET // 8]
+        head = idx[0]
         if head - tail > cap or head < tail:
-            raise SegmentError(f"usage ring indices are inconsistent (head {head}, "
-                               f"tail {tail}, capacity {cap})")
+            raise RingCorrupt(f"usage ring {self.slot}: indices are inconsistent (head {head}, "
+                              f"tail {tail}, capacity {cap})", tail, head)
         data = self._data
         out: list[bytes] = []
         taken = 0
+        limit = max_record(cap)
         while tail < head and taken < max_bytes:
             pos = tail % cap
-            if cap - pos < 4:
+            if cap - pos < _FRAME.size:
                 tail += cap - pos
                 continue
-            (n,) = _LEN.unpack_from(data, pos)
+            n, crc = _FRAME.unpack(data[pos:pos + _FRAME.size])
             if n == WRAP:
                 tail += cap - pos
                 continue
-            out.append(bytes(data[pos + 4:pos + 4 + n]))
-            tail += 4 + n
+            end = pos + _FRAME.size + n
+            record = bytes(data[pos + _FRAME.size:end]) if n <= limit and end <= cap else None
+            if record is None or tail + _FRAME.size + n > head or zlib.crc32(record) != crc:
+                if out:
+                    break
+                raise RingCorrupt(f"usage ring {self.slot}: bad frame at {tail} (length {n}, "
+                                  f"{head - tail} bytes unread)", tail, head)
+            out.append(record)
+            tail += _FRAME.size + n
             taken += n
         return out, tail
 
+    def unread(self, tail: int, head: int) -> bytes:
+        """The raw bytes between two positions (what a quarantine keeps)."""
+        cap = self.capacity
+        size = max(0, min(head - tail, cap))
+        pos = tail % cap
+        first = bytes(self._data[pos:pos + size])
+        return first + bytes(self._data[:size - len(first)])
+
     def commit(self, position: int) -> None:
-        _U64.pack_into(self._meta, _TAIL_OFFSET, position)
+        self._idx[_TAIL_OFFSET // 8] = position

@@ -50,7 +50,10 @@ USAGE_SINK_ERRORS = Counter("router_usage_sink_errors_total",
                             "Failed attempts to hand usage records to the sink or spool",
                             ["sink"])
 USAGE_MALFORMED = Counter("router_usage_records_malformed_total",
-                          "Ring entries that were not usage records (skipped, logged)")
+                          "Ring entries that were not usage records (quarantined, logged)")
+USAGE_QUARANTINED = Counter("router_usage_quarantined_total",
+                            "Ring regions or entries that failed their checks, kept in the run "
+                            "directory's usage-quarantine/")
 AUDIT_WRITES = Counter("router_audit_records_stored_total", "Records written to the audit store")
 AUDIT_ERRORS = Counter("router_audit_store_errors_total",
                        "Batches the audit store did not take (the records are still exported)")

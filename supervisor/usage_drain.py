@@ -7,6 +7,11 @@ consumes them: ring tails move, overflow files are deleted. A supervisor that di
 two steps re-reads the same records on the next drain: duplicates, never gaps. The audit store
 is written after the sink.
 
+A ring whose frame fails its checks (length, checksum) is retried on the next ticks; if it is
+still bad, the unread rest of that ring is copied into the quarantine directory and skipped
+over, counted and logged. The other rings drain on regardless. An entry that is a sound frame
+but not a usage record is quarantined the same way, never dropped silently.
+
 At start-up, usage segments left behind by a dead supervisor (``kill -9``) are drained into
 the sink before they are unlinked.
 """
@@ -26,6 +31,7 @@ from apirouter.usage import UsageItem, read_item
 from apirouter.usage_ring import (
     OVERFLOW_DIR,
     RingConsumer,
+    RingCorrupt,
     attach_usage_segment,
     read_header,
     unlink_segment,
@@ -43,6 +49,8 @@ FLUSH_FILL = 4  # ... unless a ring is more than 1/FLUSH_FILL full
 OVERFLOW_SCAN_S = 0.5
 GAUGE_REFRESH_S = 1.0
 BATCH_BYTES = 4 << 20
+QUARANTINE_DIR = "usage-quarantine"  # in the run directory
+CORRUPT_STRIKES = 3  # drain ticks a bad frame is retried before it is quarantined
 
 
 class Sink(Protocol):
@@ -60,15 +68,30 @@ class Audit(Protocol):
     async def put(self, items: list[UsageItem]) -> None: ...
 
 
-def _items(raws: list[bytes]) -> list[UsageItem]:
+def quarantine(run_dir: str, what: str, data: bytes) -> str:
+    """Keep bytes that failed a check where an operator can look at them."""
+    directory = os.path.join(run_dir, QUARANTINE_DIR)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, f"{what}-{time.time_ns()}.bin")
+    with open(path, "wb") as f:
+        f.write(data)
+    metrics.USAGE_QUARANTINED.inc()
+    return path
+
+
+def _items(raws: list[bytes], run_dir: str) -> list[UsageItem]:
     out = []
+    bad = []
     for raw in raws:
         item = read_item(raw)
         if item is None:
-            metrics.USAGE_MALFORMED.inc()
-            log.error("skipped a %d-byte ring entry that is not a usage record", len(raw))
+            bad.append(raw)
             continue
         out.append(item)
+    if bad:
+        metrics.USAGE_MALFORMED.inc(len(bad))
+        path = quarantine(run_dir, "malformed", b"\n".join(bad) + b"\n")
+        log.error("%d ring entries are not usage records; kept in %s", len(bad), path)
     return out
 
 
@@ -77,7 +100,9 @@ class UsageDrainer:
                  audit: Audit | None) -> None:
         slots, _ = read_header(shm)
         self.rings = [RingConsumer(shm, i) for i in range(slots)]
+        self.run_dir = run_dir
         self.overflow_dir = os.path.join(run_dir, OVERFLOW_DIR)
+        self._strikes: dict[int, tuple[int, int]] = {}  # slot -> (bad position, times seen)
         self.sink = sink
         self.audit = audit
         self.drained = 0
@@ -117,7 +142,12 @@ class UsageDrainer:
         for ring in self.rings:
             if not ring.fill():
                 continue
-            records, position = ring.peek(BATCH_BYTES)
+            try:
+                records, position = ring.peek(BATCH_BYTES)
+            except RingCorrupt as e:
+                self._corrupt(ring, e)
+                continue
+            self._strikes.pop(ring.slot, None)
             raws.extend(records)
             commits.append((ring, position))
             if len(raws) >= 20_000:
@@ -133,7 +163,7 @@ class UsageDrainer:
         self._flushed_at = time.monotonic()
         if not raws:
             return 0
-        items = _items(raws)
+        items = _items(raws, self.run_dir)
         if items:
             try:
                 await self.sink.accept(items)
@@ -155,6 +185,20 @@ class UsageDrainer:
             await self.audit.put(items)
         return len(items)
 
+    def _corrupt(self, ring: RingConsumer, e: RingCorrupt) -> None:
+        """Retry a bad frame for a few ticks (a torn read heals), then quarantine the rest of
+        the ring: its records cannot be framed, but its bytes are kept."""
+        at, seen = self._strikes.get(ring.slot, (e.tail, 0))
+        seen = seen + 1 if at == e.tail else 1
+        self._strikes[ring.slot] = (e.tail, seen)
+        if seen < CORRUPT_STRIKES:
+            return
+        path = quarantine(self.run_dir, f"ring{ring.slot}", ring.unread(e.tail, e.head))
+        ring.commit(e.head)
+        self._strikes.pop(ring.slot, None)
+        log.error("%s: %d bytes quarantined in %s; the ring continues after them", e,
+                  max(0, e.head - e.tail), path)
+
     def _overflow_files(self, final: bool) -> list[str]:
         try:
             names = sorted(os.listdir(self.overflow_dir))
@@ -173,7 +217,7 @@ class UsageDrainer:
     async def drain_all(self) -> None:
         """Everything that is in the rings now (at shutdown, after the workers stopped)."""
         for _ in range(1000):
-            if await self.drain_once(final=True) == 0:
+            if await self.drain_once(final=True) == 0 and not self._strikes:
                 return
 
     def empty(self) -> bool:

@@ -58,7 +58,9 @@ class TableCache:
 
     def current(self) -> TableView:
         """The view for the published generation; cheap unless the table just changed."""
-        if self._reader.generation() != self._generation:
+        # An odd generation is a publish in progress (or a writer that died in it): the last
+        # complete one, g - 1, is what stays in force.
+        if (self._reader.generation() & ~1) != self._generation:
             self._refresh()
         assert self._view is not None
         return self._view

@@ -94,3 +94,38 @@ async def test_rings_of_a_supervisor_killed_with_sigkill_are_recovered(tmp_path)
     ids = {r["request_id"] for r in _lines(str(tmp_path / "spool"))}
     assert {f"dead-{i}" for i in range(40)} <= ids
     assert not os.path.exists(f"/dev/shm/{name}")
+
+
+async def test_a_corrupt_ring_is_quarantined_and_the_others_drain(tmp_path) -> None:
+    """A frame whose checksum fails is retried, then the rest of its ring is kept in the
+    quarantine directory (never silently skipped); the other rings are not held up."""
+    from apirouter.usage_ring import RingProducer
+    from supervisor import metrics
+
+    shm = create_usage_segment(segment_name(os.getpid(), f"t{time.monotonic_ns()}"), 2, 65536)
+    try:
+        bad, good = RingProducer(shm, 0), RingProducer(shm, 1)
+        assert bad.put(_record(0)) and bad.put(_record(1))
+        bad._data[8] ^= 0xFF  # flip a payload byte of the first frame: its crc32 fails
+        for i in range(2, 12):
+            assert good.put(_record(i))
+        before = metrics.USAGE_QUARANTINED._value.get()
+        sink = JsonlSink(str(tmp_path / "spool"))
+        drainer = UsageDrainer(shm, str(tmp_path), sink, None)
+        await drainer.drain_once()  # first sight of the bad frame: retried later, not dropped
+        assert bad.fill() > 0
+        assert {r["request_id"] for r in _lines(str(tmp_path / "spool"))} == {
+            f"r{i}" for i in range(2, 12)}
+        await drainer.drain_all()
+        assert bad.fill() == 0 and drainer.empty()
+        kept = os.listdir(tmp_path / "usage-quarantine")
+        assert len(kept) == 1 and kept[0].startswith("ring0-")
+        with open(tmp_path / "usage-quarantine" / kept[0], "rb") as f:
+            assert b'"request_id":"r1"' in f.read()  # the bytes are kept for an operator
+        assert metrics.USAGE_QUARANTINED._value.get() == before + 1
+        drainer.close()
+        for ring in (bad, good):
+            ring.release()
+    finally:
+        shm.close()
+        unlink_segment(shm)
