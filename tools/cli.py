@@ -1,4 +1,4 @@
-"""Console entry point ``apirouter``: serve, mock-backend, version. (``apirouterctl``: tools.ctl)"""
+"""Console entry point ``apirouter``: serve, mock-backend, smoke, version (apirouterctl: ctl)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from apirouter import __version__
 from apirouter.config import SETTINGS
 from apirouter.config_keys import DEFAULT_PREFIX
 from apirouter.runstate import default_run_dir
-from tools import mock_backend
+from tools import mock_backend, smoke
 
 
 def _setup_logging(level: str) -> None:
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     m = sub.add_parser("mock-backend", help="run the OpenAI-compatible mock LLM backend")
     mock_backend.add_arguments(m)
+    smoke.add_arguments(sub.add_parser("smoke", help="check a deployed router end to end"))
     sub.add_parser("version", help="print the version")
 
     args = p.parse_args(argv)
@@ -68,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "mock-backend":
         return mock_backend.run(args)
+    if args.command == "smoke":
+        return smoke.run(args, out=lambda line: print(line, flush=True))
     print(__version__)
     return 0
 

