@@ -36,10 +36,6 @@ PROMQL_WORDS = {"sum", "max", "min", "avg", "rate", "increase", "by", "without",
                 "label_values", "le", "bool", "offset", "group_left", "group_right", "topk",
                 "irate", "delta", "absent"}
 
-pytestmark = pytest.mark.skipif(shutil.which("promtool") is None,
-                                reason="promtool missing: tools/setup.sh test installs it")
-
-
 def promtool() -> str:
     path = shutil.which("promtool")
     assert path, "promtool is not installed (tools/setup.sh test installs Debian prometheus)"
