@@ -102,7 +102,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth_required", bool, True,
             "require an API key on inference and admin endpoints (off: open access)"),
     Setting("admin_token_sha256", str, "",
-            "hex SHA-256 of the admin API's bearer token (empty: admin API disabled)",
+            "hex SHA-256 of a break-glass admin bearer token (empty: no such token; "
+            "admin-scoped API keys still reach the admin API)",
             lambda v: v == "" or (len(v) == 64 and all(c in "0123456789abcdef" for c in v)),
             "must be 64 lowercase hex digits"),
     Setting("table_slot_bytes", int, 4 * 1024 * 1024,
