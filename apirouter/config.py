@@ -90,8 +90,9 @@ SETTINGS: tuple[Setting, ...] = (
             "must be 0..100"),
     Setting("redis_url", str, "",
             "Redis for admission (redis://host:port/db); empty: the in-process limiter"),
-    Setting("redis_timeout_ms", float, 5.0,
-            "longest an admission decision waits for Redis before the failure policy applies",
+    Setting("redis_timeout_ms", float, 500.0,
+            "Redis counts as down when it sends nothing back for this long while replies are "
+            "owed (then the failure policy decides); a late reply before that is honoured",
             _positive, "must be > 0"),
     Setting("redis_failure_policy", str, "open",
             "when Redis fails: open (admit) or closed (refuse with 503)",
