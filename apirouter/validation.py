@@ -14,8 +14,14 @@ import orjson
 from apirouter.errors import RouterError
 
 _ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
+MAX_TOKENS = 1_000_000  # the largest max_tokens accepted (apirouter/openapi.yaml says the same)
 _NATIVE_FIELDS = frozenset(
     {"model", "messages", "prompt", "max_tokens", "temperature", "top_p", "stop", "metadata"})
+
+
+# orjson refuses documents nested deeper than this (it stops parsing there, so a hostile
+# 100k-deep body costs no more than a shallow one); the client is told the limit.
+MAX_JSON_DEPTH = 1024
 
 
 def decode_json_object(body: bytes) -> dict[str, Any]:
@@ -24,8 +30,12 @@ def decode_json_object(body: bytes) -> dict[str, Any]:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as e:
+        detail = str(e)
+        if detail.startswith("depth limit"):
+            raise RouterError("INVALID_REQUEST", f"the request body is nested deeper than "
+                                                 f"{MAX_JSON_DEPTH} levels") from None
         raise RouterError("INVALID_REQUEST", "the request body is not valid JSON",
-                          details=str(e)) from None
+                          details=detail) from None
     if not isinstance(doc, dict):
         raise RouterError("INVALID_REQUEST", "the request body must be a JSON object")
     return doc
@@ -52,7 +62,7 @@ def _messages(value: Any) -> None:
         if role is None:
             raise RouterError("MISSING_FIELD", f"'messages[{i}].role' is required",
                               field=f"messages[{i}].role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise RouterError("INVALID_REQUEST",
                               f"'messages[{i}].role' must be one of {sorted(_ROLES)}",
                               field=f"messages[{i}].role")
@@ -77,11 +87,8 @@ def parse_chat_request(body: bytes) -> tuple[str, int | None]:
         raise RouterError("MISSING_FIELD", "'messages' is required", field="messages")
     _messages(doc["messages"])
     _stream(doc)
-    limit = doc.get("max_completion_tokens", doc.get("max_tokens"))
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise RouterError("INVALID_REQUEST", "'max_tokens' must be a positive integer",
-                          field="max_tokens")
-    return model, limit
+    name = "max_completion_tokens" if "max_completion_tokens" in doc else "max_tokens"
+    return model, _number(doc, name, 1, MAX_TOKENS, integer=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,11 +100,15 @@ class InferenceRequest:
 
 
 def _number(doc: dict[str, Any], name: str, lo: float, hi: float, integer: bool = False) -> Any:
+    """A number in [lo, hi]; for an integer field, JSON Schema's integers: 5 and 5.0 alike."""
     v = doc.get(name)
     if v is None:
         return None
-    ok = isinstance(v, int) if integer else isinstance(v, int | float)
-    if isinstance(v, bool) or not ok or not lo <= v <= hi:
+    ok = isinstance(v, int | float) and not isinstance(v, bool)
+    if integer and isinstance(v, float) and ok:
+        ok = v.is_integer()
+        v = int(v) if ok else v
+    if not ok or not lo <= v <= hi:
         kind = "an integer" if integer else "a number"
         raise RouterError("INVALID_REQUEST", f"'{name}' must be {kind} from {lo:g} to {hi:g}",
                           field=name)
@@ -129,8 +140,8 @@ def parse_inference_request(body: bytes) -> InferenceRequest:
         _messages(doc["messages"])
         messages = doc["messages"]
     upstream: dict[str, Any] = {"model": model, "messages": messages}
-    for name, lo, hi, integer in (("max_tokens", 1, 1_000_000, True), ("temperature", 0, 2, False),
-                                  ("top_p", 0, 1, False)):
+    for name, lo, hi, integer in (("max_tokens", 1, MAX_TOKENS, True),
+                                  ("temperature", 0, 2, False), ("top_p", 0, 1, False)):
         v = _number(doc, name, lo, hi, integer)
         if v is not None:
             upstream[name] = v

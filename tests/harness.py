@@ -305,3 +305,109 @@ def router_config(backends: dict[str, str], models: dict[str, dict[str, int]],
     if keys is not None:
         cfg["keys"] = keys
     return cfg
+
+
+# -- raw HTTP/1.1 over a socket (conformance and hostile-input tests) -----------------------------
+
+
+class RawResponse:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<{self.status} {self.body[:120]!r}>"
+
+
+class RawHttp:
+    """One client connection that sends bytes as given and parses every response that comes
+    back (httptools), so a test can tell one response per request from two, and a clean close
+    from a reset."""
+
+    def __init__(self, port: int, timeout: float = 5.0) -> None:
+        import httptools
+
+        self.sock = socket.create_connection((HOST, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.responses: list[RawResponse] = []
+        self.closed = False  # the server closed (FIN)
+        self.reset = False  # the connection was reset
+        self._head: dict[str, str] = {}
+        self._body: list[bytes] = []
+        self._parser = httptools.HttpResponseParser(self)
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._head, self._body = {}, []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self.responses.append(RawResponse(self._parser.get_status_code(), self._head,
+                                          b"".join(self._body)))
+
+    def send(self, data: bytes) -> bool:
+        """False when the server no longer takes data (it closed or reset the connection)."""
+        try:
+            self.sock.sendall(data)
+            return True
+        except (BrokenPipeError, ConnectionResetError):
+            self.reset = True
+            return False
+
+    def pump(self, timeout: float) -> None:
+        """Read for up to ``timeout`` seconds, or until the server closes."""
+        deadline = time.monotonic() + timeout
+        while not (self.closed or self.reset):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(262144)
+            except TimeoutError:
+                return
+            except ConnectionResetError:
+                self.reset = True
+                return
+            if not data:
+                self.closed = True
+                return
+            self._parser.feed_data(data)
+
+    def read(self, count: int, timeout: float = 5.0) -> list[RawResponse]:
+        """Wait until ``count`` responses have arrived (or the connection ended)."""
+        deadline = time.monotonic() + timeout
+        while len(self.responses) < count and not (self.closed or self.reset):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.pump(min(left, 0.2))
+        return self.responses
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawHttp:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def raw_request(method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> bytes:
+    """The bytes of one HTTP/1.1 request (Content-Length framed when there is a body)."""
+    lines = [f"{method} {path} HTTP/1.1", "Host: router"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from apirouter.control_protocol import SOCKET_NAME, CommandError, ProtocolError, call
+from apirouter.control_protocol import MAX_FRAME, SOCKET_NAME, CommandError, ProtocolError, call
 from apirouter.errors import CATALOG, RouterError
 from apirouter.keys import authenticate, credential, is_admin_token
 from apirouter.redis_client import RedisUnavailable
@@ -23,7 +23,7 @@ from apirouter.stats import RUN_DIR_ENV
 from apirouter.table import describe
 from apirouter.validation import decode_json_object
 from workers.admission import budget_usage
-from workers.budget_metrics import key_orgs
+from workers.bodies import read_body
 from workers.endpoints import Endpoints, Reply
 
 PREFIX = "/v1/admin/routing"
@@ -80,8 +80,13 @@ class Admin:
         return _json({"overrides": await self.relay("overrides.list", {}, request, request_id)},
                      request_id)
 
+    def max_body_bytes(self) -> int:
+        """Admin bodies obey the inference limit, and fit the relay to the supervisor with
+        room to spare for what the relay adds (the actor)."""
+        return min(self.endpoints.max_body_bytes(), MAX_FRAME // 2)
+
     async def set_override(self, request: web.Request, request_id: str) -> Reply:
-        doc = decode_json_object(await request.read())
+        doc = decode_json_object(await read_body(request, self.max_body_bytes()))
         record = await self.relay("overrides.set", doc, request, request_id)
         return _json(record, request_id, status=201)
 
@@ -103,9 +108,9 @@ class Admin:
         table = self.endpoints.tables.current().table
         wanted = request.query.get("scope")
         budgets = [b for s, b in table.budgets.items() if wanted is None or s == wanted]
+        org_of = {f"key:{k.key_id}": k.org for k in table.keys.values()}
         try:
-            rows = await budget_usage(self.endpoints.admission, table.limits, budgets,
-                                      key_orgs(table))
+            rows = await budget_usage(self.endpoints.admission, table.limits, budgets, org_of)
         except RedisUnavailable:
             raise RouterError("SERVICE_UNAVAILABLE", "the budget store (Redis) is not "
                                                      "answering") from None

@@ -26,6 +26,7 @@ from workers.admin import Admin
 from workers.audit_api import PATH as AUDIT_PATH
 from workers.audit_api import AuditApi
 from workers.audit_reader import AuditReader
+from workers.bodies import read_body
 from workers.endpoints import Endpoint, Endpoints, Reply, Signed
 from workers.table_view import TableCache
 from workers.usage_out import UsageOut
@@ -35,21 +36,6 @@ AioHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AdminHandler = Callable[[web.Request, str], Awaitable[Reply]]
 
 log = logging.getLogger("apirouter.worker")
-
-
-async def read_body(request: web.Request, limit: int) -> bytes:
-    declared = request.content_length
-    if declared is not None:
-        if declared > limit:
-            raise RouterError("PAYLOAD_TOO_LARGE", details=f"the limit is {limit} bytes")
-        return await request.read()
-    chunks, size = [], 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise RouterError("PAYLOAD_TOO_LARGE", details=f"the limit is {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def to_response(reply: Reply) -> web.Response:

@@ -39,6 +39,13 @@ def test_chat_request_returns_model() -> None:
     ({"model": "m", "messages": [{"content": "x"}]}, "MISSING_FIELD", "messages[0].role"),
     ({"model": "m", "messages": [{"role": "wizard"}]}, "INVALID_REQUEST", "messages[0].role"),
     ({"model": "m", "messages": MSG, "stream": "yes"}, "INVALID_REQUEST", "stream"),
+    ({"model": "m", "messages": [{"role": {}, "content": "x"}]}, "INVALID_REQUEST",
+     "messages[0].role"),
+    ({"model": "m", "messages": [{"role": ["user"]}]}, "INVALID_REQUEST", "messages[0].role"),
+    ({"model": "m", "messages": MSG, "max_tokens": 0}, "INVALID_REQUEST", "max_tokens"),
+    ({"model": "m", "messages": MSG, "max_tokens": 2.5}, "INVALID_REQUEST", "max_tokens"),
+    ({"model": "m", "messages": MSG, "max_completion_tokens": "9"}, "INVALID_REQUEST",
+     "max_completion_tokens"),
 ])
 def test_chat_request_errors_name_the_field(doc: dict[str, Any], code: str, field: str) -> None:
     e = err(parse_chat_request, orjson.dumps(doc))
@@ -70,10 +77,34 @@ def test_inference_prompt_becomes_a_user_message() -> None:
     ({"model": "m", "prompt": "a", "stop": [1]}, "INVALID_REQUEST", "stop"),
     ({"model": "m", "prompt": "a", "metadata": {"k": 1}}, "INVALID_REQUEST", "metadata"),
     ({"model": "m", "prompt": "a", "colour": 1}, "INVALID_REQUEST", "colour"),
+    ({"model": "m", "messages": [{"role": {}, "content": "x"}]}, "INVALID_REQUEST",
+     "messages[0].role"),
+    ({"model": "m", "messages": [{"role": []}]}, "INVALID_REQUEST", "messages[0].role"),
+    ({"model": "m", "prompt": "a", "max_tokens": 1.5}, "INVALID_REQUEST", "max_tokens"),
+    ({"model": "m", "prompt": "a", "max_tokens": 1_000_001}, "INVALID_REQUEST", "max_tokens"),
 ])
 def test_inference_errors_name_the_field(doc: dict[str, Any], code: str, field: str) -> None:
     e = err(parse_inference_request, orjson.dumps(doc))
     assert (e.code, e.field) == (code, field)
+
+
+def test_integral_floats_are_integers_as_json_schema_says() -> None:
+    """openapi.yaml types max_tokens as integer, and 5.0 is one (schemathesis sends it)."""
+    req = parse_inference_request(orjson.dumps({"model": "m", "prompt": "a",
+                                                "max_tokens": 510509.0}))
+    assert req.max_tokens == 510509
+    assert orjson.loads(req.upstream_body)["max_tokens"] == 510509
+    assert isinstance(orjson.loads(req.upstream_body)["max_tokens"], int)
+    assert parse_chat_request(orjson.dumps({"model": "m", "messages": MSG,
+                                            "max_completion_tokens": 7.0})) == ("m", 7)
+
+
+@pytest.mark.parametrize("depth", [1025, 100_000])
+def test_deep_nesting_is_refused_naming_the_limit(depth: int) -> None:
+    body = b'{"model":"m","messages":' + b"[" * depth + b"]" * depth + b"}"
+    for parse in (parse_chat_request, parse_inference_request):
+        e = err(parse, body)
+        assert e.code == "INVALID_REQUEST" and "nested deeper than 1024" in e.message
 
 
 json_values = st.recursive(
@@ -88,6 +119,17 @@ json_values = st.recursive(
 @given(json_values)
 def test_any_json_is_accepted_or_a_4xx(doc: Any) -> None:
     body = orjson.dumps(doc)
+    for parse in (parse_chat_request, parse_inference_request):
+        try:
+            parse(body)
+        except RouterError as e:
+            assert 400 <= e.status < 500
+
+
+@given(st.lists(json_values, min_size=1, max_size=3), json_values)
+def test_any_role_or_message_shape_is_accepted_or_a_4xx(roles: list[Any], content: Any) -> None:
+    body = orjson.dumps({"model": "m", "messages": [{"role": r, "content": content}
+                                                    for r in roles]})
     for parse in (parse_chat_request, parse_inference_request):
         try:
             parse(body)
