@@ -90,8 +90,9 @@ SETTINGS: tuple[Setting, ...] = (
             "must be 0..100"),
     Setting("redis_url", str, "",
             "Redis for admission (redis://host:port/db); empty: the in-process limiter"),
-    Setting("redis_timeout_ms", float, 5.0,
-            "longest an admission decision waits for Redis before the failure policy applies",
+    Setting("redis_timeout_ms", float, 500.0,
+            "Redis counts as down when it sends nothing back for this long while replies are "
+            "owed (then the failure policy decides); a late reply before that is honoured",
             _positive, "must be > 0"),
     Setting("redis_failure_policy", str, "open",
             "when Redis fails: open (admit) or closed (refuse with 503)",
@@ -102,7 +103,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth_required", bool, True,
             "require an API key on inference and admin endpoints (off: open access)"),
     Setting("admin_token_sha256", str, "",
-            "hex SHA-256 of the admin API's bearer token (empty: admin API disabled)",
+            "hex SHA-256 of a break-glass admin bearer token (empty: no such token; "
+            "admin-scoped API keys still reach the admin API)",
             lambda v: v == "" or (len(v) == 64 and all(c in "0123456789abcdef" for c in v)),
             "must be 64 lowercase hex digits"),
     Setting("table_slot_bytes", int, 4 * 1024 * 1024,

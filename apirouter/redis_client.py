@@ -8,11 +8,19 @@ that misses its deadline fails alone; a connection error fails every call on it,
 connection is then
 dropped and re-opened by the next call; a late reply to an abandoned call is read and thrown
 away. Errors are RedisUnavailable (retriable), RedisError (Redis answered with an error).
+
+Liveness (``stall_timeout``): a call made without a deadline of its own waits for its reply
+however late it comes, as long as the connection is alive. The connection is declared dead —
+every call on it failing with RedisUnavailable — when replies are owed and nothing at all has
+arrived for ``stall_timeout`` seconds since the last byte read (or since the oldest owed reply
+was asked for). Before declaring that, the watchdog looks at the socket itself: bytes waiting
+there mean the event loop, not Redis, was late, and the connection lives on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import select
 from collections import deque
 from typing import Any
 from urllib.parse import urlsplit
@@ -82,14 +90,53 @@ def parse_reply(buf: bytes, pos: int) -> tuple[RespValue, int]:
 class _Protocol(asyncio.Protocol):
     def __init__(self, client: RedisClient) -> None:
         self.client = client
+        self.loop = client._loop
         self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.waiters: deque[asyncio.Future[RespValue]] = deque()
+        self.progress = 0.0  # loop time of the last byte read, or of the first owed reply
+        self.watchdog: asyncio.TimerHandle | None = None
+        self.fd = -1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        self.fd = sock.fileno() if sock is not None else -1
+
+    def owe(self, futs: list[asyncio.Future[RespValue]]) -> None:
+        """Replies now owed on this connection; the liveness clock runs while any are."""
+        if not self.waiters:
+            self.progress = self.loop.time()
+        self.waiters.extend(futs)
+        stall = self.client.stall_timeout
+        if stall is not None and self.watchdog is None:
+            self.watchdog = self.loop.call_at(self.progress + stall, self._check)
+
+    def _check(self) -> None:
+        self.watchdog = None
+        stall = self.client.stall_timeout
+        if self.transport is None or not self.waiters or stall is None:
+            return
+        now = self.loop.time()
+        if now < self.progress + stall:
+            self.watchdog = self.loop.call_at(self.progress + stall, self._check)
+            return
+        if self._readable():  # the reply is here; our loop was the late one
+            self.progress = now
+            self.watchdog = self.loop.call_at(now + stall, self._check)
+            return
+        self.fail(RedisUnavailable(f"no reply from Redis for {stall * 1000:.0f} ms"))
+
+    def _readable(self) -> bool:
+        if self.fd < 0:
+            return False
+        try:
+            return bool(select.select([self.fd], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
 
     def data_received(self, data: bytes) -> None:
+        self.progress = self.loop.time()
         self.buf += data
         pos = 0
         try:
@@ -110,6 +157,9 @@ class _Protocol(asyncio.Protocol):
         self.fail(RedisUnavailable("connection lost"))
 
     def fail(self, exc: Exception) -> None:
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
         while self.waiters:
             w = self.waiters.popleft()
             if not w.done():
@@ -122,7 +172,7 @@ class _Protocol(asyncio.Protocol):
 
 
 class RedisClient:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, stall_timeout: float | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme != "redis":
             raise ValueError(f"unsupported Redis URL {url!r} (redis://host:port/db)")
@@ -133,6 +183,7 @@ class RedisClient:
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._loop = asyncio.get_running_loop()
+        self.stall_timeout = stall_timeout  # seconds; None: only per-call deadlines
 
     async def _connection(self, deadline: float) -> _Protocol:
         if self._proto is not None:
@@ -167,23 +218,35 @@ class RedisClient:
                 raise RedisUnavailable(f"setup failed: {reply}")
         return proto
 
-    async def _send(self, proto: _Protocol, data: bytes, deadline: float) -> RespValue:
+    async def _send(self, proto: _Protocol, data: bytes, deadline: float | None) -> RespValue:
         if proto.transport is None:
             raise RedisUnavailable("not connected")
         fut: asyncio.Future[RespValue] = self._loop.create_future()
-        proto.waiters.append(fut)
+        proto.owe([fut])
         proto.transport.write(data)
+        if deadline is None:
+            return await fut
         timer = self._loop.call_at(deadline, _expire, fut, proto)
         try:
             return await fut
         finally:
             timer.cancel()
 
-    async def execute(self, *args: bytes | str | int | float, timeout: float) -> RespValue:
-        """Run one command; RedisError replies are returned, not raised (scripts need them)."""
-        deadline = self._loop.time() + timeout
-        proto = await self._connection(deadline)
-        return await self._send(proto, encode_command(*args), deadline)
+    def _connect_deadline(self, timeout: float | None) -> float:
+        bound = timeout if timeout is not None else self.stall_timeout
+        if bound is None:
+            raise ValueError("a call needs a timeout when the client has no stall_timeout")
+        return self._loop.time() + bound
+
+    async def execute(self, *args: bytes | str | int | float,
+                      timeout: float | None) -> RespValue:
+        """Run one command; RedisError replies are returned, not raised (scripts need them).
+        ``timeout=None``: wait for the reply while the connection lives (``stall_timeout``)."""
+        proto = self._proto
+        if proto is None:
+            proto = await self._connection(self._connect_deadline(timeout))
+        return await self._send(proto, encode_command(*args),
+                                None if timeout is None else self._loop.time() + timeout)
 
     async def pipeline(self, commands: list[tuple[bytes | str | int | float, ...]],
                        timeout: float) -> list[RespValue]:
@@ -199,7 +262,7 @@ class RedisClient:
         if proto.transport is None:
             raise RedisUnavailable("not connected")
         futs = [self._loop.create_future() for _ in range(count)]
-        proto.waiters.extend(futs)
+        proto.owe(futs)
         proto.transport.write(data)
         timer = self._loop.call_at(deadline, _expire, futs[-1], proto)
         try:

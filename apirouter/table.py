@@ -79,7 +79,7 @@ class Limits:
     client_timeout_s: float
     max_attempts: int
     redis_url: str = ""
-    redis_timeout_ms: float = 5.0
+    redis_timeout_ms: float = 500.0
     redis_failure_policy: str = "open"
     default_completion_tokens: int = 256
     workers: int = 1

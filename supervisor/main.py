@@ -455,8 +455,9 @@ class Supervisor:
                     log.info("apirouter ready on %s (table generation %d)", url,
                              self.publisher.generation if self.publisher else 0)
                     if self.opts.demo:
-                        log.info("try: curl %s/v1/chat/completions -H 'Content-Type: "
-                                 "application/json' -d '{\"model\":\"gpt-4o-mini\",\"messages\":"
+                        log.info("try: curl %s/v1/chat/completions -H 'Authorization: "
+                                 "Bearer demo' -H 'Content-Type: application/json' -d "
+                                 "'{\"model\":\"gpt-4o-mini\",\"messages\":"
                                  "[{\"role\":\"user\",\"content\":\"hi\"}]}'", url)
                     return
             except OSError:

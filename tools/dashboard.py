@@ -127,7 +127,12 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
         Panel("Budget and quota denials", (
             (f"sum by (reason) (rate(router_denials_total{{{J},"
              f'reason=~"budget_exceeded_.*|quota_exceeded_.*"}}[{RI}])) * 60', "{{reason}}"),
-        ), description="Per minute; GET /v1/admin/budgets shows what remains per budget"),
+        ), description="Per minute"),
+        Panel("Budget remaining", (
+            (f"min by (scope, dimension) (router_budget_remaining_ratio{{{J}}})",
+             "{{scope}} {{dimension}}"),
+        ), "percentunit", description="Share of each budget left this period (read from "
+                                      "Redis at scrape time; GET /v1/admin/budgets has amounts)"),
         Panel("Admission", (
             (q(0.99, "router_admission_latency_seconds"), "decision p99"),
             (f"sum by (policy) (rate(router_admission_degraded_total{{{J}}}[{RI}]))",

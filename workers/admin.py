@@ -24,6 +24,7 @@ from apirouter.table import describe
 from apirouter.validation import decode_json_object
 from workers.admission import budget_usage
 from workers.bodies import read_body
+from workers.budget_metrics import key_orgs
 from workers.endpoints import Endpoints, Reply
 
 PREFIX = "/v1/admin/routing"
@@ -108,9 +109,9 @@ class Admin:
         table = self.endpoints.tables.current().table
         wanted = request.query.get("scope")
         budgets = [b for s, b in table.budgets.items() if wanted is None or s == wanted]
-        org_of = {f"key:{k.key_id}": k.org for k in table.keys.values()}
         try:
-            rows = await budget_usage(self.endpoints.admission, table.limits, budgets, org_of)
+            rows = await budget_usage(self.endpoints.admission, table.limits, budgets,
+                                      key_orgs(table))
         except RedisUnavailable:
             raise RouterError("SERVICE_UNAVAILABLE", "the budget store (Redis) is not "
                                                      "answering") from None

@@ -2,20 +2,31 @@
 
 With Redis, one Lua script (one round trip) checks all buckets, charges them all or none, and
 records an HMAC nonce if the request carries one; bucket keys of one request share a hash tag
-(the org), so the script also runs on Redis Cluster. Redis is given ``redis_timeout_ms``; if it
-does not answer, the configured policy decides (``open``: admit, ``closed``: 503) and a breaker
-stops asking a dead Redis for a second before probing it again. Without Redis, the in-process
-limiter gives each worker an equal share of every limit, so one instance as a whole admits
-about the configured rate (documented as per-instance).
+(the org), so the script also runs on Redis Cluster (workers/admission_scripts.py).
 
-Token buckets are reserved with an estimate at admission and settled to actual usage after the
-response (a failed request releases its reservation) off the response path.
+A reply from Redis is the decision, however late it arrives: the call has no deadline of its
+own. The failure policy (``open``: admit, ``closed``: 503) decides only when Redis is actually
+unavailable — the connection is refused or lost, or nothing at all has come back on it for
+``redis_timeout_ms`` while replies are owed (apirouter/redis_client.py measures that against
+the socket, not against a late event-loop turn), or Redis answers with an error. A connection
+found dead opens a breaker: for a second the policy decides at once, then Redis is asked
+again. An admission decided without Redis's answer is released on Redis as soon as it answers
+again (idempotently, by reservation id): whether its script ran before, after or never, it
+leaves no charge.
+
+Without Redis, the in-process limiter gives each worker an equal share of every limit, so one
+instance as a whole admits about the configured rate (documented as per-instance).
+
+Token buckets and budgets are reserved with an estimate at admission and settled to actual
+usage after the response (a failed request releases its reservation) off the response path,
+into the budget period in which the reservation was made.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -27,98 +38,26 @@ from apirouter.keys import KeyRecord, Tier
 from apirouter.limits import BucketSpec, BucketState, Verdict, buckets_for, settle, take_all
 from apirouter.redis_client import RedisClient, RedisError, RedisUnavailable
 from apirouter.table import Limits
+from workers.admission_scripts import (
+    ADMIT_LUA,
+    BUCKET_TTL_MS,
+    BUDGET_SETTLE_LUA,
+    RELEASE_LUA,
+    RESERVATION_TTL_MS,
+    SETTLE_LUA,
+    bucket_key,
+    budget_key,
+    nonce_key,
+    reservation_key,
+)
 from workers.metrics import ADMISSION_DEGRADED, ADMISSION_LATENCY
 
 log = logging.getLogger("apirouter.admission")
 
-BREAKER_FAILURES = 3
+BREAKER_FAILURES = 3  # consecutive error replies that open the breaker
 BREAKER_OPEN_S = 1.0
-BUCKET_TTL_MS = 180_000  # idle buckets are full again by then: let Redis forget them
-
-ADMIT_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = tonumber(ARGV[1])
-local levels = {}
-for i = 1, n do
-  local b = 3 + (i - 1) * 3
-  local cap, rate, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
-  local s = redis.call('HMGET', KEYS[i], 't', 'ts')
-  local tokens = cap
-  if s[1] then
-    tokens = math.min(cap, tonumber(s[1]) + math.max(0, now - tonumber(s[2])) * rate)
-  end
-  if tokens < cost then
-    local retry, reset = 60000, 0
-    if rate > 0 then
-      retry = math.ceil((cost - tokens) / rate)
-      reset = math.ceil((cap - tokens) / rate)
-    end
-    return {0, i, math.floor(math.max(0, tokens)), retry, reset}
-  end
-  levels[i] = tokens
-end
-local m = tonumber(ARGV[3])
-local bb = 3 + n * 3
-for j = 1, m do
-  local a = bb + (j - 1) * 7
-  local used = redis.call('HMGET', KEYS[n + j], 'spend', 'tokens', 'requests')
-  for d = 1, 3 do
-    local limit, need = tonumber(ARGV[a + d]), tonumber(ARGV[a + 3 + d])
-    if limit >= 0 and (tonumber(used[d]) or 0) + need > limit then
-      return {2, j, d, 0, 0}
-    end
-  end
-end
-local nonce_ttl = tonumber(ARGV[2])
-if nonce_ttl > 0 then
-  if not redis.call('SET', KEYS[n + m + 1], '1', 'NX', 'PX', nonce_ttl) then
-    return {-1, 0, 0, 0, 0}
-  end
-end
-for j = 1, m do
-  local a = bb + (j - 1) * 7
-  redis.call('HINCRBY', KEYS[n + j], 'spend', ARGV[a + 4])
-  redis.call('HINCRBY', KEYS[n + j], 'tokens', ARGV[a + 5])
-  redis.call('HINCRBY', KEYS[n + j], 'requests', ARGV[a + 6])
-  redis.call('PEXPIRE', KEYS[n + j], ARGV[a + 7])
-end
-local first_left, first_reset = 0, 0
-for i = 1, n do
-  local b = 3 + (i - 1) * 3
-  local cap, rate, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
-  local left = levels[i] - cost
-  redis.call('HSET', KEYS[i], 't', string.format('%.6f', left), 'ts', now)
-  redis.call('PEXPIRE', KEYS[i], %(ttl)d)
-  if i == 1 then
-    first_left = left
-    if rate > 0 then first_reset = math.ceil((cap - left) / rate) end
-  end
-end
-return {1, 0, math.floor(math.max(0, first_left)), 0, first_reset}
-""".replace("%(ttl)d", str(BUCKET_TTL_MS))
-
-BUDGET_SETTLE_LUA = """
-redis.call('HINCRBY', KEYS[1], 'spend', ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'requests', ARGV[3])
-return 1
-"""
-
-SETTLE_LUA = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local cap, rate, delta = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local s = redis.call('HMGET', KEYS[1], 't', 'ts')
-local tokens = cap
-if s[1] then
-  tokens = math.min(cap, tonumber(s[1]) + math.max(0, now - tonumber(s[2])) * rate)
-end
-tokens = math.min(cap, tokens - delta)
-redis.call('HSET', KEYS[1], 't', string.format('%.6f', tokens), 'ts', now)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return 1
-"""
+MAX_PENDING_RELEASES = 10_000
+RELEASE_BATCH = 64
 
 
 @dataclass(slots=True)
@@ -133,15 +72,8 @@ class Ticket:
     reservation: Reservation | None = None
     refused_budget: tuple[Budget, str] | None = None  # (budget, "spend"|"tokens"|"requests")
     charged: bool = True  # False when the failure policy admitted it: nothing to settle
-
-
-def redis_key(key: KeyRecord, bucket: str) -> str:
-    # The {org} hash tag keeps all buckets of one request in one Redis Cluster slot.
-    return f"apirouter:rl:{{{key.org}}}:{bucket}"
-
-
-def budget_key(org: str, budget: Budget, now: float | None = None) -> str:
-    return f"apirouter:budget:{{{org}}}:{budget.scope}:{period_id(budget.period, now)}"
+    rid: str = ""  # the reservation id on Redis
+    periods: list[str] = field(default_factory=list)  # period id per budget, at admission
 
 
 _DIMENSIONS = ("spend", "tokens", "requests")
@@ -159,6 +91,10 @@ class Admission:
         self._decisions = 0
         self._nonces: dict[str, float] = {}
         self._used: dict[tuple[str, str], dict[str, int]] = {}
+        self._rid_prefix = f"{os.getpid():x}.{os.urandom(4).hex()}."
+        self._rid_next = 0
+        self._releases: dict[str, Ticket] = {}  # decided without Redis: release when it answers
+        self._releasing: asyncio.Future[None] | None = None
 
     # -- configuration --------------------------------------------------------------------------
 
@@ -169,6 +105,9 @@ class Admission:
             self.redis = RedisClient(limits.redis_url) if limits.redis_url else None
             self._redis_url = limits.redis_url
             self._sha.clear()
+            self._releases.clear()
+        if self.redis is not None:
+            self.redis.stall_timeout = limits.redis_timeout_ms / 1000
         return self.redis
 
     def status(self, limits: Limits) -> dict[str, object]:
@@ -179,7 +118,8 @@ class Admission:
         broken = self.open_until > time.monotonic() or self.failures > 0
         return {"status": "degraded" if broken else "ok", "backend": "redis",
                 "breaker": "open" if self.open_until > time.monotonic() else "closed",
-                "policy": limits.redis_failure_policy, "last_error": self.last_error}
+                "policy": limits.redis_failure_policy, "last_error": self.last_error,
+                "releases_pending": len(self._releases)}
 
     # -- decisions ------------------------------------------------------------------------------
 
@@ -190,15 +130,19 @@ class Admission:
                     reservation: Reservation | None = None) -> Ticket:
         client = self.client_for(limits)
         budgets = budgets or []
+        now = time.time()
+        periods = [period_id(b.period, now) for b in budgets]
         if client is None:
             # In-process: this worker enforces its equal share of every limit.
             specs = buckets_for(key, model, tokens, org, model_limits, max(1, limits.workers))
             ticket = Ticket(key, specs, tokens, Verdict(True, None, 0, 0, 0), budgets,
-                            reservation)
+                            reservation, periods=periods)
             ticket.verdict = self._admit_local(limits, ticket, nonce, nonce_ttl_ms)
             return ticket
         specs = buckets_for(key, model, tokens, org, model_limits)
-        ticket = Ticket(key, specs, tokens, Verdict(True, None, 0, 0, 0), budgets, reservation)
+        self._rid_next += 1
+        ticket = Ticket(key, specs, tokens, Verdict(True, None, 0, 0, 0), budgets, reservation,
+                        rid=f"{self._rid_prefix}{self._rid_next:x}", periods=periods)
         started = time.perf_counter()
         ticket.verdict = await self._admit_redis(client, limits, ticket, nonce, nonce_ttl_ms)
         self._decisions += 1
@@ -220,92 +164,114 @@ class Admission:
         r = ticket.reservation
         share = max(1, limits.workers)
         if r is not None:
-            for b in ticket.budgets:
+            for b, period in zip(ticket.budgets, ticket.periods, strict=True):
                 local = Budget(b.scope, b.period, *(v if v < 0 else v // share for v in (
                     b.spend_micro, b.tokens, b.requests)))
-                dim = refused(local, self.ledger(b), r)
+                dim = refused(local, self.ledger(b, period), r)
                 if dim is not None:
                     ticket.refused_budget = (b, dim)
                     return Verdict(False, None, 0, 0, 0)
         verdict = take_all(ticket.specs, self._local, time.monotonic() * 1000)
         if verdict.allowed and r is not None:
-            for b in ticket.budgets:
-                self._charge(b, r.spend_micro, r.tokens, r.requests)
+            for b, period in zip(ticket.budgets, ticket.periods, strict=True):
+                self._charge(b, period, r.spend_micro, r.tokens, r.requests)
         return verdict
 
-    def ledger(self, b: Budget) -> dict[str, int]:
-        return self._used.setdefault((b.scope, period_id(b.period)),
+    def ledger(self, b: Budget, period: str | None = None) -> dict[str, int]:
+        return self._used.setdefault((b.scope, period or period_id(b.period)),
                                      {"spend": 0, "tokens": 0, "requests": 0})
 
-    def _charge(self, b: Budget, spend: int, tokens: int, requests: int) -> None:
-        used = self.ledger(b)
+    def _charge(self, b: Budget, period: str, spend: int, tokens: int, requests: int) -> None:
+        used = self.ledger(b, period)
         used["spend"] += spend
         used["tokens"] += tokens
         used["requests"] += requests
 
     async def _script(self, client: RedisClient, name: str, source: str,
-                      keys: list[str], args: list[str | int | float], timeout: float) -> object:
+                      keys: list[str], args: list[str | int | float]) -> object:
+        """Run a script; with no deadline of its own: Redis's reply is awaited while the
+        connection lives (RedisClient.stall_timeout)."""
         sha = self._sha.get(name)
         if sha is None:
-            loaded = await client.execute("SCRIPT", "LOAD", source, timeout=timeout)
+            loaded = await client.execute("SCRIPT", "LOAD", source, timeout=None)
             if isinstance(loaded, RedisError):
                 raise loaded
             sha = self._sha[name] = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
-        reply = await client.execute("EVALSHA", sha, len(keys), *keys, *args, timeout=timeout)
+        reply = await client.execute("EVALSHA", sha, len(keys), *keys, *args, timeout=None)
         if isinstance(reply, RedisError):
             if str(reply).startswith("NOSCRIPT"):
                 self._sha.pop(name, None)
-                return await self._script(client, name, source, keys, args, timeout)
+                return await self._script(client, name, source, keys, args)
             raise reply
         return reply
+
+    def _script_args(self, ticket: Ticket, nonce: str | None, nonce_ttl_ms: int
+                     ) -> tuple[list[str], list[str | int | float]]:
+        """KEYS and ARGV of the admission and release scripts (admission_scripts layout)."""
+        key, specs = ticket.key, ticket.specs
+        r = ticket.reservation
+        budgets = ticket.budgets if r is not None else []
+        keys = [bucket_key(key.org, s.name) for s in specs]
+        keys += [budget_key(key.org, b.scope, p)
+                 for b, p in zip(budgets, ticket.periods, strict=True)]
+        keys.append(reservation_key(key.org, ticket.rid))
+        if nonce is not None:
+            keys.append(nonce_key(key.org, key.key_id, nonce))
+        args: list[str | int | float] = [len(specs), nonce_ttl_ms if nonce else 0, len(budgets),
+                                         RESERVATION_TTL_MS]
+        for s in specs:
+            args += [s.capacity, repr(s.refill_per_ms), s.cost]
+        for b in budgets:
+            assert r is not None
+            args += [b.spend_micro, b.tokens, b.requests, r.spend_micro, r.tokens, r.requests,
+                     period_ttl_ms(b.period)]
+        return keys, args
 
     async def _admit_redis(self, client: RedisClient, limits: Limits, ticket: Ticket,
                            nonce: str | None, nonce_ttl_ms: int) -> Verdict:
         if self.open_until > time.monotonic():
             ticket.charged = False
             return self._on_failure(limits, None)
-        key, specs = ticket.key, ticket.specs
-        budgets = ticket.budgets if ticket.reservation is not None else []
-        now = time.time()
-        keys = [redis_key(key, s.name) for s in specs]
-        keys += [budget_key(key.org, b, now) for b in budgets]
-        if nonce is not None:
-            keys.append(f"apirouter:nonce:{{{key.org}}}:{key.key_id}:{nonce}")
-        args: list[str | int | float] = [len(specs), nonce_ttl_ms if nonce else 0, len(budgets)]
-        for s in specs:
-            args += [s.capacity, repr(s.refill_per_ms), s.cost]
-        r = ticket.reservation
-        for b in budgets:
-            assert r is not None
-            args += [b.spend_micro, b.tokens, b.requests, r.spend_micro, r.tokens, r.requests,
-                     period_ttl_ms(b.period)]
+        keys, args = self._script_args(ticket, nonce, nonce_ttl_ms)
         try:
-            reply = await self._script(client, "admit", ADMIT_LUA, keys, args,
-                                       limits.redis_timeout_ms / 1000)
+            reply = await self._script(client, "admit", ADMIT_LUA, keys, args)
         except (RedisUnavailable, RedisError, OSError) as e:
+            # The script may still run (or have run) inside Redis: release it there.
             ticket.charged = False
+            self._release_later(limits, ticket)
             return self._on_failure(limits, e)
-        self.failures = 0
-        self.last_error = None
+        except asyncio.CancelledError:
+            ticket.charged = False
+            self._release_later(limits, ticket)
+            raise
         if not isinstance(reply, list) or len(reply) != 5:
             ticket.charged = False
-            return self._on_failure(limits, RedisUnavailable(f"unexpected reply {reply!r}"))
+            self._release_later(limits, ticket)
+            return self._on_failure(limits, RedisError(f"unexpected reply {reply!r}"))
+        self.failures = 0
+        self.last_error = None
         code, index, remaining, retry, reset = (int(x) for x in reply)
+        specs = ticket.specs
         if code == 1:
             return Verdict(True, None, int(remaining), 0, int(reset))
         if code == -1:
             raise RouterError("INVALID_REQUEST", "this request's nonce was already used "
                                                  "(a replay)", field="X-Signature-Nonce")
         if code == 2:
-            ticket.refused_budget = (budgets[index - 1], _DIMENSIONS[remaining - 1])
+            ticket.refused_budget = (ticket.budgets[index - 1], _DIMENSIONS[remaining - 1])
             return Verdict(False, None, 0, 0, 0)
+        if code == 3:  # a reservation id used twice: cannot happen (ids are unique)
+            raise RedisError("reservation id reused")
         return Verdict(False, specs[int(index) - 1], int(remaining), int(retry), int(reset))
 
     def _on_failure(self, limits: Limits, error: Exception | None) -> Verdict:
         if error is not None:
             self.failures += 1
             self.last_error = f"{type(error).__name__}: {error}"[:200]
-            if self.failures >= BREAKER_FAILURES:
+            # Unavailable (refused, lost, silent for redis_timeout_ms) opens the breaker at
+            # once; error replies only after a few in a row.
+            if isinstance(error, RedisUnavailable | OSError) or \
+                    self.failures >= BREAKER_FAILURES:
                 if self.open_until <= time.monotonic():
                     log.error("Redis admission failing (%s); breaker open for %.0f s, policy "
                               "fail-%s", self.last_error, BREAKER_OPEN_S,
@@ -316,6 +282,42 @@ class Admission:
             raise RouterError("SERVICE_UNAVAILABLE", "admission control is unavailable and "
                                                      "the policy is fail-closed")
         return Verdict(True, None, 0, 0, 0)
+
+    # -- releases of admissions decided without Redis's answer ------------------------------
+
+    def _release_later(self, limits: Limits, ticket: Ticket) -> None:
+        if len(self._releases) >= MAX_PENDING_RELEASES:
+            dropped = next(iter(self._releases))
+            del self._releases[dropped]
+            log.warning("over %d admissions wait for release on Redis; dropped the oldest "
+                        "(its charge may stay)", MAX_PENDING_RELEASES)
+        self._releases[ticket.rid] = ticket
+        if self._releasing is None or self._releasing.done():
+            self._releasing = spawn(self._drain_releases(limits))
+
+    async def _drain_releases(self, limits: Limits) -> None:
+        """Release pending reservations on Redis, a batch at a time, once the breaker lets
+        Redis be asked again; retried until Redis has answered each one."""
+        while self._releases:
+            wait = self.open_until - time.monotonic()
+            await asyncio.sleep(max(0.0, wait))
+            client = self.client_for(limits)
+            if client is None:
+                self._releases.clear()
+                return
+            batch = list(self._releases.values())[:RELEASE_BATCH]
+            results = await asyncio.gather(
+                *(self._script(client, "release", RELEASE_LUA,
+                               *self._script_args(t, None, 0)) for t in batch),
+                return_exceptions=True)
+            failed = False
+            for t, res in zip(batch, results, strict=True):
+                if isinstance(res, BaseException):
+                    failed = True
+                else:
+                    self._releases.pop(t.rid, None)
+            if failed:
+                await asyncio.sleep(BREAKER_OPEN_S)
 
     # -- after the response ---------------------------------------------------------------------
 
@@ -340,8 +342,8 @@ class Admission:
             for s in specs:
                 settle(s, self._local, now, delta // share)
             if budget_delta is not None:
-                for b in ticket.budgets:
-                    self._charge(b, *budget_delta)
+                for b, period in zip(ticket.budgets, ticket.periods, strict=True):
+                    self._charge(b, period, *budget_delta)
             return
         if specs or budget_delta is not None:
             spawn(self._settle_redis(limits, ticket, specs, delta, budget_delta))
@@ -350,30 +352,30 @@ class Admission:
                             delta: int, budget_delta: tuple[int, int, int] | None) -> None:
         client = self.client_for(limits)
         assert client is not None
-        timeout = max(0.05, limits.redis_timeout_ms / 1000)
+        org = ticket.key.org
         if budget_delta is not None:
-            for b in ticket.budgets:
+            # Into the period of the reservation, even when the response came after midnight.
+            for b, period in zip(ticket.budgets, ticket.periods, strict=True):
                 try:
                     await self._script(client, "budget_settle", BUDGET_SETTLE_LUA,
-                                       [budget_key(ticket.key.org, b)], list(budget_delta),
-                                       timeout)
+                                       [budget_key(org, b.scope, period)], list(budget_delta))
                 except (RedisUnavailable, RedisError, OSError) as e:
                     log.warning("could not settle budget %s: %s", b.scope, e)
         for s in specs:
             try:
-                await self._script(client, "settle", SETTLE_LUA, [redis_key(ticket.key, s.name)],
-                                   [s.capacity, repr(s.refill_per_ms), delta, BUCKET_TTL_MS],
-                                   timeout)
+                await self._script(client, "settle", SETTLE_LUA, [bucket_key(org, s.name)],
+                                   [s.capacity, repr(s.refill_per_ms), delta, BUCKET_TTL_MS])
             except (RedisUnavailable, RedisError, OSError) as e:
                 log.warning("could not settle %s for key %s: %s", s.name, ticket.key.key_id, e)
                 return
 
 
-def spawn(coro: Coroutine[Any, Any, None]) -> None:
+def spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
     """Run settlement off the response path; keep a reference until it is done."""
     task = asyncio.ensure_future(coro)
     _pending.add(task)
     task.add_done_callback(_pending.discard)
+    return task
 
 
 _pending: set[asyncio.Future[None]] = set()
@@ -390,8 +392,8 @@ async def budget_usage(admission: Admission, limits: Limits, budgets: list[Budge
             scope_note = "this worker's share (in-process limiter)"
         else:
             org = org_of.get(b.scope, b.scope.split(":", 1)[1])
-            reply = await client.execute("HMGET", budget_key(org, b), *_DIMENSIONS,
-                                         timeout=max(0.05, limits.redis_timeout_ms / 1000))
+            reply = await client.execute("HMGET", budget_key(org, b.scope, period_id(b.period)),
+                                         *_DIMENSIONS, timeout=None)
             if isinstance(reply, RedisError) or not isinstance(reply, list):
                 raise RedisUnavailable(str(reply))
             used = {d: int(v or 0) for d, v in zip(_DIMENSIONS, reply, strict=True)}

@@ -36,10 +36,6 @@ PROMQL_WORDS = {"sum", "max", "min", "avg", "rate", "increase", "by", "without",
                 "label_values", "le", "bool", "offset", "group_left", "group_right", "topk",
                 "irate", "delta", "absent"}
 
-pytestmark = pytest.mark.skipif(shutil.which("promtool") is None,
-                                reason="promtool missing: tools/setup.sh test installs it")
-
-
 def promtool() -> str:
     path = shutil.which("promtool")
     assert path, "promtool is not installed (tools/setup.sh test installs Debian prometheus)"
@@ -173,6 +169,15 @@ def test_every_metric_and_label_an_alert_panel_or_runbook_reads_is_exported(
     assert problems == []
 
 
+def test_budget_remaining_is_read_at_scrape_time(deployed: Router) -> None:
+    status, body = http_get(f"{deployed.url}/metrics")
+    ratios = {(s.labels["scope"], s.labels["dimension"]): s.value
+              for f in text_string_to_metric_families(body.decode())
+              if f.name == "router_budget_remaining_ratio" for s in f.samples}
+    assert set(ratios) == {("org:poor", "requests")}
+    assert 0 <= ratios["org:poor", "requests"] <= 1
+
+
 def test_the_drift_check_catches_a_renamed_metric_or_label() -> None:
     have = {"router_requests_total": {"backend_id", "success"}}
     seen = used('sum by (backend_id) (rate(router_requests_total{succes="false"}[5m])) '
@@ -231,7 +236,8 @@ def test_dashboard_json_is_what_the_generator_builds_and_has_the_panels() -> Non
     for t in ("Request rate", "Latency p50 / p95 / p99", "Responses by backend status",
               "Error ratio by backend", "Backend health", "Backend latency p95",
               "Routing decisions", "Usage records", "Spool size", "Spool age",
-              "Rate-limit denials", "Budget and quota denials", "Router overhead p50 / p99"):
+              "Rate-limit denials", "Budget and quota denials", "Budget remaining",
+              "Router overhead p50 / p99"):
         assert t in titles, t
     ids = [p["id"] for p in doc["panels"]]
     assert len(ids) == len(set(ids))

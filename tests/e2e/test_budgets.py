@@ -19,7 +19,7 @@ USER = [{"role": "user", "content": "hello there"}]
 def config(mocks: dict[str, str], redis_url: str, budgets: dict[str, Any]) -> dict[str, Any]:
     price = {"prompt_per_1k": 1.0, "completion_per_1k": 2.0}  # easy arithmetic
     return {
-        "server": {"redis_url": redis_url, "redis_timeout_ms": 250},
+        "server": {"redis_url": redis_url},
         "backends": {b: {"url": u} for b, u in mocks.items()},
         "models": {"m": {"backends": ["a"], "price": price},
                    "broken": {"backends": ["bad"], "price": price}},

@@ -1,0 +1,152 @@
+"""The Redis side of admission: Lua scripts and the keys and arguments they take.
+
+Every admission carries a reservation id. The admission script records it (``a``) when it
+charges; a release — sent for an admission whose answer never arrived (the failure policy
+decided) — turns the record into a tombstone (``r``) and refunds the charge only if the record
+said ``a``. The admission script charges nothing when it finds the tombstone already there, so
+whichever of the two Redis runs first, a reservation released is never charged, and a release
+is harmless for a reservation Redis never saw and when repeated.
+
+Argument layout of ADMIT and RELEASE (n buckets, m budgets)::
+
+    ARGV  1 n   2 nonce ttl ms (0: none)   3 m   4 reservation-record ttl ms
+          then per bucket: capacity, refill per ms, cost
+          then per budget: limit spend, tokens, requests; reserve spend, tokens, requests;
+                           the budget key's ttl ms
+    KEYS  n bucket keys, m budget keys, the reservation record, [the nonce]
+"""
+
+from __future__ import annotations
+
+BUCKET_TTL_MS = 180_000  # idle buckets are full again by then: let Redis forget them
+RESERVATION_TTL_MS = 120_000  # how long Redis remembers an admission for a late release
+TOMBSTONE_TTL_MS = 3_600_000  # how long a release blocks its admission from running late
+
+_LEVEL = """
+local function level(key, cap, rate, now)
+  local s = redis.call('HMGET', key, 't', 'ts')
+  if s[1] then
+    return math.min(cap, tonumber(s[1]) + math.max(0, now - tonumber(s[2])) * rate)
+  end
+  return cap
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+ADMIT_LUA = _LEVEL + """
+local n, m = tonumber(ARGV[1]), tonumber(ARGV[3])
+local rk = KEYS[n + m + 1]
+if redis.call('EXISTS', rk) == 1 then
+  return {3, 0, 0, 0, 0}
+end
+local levels = {}
+for i = 1, n do
+  local b = 4 + (i - 1) * 3
+  local cap, rate, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  local tokens = level(KEYS[i], cap, rate, now)
+  if tokens < cost then
+    local retry, reset = 60000, 0
+    if rate > 0 then
+      retry = math.ceil((cost - tokens) / rate)
+      reset = math.ceil((cap - tokens) / rate)
+    end
+    return {0, i, math.floor(math.max(0, tokens)), retry, reset}
+  end
+  levels[i] = tokens
+end
+local bb = 4 + n * 3
+for j = 1, m do
+  local a = bb + (j - 1) * 7
+  local used = redis.call('HMGET', KEYS[n + j], 'spend', 'tokens', 'requests')
+  for d = 1, 3 do
+    local limit, need = tonumber(ARGV[a + d]), tonumber(ARGV[a + 3 + d])
+    if limit >= 0 and (tonumber(used[d]) or 0) + need > limit then
+      return {2, j, d, 0, 0}
+    end
+  end
+end
+local nonce_ttl = tonumber(ARGV[2])
+if nonce_ttl > 0 then
+  if not redis.call('SET', KEYS[n + m + 2], '1', 'NX', 'PX', nonce_ttl) then
+    return {-1, 0, 0, 0, 0}
+  end
+end
+redis.call('SET', rk, 'a', 'PX', ARGV[4])
+for j = 1, m do
+  local a = bb + (j - 1) * 7
+  redis.call('HINCRBY', KEYS[n + j], 'spend', ARGV[a + 4])
+  redis.call('HINCRBY', KEYS[n + j], 'tokens', ARGV[a + 5])
+  redis.call('HINCRBY', KEYS[n + j], 'requests', ARGV[a + 6])
+  redis.call('PEXPIRE', KEYS[n + j], ARGV[a + 7])
+end
+local first_left, first_reset = 0, 0
+for i = 1, n do
+  local b = 4 + (i - 1) * 3
+  local cap, rate, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  local left = levels[i] - cost
+  redis.call('HSET', KEYS[i], 't', string.format('%.6f', left), 'ts', now)
+  redis.call('PEXPIRE', KEYS[i], %(ttl)d)
+  if i == 1 then
+    first_left = left
+    if rate > 0 then first_reset = math.ceil((cap - left) / rate) end
+  end
+end
+return {1, 0, math.floor(math.max(0, first_left)), 0, first_reset}
+""".replace("%(ttl)d", str(BUCKET_TTL_MS))
+
+RELEASE_LUA = _LEVEL + """
+local n, m = tonumber(ARGV[1]), tonumber(ARGV[3])
+local old = redis.call('SET', KEYS[n + m + 1], 'r', 'PX', %(tomb)d, 'GET')
+if old ~= 'a' then
+  return 0
+end
+for i = 1, n do
+  local b = 4 + (i - 1) * 3
+  local cap, rate, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  local tokens = math.min(cap, level(KEYS[i], cap, rate, now) + cost)
+  redis.call('HSET', KEYS[i], 't', string.format('%.6f', tokens), 'ts', now)
+  redis.call('PEXPIRE', KEYS[i], %(ttl)d)
+end
+local bb = 4 + n * 3
+for j = 1, m do
+  local a = bb + (j - 1) * 7
+  redis.call('HINCRBY', KEYS[n + j], 'spend', 0 - tonumber(ARGV[a + 4]))
+  redis.call('HINCRBY', KEYS[n + j], 'tokens', 0 - tonumber(ARGV[a + 5]))
+  redis.call('HINCRBY', KEYS[n + j], 'requests', 0 - tonumber(ARGV[a + 6]))
+end
+return 1
+""".replace("%(ttl)d", str(BUCKET_TTL_MS)).replace("%(tomb)d", str(TOMBSTONE_TTL_MS))
+
+BUDGET_SETTLE_LUA = """
+redis.call('HINCRBY', KEYS[1], 'spend', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'requests', ARGV[3])
+return 1
+"""
+
+SETTLE_LUA = _LEVEL + """
+local cap, rate, delta = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tokens = math.min(cap, level(KEYS[1], cap, rate, now) - delta)
+redis.call('HSET', KEYS[1], 't', string.format('%.6f', tokens), 'ts', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+
+def bucket_key(org: str, bucket: str) -> str:
+    # The {org} hash tag keeps all keys of one request in one Redis Cluster slot.
+    return f"apirouter:rl:{{{org}}}:{bucket}"
+
+
+def budget_key(org: str, scope: str, period: str) -> str:
+    """``period`` is the period id (2026-11-29, 2026-11) the reservation was made in."""
+    return f"apirouter:budget:{{{org}}}:{scope}:{period}"
+
+
+def reservation_key(org: str, rid: str) -> str:
+    return f"apirouter:res:{{{org}}}:{rid}"
+
+
+def nonce_key(org: str, key_id: str, nonce: str) -> str:
+    return f"apirouter:nonce:{{{org}}}:{key_id}:{nonce}"
