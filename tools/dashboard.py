@@ -124,6 +124,11 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
             (f'sum by (reason) (rate(router_denials_total{{{J},reason=~"rate_limit_.*"}}[{RI}]))'
              " * 60", "{{reason}}"),
         ), description="Per minute (the alert fires above 100/min for 5 min)"),
+        Panel("Rate-limit remaining", (
+            (f"min by (org, limit) (router_ratelimit_remaining_ratio{{{J}}})",
+             "{{org}} {{limit}}"),
+        ), "percentunit", description="Share of each org's burst available now (read at "
+                                      "scrape time; 0: the org is being refused)"),
         Panel("Budget and quota denials", (
             (f"sum by (reason) (rate(router_denials_total{{{J},"
              f'reason=~"budget_exceeded_.*|quota_exceeded_.*"}}[{RI}])) * 60', "{{reason}}"),

@@ -24,8 +24,8 @@ from apirouter.table import describe
 from apirouter.validation import decode_json_object
 from workers.admission import budget_usage
 from workers.bodies import read_body
-from workers.budget_metrics import key_orgs
 from workers.endpoints import Endpoints, Reply
+from workers.scrape_metrics import key_orgs
 
 PREFIX = "/v1/admin/routing"
 

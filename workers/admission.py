@@ -150,6 +150,10 @@ class Admission:
             ADMISSION_LATENCY.observe(time.perf_counter() - started)
         return ticket
 
+    def local_bucket(self, name: str) -> BucketState | None:
+        """The in-process limiter's state of one bucket (None: never charged, so full)."""
+        return self._local.get(name)
+
     def _admit_local(self, limits: Limits, ticket: Ticket, nonce: str | None,
                      nonce_ttl_ms: int) -> Verdict:
         if nonce is not None:

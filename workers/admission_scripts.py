@@ -34,6 +34,11 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
+# A bucket's level now, read-only (the rate-limit gauges of workers.scrape_metrics).
+LEVEL_LUA = _LEVEL + """
+return tostring(level(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), now))
+"""
+
 ADMIT_LUA = _LEVEL + """
 local n, m = tonumber(ARGV[1]), tonumber(ARGV[3])
 local rk = KEYS[n + m + 1]

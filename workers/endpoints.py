@@ -36,9 +36,9 @@ from apirouter.validation import (
     usage_counts,
 )
 from workers.admission import Admission, Ticket
-from workers.budget_metrics import budget_exposition
 from workers.forwarding import Forwarded, forward_chat, resolve_route
 from workers.metrics import CONTENT_TYPE, USAGE_LOST, RequestMetrics, exposition
+from workers.scrape_metrics import scrape_exposition
 from workers.table_view import TableCache, TableView
 from workers.usage_out import UsageOut
 
@@ -428,5 +428,5 @@ class Endpoints:
                      [("X-Request-ID", request_id)])
 
     async def metrics_text(self, body: bytes, request_id: str, caller: Caller | None) -> Reply:
-        budgets = await budget_exposition(self.admission, self.tables.current().table)
-        return Reply(200, exposition() + budgets, [], CONTENT_TYPE)
+        gauges = await scrape_exposition(self.admission, self.tables.current().table)
+        return Reply(200, exposition() + gauges, [], CONTENT_TYPE)

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from apirouter.keys import hash_key
 from tests.e2e.conftest import post_json, request
-from tests.harness import ROOT, MockBackend, Router, free_port, http_get
+from tests.harness import ROOT, MockBackend, RedisServer, Router, free_port, http_get
 from tools import dashboard
 
 CHART = ROOT / "deploy" / "helm" / "apirouter"
@@ -60,6 +60,7 @@ def deployed() -> Iterator[Router]:
             "poor": {"sha256": hash_key("ar-poor"), "org": "poor", "tier": "developer"},
         },
         "budgets": {"org:poor": {"period": "day", "requests": 2}},
+        "orgs": {"acme": {"rpm": 50000, "rpm_burst": 60000}},
     }
     router = Router(cfg, workers=2)
     yield router
@@ -169,13 +170,48 @@ def test_every_metric_and_label_an_alert_panel_or_runbook_reads_is_exported(
     assert problems == []
 
 
-def test_budget_remaining_is_read_at_scrape_time(deployed: Router) -> None:
-    status, body = http_get(f"{deployed.url}/metrics")
-    ratios = {(s.labels["scope"], s.labels["dimension"]): s.value
-              for f in text_string_to_metric_families(body.decode())
-              if f.name == "router_budget_remaining_ratio" for s in f.samples}
-    assert set(ratios) == {("org:poor", "requests")}
-    assert 0 <= ratios["org:poor", "requests"] <= 1
+def gauge(url: str, name: str) -> dict[tuple[str, ...], float]:
+    status, body = http_get(f"{url}/metrics")
+    assert status == 200
+    return {tuple(s.labels.values()): s.value
+            for f in text_string_to_metric_families(body.decode()) if f.name == name
+            for s in f.samples}
+
+
+def test_budget_and_rate_limit_remaining_are_read_at_scrape_time(deployed: Router) -> None:
+    budgets = gauge(deployed.url, "router_budget_remaining_ratio")
+    assert set(budgets) == {("org:poor", "requests")}
+    assert 0 <= budgets["org:poor", "requests"] <= 1
+    limits = gauge(deployed.url, "router_ratelimit_remaining_ratio")
+    assert set(limits) == {("acme", "rpm")}
+    assert 0 <= limits["acme", "rpm"] <= 1
+
+
+def test_remaining_gauges_read_redis_for_every_router(redis_server: RedisServer) -> None:
+    mock = MockBackend("a")
+    cfg = {"server": {"redis_url": redis_server.url, "redis_timeout_ms": 250},
+           "backends": {"a": {"url": mock.url}}, "models": {"m": {"backends": ["a"]}},
+           "keys": {"k": {"sha256": hash_key("ar-gauge"), "org": "gauge", "tier": "admin"}},
+           "orgs": {"gauge": {"rpm": 60, "rpm_burst": 100}},
+           "budgets": {"org:gauge": {"period": "day", "requests": 40}}}
+    router = Router(cfg, workers=2)
+    try:
+        for _ in range(10):
+            status, _, _ = post_json(f"{router.url}/v1/chat/completions",
+                                     {"model": "m", "messages": [{"role": "user",
+                                                                  "content": "x"}]},
+                                     {"Authorization": "Bearer ar-gauge"})
+            assert status == 200
+        # 10 of the 40 requests of the budget are used, whichever worker answers the scrape.
+        assert gauge(router.url, "router_budget_remaining_ratio") == {
+            ("org:gauge", "requests"): 0.75}
+        # 10 of a burst of 100 taken; it refills at 1 a second.
+        (level,) = gauge(router.url, "router_ratelimit_remaining_ratio").values()
+        assert 0.9 <= level < 1
+    finally:
+        for p in (router, mock):
+            p.stop()
+            p.cleanup()
 
 
 def test_the_drift_check_catches_a_renamed_metric_or_label() -> None:
@@ -236,7 +272,8 @@ def test_dashboard_json_is_what_the_generator_builds_and_has_the_panels() -> Non
     for t in ("Request rate", "Latency p50 / p95 / p99", "Responses by backend status",
               "Error ratio by backend", "Backend health", "Backend latency p95",
               "Routing decisions", "Usage records", "Spool size", "Spool age",
-              "Rate-limit denials", "Budget and quota denials", "Budget remaining",
+              "Rate-limit denials", "Rate-limit remaining", "Budget and quota denials",
+              "Budget remaining",
               "Router overhead p50 / p99"):
         assert t in titles, t
     ids = [p["id"] for p in doc["panels"]]
