@@ -25,10 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from apirouter.keys import hash_key
-from tests.harness import MockBackend, RedisServer, Router
+from bench.procs import MockBackend, RedisServer, Router, process_tree_cpu
 
 # A ~300-byte chat request, the size the design brief's measurements used.
 BODY = json.dumps({
@@ -81,22 +79,6 @@ def run_wrk(url: str, connections: int, duration: float, script: str) -> dict[st
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     return {"requests": requests, "errors": errors, "rps": rps,
             "p50_ms": _ms(lat["50"]), "p99_ms": _ms(lat["99"])}
-
-
-def process_tree_cpu(pid: int) -> tuple[float, float]:
-    """User+system seconds of a process and all its live descendants, and of the process
-    alone."""
-    root = psutil.Process(pid)
-    total = own = 0.0
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-            if p is root:
-                own = t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total, own
 
 
 def measure(url: str, target: str, connections: int, duration: float, script: str,

@@ -19,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from tests.e2e.conftest import request
 from tests.e2e.test_etcd_config import etcd_put, push
@@ -47,7 +48,7 @@ def wait_all_past(r: Router, workers: int, generation: int, timeout: float = 5.0
 
 
 def measure(kind: str, r: Router, workers: int, change: Callable[[int], None],
-            trials: int) -> dict[str, float]:
+            trials: int) -> dict[str, Any]:
     delays = []
     for i in range(trials):
         before = max(worker_generations(r, workers).values())

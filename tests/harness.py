@@ -1,5 +1,6 @@
 """Real processes for tests: redis-server, etcd, the tansu Kafka-protocol broker, the mock
-backend and the router itself, each on an ephemeral loopback port, stopped afterwards.
+backend, nginx and the router itself, each on an ephemeral loopback port, stopped afterwards.
+The ones the bench suite also starts live in bench/procs.py (it ships with the package).
 """
 
 from __future__ import annotations
@@ -10,55 +11,25 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-HOST = "127.0.0.1"
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        time.sleep(0.02)
-    raise TimeoutError(f"{what} not ready after {timeout}s")
+from bench.procs import (  # noqa: F401  (re-exported for the tests)
+    HOST,
+    ROOT,
+    ManagedProcess,
+    MockBackend,
+    Nginx,
+    RedisServer,
+    Router,
+    free_port,
+    http_get,
+    port_open,
+    process_tree_cpu,
+    router_config,
+    wait_for,
+)
 
 
 def package_binary(package: str, *parts: str) -> str:
@@ -70,79 +41,6 @@ def package_binary(package: str, *parts: str) -> str:
     if not os.access(path, os.X_OK):
         os.chmod(path, 0o755)
     return path
-
-
-class ManagedProcess:
-    """A subprocess with its output in a log file, stopped with TERM then KILL."""
-
-    def __init__(self, name: str, cmd: list[str], *, env: dict[str, str] | None = None,
-                 cwd: str | None = None) -> None:
-        self.name = name
-        self.cmd = cmd
-        self.dir = tempfile.mkdtemp(prefix=f"apirouter-test-{name}-")
-        self.log_path = os.path.join(self.dir, "output.log")
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=env, cwd=cwd or self.dir, start_new_session=True)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def output(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        with open(self.log_path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-
-    def ensure_running(self) -> None:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.output()}")
-
-    def stop(self, timeout: float = 15.0, sig: int = signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        if not self._log.closed:
-            self._log.close()
-        return self.proc.returncode
-
-    def cleanup(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-# -- services -----------------------------------------------------------------------------------
-
-
-class RedisServer(ManagedProcess):
-    def __init__(self, port: int | None = None) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise FileNotFoundError("redis-server is not installed (tools/test.sh installs it)")
-        self.port = port or free_port()
-        super().__init__("redis", [binary, "--bind", HOST, "--port", str(self.port), "--save", "",
-                                   "--appendonly", "no", "--daemonize", "no"])
-        wait_for(self._ping, 10, "redis-server")
-
-    @property
-    def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
-
-    def restarted(self) -> RedisServer:
-        """Stop this server and start an empty one on the same port."""
-        self.stop()
-        self.cleanup()
-        return RedisServer(self.port)
-
-    def _ping(self) -> bool:
-        self.ensure_running()
-        with socket.create_connection((HOST, self.port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
 
 
 class EtcdServer(ManagedProcess):
@@ -211,100 +109,6 @@ class KafkaBroker(ManagedProcess):
     def _listening(self) -> bool:
         self.ensure_running()
         return port_open(self.port)
-
-
-# -- the project's own processes ----------------------------------------------------------------
-
-
-class MockBackend(ManagedProcess):
-    def __init__(self, name: str = "mock", *args: str, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.backend_name = name
-        super().__init__(f"mock-{name}", [
-            sys.executable, "-m", "tools.mock_backend", "--bind", f"{HOST}:{self.port}",
-            "--name", name, *args], cwd=str(ROOT))
-        wait_for(lambda: self.ensure_running() is None and port_open(self.port), 10, name)
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def configure(self, **behaviour: Any) -> dict[str, Any]:
-        req = urllib.request.Request(f"{self.url}/mock/config", data=json.dumps(behaviour).encode(),
-                                     method="POST")
-        with urllib.request.urlopen(req, timeout=2) as r:
-            result: dict[str, Any] = json.loads(r.read())
-            return result
-
-    def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = json.loads(http_get(f"{self.url}/mock/stats")[1])
-        return result
-
-
-class Router(ManagedProcess):
-    """`apirouter serve` as a user runs it, with its own config file and run directory."""
-
-    def __init__(self, config: dict[str, Any] | None, *, workers: int = 2, demo: bool = False,
-                 etcd: str | None = None, extra: list[str] | None = None,
-                 port: int | None = None, run_dir: str | None = None) -> None:
-        self.port = port or free_port()
-        self.run_dir = run_dir or tempfile.mkdtemp(prefix="apirouter-run-")
-        self.config_path = os.path.join(self.run_dir, "router.yaml")
-        if config is not None:
-            self.write_config(config)
-        cmd = [sys.executable, "-m", "tools.cli", "serve", "--bind", f"{HOST}:{self.port}",
-               "--workers", str(workers), "--run-dir", self.run_dir]
-        if demo:
-            cmd += ["--demo"]
-        elif etcd:
-            cmd += ["--etcd", etcd]
-        else:
-            cmd += ["--config", self.config_path]
-        super().__init__("router", cmd + (extra or []), cwd=str(ROOT))
-        wait_for(self._ready, 30, "router")
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def write_config(self, config: dict[str, Any]) -> None:
-        tmp = self.config_path + ".tmp"
-        with open(tmp, "w") as f:
-            yaml.safe_dump(config, f)
-        os.replace(tmp, self.config_path)
-
-    def state(self) -> dict[str, Any]:
-        with open(os.path.join(self.run_dir, "supervisor.json")) as f:
-            result: dict[str, Any] = json.load(f)
-            return result
-
-    def _ready(self) -> bool:
-        self.ensure_running()
-        return http_get(f"{self.url}/v1/status/readyz", timeout=1)[0] == 200
-
-    def readyz(self) -> dict[str, Any]:
-        result: dict[str, Any] = json.loads(http_get(f"{self.url}/v1/status/readyz")[1])
-        return result
-
-    def cleanup(self) -> None:
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-        super().cleanup()
-
-
-def router_config(backends: dict[str, str], models: dict[str, dict[str, int]],
-                  keys: dict[str, dict[str, Any]] | None = None, **server: Any
-                  ) -> dict[str, Any]:
-    """A config dict: backends {id: url}, models {name: {backend_id: weight}}; without
-    ``keys`` the router runs with authentication off."""
-    cfg: dict[str, Any] = {
-        "server": {"auth_required": keys is not None, **server},
-        "backends": {bid: {"url": url} for bid, url in backends.items()},
-        "models": {m: {"backends": [{"backend": b, "weight": w} for b, w in targets.items()]}
-                   for m, targets in models.items()},
-    }
-    if keys is not None:
-        cfg["keys"] = keys
-    return cfg
 
 
 # -- raw HTTP/1.1 over a socket (conformance and hostile-input tests) -----------------------------

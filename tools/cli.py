@@ -1,4 +1,5 @@
-"""Console entry point ``apirouter``: serve, mock-backend, smoke, version (apirouterctl: ctl)."""
+"""Console entry point ``apirouter``: serve, mock-backend, smoke, bench, version (apirouterctl:
+ctl)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from apirouter import __version__
 from apirouter.config import SETTINGS
 from apirouter.config_keys import DEFAULT_PREFIX
 from apirouter.runstate import default_run_dir
+from bench import suite as bench_suite
 from tools import mock_backend, smoke
 
 
@@ -61,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("mock-backend", help="run the OpenAI-compatible mock LLM backend")
     mock_backend.add_arguments(m)
     smoke.add_arguments(sub.add_parser("smoke", help="check a deployed router end to end"))
+    bench_suite.add_arguments(sub.add_parser(
+        "bench", help="SRE bench suite: load scenarios, SLO verdicts, a JSON + PNG report",
+        description=bench_suite.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     sub.add_parser("version", help="print the version")
 
     args = p.parse_args(argv)
@@ -71,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         return mock_backend.run(args)
     if args.command == "smoke":
         return smoke.run(args, out=lambda line: print(line, flush=True))
+    if args.command == "bench":
+        return bench_suite.run(args)
     print(__version__)
     return 0
 

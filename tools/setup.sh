@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares a fresh Debian machine for apirouter: system packages, a virtualenv, the package.
 #   tools/setup.sh          runtime only (what `tools/demo.sh` needs)
-#   tools/setup.sh test     plus redis-server, wrk and the test/lint/bench extras
+#   tools/setup.sh test     plus redis-server, wrk, nginx and the test/lint/bench extras
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-run}"
@@ -15,6 +15,7 @@ if [ "$mode" = test ]; then
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v wrk >/dev/null || missing+=(wrk)
   command -v promtool >/dev/null || missing+=(prometheus)  # promtool: alert rules and PromQL
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
   if [ ${#missing[@]} -gt 0 ]; then
     sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
     $sudo apt-get update -qq

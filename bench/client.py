@@ -1,0 +1,119 @@
+"""The bench suite's HTTP client: one aiohttp session per leg with a bounded keep-alive pool.
+
+``HttpTarget.send`` fills a ``Sample`` from one POST: status, the router's headers, the error
+code of an error body, usage of a 200 when asked, and for SSE the time of the first event and
+the gaps between events. ``RetryAfterClient`` wraps it as a polite client: after a 429 it sends
+nothing until the Retry-After has passed (requests due meanwhile are withheld, not sent).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import aiohttp
+
+from bench.loadgen import WITHHELD, Sample, clock
+
+
+class HttpTarget:
+    def __init__(self, url: str, body: bytes, *, key: str | None = None, stream: bool = False,
+                 max_connections: int = 64, timeout_s: float = 10.0,
+                 want_usage: bool = False) -> None:
+        self.url = url
+        self.body = body
+        self.stream = stream
+        self.want_usage = want_usage
+        self.router_block = url.endswith("/v1/inference")  # carries backend_latency_ms
+        self.headers = {"Content-Type": "application/json"}
+        if key:
+            self.headers["Authorization"] = f"Bearer {key}"
+        self.max_connections = max_connections
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> HttpTarget:
+        connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0,
+                                         force_close=False, ttl_dns_cache=300)
+        self.session = aiohttp.ClientSession(connector=connector, timeout=self.timeout,
+                                             cookie_jar=aiohttp.DummyCookieJar(),
+                                             auto_decompress=False)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def send(self, s: Sample) -> None:
+        assert self.session is not None, "use HttpTarget as an async context manager"
+        due = clock() - s.lag
+        async with self.session.post(self.url, data=self.body, headers=self.headers) as r:
+            s.status = r.status
+            h = r.headers
+            if (v := h.get("X-Router-Latency-Ms")) is not None:
+                s.router_ms = float(v)
+            s.decision = h.get("X-Router-Decision", "")
+            if (ra := h.get("Retry-After")) is not None:
+                s.retry_after = float(ra)
+            if self.stream and r.status == 200 and h.get("Content-Type", "").startswith(
+                    "text/event-stream"):
+                last: float | None = None
+                async for line in r.content:
+                    if not line.startswith(b"data:"):
+                        continue
+                    now = clock()
+                    if last is None:
+                        s.ttft = now - due
+                    else:
+                        s.event_gaps.append(now - last)
+                    last = now
+                    if self.want_usage and b'"usage"' in line:
+                        s.usage = _usage(json.loads(line[5:]))
+                return
+            body = await r.read()
+        if r.status >= 400:
+            s.error = _error_code(body)
+        elif self.want_usage or self.router_block:
+            doc = json.loads(body)
+            s.usage = _usage(doc)
+            router = doc.get("router") if isinstance(doc, dict) else None
+            if isinstance(router, dict) and "backend_latency_ms" in router:
+                s.backend_ms = float(router["backend_latency_ms"])
+
+
+class RetryAfterClient:
+    """A client that honours Retry-After: once refused, it holds every request due before the
+    wait is over (recorded as WITHHELD) and marks the first one it sends afterwards."""
+
+    def __init__(self, target: HttpTarget) -> None:
+        self.target = target
+        self.hold_until = 0.0
+        self.waited = False
+
+    async def send(self, s: Sample) -> None:
+        if clock() < self.hold_until:
+            s.status = WITHHELD
+            return
+        if self.waited:
+            s.after_wait, self.waited = True, False
+        await self.target.send(s)
+        if s.status == 429 and s.retry_after is not None:
+            self.hold_until = max(self.hold_until, clock() + s.retry_after)
+            self.waited = True
+
+
+def _error_code(body: bytes) -> str:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return "unparsable_error_body"
+    err = doc.get("error") if isinstance(doc, dict) else None
+    code = err.get("code") if isinstance(err, dict) else None
+    return str(code) if code else "no_error_code"
+
+
+def _usage(doc: Any) -> tuple[int, int] | None:
+    u = doc.get("usage") if isinstance(doc, dict) else None
+    if not isinstance(u, dict):
+        return None
+    return int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)

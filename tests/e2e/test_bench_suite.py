@@ -1,0 +1,114 @@
+"""`apirouter bench SCENARIO --smoke` as an SRE runs it: every scenario against a real router,
+mock backends, nginx and redis-server started by the suite, producing a schema-valid report
+and PNGs that open; and --target mode against a router started here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import matplotlib.image
+import pytest
+
+from bench.report import SCHEMA_PATH
+from bench.scenarios import SCENARIOS
+from tests.harness import ROOT, MockBackend, Router
+
+SCHEMA = json.loads(SCHEMA_PATH.read_text())
+
+
+def bench(out: Path, *args: str) -> tuple[int, str, dict[str, Any]]:
+    r = subprocess.run([sys.executable, "-m", "tools.cli", "bench", *args, "--smoke",
+                        "--no-progress", "--out", str(out)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=110)
+    report = json.loads((out / "report.json").read_text()) if (
+        out / "report.json").exists() else {}
+    return r.returncode, r.stdout + r.stderr, report
+
+
+def check_report(out: Path, report: dict[str, Any]) -> None:
+    jsonschema.validate(report, SCHEMA)
+    assert report["plots"], "no plots written"
+    for name in report["plots"]:
+        img = matplotlib.image.imread(out / name)
+        assert img.shape[0] > 200 and img.shape[1] > 400
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_scenario_smoke(scenario: str, tmp_path: Path) -> None:
+    code, output, report = bench(tmp_path, scenario, "--local")
+    assert report, output
+    check_report(tmp_path, report)
+    assert code == 0 and report["passed"], output
+    legs = report["legs"]
+    sc = SCENARIOS[scenario]
+    skipped = {s["what"] for s in report["skipped"]}
+    for leg in sc.legs:
+        if leg == "router" and scenario == "streaming" and "router leg" in skipped:
+            assert "SKIP router leg: the router does not stream yet" in output
+            continue
+        assert leg in legs, output
+        assert legs[leg]["requests"]["ok"] > 0
+        assert legs[leg]["generator"]["cpu_us_per_request"] > 0
+    if "router" in legs:
+        verdicts = {v["id"]: v for v in report["slo"]}
+        assert verdicts["seed.latency_p95"]["passed"] is True
+        assert verdicts["seed.error_rate"]["passed"] is True
+        assert legs["router"]["server_cpu_us_per_request"] > 0
+        assert "SLO verdicts" in output
+    if sc.legs == ("direct", "nginx", "router") and "router" in legs:
+        cmp = report["comparison"]
+        assert set(cmp["added_ms"]) == {"nginx", "router"}
+        assert cmp["router_cpu_to_nginx"] > 0
+        assert "comparison.png" in report["plots"]
+    if scenario == "rate-limit":
+        assert legs["router"]["requests"]["refused"] > 0
+        assert report["scenario_facts"]["admitted_before_first_429"] >= 29
+    if scenario == "budget":
+        assert report["scenario_facts"]["spent"] <= report["scenario_facts"]["budget"]
+    if scenario == "backend-failure":
+        assert report["scenario_facts"]["failovers_while_down"] >= 1
+    if scenario == "streaming":
+        for leg in legs.values():
+            assert leg["ttft_ms"] and leg["events_per_stream"] > 1
+
+
+def test_target_mode(tmp_path: Path) -> None:
+    """Against a router someone else runs: the router leg (and --direct) measured; scenarios
+    that need to kill a backend or set a budget say so and skip."""
+    key = "ar-target-test-key"
+    mock = MockBackend("t", "--models", "m", "--latency-ms", "5")
+    router = Router({"backends": {"t": {"url": mock.url}},
+                     "models": {"m": {"backends": [{"backend": "t", "weight": 1}]}},
+                     "keys": {"k": {"sha256": hashlib.sha256(key.encode()).hexdigest(),
+                                    "org": "o", "tier": "admin"}}}, workers=1)
+    try:
+        common = ["--target", router.url, "--key", key, "--model", "m"]
+        code, output, report = bench(tmp_path / "b", "baseline", *common, "--direct",
+                                     mock.url, "--duration", "1")
+        check_report(tmp_path / "b", report)
+        assert code == 0, output
+        assert set(report["legs"]) == {"direct", "router"}
+        assert report["legs"]["router"]["server_cpu_us_per_request"] is None  # remote
+        assert "SKIP nginx leg: only with --local" in output
+        for scenario, needs in (("backend-failure", "it kills and restarts a backend"),
+                                ("budget", "it sets a key's budget"),
+                                ("rate-limit", "needs the limit of --key")):
+            code, output, report = bench(tmp_path / scenario, scenario, *common)
+            assert code == 0 and f"SKIP {scenario}" in output and needs in output, output
+            jsonschema.validate(report, SCHEMA)
+            assert report["legs"] == {} and report["skipped"]
+    finally:
+        for p in (router, mock):
+            p.stop()
+            p.cleanup()
+
+
+def test_bad_arguments_exit_2(tmp_path: Path) -> None:
+    code, output, _ = bench(tmp_path, "baseline", "--target", "http://127.0.0.1:9")
+    assert code == 2 and "--target needs --key" in output
