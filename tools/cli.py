@@ -8,12 +8,12 @@ import logging
 import os
 import sys
 import tempfile
+from typing import Any
 
 from apirouter import __version__
 from apirouter.config import SETTINGS
 from apirouter.config_keys import DEFAULT_PREFIX
 from apirouter.runstate import default_run_dir
-from bench import suite as bench_suite
 from tools import mock_backend, smoke
 
 
@@ -37,6 +37,21 @@ def _serve(args: argparse.Namespace) -> int:
                  if getattr(args, s.name, None) is not None}
     return serve(ServeOptions(args.config, args.demo, args.run_dir, overrides, metrics_dir,
                               args.etcd, args.etcd_prefix, args.cache_dir))
+
+
+def _add_bench(sub: Any) -> None:
+    """`apirouter bench` (bench/suite.py), where this install has it: an image built from
+    the runtime packages alone does not."""
+    try:
+        from bench import suite
+    except ImportError as e:
+        sub.add_parser("bench", help="SRE bench suite (not in this install)").set_defaults(
+            bench_missing=str(e))
+        return
+    suite.add_arguments(sub.add_parser(
+        "bench", help="SRE bench suite: load scenarios, SLO verdicts, a JSON + PNG report",
+        description=suite.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    sub.choices["bench"].set_defaults(bench_missing="")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("mock-backend", help="run the OpenAI-compatible mock LLM backend")
     mock_backend.add_arguments(m)
     smoke.add_arguments(sub.add_parser("smoke", help="check a deployed router end to end"))
-    bench_suite.add_arguments(sub.add_parser(
-        "bench", help="SRE bench suite: load scenarios, SLO verdicts, a JSON + PNG report",
-        description=bench_suite.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+    _add_bench(sub)
     sub.add_parser("version", help="print the version")
 
     args = p.parse_args(argv)
@@ -77,7 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "smoke":
         return smoke.run(args, out=lambda line: print(line, flush=True))
     if args.command == "bench":
-        return bench_suite.run(args)
+        if args.bench_missing:
+            print(f"apirouter bench: the bench package is not installed ({args.bench_missing})",
+                  file=sys.stderr)
+            return 2
+        from bench import suite
+
+        return suite.run(args)
     print(__version__)
     return 0
 
