@@ -241,3 +241,24 @@ def usage_counts(body: bytes) -> tuple[int, int] | None:
     except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
         total = usage_total_tokens(body)
         return None if total is None else (total, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyRequest:
+    """What the pipeline needs from a request it forwards, whatever the endpoint."""
+
+    model: str
+    max_tokens: int | None
+    upstream_body: bytes | None = None  # None: the client's body goes to the backend as is
+
+
+def parse_chat(body: bytes) -> ProxyRequest:
+    """/v1/chat/completions: validated, forwarded unchanged."""
+    model, max_tokens = parse_chat_request(body)
+    return ProxyRequest(model, max_tokens)
+
+
+def parse_inference(body: bytes) -> ProxyRequest:
+    """/v1/inference: validated and rewritten into a chat-completions body for the backend."""
+    req = parse_inference_request(body)
+    return ProxyRequest(req.model, req.max_tokens, req.upstream_body)

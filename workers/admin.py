@@ -24,14 +24,15 @@ from apirouter.table import describe
 from apirouter.validation import decode_json_object
 from workers.admission import budget_usage
 from workers.bodies import read_body
-from workers.endpoints import Endpoints, Reply
+from workers.context import Reply
+from workers.pipeline import Pipeline
 from workers.scrape_metrics import key_orgs
 
 PREFIX = "/v1/admin/routing"
 
 
 class Admin:
-    def __init__(self, endpoints: Endpoints) -> None:
+    def __init__(self, endpoints: Pipeline) -> None:
         self.endpoints = endpoints
         self.socket = os.path.join(os.environ.get(RUN_DIR_ENV, ""), SOCKET_NAME)
 

@@ -1,9 +1,10 @@
 """The worker's aiohttp application: every endpoint, for connections the lean server hands off.
 
 gunicorn's worker (workers.gunicorn_worker) calls ``make_app``: it attaches to the routing-table
-segment named by APIROUTER_TABLE_SHM, builds the shared Endpoints, and wraps each in an aiohttp
-handler. The hot endpoints are normally answered by workers.fast_server before aiohttp sees the
-connection; aiohttp serves the rest (and the hot ones too, on connections handed to it).
+segment named by APIROUTER_TABLE_SHM, builds the shared Pipeline, and adapts each endpoint into
+an aiohttp handler that builds the request context and runs the pipeline. The hot endpoints are
+normally answered by workers.fast_server before aiohttp sees the connection; aiohttp serves the
+rest (and the hot ones too, on connections handed to it).
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ from workers.audit_api import PATH as AUDIT_PATH
 from workers.audit_api import AuditApi
 from workers.audit_reader import AuditReader
 from workers.bodies import read_body
-from workers.endpoints import Endpoint, Endpoints, Reply, Signed
+from workers.context import Reply, Signed
+from workers.endpoints import Endpoint
+from workers.pipeline import Pipeline
 from workers.table_view import TableCache
 from workers.usage_out import UsageOut
 
-ENDPOINTS_KEY = web.AppKey("endpoints", Endpoints)
+PIPELINE_KEY = web.AppKey("pipeline", Pipeline)
 AioHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AdminHandler = Callable[[web.Request, str], Awaitable[Reply]]
 
@@ -44,22 +47,25 @@ def to_response(reply: Reply) -> web.Response:
     return web.Response(body=reply.body, status=reply.status, headers=headers)
 
 
-def _adapt(endpoints: Endpoints, ep: Endpoint) -> AioHandler:
+def _adapt(pipeline: Pipeline, ep: Endpoint) -> AioHandler:
     async def handler(request: web.Request) -> web.StreamResponse:
-        request_id = endpoints.ids.accept(request.headers.get("X-Request-ID"))
+        request_id = pipeline.ids.accept(request.headers.get("X-Request-ID"))
+        view = pipeline.tables.current()  # the request's one look at the table
         try:
-            body = await read_body(request, endpoints.max_body_bytes())
+            body = await read_body(request, view.table.limits.max_body_bytes)
         except RouterError as e:
-            return to_response(endpoints.error_reply(e, request_id, ep.openai))
+            return to_response(pipeline.error_reply(e, request_id, ep.openai))
         h = request.headers
         cred = credential(h.get("Authorization"), h.get("X-API-Key"))
         signed = Signed(request.method, request.path_qs, h.get(TIMESTAMP), h.get(NONCE),
                         h.get(SIGNATURE))
-        return to_response(await endpoints.call(ep, body, request_id, cred, signed))
+        ctx = pipeline.context(ep, view, request_id, body, cred, signed,
+                               dict(request.match_info) or None)
+        return to_response(await pipeline.run(ctx))
     return handler
 
 
-def _adapt_native(endpoints: Endpoints, inner: AdminHandler, admin: Admin | None = None
+def _adapt_native(endpoints: Pipeline, inner: AdminHandler, admin: Admin | None = None
                   ) -> AioHandler:
     """A native-envelope endpoint that authorizes itself (or, with ``admin``, needs admin)."""
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -77,10 +83,10 @@ def _adapt_native(endpoints: Endpoints, inner: AdminHandler, admin: Admin | None
     return handler
 
 
-def build_app(endpoints: Endpoints) -> web.Application:
+def build_app(endpoints: Pipeline) -> web.Application:
     # read_body enforces the live table's limit, so aiohttp's own is lifted.
     app = web.Application(client_max_size=2**62, handler_args={"max_field_size": 16384})
-    app[ENDPOINTS_KEY] = endpoints
+    app[PIPELINE_KEY] = endpoints
     for ep in endpoints.all:
         app.router.add_route(ep.method, ep.path, _adapt(endpoints, ep))
     admin = Admin(endpoints)
@@ -122,7 +128,7 @@ async def make_app() -> web.Application:
     stats = WorkerStats(os.environ[STATS_SEGMENT_ENV], run_dir)
     # One slot claim serves both segments: the ring of slot i is fed by whoever holds slot i.
     usage = UsageOut(os.environ[USAGE_SEGMENT_ENV], stats.slot, run_dir)
-    app = build_app(Endpoints(tables, stats, usage))
+    app = build_app(Pipeline(tables, stats, usage))
     # Everything allocated so far lives as long as the worker: keep the collector off it,
     # and let young garbage accumulate longer before a collection pauses a request.
     gc.collect()

@@ -18,14 +18,15 @@ from apirouter.keys import authenticate, credential, is_admin_token
 from apirouter.request_ids import valid_request_id
 from apirouter.usage import parse_fields, select
 from workers.audit_reader import AuditReader
-from workers.endpoints import Endpoints, Reply
+from workers.context import Reply
 from workers.metrics import AUDIT_LOOKUPS
+from workers.pipeline import Pipeline
 
 PATH = "/v1/audit/requests/{request_id}"
 
 
 class AuditApi:
-    def __init__(self, endpoints: Endpoints, reader: AuditReader | None) -> None:
+    def __init__(self, endpoints: Pipeline, reader: AuditReader | None) -> None:
         self.endpoints = endpoints
         self.reader = reader
 

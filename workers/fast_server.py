@@ -26,7 +26,10 @@ import httptools
 
 from apirouter.errors import RouterError
 from apirouter.keys import credential
-from workers.endpoints import Endpoint, Endpoints, Reply, Signed
+from workers.context import Reply, Signed
+from workers.endpoints import Endpoint
+from workers.pipeline import Pipeline
+from workers.table_view import TableView
 
 log = logging.getLogger("apirouter.worker")
 
@@ -47,17 +50,17 @@ class _Reject(Exception):
         self.error = error
 
 
-_Item = tuple[Endpoint, bytes | None, bytes, bool, str | None, Signed] | Reply
+_Item = tuple[Endpoint, TableView, bytes | None, bytes, bool, str | None, Signed] | Reply
 _SIGNATURE_HEADERS = {b"x-signature-timestamp": 0, b"x-signature-nonce": 1, b"x-signature": 2}
 
 
 class FastServer:
     """Shared state of all fast connections of one worker."""
 
-    def __init__(self, endpoints: Endpoints, handoff: Callable[[], asyncio.Protocol], *,
+    def __init__(self, pipeline: Pipeline, handoff: Callable[[], asyncio.Protocol], *,
                  keepalive_s: float) -> None:
-        self.endpoints = endpoints
-        self.routes = {(e.method.encode(), e.path.encode()): e for e in endpoints.all if e.hot}
+        self.pipeline = pipeline
+        self.routes = {(e.method.encode(), e.path.encode()): e for e in pipeline.all if e.hot}
         self.handoff = handoff
         self.keepalive_s = keepalive_s
         self.connections: set[FastProtocol] = set()
@@ -81,7 +84,7 @@ class FastServer:
     def _sweep(self) -> None:
         """Once a second: close idle keep-alive connections and requests that dawdle."""
         now = self.loop.time()
-        client_timeout = self.endpoints.tables.current().table.limits.client_timeout_s
+        client_timeout = self.pipeline.tables.current().table.limits.client_timeout_s
         for conn in list(self.connections):
             conn.check_timeouts(now, client_timeout)
         self._sweeper = self.loop.call_later(1.0, self._sweep)
@@ -111,6 +114,7 @@ class FastProtocol(asyncio.Protocol):
         self.writing_paused = False
         self.pending_handoff = False
         self.failed = False
+        self.task: asyncio.Task[None] | None = None  # the request being answered
         self.last_active = server.loop.time()
         # Raw bytes since the start of the message being parsed, for a hand-off replay.
         self.chunks: list[bytes] = []
@@ -130,6 +134,7 @@ class FastProtocol(asyncio.Protocol):
         self.content_length = -1
         self.expect_continue = False
         self.endpoint: Endpoint | None = None
+        self.view: TableView | None = None
         self.body: list[bytes] = []
         self.body_size = 0
         self.limit = 0
@@ -145,6 +150,12 @@ class FastProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self.transport = None
+        self.queue.clear()
+        # The client is gone: cancel the request it was waiting for. The pipeline accounts for
+        # it, and the upstream client closes that backend connection rather than pooling it.
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
 
     def pause_writing(self) -> None:
         # The client is not reading its responses: stop reading its requests.
@@ -224,8 +235,10 @@ class FastProtocol(asyncio.Protocol):
         if endpoint is None:
             raise _Handoff
         self.endpoint = endpoint
+        # The request's one look at the table: its limits here, everything else in the pipeline.
+        self.view = view = self.server.pipeline.tables.current()
         if method == b"POST":
-            self.limit = self.server.endpoints.max_body_bytes()
+            self.limit = view.table.limits.max_body_bytes
             if self.content_length > self.limit:
                 raise _Reject(RouterError("PAYLOAD_TOO_LARGE",
                                           details=f"the limit is {self.limit} bytes"))
@@ -240,15 +253,15 @@ class FastProtocol(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
-        assert self.endpoint is not None
+        assert self.endpoint is not None and self.view is not None
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         cred = credential(self.authorization.decode("latin-1") if self.authorization else None,
                           self.api_key.decode("latin-1") if self.api_key else None)
         ts, nonce, sig = (v.decode("latin-1") if v is not None else None
                           for v in self.signature)
         signed = Signed(self.endpoint.method, self.url.decode("latin-1"), ts, nonce, sig)
-        self.queue.append((self.endpoint, self.request_id, body, self.parser.should_keep_alive(),
-                           cred, signed))
+        self.queue.append((self.endpoint, self.view, self.request_id, body,
+                           self.parser.should_keep_alive(), cred, signed))
         self._reset_message()
         self.completed_in_feed = True
         self.last_active = self.server.loop.time()
@@ -268,7 +281,7 @@ class FastProtocol(asyncio.Protocol):
             self.busy = True
             if self.reading_paused and not self.writing_paused and len(self.queue) < MAX_PIPELINE:
                 self._resume_reading()
-            self.server.loop.create_task(self._serve(*item))
+            self.task = self.server.loop.create_task(self._serve(*item))
             return
         self.busy = False
         if self.pending_handoff:
@@ -276,11 +289,12 @@ class FastProtocol(asyncio.Protocol):
         elif self.closing and not self.in_message:
             self._close()
 
-    async def _serve(self, endpoint: Endpoint, request_id: bytes | None, body: bytes,
-                     keep_alive: bool, cred: str | None, signed: Signed) -> None:
-        endpoints = self.server.endpoints
-        rid = endpoints.ids.accept(request_id.decode("latin-1") if request_id else None)
-        reply = await endpoints.call(endpoint, body, rid, cred, signed)
+    async def _serve(self, endpoint: Endpoint, view: TableView, request_id: bytes | None,
+                     body: bytes, keep_alive: bool, cred: str | None, signed: Signed) -> None:
+        pipeline = self.server.pipeline
+        rid = pipeline.ids.accept(request_id.decode("latin-1") if request_id else None)
+        reply = await pipeline.run(pipeline.context(endpoint, view, rid, body, cred, signed))
+        self.task = None
         # When closing, the connection ends with the last queued answer, not this one.
         self._write(reply, keep_alive and (not self.closing or bool(self.queue)))
         self._next()
@@ -311,9 +325,9 @@ class FastProtocol(asyncio.Protocol):
         self.closing = True
         self._pause_reading()
         endpoint = self.endpoint
-        rid = self.server.endpoints.ids.accept(
+        rid = self.server.pipeline.ids.accept(
             self.request_id.decode("latin-1") if self.request_id else None)
-        self.queue.append(self.server.endpoints.error_reply(
+        self.queue.append(self.server.pipeline.error_reply(
             err, rid, endpoint.openai if endpoint else False))
         self._reset_message()
         if not self.busy:

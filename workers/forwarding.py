@@ -1,9 +1,10 @@
 """Forward one request: try the chosen backend, fail over to the next candidates, map errors.
 
-Failover happens on a connect error, a timeout, a broken response or a retryable status, while
-the request's deadline allows and ``max_attempts`` is not spent. (Responses are complete before
-anything reaches the client, so nothing has been sent yet.) Foreign exceptions of the upstream
-client become catalog errors here, at the boundary.
+Whether an attempt failed over, counts against its backend, or ends the request is decided by
+the one outcome classifier (apirouter.outcomes), for every endpoint alike. Failover happens
+only while nothing has reached the client: a buffered response is complete before anything is
+sent, and a stream is held (workers.streaming) until its status and first event are in.
+Foreign exceptions of the upstream client become catalog errors here, at the boundary.
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from apirouter.errors import RouterError
-from apirouter.outcomes import should_failover
+from apirouter.outcomes import Outcome, classify_failure, classify_status
 from apirouter.routing import Decision, NoBackend, choose, failover_order
 from apirouter.stats import WorkerStats
 from apirouter.table import Route
 from apirouter.validation import with_model
 from workers.metrics import DECISION_LATENCY, FAILOVERS
-from workers.table_view import TableView
+from workers.table_view import BackendTarget, TableView
 from workers.upstream import (
     UpstreamConnectError,
     UpstreamProtocolError,
@@ -39,6 +42,12 @@ class Forwarded:
     error: RouterError | None
     backend_s: float
     attempts: int
+    outcome: Outcome
+    exchange: Any = None  # a held stream (workers.streaming), when the attempt streams
+
+
+# One attempt: (target, request bytes, deadline) -> (response, held stream or None).
+Attempt = Callable[[BackendTarget, bytes, float], Awaitable[tuple[UpstreamResponse, Any]]]
 
 
 def resolve_route(view: TableView, model: str) -> Route:
@@ -49,27 +58,32 @@ def resolve_route(view: TableView, model: str) -> Route:
     return route
 
 
-async def _attempt(view: TableView, backend_id: str, body: bytes, request_id: str,
-                   deadline: float, loop: asyncio.AbstractEventLoop
-                   ) -> tuple[UpstreamResponse | None, RouterError | None, float]:
-    target = view.targets[backend_id]
-    data = b"".join((target.chat_head, b"X-Request-ID: ", request_id.encode("latin-1"),
-                     b"\r\nContent-Length: ", str(len(body)).encode("latin-1"), b"\r\n\r\n", body))
-    started = time.perf_counter()
+def request_bytes(target: BackendTarget, path: str, body: bytes, request_id: str) -> bytes:
+    return b"".join((target.head(path), b"X-Request-ID: ", request_id.encode("latin-1"),
+                     b"\r\nContent-Length: ", str(len(body)).encode("latin-1"), b"\r\n\r\n",
+                     body))
+
+
+async def _attempt(target: BackendTarget, backend_id: str, data: bytes, deadline: float,
+                   attempt: Attempt | None
+                   ) -> tuple[UpstreamResponse | None, Any, RouterError | None]:
     try:
-        resp = await target.pool.request(data, min(deadline, loop.time() + target.timeout_s))
-        return resp, None, time.perf_counter() - started
+        if attempt is None:  # buffered: the complete response
+            return await target.pool.request(data, deadline), None, None
+        resp, held = await attempt(target, data, deadline)
+        return resp, held, None
     except UpstreamTimeout as e:
         error = RouterError("BACKEND_TIMEOUT", details=f"backend {backend_id}: {e}")
     except UpstreamConnectError as e:
         error = RouterError("BACKEND_UNAVAILABLE", details=f"backend {backend_id}: {e}")
     except UpstreamProtocolError as e:
         error = RouterError("BACKEND_ERROR", details=f"backend {backend_id}: {e}")
-    return None, error, time.perf_counter() - started
+    return None, None, error
 
 
-async def forward_chat(view: TableView, route: Route, body: bytes, request_id: str,
-                       loop: asyncio.AbstractEventLoop, stats: WorkerStats | None) -> Forwarded:
+async def forward(view: TableView, route: Route, path: str, body: bytes, request_id: str,
+                  loop: asyncio.AbstractEventLoop, stats: WorkerStats | None,
+                  attempt: Attempt | None = None) -> Forwarded:
     table = view.table
     deadline = loop.time() + table.limits.request_timeout_s
     decided = time.perf_counter()
@@ -87,27 +101,33 @@ async def forward_chat(view: TableView, route: Route, body: bytes, request_id: s
     order: list[tuple[str, str]] | None = None
     total_s = 0.0
     while True:
-        index = table.backends[backend_id].index
+        target = view.targets[backend_id]
+        index = target.backend.index
         send = body if model == route.model else with_model(body, model)
         if stats:
             stats.begin(index)
-        resp, error, took = await _attempt(view, backend_id, send, request_id, deadline, loop)
+        started = time.perf_counter()
+        resp, held, error = await _attempt(
+            target, backend_id, request_bytes(target, path, send, request_id),
+            min(deadline, loop.time() + target.timeout_s), attempt)
+        took = time.perf_counter() - started
         total_s += took
-        failed = error is not None or (resp is not None and resp.status >= 500)
+        outcome = classify_failure(error.code) if error is not None else (
+            classify_status(resp.status) if resp is not None else classify_failure("BACKEND_ERROR"))
         if stats:
-            stats.end(index, not failed, took * 1000)
+            stats.end(index, not outcome.backend_fault, took * 1000)
         tried.append(backend_id)
-        reason = error.code if error else (
-            f"status_{resp.status}" if resp is not None and should_failover(resp.status)
-            else None)
-        if (reason is None or len(tried) >= table.limits.max_attempts
+        if (not outcome.failover or len(tried) >= table.limits.max_attempts
                 or loop.time() >= deadline):
-            return Forwarded(backend_id, decision, resp, error, total_s, len(tried))
+            return Forwarded(backend_id, decision, resp, error, total_s, len(tried), outcome,
+                             held)
         if order is None:
             order = failover_order(table, route, tried)
         nxt = next(((b, m) for b, m in order if b not in tried), None)
         if nxt is None:
-            return Forwarded(backend_id, decision, resp, error, total_s, len(tried))
+            return Forwarded(backend_id, decision, resp, error, total_s, len(tried), outcome,
+                             held)
+        reason = error.code if error is not None else f"status_{resp.status if resp else 0}"
         FAILOVERS.labels(route.model, backend_id, reason).inc()
         backend_id, model = nxt
         decision = Decision.FAILOVER

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 
@@ -26,8 +26,15 @@ log = logging.getLogger("apirouter.worker")
 class BackendTarget:
     backend: Backend
     pool: BackendPool
-    chat_head: bytes  # request line and fixed headers for POST {base}/v1/chat/completions
     timeout_s: float
+    # Request line and fixed headers of POST {base}{path}, rendered on first use per path.
+    heads: dict[str, bytes] = field(default_factory=dict)
+
+    def head(self, path: str) -> bytes:
+        got = self.heads.get(path)
+        if got is None:
+            got = self.heads[path] = _post_head(self.backend, path)
+        return got
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +46,11 @@ class TableView:
     loaded_at: float
 
 
-def _chat_head(b: Backend) -> bytes:
+def _post_head(b: Backend, path: str) -> bytes:
     default_port = 443 if b.scheme == "https" else 80
     host = b.host if b.port == default_port else f"{b.host}:{b.port}"
-    return (f"POST {b.base_path}/v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n"
-            "Content-Type: application/json\r\nAccept: application/json\r\n").encode("latin-1")
+    return (f"POST {b.base_path}{path} HTTP/1.1\r\nHost: {host}\r\n"
+            "Content-Type: application/json\r\n").encode("latin-1")
 
 
 class TableCache:
@@ -94,7 +101,7 @@ class TableCache:
             wanted[key] = pool
             pool.connect_timeout = limits.connect_timeout_s
             timeout = min(b.timeout_s or limits.request_timeout_s, limits.request_timeout_s)
-            targets[b.id] = BackendTarget(b, pool, _chat_head(b), timeout)
+            targets[b.id] = BackendTarget(b, pool, timeout)
         for key, pool in self._pools.items():
             if wanted.get(key) is not pool:
                 pool.close()

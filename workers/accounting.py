@@ -1,0 +1,107 @@
+"""The pipeline's last step: metrics, the usage record and settlement of one request.
+
+Everything here reads the request context; what to count and how to settle comes from the
+request's Outcome (apirouter.outcomes), so every endpoint accounts alike. Accounting never
+fails a response: a record that cannot be handed off is counted and logged, not raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from apirouter.errors import RouterError
+from apirouter.limits import BucketSpec, Verdict
+from apirouter.usage import usage_record
+from workers.admission import Admission
+from workers.context import RequestContext
+from workers.metrics import USAGE_LOST, RequestMetrics
+from workers.usage_out import UsageOut
+
+log = logging.getLogger("apirouter.worker")
+
+
+def rate_headers(spec: BucketSpec, v: Verdict) -> list[tuple[str, str]]:
+    return [("X-RateLimit-Limit", str(spec.per_minute)),
+            ("X-RateLimit-Remaining", str(v.remaining)),
+            ("X-RateLimit-Reset", str(int(time.time() + v.reset_ms / 1000)))]
+
+
+class Accounting:
+    def __init__(self, admission: Admission, metrics: RequestMetrics, usage: UsageOut | None,
+                 pid: int) -> None:
+        self.admission = admission
+        self.metrics = metrics
+        self.usage = usage
+        self.pid = pid
+
+    def emit(self, request_id: str, record: bytes) -> None:
+        """Hand a usage record to the supervisor; accounting never fails a response."""
+        if self.usage is None:
+            return
+        try:
+            self.usage.emit(record)
+        except OSError as e:  # the ring was full and the overflow file unwritable
+            USAGE_LOST.inc()
+            log.error("usage record of request %s lost: ring full and %s", request_id, e)
+
+    def account(self, ctx: RequestContext, status: int) -> list[tuple[str, str]]:
+        """Count, record and settle a forwarded request that ended with ``status``; return the
+        rate-limit headers to send."""
+        fwd, outcome = ctx.fwd, ctx.outcome
+        assert outcome is not None and ctx.request is not None
+        model = ctx.request.model
+        if fwd is not None:
+            backend_status = fwd.response.status if fwd.response is not None else 0
+            self.metrics.routed(fwd.backend_id, fwd.decision.value, outcome.success, model,
+                                backend_status, fwd.backend_s,
+                                max(0.0, ctx.total_s - fwd.backend_s))
+        used = ctx.used if outcome.settle_actual else None
+        if self.usage is not None:
+            key = ctx.caller.key if ctx.caller is not None else None
+            self.emit(ctx.request_id, usage_record(
+                kind="request", request_id=ctx.request_id, ts_start=ctx.t0, ts_end=time.time(),
+                endpoint=ctx.endpoint.path, key_id=key.key_id if key else None,
+                org=key.org if key else None, model=model,
+                backend_id=fwd.backend_id if fwd else None,
+                decision_type=fwd.decision.value if fwd else None,
+                attempts=fwd.attempts if fwd else 0, status=status,
+                error_code=outcome.error_code,
+                prompt_tokens=used[0] if used else None,
+                completion_tokens=used[1] if used else None,
+                cost_micro=ctx.cost_micro if used else 0,
+                backend_s=fwd.backend_s if fwd else 0.0,
+                table_generation=ctx.view.generation, worker_pid=self.pid))
+        ticket = ctx.ticket
+        if ticket is None:
+            return []
+        limits = ctx.view.table.limits
+        if not outcome.settle_actual:
+            self.admission.settle_soon(limits, ticket, 0, 0)  # released: nothing was produced
+        elif used is not None:
+            self.admission.settle_soon(limits, ticket, used[0] + used[1], ctx.cost_micro)
+        # Without reported usage the reservation stays as it was made.
+        return rate_headers(ticket.specs[0], ticket.verdict) if ticket.specs else []
+
+    def failed(self, ctx: RequestContext, err: RouterError) -> RouterError:
+        """Account a forwarded request that ends with a catalog error; return the error,
+        carrying the rate-limit headers."""
+        headers = self.account(ctx, err.status)
+        if headers:
+            err.headers = {**(err.headers or {}), **dict(headers)}
+        return err
+
+    def denied(self, ctx: RequestContext, err: RouterError, limit: str,
+               retry_after_s: int | None) -> RouterError:
+        """Account an admission refusal like a request (kind denial) and return the error."""
+        if self.usage is not None and ctx.caller is not None and ctx.request is not None:
+            key = ctx.caller.key
+            self.emit(ctx.request_id, usage_record(
+                kind="denial", request_id=ctx.request_id, ts_start=ctx.t0, ts_end=time.time(),
+                endpoint=ctx.endpoint.path, key_id=key.key_id, org=key.org,
+                model=ctx.request.model, backend_id=None, decision_type=None, attempts=0,
+                status=err.status, error_code=err.code, prompt_tokens=None,
+                completion_tokens=None, cost_micro=0, backend_s=0.0,
+                table_generation=ctx.view.generation, worker_pid=self.pid, limit=limit,
+                retry_after_s=retry_after_s))
+        return err

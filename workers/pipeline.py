@@ -1,0 +1,241 @@
+"""The one request pipeline both servers run: authenticate → parse → admit → route and forward →
+shape the response → account.
+
+A server adapter (workers.fast_server, or aiohttp in workers.app) takes the table view once,
+reads the body under that view's limit, builds a RequestContext (``context``) and awaits
+``run``. What differs between endpoints comes from their declaration (workers.endpoints); what
+a backend's answer means comes from the one outcome classifier (apirouter.outcomes). Every
+error is rendered here, through the catalog, in the endpoint's family.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+import orjson
+
+from apirouter.budgets import applicable, reservation
+from apirouter.errors import CATALOG, RouterError, native_body, openai_body
+from apirouter.keys import authenticate
+from apirouter.limits import estimate_tokens
+from apirouter.outcomes import CLIENT_GONE, classify_failure
+from apirouter.request_ids import RequestIds
+from apirouter.signing import verify
+from apirouter.stats import WorkerStats
+from workers.accounting import Accounting, rate_headers
+from workers.admission import Admission, Ticket
+from workers.context import Caller, Reply, RequestContext, Signed
+from workers.endpoints import ENDPOINTS, Endpoint, ms
+from workers.forwarding import forward, resolve_route
+from workers.metrics import RequestMetrics
+from workers.table_view import TableCache, TableView
+from workers.usage_out import UsageOut
+
+log = logging.getLogger("apirouter.worker")
+audit = logging.getLogger("apirouter.audit")
+
+SIGNATURE_WINDOW_S = 300.0  # signed requests: allowed clock difference, either way
+_OPENAI_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/embeddings", "/v1/models")
+
+
+class Pipeline:
+    """The worker's shared services and the chain of steps every request runs through."""
+
+    def __init__(self, tables: TableCache, stats: WorkerStats | None = None,
+                 usage: UsageOut | None = None) -> None:
+        self.tables = tables
+        self.stats = stats
+        self.usage = usage
+        self.admission = Admission()
+        self.ids = RequestIds()
+        self.metrics = RequestMetrics()
+        self.pid = os.getpid()
+        self.loop = asyncio.get_running_loop()
+        self.accounts = Accounting(self.admission, self.metrics, usage, self.pid)
+        self.all = ENDPOINTS
+        self.by_path = {e.path: e for e in self.all}
+
+    def max_body_bytes(self) -> int:
+        """The body limit of the live table (for endpoints outside the pipeline: admin)."""
+        return self.tables.current().table.limits.max_body_bytes
+
+    def context(self, endpoint: Endpoint, view: TableView, request_id: str, body: bytes,
+                credential: str | None, signed: Signed | None,
+                path_params: dict[str, str] | None = None) -> RequestContext:
+        return RequestContext(request_id, endpoint, view, body, credential, signed, time.time(),
+                              time.perf_counter(), path_params)
+
+    async def run(self, ctx: RequestContext) -> Reply:
+        ep = ctx.endpoint
+        try:
+            if ep.scope is not None:
+                ctx.caller = self.authenticate(ctx, ep.scope)
+            if ep.local is not None:
+                reply = await ep.local(self, ctx)
+                reply.headers.insert(0, ("X-Request-ID", ctx.request_id))
+                return reply
+            return await self.proxy(ctx)
+        except RouterError as e:
+            return self.error_reply(e, ctx.request_id, ep.openai)
+        except Exception:
+            # The traceback names our code only; request bodies never reach the log.
+            log.exception("unhandled error serving %s %s (request %s)", ep.method, ep.path,
+                          ctx.request_id)
+            return self.error_reply(RouterError("INTERNAL_ERROR"), ctx.request_id, ep.openai)
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def authenticate(self, ctx: RequestContext, scope: str) -> Caller | None:
+        """The caller, or None when the table does not require auth."""
+        table = ctx.view.table
+        if not table.auth_required:
+            return None
+        try:
+            key = authenticate(table.keys, ctx.credential, scope)
+            if not key.hmac_required:
+                return Caller(key)
+            signed = ctx.signed
+            if signed is None:
+                raise RouterError("UNAUTHORIZED", "this key requires signed requests")
+            return Caller(key, verify(key, signed.method, signed.path, ctx.body,
+                                      signed.timestamp, signed.nonce, signed.signature,
+                                      time.time(), SIGNATURE_WINDOW_S))
+        except RouterError as e:
+            self.metrics.denied(e.code)
+            # The audit trail of a refusal: never the key itself, nor anything derived from it.
+            audit.info("%s", orjson.dumps({"event": "auth.denied", "reason": e.code,
+                                           "scope": scope}).decode())
+            raise
+
+    async def proxy(self, ctx: RequestContext) -> Reply:
+        ep = ctx.endpoint
+        assert ep.parse is not None
+        req = ctx.request = ep.parse(ctx.body)
+        route = ctx.route = resolve_route(ctx.view, req.model)
+        ctx.ticket = await self.admit(ctx)
+        try:
+            fwd = ctx.fwd = await forward(
+                ctx.view, route, ep.upstream,
+                req.upstream_body if req.upstream_body is not None else ctx.body,
+                ctx.request_id, self.loop, self.stats)
+        except RouterError as e:  # nothing could be tried (no backend)
+            ctx.outcome = classify_failure(e.code)
+            ctx.total_s = time.perf_counter() - ctx.started
+            raise self.accounts.failed(ctx, e) from None
+        except asyncio.CancelledError:
+            # The client hung up (its server cancelled us): the upstream client has closed the
+            # backend connection; nothing reached the client, so nothing is billed.
+            ctx.outcome = CLIENT_GONE
+            ctx.used = (0, 0)
+            ctx.total_s = time.perf_counter() - ctx.started
+            self.accounts.account(ctx, CATALOG["CLIENT_DISCONNECTED"].status)
+            raise
+        outcome = ctx.outcome = fwd.outcome
+        resp = fwd.response
+        ctx.total_s = time.perf_counter() - ctx.started
+        if outcome.success:
+            assert resp is not None
+            ctx.used = used = ep.usage(resp.body)
+            price = route.price
+            if price is not None and used is not None:
+                ctx.cost_micro = price.cost_micro(*used)
+            if ep.shape is None:
+                ctype = resp.header(b"content-type")
+                reply = Reply(resp.status, resp.body, [],
+                              ctype.decode("latin-1") if ctype else "application/json")
+            else:
+                try:
+                    reply = ep.shape(ctx, resp)
+                except RouterError as e:  # a malformed backend response
+                    ctx.outcome = classify_failure(e.code)
+                    raise self.accounts.failed(ctx, e) from None
+        elif outcome.passthrough and ep.openai and resp is not None:
+            # The backend's own explanation of the client's mistake, unchanged.
+            self.metrics.error(outcome.error_code or "INVALID_REQUEST")
+            ctype = resp.header(b"content-type")
+            reply = Reply(resp.status, resp.body, [],
+                          ctype.decode("latin-1") if ctype else "application/json")
+        else:
+            err = fwd.error
+            if err is None:
+                assert resp is not None and outcome.error_code is not None
+                err = RouterError(outcome.error_code,
+                                  "the backend rejected the request" if outcome.passthrough
+                                  else None,
+                                  details=f"backend {fwd.backend_id} answered {resp.status}")
+            raise self.accounts.failed(ctx, err)
+        reply.headers = [("X-Request-ID", ctx.request_id),
+                         ("X-Router-Backend", fwd.backend_id),
+                         ("X-Router-Decision", fwd.decision.value),
+                         ("X-Router-Latency-Ms", ms(ctx.total_s)),
+                         *self.accounts.account(ctx, reply.status)]
+        return reply
+
+    async def admit(self, ctx: RequestContext) -> Ticket | None:
+        caller, route, req = ctx.caller, ctx.route, ctx.request
+        if caller is None:
+            return None
+        assert route is not None and req is not None
+        key = caller.key
+        table = ctx.view.table
+        max_tokens = req.max_tokens
+        completion = max_tokens or table.limits.default_completion_tokens
+        tokens = estimate_tokens(len(ctx.body), max_tokens,
+                                 table.limits.default_completion_tokens)
+        budgets = applicable(table.budgets, key.org, key.key_id)
+        ticket = await self.admission.admit(
+            table.limits, key, route.model, tokens, table.orgs.get(key.org), route.limits,
+            caller.nonce, int(SIGNATURE_WINDOW_S * 2000), budgets,
+            reservation(route.price, tokens - completion, completion) if budgets else None)
+        v = ticket.verdict
+        if v.allowed:
+            return ticket
+        if ticket.refused_budget is not None:
+            budget, dimension = ticket.refused_budget
+            code = "BUDGET_EXCEEDED" if dimension == "spend" else "QUOTA_EXCEEDED"
+            self.metrics.denied(f"{code.lower()}_{dimension}")
+            audit.info("%s", orjson.dumps({
+                "event": "admission.denied", "reason": code, "limit": budget.scope,
+                "dimension": dimension, "period": budget.period, "key_id": key.key_id,
+                "org": key.org, "model": route.model}).decode())
+            raise self.accounts.denied(ctx, RouterError(
+                code, f"the {budget.period}ly {dimension} "
+                      f"{'budget' if dimension == 'spend' else 'quota'} of "
+                      f"{budget.scope} is exhausted"), budget.scope, None)
+        assert v.failed is not None
+        bucket = v.failed.name.split(":", 1)[0] + "_" + v.failed.name.rsplit(":", 1)[1]
+        retry_s = max(1, -(-v.retry_after_ms // 1000))
+        self.metrics.denied(f"rate_limit_{bucket}")
+        audit.info("%s", orjson.dumps({
+            "event": "admission.denied", "reason": "RATE_LIMIT_EXCEEDED", "limit": bucket,
+            "key_id": key.key_id, "org": key.org, "model": route.model,
+            "remaining": v.remaining, "retry_after_s": retry_s}).decode())
+        raise self.accounts.denied(ctx, RouterError(
+            "RATE_LIMIT_EXCEEDED", f"rate limit exceeded ({bucket.replace('_', ' ')})",
+            headers={**dict(rate_headers(v.failed, v)), "Retry-After": str(retry_s)}),
+            bucket, retry_s)
+
+    # -- errors --------------------------------------------------------------------------------
+
+    def error_reply(self, err: RouterError, request_id: str, openai: bool) -> Reply:
+        self.metrics.error(err.code)
+        headers = [("X-Request-ID", request_id)]
+        if err.headers:
+            headers.extend(err.headers.items())
+        render = openai_body if openai else native_body
+        return Reply(err.status, render(err, request_id), headers)
+
+    def unrouted(self, method: str, path: str, request_id: str) -> Reply:
+        """404 for unknown paths, 405 with Allow for known paths and a wrong method."""
+        openai = path.startswith(_OPENAI_PREFIXES)
+        known = self.by_path.get(path)
+        if known is not None:
+            err = RouterError("METHOD_NOT_ALLOWED",
+                              f"{method} is not allowed on {path}; use {known.method}",
+                              headers={"Allow": known.method})
+            return self.error_reply(err, request_id, known.openai)
+        return self.error_reply(RouterError("NOT_FOUND", f"no endpoint at {path}"), request_id,
+                                openai)
