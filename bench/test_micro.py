@@ -140,3 +140,45 @@ def test_usage_ring_put(benchmark: BenchmarkFixture, usage_ring: tuple[object, o
             prod.put(raw)  # type: ignore[attr-defined]
 
     benchmark(put)
+
+
+# -- streaming: what the router spends per SSE event it passes through --------------------------
+
+def _stream_events(n: int) -> list[bytes]:
+    """n content chunks as the mock (and OpenAI, with include_usage) send them, one per read."""
+    from tools.mock_shapes import stream_payloads
+
+    doc = {"model": "bench-model", "messages": [{"role": "user", "content": "hi"}]}
+    text = " ".join(["token"] * n)
+    return [b"data: " + p + b"\n\n"
+            for p in stream_payloads("bench", 1, doc, text, True, True)][1:n + 1]
+
+
+def test_sse_scan_per_event(benchmark: BenchmarkFixture) -> None:
+    """Boundary search and fields of one ~200-byte chunk arriving in its own read."""
+    from apirouter.sse import SSEScanner
+
+    scanner, chunk = SSEScanner(), _stream_events(1)[0]
+    assert benchmark(scanner.feed, chunk)[0].raw == chunk
+
+
+def test_sse_scan_and_account_per_event(benchmark: BenchmarkFixture) -> None:
+    """The same, plus StreamUsage: the whole per-event cost of a streamed token."""
+    from apirouter.sse import SSEScanner, StreamUsage
+
+    scanner, acc, chunk = SSEScanner(), StreamUsage(), _stream_events(1)[0]
+
+    def one() -> None:
+        for e in scanner.feed(chunk):
+            acc.add(e)
+
+    benchmark(one)
+    assert acc.content_bytes == 5 * acc.events
+
+
+def test_sse_scan_per_event_batched(benchmark: BenchmarkFixture) -> None:
+    """64 events in one read (a fast backend outrunning the router), per call."""
+    from apirouter.sse import SSEScanner
+
+    scanner, batch = SSEScanner(), b"".join(_stream_events(64))
+    assert len(benchmark(scanner.feed, batch)) == 64

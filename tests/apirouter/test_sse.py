@@ -1,0 +1,262 @@
+"""SSE framing and stream accounting: property tests against the spec's field rules and a
+full JSON parse, and the in-band error event as the official openai SDK sees it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import openai
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from apirouter.errors import RouterError
+from apirouter.limits import estimate_tokens
+from apirouter.sse import (
+    SSEEvent,
+    SSEEventTooLarge,
+    SSEScanner,
+    StreamUsage,
+    error_event,
+    is_done,
+)
+
+ENDS = st.sampled_from([b"\n", b"\r\n", b"\r"])
+# Field values: anything but line ends (the only thing a value cannot hold).
+VALUE = st.text(st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)),
+                max_size=12).map(lambda s: s.encode())
+
+Fields = tuple[bytes | None, bytes | None, bytes | None]
+
+
+@st.composite
+def sse_stream(draw: st.DrawFn) -> tuple[bytes, list[Fields]]:
+    """A stream of events (data lines, event, id, comments, blank lines between events, mixed
+    line ends) and the (data, event, id) each must parse to."""
+    out = bytearray()
+    expected: list[Fields] = []
+
+    def line(text: bytes) -> None:
+        end = draw(ENDS)
+        if not text and out.endswith(b"\r") and end == b"\n":
+            end = b"\r\n"  # CR then LF would be one line end, not a blank line
+        out.extend(text + end)
+
+    for _ in range(draw(st.integers(1, 5))):
+        for _ in range(draw(st.integers(0, 2))):
+            line(b"")  # blank lines between events dispatch nothing
+        data: list[bytes] = []
+        event = ident = None
+        kinds = draw(st.lists(st.sampled_from(["data", "event", "id", "comment"]),
+                              min_size=1, max_size=5))
+        for kind in kinds:
+            value = draw(VALUE)
+            space = b" " if draw(st.booleans()) or value.startswith(b" ") else b""
+            if kind == "comment":
+                line(b":" + value)
+                continue
+            if kind == "data" and not value and draw(st.booleans()):
+                line(b"data")  # a field name alone: an empty value
+            else:
+                line(kind.encode() + b":" + space + value)
+            if kind == "data":
+                data.append(value)
+            elif kind == "event":
+                event = value
+            elif b"\0" not in value:
+                ident = value
+        line(b"")
+        expected.append((b"\n".join(data) if data else None, event, ident))
+    return bytes(out), expected
+
+
+def fields(events: list[SSEEvent]) -> list[Fields]:
+    return [(e.data, e.event, e.id) for e in events]
+
+
+@given(sse_stream())
+@settings(max_examples=300, deadline=None)
+def test_events_split_at_every_byte_boundary_are_the_same(
+        case: tuple[bytes, list[Fields]]) -> None:
+    stream, expected = case
+    whole = SSEScanner()
+    events = whole.feed(stream)
+    assert fields(events) == expected
+    assert b"".join(e.raw for e in events) == stream and whole.pending == b""
+    for cut in range(1, len(stream)):
+        s = SSEScanner()
+        parts = s.feed(stream[:cut]) + s.feed(stream[cut:])
+        assert fields(parts) == expected
+        assert b"".join(e.raw for e in parts) + s.pending == stream
+
+
+@given(sse_stream(), st.lists(st.integers(1, 7), min_size=1, max_size=200))
+@settings(max_examples=200, deadline=None)
+def test_events_fed_in_small_pieces_are_the_same(case: tuple[bytes, list[Fields]],
+                                                 sizes: list[int]) -> None:
+    stream, expected = case
+    s, got, at, i = SSEScanner(), [], 0, 0
+    while at < len(stream):
+        n = sizes[i % len(sizes)]
+        got += s.feed(stream[at:at + n])
+        at, i = at + n, i + 1
+    assert fields(got) == expected
+    assert b"".join(e.raw for e in got) + s.pending == stream
+    assert s.pending in (b"", b"\n")  # the LF of a CRLF cut after its CR, at the very end
+
+
+def test_crlf_lf_and_cr_streams_give_the_same_events() -> None:
+    lf = b': ping\n\nevent: delta\nid: 7\ndata: {"a":\ndata:  1}\n\ndata: [DONE]\n\n'
+    parsed = [fields(SSEScanner().feed(lf.replace(b"\n", end)))
+              for end in (b"\n", b"\r\n", b"\r")]
+    assert parsed[0] == parsed[1] == parsed[2] == [
+        (None, None, None), (b'{"a":\n 1}', b"delta", b"7"), (b"[DONE]", None, None)]
+    assert is_done(SSEScanner().feed(lf)[-1]) and not is_done(SSEScanner().feed(lf)[0])
+
+
+def test_an_unfinished_event_stays_pending() -> None:
+    s = SSEScanner()
+    assert s.feed(b"data: 1\n\ndata: 2\n") == [SSEEvent(b"data: 1\n\n", b"1")]
+    assert s.pending == b"data: 2\n"
+    assert s.feed(b"\n") == [SSEEvent(b"data: 2\n\n", b"2")]
+
+
+def test_an_oversized_event_raises_however_it_arrives() -> None:
+    s = SSEScanner(max_event_bytes=64)
+    assert len(s.feed(b"data: " + b"x" * 56 + b"\n\n")) == 1  # exactly 64 bytes
+    with pytest.raises(SSEEventTooLarge):
+        SSEScanner(max_event_bytes=64).feed(b"data: " + b"x" * 57 + b"\n\n")
+    s = SSEScanner(max_event_bytes=64)
+    with pytest.raises(SSEEventTooLarge):
+        for _ in range(20):
+            s.feed(b"data: xxxx")  # never ends
+    s = SSEScanner(max_event_bytes=64)
+    with pytest.raises(SSEEventTooLarge):
+        for _ in range(100):
+            s.feed(b"\n")  # blank lines forever are buffered too
+
+
+# -- accounting ---------------------------------------------------------------------------------
+
+# Quotes, backslashes, line ends and non-ASCII often: what escapes look like in each encoder.
+TEXT = st.text(st.sampled_from(list('a "\\/\n\té中😀'))
+               | st.characters(blacklist_categories=("Cs",)), max_size=20)
+FINISH = st.sampled_from([None, "stop", "length", "tool_calls"])
+USAGE = st.builds(lambda p, c: {"prompt_tokens": p, "completion_tokens": c,
+                                "total_tokens": p + c}, st.integers(0, 10**6),
+                  st.integers(0, 10**6))
+
+
+@st.composite
+def chunk(draw: st.DrawFn) -> dict[str, Any]:
+    doc: dict[str, Any] = {"id": "c-1", "object": "chat.completion.chunk", "created": 1,
+                           "model": draw(TEXT)}
+    choices = []
+    for i in range(draw(st.integers(0, 2))):
+        if draw(st.booleans()):
+            delta: dict[str, Any] = {}
+            for key in ("role", "content", "refusal", "reasoning_content"):
+                if draw(st.booleans()):
+                    delta[key] = draw(st.none() | TEXT)
+            if draw(st.booleans()):
+                delta["tool_calls"] = [{"index": 0, "id": draw(TEXT), "type": "function",
+                                        "function": {"name": draw(TEXT),
+                                                     "arguments": draw(TEXT)}}]
+            choices.append({"index": i, "delta": delta, "logprobs": None,
+                            "finish_reason": draw(FINISH)})
+        else:
+            choices.append({"index": i, "text": draw(TEXT), "finish_reason": draw(FINISH),
+                            "logprobs": None})
+    doc["choices"] = choices
+    usage = draw(st.sampled_from(["absent", "null", "object"]))
+    if usage != "absent":
+        doc["usage"] = draw(USAGE) if usage == "object" else None
+    return doc
+
+
+def full_parse(docs: list[dict[str, Any]], prompt_bytes: int) -> dict[str, Any]:
+    """What StreamUsage must find, from parsing every chunk."""
+    content, reasons, usage = 0, [], None
+    for doc in docs:
+        for c in doc["choices"]:
+            delta = c.get("delta", {})
+            pieces = [c.get("text"), delta.get("content"), delta.get("refusal"),
+                      delta.get("reasoning_content")]
+            pieces += [t["function"]["arguments"] for t in delta.get("tool_calls", [])]
+            content += sum(len(p.encode()) for p in pieces if p)
+            if c["finish_reason"]:
+                reasons.append(c["finish_reason"])
+        if isinstance(doc.get("usage"), dict):
+            usage = doc["usage"]
+    if usage:
+        result = (usage["prompt_tokens"], usage["completion_tokens"], False)
+    else:
+        result = (estimate_tokens(prompt_bytes, None, 0) if prompt_bytes else 0,
+                  estimate_tokens(content, None, 0) if content else 0, True)
+    return {"events": len(docs), "content_bytes": content, "finish_reasons": reasons,
+            "usage": usage, "result": result}
+
+
+ENCODERS = [orjson.dumps, lambda d: json.dumps(d).encode(),
+            lambda d: json.dumps(d, ensure_ascii=False, indent=1).encode()]
+
+
+@given(st.lists(chunk(), max_size=8), st.sampled_from(range(len(ENCODERS))),
+       st.integers(0, 5000))
+@settings(max_examples=300, deadline=None)
+def test_usage_extraction_equals_a_full_parse(docs: list[dict[str, Any]], encoder: int,
+                                              prompt_bytes: int) -> None:
+    encode = ENCODERS[encoder]
+    stream = b"".join(b"data: " + encode(d).replace(b"\n", b"\ndata: ") + b"\n\n"
+                      for d in docs) + b"data: [DONE]\n\n"
+    acc = StreamUsage(prompt_bytes)
+    usage_only = [acc.add(e) for e in SSEScanner().feed(stream)]
+    want = full_parse(docs, prompt_bytes)
+    assert {"events": acc.events, "content_bytes": acc.content_bytes,
+            "finish_reasons": acc.finish_reasons, "usage": acc.usage,
+            "result": acc.result()} == want
+    assert usage_only == [isinstance(d.get("usage"), dict) and not d["choices"]
+                          for d in docs] + [False]
+
+
+def test_in_band_errors_are_kept() -> None:
+    acc = StreamUsage()
+    for e in SSEScanner().feed(b'data: {"error": {"message": "overloaded", "code": 1}}\n\n'
+                               b'data: {"choices": [], "note": "\\"error\\": {"}\n\n'):
+        acc.add(e)
+    assert acc.error == {"message": "overloaded", "code": 1} and acc.events == 2
+
+
+async def test_the_openai_sdk_raises_the_error_event() -> None:
+    """A real HTTP server streams two chunks and error_event(); the SDK raises APIError."""
+    err = RouterError("BACKEND_TIMEOUT", details="stream idle")
+    chunk0 = orjson.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1,
+                           "model": "m", "choices": [{"index": 0, "delta": {"content": "hi"},
+                                                      "finish_reason": None}]})
+    body = b"data: " + chunk0 + b"\n\n" + error_event(err, "req-1")
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k",
+                                max_retries=0)
+    got = []
+    with pytest.raises(openai.APIError) as raised:
+        async for c in await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "x"}], stream=True):
+            got.append(c.choices[0].delta.content)
+    assert got == ["hi"]
+    assert "did not answer before the deadline (stream idle)" in raised.value.message
+    assert isinstance(raised.value.body, dict) and raised.value.body["code"] == "backend_timeout"
+    assert raised.value.body["request_id"] == "req-1"
+    await client.close()
+    server.close()
