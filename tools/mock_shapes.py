@@ -23,11 +23,11 @@ _SENTENCE = "This is a mock completion for testing.".split()
 
 def reply_text(name: str, doc: dict[str, Any], reply_tokens: int = 0) -> str:
     """The answer: a fixed sentence, or ``reply_tokens`` words of it repeated, cut to the
-    request's ``max_tokens``."""
+    request's ``max_completion_tokens`` (or ``max_tokens``)."""
     words = ["Hello", "from", name + "."] + _SENTENCE
     if reply_tokens:
         words = list(itertools.islice(itertools.cycle(words), reply_tokens))
-    max_tokens = doc.get("max_tokens")
+    max_tokens = doc.get("max_completion_tokens", doc.get("max_tokens"))
     if isinstance(max_tokens, int) and max_tokens > 0:
         words = words[:max_tokens]
     return " ".join(words)
