@@ -3,6 +3,7 @@ own overhead and whether it kept up, and one-second time series for the plots. P
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -42,16 +43,24 @@ def _pname(p: float) -> str:
     return "p" + (f"{p:g}".replace(".", ""))
 
 
-def histogram_buckets(values_s: Sequence[float]) -> list[list[float]]:
-    """[upper bound ms, count] over logarithmic buckets (x1.25), for the histogram plot."""
+def histogram_buckets(values_s: Sequence[float], bins: int = 50) -> list[list[float]]:
+    """[low ms, high ms, count] over ``bins`` log-spaced bins between the fastest and the
+    slowest request, filled from the HDR histogram's recorded values (for the plot)."""
     if not values_s:
         return []
     h = histogram(values_s)
-    out = []
-    for item in h.get_log_iterator(max(1, h.get_min_value()), 1.25):
-        if item.count_added_in_this_iter_step:
-            out.append([item.value_iterated_to / 1000, item.count_added_in_this_iter_step])
-    return out
+    recorded = [(item.value_iterated_to / 1000, item.count_added_in_this_iter_step)
+                for item in h.get_recorded_iterator()]
+    lo, hi = recorded[0][0], recorded[-1][0]
+    if hi <= lo * 1.0001:
+        return [[lo, hi, float(sum(c for _, c in recorded))]]
+    ratio = (hi / lo) ** (1 / bins)
+    edges = [lo * ratio ** i for i in range(bins + 1)]
+    counts = [0] * bins
+    for v, c in recorded:
+        i = min(bins - 1, int(math.log(v / lo) / math.log(ratio)))
+        counts[i] += c
+    return [[edges[i], edges[i + 1], float(counts[i])] for i in range(bins)]
 
 
 def summarize(name: str, url: str, samples: Sequence[Sample], stats: RunStats,

@@ -1,5 +1,7 @@
 """PNG plots of a bench report (matplotlib, Agg backend: no display needed).
 
+    python -m bench.plots REPORT_DIR...   # draw them again from report.json
+
 latency_over_time.png   p50/p95/p99 per second for each leg, the scenario's phases shaded
 latency_histogram.png   the latency distribution of each leg (HDR histogram buckets)
 throughput_errors.png   answered/refused/failed per second against the target rate
@@ -15,12 +17,18 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import FormatStrFormatter  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, LogFormatter  # noqa: E402
 
 from bench.loadgen import Schedule  # noqa: E402
 
 COLORS = {"direct": "#4c72b0", "nginx": "#55a868", "router": "#c44e52"}
 _PHASE_SHADES = ("#f2f2f2", "#fde9d9", "#e3f1e0", "#e5e5f7")
+
+
+def _plain_ticks(axis: Any) -> None:
+    """Log axes labelled 20, 30, 50 rather than 2 x 10^1."""
+    axis.set_major_formatter(FormatStrFormatter("%g"))
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
 def _shade_phases(ax: Any, schedule: Schedule, label: bool) -> None:
@@ -38,6 +46,10 @@ def latency_over_time(path: Path, legs: dict[str, dict[str, Any]], schedule: Sch
                       title: str) -> None:
     fig, axes = plt.subplots(len(legs), 1, figsize=(10, 2.6 * len(legs) + 1), sharex=True,
                              sharey=True, squeeze=False)
+    vals = [w[k] for leg in legs.values() for w in leg["timeseries"]
+            for k in ("p50_ms", "p99_ms") if w[k]]
+    # A queue or a stall spans decades: log scale keeps the quiet seconds readable beside it.
+    log = bool(vals) and max(vals) / max(min(vals), 1e-3) > 20
     for ax, (name, leg) in zip(axes[:, 0], legs.items(), strict=True):
         _shade_phases(ax, schedule, label=ax is axes[0, 0])
         ts = leg["timeseries"]
@@ -46,17 +58,15 @@ def latency_over_time(path: Path, legs: dict[str, dict[str, Any]], schedule: Sch
             ys = [w[key] if w[key] is not None else float("nan") for w in ts]
             ax.plot(t, ys, style, color=COLORS.get(name, "black"), marker=".",
                     label=key.split("_")[0])
-        vals = [w[k] for w in ts for k in ("p50_ms", "p99_ms") if w[k]]
-        log = bool(vals) and max(vals) / max(min(vals), 1e-3) > 20
-        if log:  # a queue or a stall: keep the quiet seconds readable beside it
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
-            ax.yaxis.set_minor_formatter(FormatStrFormatter(""))
-        else:
-            ax.set_ylim(bottom=0)
         ax.set_ylabel(f"{name}\nlatency, ms{' (log)' if log else ''}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="upper right", fontsize=8)
+    if log:
+        axes[0, 0].set_yscale("log")
+        _plain_ticks(axes[0, 0].yaxis)
+    elif vals:
+        axes[0, 0].set_ylim(0, max(vals) * 1.2)
+    axes[-1, 0].set_xlim(0, schedule.duration)
     axes[-1, 0].set_xlabel("seconds since the leg started (each point: requests due in that "
                            "second)")
     fig.suptitle(f"{title}: latency per second, measured from each request's scheduled send "
@@ -72,14 +82,14 @@ def latency_histogram(path: Path, legs: dict[str, dict[str, Any]], title: str) -
         buckets = leg["histogram_ms"]
         if not buckets:
             continue
-        xs = [b[0] for b in buckets]
-        ys = [b[1] for b in buckets]
-        ax.step(xs, ys, where="post", color=COLORS.get(name, "black"), label=name)
+        ax.stairs([b[2] for b in buckets], [b[0] for b in buckets] + [buckets[-1][1]],
+                  color=COLORS.get(name, "black"), label=name, linewidth=1.5)
         lat = leg["latency_ms"]
         for p, style in (("p50", "-"), ("p99", "--")):
             ax.axvline(lat[p], color=COLORS.get(name, "black"), linestyle=style, alpha=0.6,
                        linewidth=1)
     ax.set_xscale("log")
+    _plain_ticks(ax.xaxis)
     ax.set_xlabel("latency, ms (log); vertical lines: p50 (solid) and p99 (dashed) per leg")
     ax.set_ylabel("requests per bucket")
     ax.set_title(f"{title}: latency distribution of successful requests (HDR histogram)")
@@ -163,3 +173,23 @@ def write_all(out: Path, legs: dict[str, dict[str, Any]], schedule: Schedule,
         comparison_plot(out / "comparison.png", cmp, title)
         written.append("comparison.png")
     return written
+
+
+def redraw(report_dir: Path) -> list[str]:
+    """Draw the PNGs of an existing report directory again from its report.json."""
+    import json
+
+    from bench.loadgen import Phase
+
+    doc = json.loads((report_dir / "report.json").read_text())
+    schedule = Schedule([Phase(p["name"], p["end_s"] - p["start_s"], p["rate"])
+                         for p in doc["phases"]])
+    return write_all(report_dir, doc["legs"], schedule, doc["comparison"],
+                     doc["scenario"]["name"])
+
+
+if __name__ == "__main__":
+    import sys
+
+    for d in sys.argv[1:]:
+        print(d, redraw(Path(d)))

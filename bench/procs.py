@@ -310,7 +310,7 @@ def process_tree_cpu(pid: int) -> tuple[float, float]:
             if t is None:
                 ct = p.cpu_times()
                 t = ct.user + ct.system
-        except (psutil.NoSuchProcess, FileNotFoundError, ProcessLookupError):
+        except (psutil.NoSuchProcess, ProcessLookupError):
             continue
         total += t
         if p is root:
@@ -319,10 +319,11 @@ def process_tree_cpu(pid: int) -> tuple[float, float]:
 
 
 def _schedstat_s(pid: int) -> float | None:
+    """CPU seconds of all threads of ``pid``; None where /proc has no schedstat."""
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
-        raise
+        raise ProcessLookupError(pid) from None
     except OSError:
         return None
     ns = 0

@@ -69,6 +69,10 @@ def comparison(legs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
                                       for p in ("p50", "p95", "p99")}
         out["throughput_ratio"][name] = (leg["throughput_ok_rps"] / direct["throughput_ok_rps"]
                                          if direct["throughput_ok_rps"] else None)
+        for key in ("ttft_ms", "event_gap_ms"):  # streams: what the hop adds per event
+            if leg[key] and direct[key]:
+                out.setdefault(f"added_{key}", {})[name] = {
+                    p: leg[key][p] - direct[key][p] for p in ("p50", "p95", "p99")}
     r, n = out["legs"].get("router"), out["legs"].get("nginx")
     out["router_cpu_to_nginx"] = (r["cpu_us_per_request"] / n["cpu_us_per_request"]
                                   if r and n and r["cpu_us_per_request"]
@@ -209,7 +213,9 @@ def _f(v: Any, digits: int = 1) -> str:
 def print_summary(con: Console, doc: dict[str, Any], verdicts: list[Verdict]) -> None:
     legs = doc["legs"]
     if legs:
-        t = Table(title=f"{doc['scenario']['name']}: latency from the scheduled send time (ms)")
+        since = ("the scheduled send time" if doc["parameters"]["mode"] == "open" else
+                 "the send (closed loop)")
+        t = Table(title=f"{doc['scenario']['name']}: latency from {since} (ms)")
         for col in ("leg", "target/s", "sent/s", "ok", "refused", "errors", "p50", "p95",
                     "p99", "max", "server CPU µs/req", "generator CPU µs/req"):
             t.add_column(col, justify="left" if col == "leg" else "right")
@@ -249,6 +255,10 @@ def print_summary(con: Console, doc: dict[str, Any], verdicts: list[Verdict]) ->
             tput = cmp["throughput_ratio"][name]
             con.print(f"  {name} vs direct: {added['p50']:+.3f} ms p50, {added['p99']:+.3f} ms "
                       f"p99 (x{_f(ratio, 2)} p50 latency, x{_f(tput, 2)} throughput)")
+        for name, added in cmp.get("added_ttft_ms", {}).items():
+            gap = cmp.get("added_event_gap_ms", {}).get(name)
+            con.print(f"  {name} vs direct, streams: time to first token {added['p50']:+.3f} ms "
+                      f"p50" + (f", gap between events {gap['p50']:+.3f} ms p50" if gap else ""))
         if cmp["router_cpu_to_nginx"]:
             con.print(f"  router CPU per request = {cmp['router_cpu_to_nginx']:.1f} x nginx's")
     if verdicts:

@@ -27,7 +27,15 @@ from typing import TYPE_CHECKING, Any
 import uvloop
 
 from bench import environment as envmod
-from bench.loadgen import RunStats, Sample, Schedule, clock, closed_loop, open_loop
+from bench.loadgen import (
+    WITHHELD,
+    RunStats,
+    Sample,
+    Schedule,
+    clock,
+    closed_loop,
+    open_loop,
+)
 from bench.procs import process_tree_cpu
 from bench.scenarios import (
     SCENARIOS,
@@ -208,6 +216,8 @@ async def _run_legs(sc: Scenario, args: argparse.Namespace, env: Any, schedule: 
                           expected=sc.expected,
                           backend_service_ms=service_ms if leg == "router" else None)
             s["server_cpu_us_per_request"] = cpu_us
+            eps = s["events_per_stream"]
+            s["server_cpu_us_per_event"] = cpu_us / eps if cpu_us is not None and eps else None
             summaries[leg] = s
     rep.legs = summaries
     verdicts: list[Verdict] = []
@@ -258,7 +268,7 @@ async def _one_leg(sc: Scenario, args: argparse.Namespace, env: Any, leg: str, u
 
     def done(s: Sample) -> None:
         nonlocal errors
-        if not 200 <= s.status < 300 and s.status not in sc.expected and s.status != -1:
+        if not 200 <= s.status < 300 and s.status not in sc.expected and s.status != WITHHELD:
             errors += 1
         bar.update(task, advance=1, errors=errors)
 
