@@ -88,9 +88,13 @@ def latency_histogram(path: Path, legs: dict[str, dict[str, Any]], title: str) -
         for p, style in (("p50", "-"), ("p99", "--")):
             ax.axvline(lat[p], color=COLORS.get(name, "black"), linestyle=style, alpha=0.6,
                        linewidth=1)
-    ax.set_xscale("log")
-    _plain_ticks(ax.xaxis)
-    ax.set_xlabel("latency, ms (log); vertical lines: p50 (solid) and p99 (dashed) per leg")
+    edges = [b[i] for leg in legs.values() for b in leg["histogram_ms"] for i in (0, 1)]
+    log = bool(edges) and max(edges) / max(min(edges), 1e-3) > 20
+    if log:
+        ax.set_xscale("log")
+        _plain_ticks(ax.xaxis)
+    ax.set_xlabel(f"latency, ms{' (log)' if log else ''}; vertical lines: p50 (solid) and "
+                  "p99 (dashed) per leg")
     ax.set_ylabel("requests per bucket")
     ax.set_title(f"{title}: latency distribution of successful requests (HDR histogram)")
     ax.grid(True, which="both", alpha=0.3)
@@ -135,25 +139,34 @@ def throughput_errors(path: Path, legs: dict[str, dict[str, Any]], schedule: Sch
 def comparison_plot(path: Path, cmp: dict[str, Any], title: str) -> None:
     legs = cmp["legs"]
     names = list(legs)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(14, 4.5))
     width = 0.25
     for i, p in enumerate(("p50", "p95", "p99")):
         vals = [legs[n][f"{p}_ms"] or 0 for n in names]
         bars = a1.bar([x + (i - 1) * width for x in range(len(names))], vals, width, label=p,
                       alpha=0.85)
         a1.bar_label(bars, fmt="%.1f", fontsize=7)
+        added = cmp["added_ms"]
+        hops = list(added)
+        bars = a2.bar([x + (i - 1) * width for x in range(len(hops))],
+                      [added[h][p] for h in hops], width, label=p, alpha=0.85)
+        a2.bar_label(bars, fmt="%+.2f", fontsize=7)
     a1.set_xticks(range(len(names)), names)
     a1.set_ylabel("latency, ms")
-    a1.set_title("latency percentiles (same load, same run)")
-    a1.legend()
+    a1.set_title("latency percentiles")
+    a1.legend(loc="lower right")
+    a2.set_xticks(range(len(cmp["added_ms"])), [f"{h} - direct" for h in cmp["added_ms"]])
+    a2.axhline(0, color="black", linewidth=0.8)
+    a2.set_ylabel("added latency, ms")
+    a2.set_title("what the hop adds (percentile differences)")
+    a2.legend(loc="best")
     cpu = [legs[n]["cpu_us_per_request"] or 0 for n in names]
-    bars = a2.bar(names, cpu, color=[COLORS.get(n, "grey") for n in names])
-    a2.bar_label(bars, fmt="%.0f", fontsize=8)
-    a2.set_ylabel("server CPU µs per request (all its processes)")
-    a2.set_title("CPU per request of the serving process")
-    lines = [f"{n}: {a['p50']:+.2f} ms p50, {a['p99']:+.2f} ms p99 vs direct"
-             for n, a in cmp["added_ms"].items()]
-    fig.suptitle(f"{title}: direct vs nginx vs router\n" + "; ".join(lines), fontsize=10)
+    bars = a3.bar(names, cpu, color=[COLORS.get(n, "grey") for n in names])
+    a3.bar_label(bars, fmt="%.0f", fontsize=8)
+    a3.set_ylabel("CPU µs per request (all its processes)")
+    a3.set_title("CPU per request of the server\n(direct: the mock backend itself)")
+    fig.suptitle(f"{title}: the same load against the backend directly, through nginx and "
+                 "through the router, in one run", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from bench.client import HttpTarget
 
 CHAT_PATH = "/v1/chat/completions"
+MAX_REQUESTS = 2_000_000  # per leg: every request is kept as a sample until the report
 STREAM_BEHAVIOUR = {"first_event_ms": 20.0, "event_interval_ms": 5.0, "reply_tokens": 32}
 
 
@@ -106,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
     if rate <= 0 or duration <= 0 or args.concurrency < 1:
         print("apirouter bench: --rate, --duration and --concurrency must be positive",
               file=sys.stderr)
+        return 2
+    if rate * duration * (args.burst_factor if sc.name == "burst" else 1) > MAX_REQUESTS:
+        print(f"apirouter bench: more than {MAX_REQUESTS:,} requests per leg; lower --rate or "
+              "--duration", file=sys.stderr)
         return 2
     if args.target and not args.key:
         print("apirouter bench: --target needs --key", file=sys.stderr)

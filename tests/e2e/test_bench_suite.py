@@ -96,6 +96,12 @@ def test_target_mode(tmp_path: Path) -> None:
         assert set(report["legs"]) == {"direct", "router"}
         assert report["legs"]["router"]["server_cpu_us_per_request"] is None  # remote
         assert "SKIP nginx leg: only with --local" in output
+        code, output, report = bench(tmp_path / "c", "peak", *common, "--mode", "closed",
+                                     "--concurrency", "4", "--duration", "1")
+        check_report(tmp_path / "c", report)
+        assert code == 0 and "latency from the send (closed loop)" in output, output
+        assert report["parameters"]["mode"] == "closed"
+        assert report["legs"]["router"]["requests"]["ok"] > 0
         for scenario, needs in (("backend-failure", "it kills and restarts a backend"),
                                 ("budget", "it sets a key's budget"),
                                 ("rate-limit", "needs the limit of --key")):
