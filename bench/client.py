@@ -8,6 +8,7 @@ nothing until the Retry-After has passed (requests due meanwhile are withheld, n
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -83,17 +84,21 @@ class HttpTarget:
 
 class RetryAfterClient:
     """A client that honours Retry-After: once refused, it holds every request due before the
-    wait is over (recorded as WITHHELD) and marks the first one it sends afterwards."""
+    wait is over (recorded as WITHHELD; a closed-loop client, ``wait=True``, sleeps instead)
+    and marks the first one it sends afterwards."""
 
-    def __init__(self, target: HttpTarget) -> None:
+    def __init__(self, target: HttpTarget, wait: bool = False) -> None:
         self.target = target
+        self.wait = wait
         self.hold_until = 0.0
         self.waited = False
 
     async def send(self, s: Sample) -> None:
-        if clock() < self.hold_until:
-            s.status = WITHHELD
-            return
+        if (left := self.hold_until - clock()) > 0:
+            if not self.wait:
+                s.status = WITHHELD
+                return
+            await asyncio.sleep(left)
         if self.waited:
             s.after_wait, self.waited = True, False
         await self.target.send(s)

@@ -284,7 +284,8 @@ async def _one_leg(sc: Scenario, args: argparse.Namespace, env: Any, leg: str, u
     async with target:
         if sc.name not in ("rate-limit", "budget"):  # they must start on a fresh bucket
             await _warm_up(target)
-        send = RetryAfterClient(target).send if sc.name == "rate-limit" else target.send
+        send = (RetryAfterClient(target, wait=args.mode == "closed").send
+                if sc.name == "rate-limit" else target.send)
         actions = (asyncio.ensure_future(_failure_actions(env, schedule))
                    if sc.name == "backend-failure" and env.local else None)
         cpu0 = process_tree_cpu(pid)[0] if pid else None

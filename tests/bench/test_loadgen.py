@@ -149,3 +149,14 @@ def test_percentiles_come_from_an_hdr_histogram() -> None:
     assert p["p99"] == pytest.approx(990, rel=0.002)
     assert p["max"] == pytest.approx(1000)
     assert percentiles_ms([]) is None
+
+
+async def test_retry_after_client_in_a_closed_loop_sleeps_instead_of_spinning() -> None:
+    from bench.loadgen import closed_loop
+
+    target = _Refuser(0.2)
+    client = RetryAfterClient(target, wait=True)  # type: ignore[arg-type]
+    samples, stats = await closed_loop(1, 0.3, client.send)
+    assert not any(s.status == WITHHELD for s in samples)
+    assert samples[0].status == 429 and samples[1].after_wait
+    assert samples[1].latency >= 0.2 - 0.01  # it waited the Retry-After before sending
