@@ -81,6 +81,27 @@ def run_wrk(url: str, connections: int, duration: float, script: str) -> dict[st
             "p50_ms": _ms(lat["50"]), "p99_ms": _ms(lat["99"])}
 
 
+def bench_config(mock_url: str, redis_url: str = "") -> dict[str, Any]:
+    """The router config every overhead measurement uses: one backend, one model, auth on
+    with a hashed key whose limits never bind (admission still runs in full)."""
+    return {"backends": {"bench": {"url": mock_url}},
+            "models": {"bench-model": {"backends": ["bench"]}},
+            "keys": {"bench": {"sha256": hash_key(BENCH_KEY), "org": "bench",
+                               "tier": "admin", "rpm": 10**9, "tpm": 10**12}},
+            "server": {"redis_url": redis_url}}
+
+
+def wrk_script(body: str) -> Any:
+    """A wrk Lua script (a closed temporary file; unlink its .name) posting ``body`` with the
+    bench key."""
+    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+    script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
+                 'wrk.headers["Content-Type"] = "application/json"\n'
+                 f'wrk.headers["Authorization"] = "Bearer {BENCH_KEY}"\n')
+    script.close()
+    return script
+
+
 def measure(url: str, target: str, connections: int, duration: float, script: str,
             cpu_pid: int | None) -> LoadResult:
     before = process_tree_cpu(cpu_pid) if cpu_pid else (0.0, 0.0)
@@ -116,19 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     mock = MockBackend("bench", "--models", "bench-model")
     redis = RedisServer() if args.redis else None
     # Authentication on, as in production: every routed request carries an API key.
-    router = Router({"backends": {"bench": {"url": mock.url}},
-                     "models": {"bench-model": {"backends": ["bench"]}},
-                     "keys": {"bench": {"sha256": hash_key(BENCH_KEY), "org": "bench",
-                                        "tier": "admin", "rpm": 10**9, "tpm": 10**12}},
-                     "server": {"redis_url": redis.url if redis else ""}},
-                    workers=args.workers)
-    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+    router = Router(bench_config(mock.url, redis.url if redis else ""), workers=args.workers)
     body = BODY if args.endpoint == "/v1/chat/completions" else json.dumps(
         {k: v for k, v in json.loads(BODY).items() if k != "temperature"})
-    script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
-                 'wrk.headers["Content-Type"] = "application/json"\n'
-                 f'wrk.headers["Authorization"] = "Bearer {BENCH_KEY}"\n')
-    script.close()
+    script = wrk_script(body)
     results: list[LoadResult] = []
     try:
         direct_url = f"{mock.url}/v1/chat/completions"
