@@ -167,10 +167,13 @@ class RawHttp:
             self.reset = True
             return False
 
-    def pump(self, timeout: float) -> None:
-        """Read for up to ``timeout`` seconds, or until the server closes."""
+    def pump(self, timeout: float, until: int | None = None) -> None:
+        """Read for up to ``timeout`` seconds, until the server closes, or (with ``until``)
+        until that many responses have arrived."""
         deadline = time.monotonic() + timeout
         while not (self.closed or self.reset):
+            if until is not None and len(self.responses) >= until:
+                return
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -194,7 +197,7 @@ class RawHttp:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            self.pump(min(left, 0.2))
+            self.pump(left, until=count)
         return self.responses
 
     def close(self) -> None:
@@ -215,3 +218,12 @@ def raw_request(method: str, path: str, body: bytes | None = None,
     if body is not None:
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+
+
+def worker_processes(router: Router) -> list[Any]:
+    """The router's gunicorn workers (psutil.Process), not the master or helper processes."""
+    import psutil
+
+    procs = psutil.Process(router.pid).children(recursive=True)
+    return [p for p in procs if "gunicorn" in " ".join(p.cmdline())
+            and "gunicorn" in " ".join(p.parent().cmdline())]

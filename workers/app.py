@@ -27,9 +27,10 @@ from workers.admin import Admin
 from workers.audit_api import PATH as AUDIT_PATH
 from workers.audit_api import AuditApi
 from workers.audit_reader import AuditReader
-from workers.bodies import read_body
+from workers.bodies import body_refused, continue_expected, read_body
 from workers.context import Reply, Signed
 from workers.endpoints import Endpoint
+from workers.fast_server import handoff_server_args
 from workers.pipeline import Pipeline
 from workers.table_view import TableCache
 from workers.usage_out import UsageOut
@@ -37,6 +38,7 @@ from workers.usage_out import UsageOut
 PIPELINE_KEY = web.AppKey("pipeline", Pipeline)
 AioHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 AdminHandler = Callable[[web.Request, str], Awaitable[Reply]]
+ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
 
 log = logging.getLogger("apirouter.worker")
 
@@ -83,15 +85,32 @@ def _adapt_native(endpoints: Pipeline, inner: AdminHandler, admin: Admin | None 
     return handler
 
 
+def _expect(endpoints: Pipeline, openai: bool) -> ExpectHandler:
+    """``Expect: 100-continue``: a body declared over the limit is refused at once, without the
+    100 Continue that would invite the client to send it."""
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        refused = body_refused(request, endpoints.max_body_bytes())
+        if refused is not None:
+            rid = endpoints.ids.accept(request.headers.get("X-Request-ID"))
+            response = to_response(endpoints.error_reply(refused, rid, openai))
+            response.force_close()
+            return response
+        await continue_expected(request)
+        return None
+    return expect
+
+
 def build_app(endpoints: Pipeline) -> web.Application:
     # read_body enforces the live table's limit, so aiohttp's own is lifted.
-    app = web.Application(client_max_size=2**62, handler_args={"max_field_size": 16384})
+    app = web.Application(client_max_size=2**62, handler_args=handoff_server_args())
     app[PIPELINE_KEY] = endpoints
     for ep in endpoints.all:
-        app.router.add_route(ep.method, ep.path, _adapt(endpoints, ep))
+        app.router.add_route(ep.method, ep.path, _adapt(endpoints, ep),
+                             expect_handler=_expect(endpoints, ep.openai))
     admin = Admin(endpoints)
     for method, path, handler in admin.routes():
-        app.router.add_route(method, path, _adapt_native(endpoints, handler, admin))
+        app.router.add_route(method, path, _adapt_native(endpoints, handler, admin),
+                             expect_handler=_expect(endpoints, False))
     spec = os.environ.get(AUDIT_STORE_ENV)
     audit = AuditApi(endpoints, AuditReader(spec) if spec else None)
     app.router.add_route("GET", AUDIT_PATH, _adapt_native(endpoints, audit.lookup))
