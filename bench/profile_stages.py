@@ -67,6 +67,7 @@ STAGES: tuple[tuple[str, str, frozenset[str] | None], ...] = (
         "on_body", "on_message_complete"})),
     ("response write", "workers/fast_server", None),
     ("response write", "workers/responses", None),
+    ("accounting", "workers/accounting", None),
     ("pipeline", "workers/", None),
     ("event loop", "asyncio/", None),
     ("event loop", "uvloop/", None),
@@ -205,12 +206,12 @@ def render(result: dict[str, object]) -> str:
              f"admission {result['admission']}: {cpu['all']:.1f} µs (worker {cpu['worker']:.1f}, "
              f"supervisor {cpu['supervisor']:.1f}, rest {rest:.1f}); {result['rps']:.0f} req/s, "
              f"{result['worker_samples']} worker samples",
-             f"{'process':<11}{'stage':<22}{'share':>7}{'µs/req':>9}"]
+             f"{'process':<11}{'stage':<24}{'share':>7}{'µs/req':>9}"]
     for proc in ("worker", "supervisor"):
         rows = result[proc]
         assert isinstance(rows, list)
         for row in rows:
-            lines.append(f"{proc:<11}{row['stage']:<22}{row['share'] * 100:>6.1f}%"
+            lines.append(f"{proc:<11}{row['stage']:<24}{row['share'] * 100:>6.1f}%"
                          f"{row['us_per_req']:>9.1f}")
     return "\n".join(lines)
 
