@@ -1,4 +1,5 @@
-"""The bench suite's HTTP client: one aiohttp session per leg with a bounded keep-alive pool.
+"""The bench suite's HTTP client: a bounded keep-alive pool per leg - the lean httptools
+client (bench/rawclient.py) for http:// targets, aiohttp for https://.
 
 ``HttpTarget.send`` fills a ``Sample`` from one POST: status, the router's headers, the error
 code of an error body, usage of a 200 when asked, and for SSE the time of the first event and
@@ -10,17 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
 
 from bench.loadgen import WITHHELD, Sample, clock
+from bench.rawclient import RawPool
 
 
 class HttpTarget:
     def __init__(self, url: str, body: bytes, *, key: str | None = None, stream: bool = False,
                  max_connections: int = 64, timeout_s: float = 10.0,
-                 want_usage: bool = False) -> None:
+                 want_usage: bool = False, lean: bool = True) -> None:
         self.url = url
         self.body = body
         self.stream = stream
@@ -30,51 +33,83 @@ class HttpTarget:
         if key:
             self.headers["Authorization"] = f"Bearer {key}"
         self.max_connections = max_connections
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.timeout_s = timeout_s
+        self.lean = lean and url.startswith("http://")
         self.session: aiohttp.ClientSession | None = None
+        self.pool: RawPool | None = None
+        self.request = b""
+
+    @property
+    def client(self) -> str:
+        return "httptools" if self.lean else "aiohttp"
 
     async def __aenter__(self) -> HttpTarget:
+        if self.lean:
+            self.pool = RawPool(self.url, self.max_connections)
+            self.request = self.pool.head(self.headers, self.body) + self.body
+            return self
         connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0,
                                          force_close=False, ttl_dns_cache=300)
-        self.session = aiohttp.ClientSession(connector=connector, timeout=self.timeout,
-                                             cookie_jar=aiohttp.DummyCookieJar(),
-                                             auto_decompress=False)
+        self.session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self.session is not None:
             await self.session.close()
+        if self.pool is not None:
+            self.pool.close()
+
+    def _events(self, s: Sample, due: float) -> Callable[[bytes], None]:
+        last: float | None = None
+
+        def on_event(line: bytes) -> None:
+            nonlocal last
+            now = clock()
+            if last is None:
+                s.ttft = now - due
+            else:
+                s.event_gaps.append(now - last)
+            last = now
+            if self.want_usage and b'"usage"' in line:
+                s.usage = _usage(json.loads(line[5:]))
+
+        return on_event
 
     async def send(self, s: Sample) -> None:
-        assert self.session is not None, "use HttpTarget as an async context manager"
         due = clock() - s.lag
-        async with self.session.post(self.url, data=self.body, headers=self.headers) as r:
-            s.status = r.status
-            h = r.headers
-            if (v := h.get("X-Router-Latency-Ms")) is not None:
-                s.router_ms = float(v)
-            s.decision = h.get("X-Router-Decision", "")
-            if (ra := h.get("Retry-After")) is not None:
-                s.retry_after = float(ra)
-            if self.stream and r.status == 200 and h.get("Content-Type", "").startswith(
-                    "text/event-stream"):
-                last: float | None = None
-                async for line in r.content:
-                    if not line.startswith(b"data:"):
-                        continue
-                    now = clock()
-                    if last is None:
-                        s.ttft = now - due
-                    else:
-                        s.event_gaps.append(now - last)
-                    last = now
-                    if self.want_usage and b'"usage"' in line:
-                        s.usage = _usage(json.loads(line[5:]))
-                return
-            body = await r.read()
-        if r.status >= 400:
+        if self.pool is not None:
+            async with asyncio.timeout(self.timeout_s):
+                r = await self.pool.post(self.request,
+                                         self._events(s, due) if self.stream else None)
+            self._fill(s, r.status, r.headers, bytes(r.body))
+            return
+        assert self.session is not None, "use HttpTarget as an async context manager"
+        async with self.session.post(self.url, data=self.body, headers=self.headers) as resp:
+            headers = {k.lower(): v for k, v in resp.headers.items()}
+            if self.stream and resp.status == 200 and headers.get(
+                    "content-type", "").startswith("text/event-stream"):
+                on_event = self._events(s, due)
+                async for line in resp.content:
+                    if line.startswith(b"data:"):
+                        on_event(line)
+                body = b""
+            else:
+                body = await resp.read()
+        self._fill(s, resp.status, headers, body)
+
+    def _fill(self, s: Sample, status: int, h: Mapping[str, str], body: bytes) -> None:
+        """Status, the router's headers and what the body says (lower-case header names)."""
+        s.status = status
+        if (v := h.get("x-router-latency-ms")) is not None:
+            s.router_ms = float(v)
+        s.decision = h.get("x-router-decision", "")
+        if (ra := h.get("retry-after")) is not None:
+            s.retry_after = float(ra)
+        if status >= 400:
             s.error = _error_code(body)
-        elif self.want_usage or self.router_block:
+        elif body and (self.want_usage or self.router_block):
             doc = json.loads(body)
             s.usage = _usage(doc)
             router = doc.get("router") if isinstance(doc, dict) else None

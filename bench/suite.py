@@ -75,6 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=64,
                    help="connections per leg (open: pool bound; closed: clients)")
     p.add_argument("--timeout", type=float, default=10.0, help="per-request deadline, s")
+    p.add_argument("--client", choices=("httptools", "aiohttp"), default="httptools",
+                   help="the generator's HTTP client for http:// (https always uses aiohttp)")
     p.add_argument("--smoke", action="store_true", help="a few seconds per leg, low rates")
     p.add_argument("--workers", type=int, default=2, help="--local: router (and nginx) workers")
     p.add_argument("--backend-latency-ms", type=float, default=20.0,
@@ -279,7 +281,7 @@ async def _one_leg(sc: Scenario, args: argparse.Namespace, env: Any, leg: str, u
 
     target = HttpTarget(url, body, key=key, stream=sc.name == "streaming",
                         max_connections=args.concurrency, timeout_s=args.timeout,
-                        want_usage=sc.name == "budget")
+                        want_usage=sc.name == "budget", lean=args.client == "httptools")
     pid = env.urls.cpu_pids.get(leg)
     async with target:
         if sc.name not in ("rate-limit", "budget"):  # they must start on a fresh bucket
