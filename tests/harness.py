@@ -227,3 +227,82 @@ def worker_processes(router: Router) -> list[Any]:
     procs = psutil.Process(router.pid).children(recursive=True)
     return [p for p in procs if "gunicorn" in " ".join(p.cmdline())
             and "gunicorn" in " ".join(p.parent().cmdline())]
+
+
+def send_reply(handler: Any, status: int, body: bytes, content_type: str) -> None:
+    """Answer from an http.server handler (the small servers tests start in threads)."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+class OtlpReceiver:
+    """An OTLP/HTTP trace receiver on loopback: POST /v1/traces with a protobuf
+    ExportTraceServiceRequest, decoded into ``spans`` (dicts: name, kind, trace_id, span_id,
+    parent_span_id, attributes). What the router's exporter would send to a collector."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+            ExportTraceServiceResponse,
+        )
+
+        self.spans: list[dict[str, Any]] = []
+        self.requests = 0
+        lock = self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                ok = self.path == "/v1/traces" and self.headers.get(
+                    "Content-Type") == "application/x-protobuf"
+                if ok:
+                    req = ExportTraceServiceRequest.FromString(body)
+                    with lock:
+                        receiver.requests += 1
+                        receiver.spans.extend(_decode(req))
+                out = ExportTraceServiceResponse().SerializeToString() if ok else b""
+                send_reply(self, 200 if ok else 400, out, "application/x-protobuf")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((HOST, 0), Handler)
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def received(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.spans)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _decode(req: Any) -> list[dict[str, Any]]:
+    def value(v: Any) -> Any:
+        kind = v.WhichOneof("value")
+        return getattr(v, kind) if kind else None
+
+    out = []
+    for rs in req.resource_spans:
+        resource = {a.key: value(a.value) for a in rs.resource.attributes}
+        for ss in rs.scope_spans:
+            for s in ss.spans:
+                out.append({"name": s.name, "kind": s.kind, "trace_id": s.trace_id.hex(),
+                            "span_id": s.span_id.hex(), "parent_span_id": s.parent_span_id.hex(),
+                            "attributes": {a.key: value(a.value) for a in s.attributes},
+                            "resource": resource, "status": s.status.code})
+    return out

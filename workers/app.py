@@ -62,7 +62,7 @@ def _adapt(pipeline: Pipeline, ep: Endpoint) -> AioHandler:
         signed = Signed(request.method, request.path_qs, h.get(TIMESTAMP), h.get(NONCE),
                         h.get(SIGNATURE))
         ctx = pipeline.context(ep, view, request_id, body, cred, signed,
-                               dict(request.match_info) or None)
+                               dict(request.match_info) or None, h.get("traceparent"))
         return to_response(await pipeline.run(ctx))
     return handler
 

@@ -76,3 +76,4 @@ class RequestContext:
     cost_micro: int = 0
     total_s: float = 0.0
     span: Any = None  # the request's trace span, when tracing is on (OpenTelemetry)
+    traceparent: str | None = None  # the client's W3C trace context header

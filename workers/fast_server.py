@@ -65,7 +65,8 @@ class _Reject(Exception):
         self.error = error
 
 
-_Item = tuple[Endpoint, TableView, bytes | None, bytes, bool, str | None, Signed] | Reply
+_Item = tuple[Endpoint, TableView, bytes | None, bytes, bool, str | None, Signed,
+              bytes | None] | Reply
 _SIGNATURE_HEADERS = {b"x-signature-timestamp": 0, b"x-signature-nonce": 1, b"x-signature": 2}
 
 
@@ -159,6 +160,7 @@ class FastProtocol(asyncio.Protocol):
         self.authorization: bytes | None = None
         self.api_key: bytes | None = None
         self.signature: list[bytes | None] = [None, None, None]  # timestamp, nonce, signature
+        self.traceparent: bytes | None = None
         self.content_length = -1
         self.expect_continue = False
         self.continue_pending = False
@@ -289,6 +291,8 @@ class FastProtocol(asyncio.Protocol):
             self.expect_continue = value.lower() == b"100-continue"
         elif n == b"transfer-encoding":
             self.chunked = True
+        elif n == b"traceparent":
+            self.traceparent = value
 
     def on_headers_complete(self) -> None:
         self.head_done = True
@@ -338,7 +342,7 @@ class FastProtocol(asyncio.Protocol):
                           for v in self.signature)
         signed = Signed(self.endpoint.method, self.url.decode("latin-1"), ts, nonce, sig)
         self.queue.append((self.endpoint, self.view, self.request_id, body,
-                           self.parser.should_keep_alive(), cred, signed))
+                           self.parser.should_keep_alive(), cred, signed, self.traceparent))
         self._reset_message()
         self.completed_in_feed = True
         self.last_active = self.server.loop.time()
@@ -369,10 +373,13 @@ class FastProtocol(asyncio.Protocol):
             self._close()
 
     async def _serve(self, endpoint: Endpoint, view: TableView, request_id: bytes | None,
-                     body: bytes, keep_alive: bool, cred: str | None, signed: Signed) -> None:
+                     body: bytes, keep_alive: bool, cred: str | None, signed: Signed,
+                     traceparent: bytes | None) -> None:
         pipeline = self.server.pipeline
         rid = pipeline.ids.accept(request_id.decode("latin-1") if request_id else None)
-        reply = await pipeline.run(pipeline.context(endpoint, view, rid, body, cred, signed))
+        reply = await pipeline.run(pipeline.context(
+            endpoint, view, rid, body, cred, signed, None,
+            traceparent.decode("latin-1") if traceparent else None))
         self.task = None
         # When closing, the connection ends with the last queued answer, not this one.
         self._write(reply, keep_alive and (not self.closing or bool(self.queue)))

@@ -58,8 +58,9 @@ def resolve_route(view: TableView, model: str) -> Route:
     return route
 
 
-def request_bytes(target: BackendTarget, path: str, body: bytes, request_id: str) -> bytes:
-    return b"".join((target.head(path), b"X-Request-ID: ", request_id.encode("latin-1"),
+def request_bytes(target: BackendTarget, path: str, body: bytes, request_id: str,
+                  extra: bytes = b"") -> bytes:
+    return b"".join((target.head(path), extra, b"X-Request-ID: ", request_id.encode("latin-1"),
                      b"\r\nContent-Length: ", str(len(body)).encode("latin-1"), b"\r\n\r\n",
                      body))
 
@@ -83,7 +84,9 @@ async def _attempt(target: BackendTarget, backend_id: str, data: bytes, deadline
 
 async def forward(view: TableView, route: Route, path: str, body: bytes, request_id: str,
                   loop: asyncio.AbstractEventLoop, stats: WorkerStats | None,
-                  attempt: Attempt | None = None) -> Forwarded:
+                  attempt: Attempt | None = None, trace: tuple[Any, Any] | None = None
+                  ) -> Forwarded:
+    """``trace``: (workers.tracing.Tracing, the request's span) when tracing is on."""
     table = view.table
     deadline = loop.time() + table.limits.request_timeout_s
     decided = time.perf_counter()
@@ -106,14 +109,22 @@ async def forward(view: TableView, route: Route, path: str, body: bytes, request
         send = body if model == route.model else with_model(body, model)
         if stats:
             stats.begin(index)
+        extra, span, tracing = b"", None, None
+        if trace is not None:
+            tracing, parent = trace
+            b = target.backend
+            span, extra = tracing.attempt(parent, path, backend_id, b.host, b.port, model)
         started = time.perf_counter()
         resp, held, error = await _attempt(
-            target, backend_id, request_bytes(target, path, send, request_id),
+            target, backend_id, request_bytes(target, path, send, request_id, extra),
             min(deadline, loop.time() + target.timeout_s), attempt)
         took = time.perf_counter() - started
         total_s += took
         outcome = classify_failure(error.code) if error is not None else (
             classify_status(resp.status) if resp is not None else classify_failure("BACKEND_ERROR"))
+        if tracing is not None:
+            tracing.attempt_done(span, resp.status if resp is not None else None,
+                                 None if outcome.success else outcome.error_code)
         if stats:
             stats.end(index, not outcome.backend_fault, took * 1000)
         tried.append(backend_id)

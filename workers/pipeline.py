@@ -32,6 +32,8 @@ from workers.endpoints import ENDPOINTS, Endpoint, ms
 from workers.forwarding import forward, resolve_route
 from workers.metrics import RequestMetrics
 from workers.table_view import TableCache, TableView
+from workers.tracing import Tracing
+from workers.tracing import from_env as tracing_from_env
 from workers.usage_out import UsageOut
 
 log = logging.getLogger("apirouter.worker")
@@ -57,6 +59,7 @@ class Pipeline:
         self.accounts = Accounting(self.admission, self.metrics, usage, self.pid)
         self.all = ENDPOINTS
         self.by_path = {e.path: e for e in self.all}
+        self.tracing = tracing_from_env()  # None unless OTEL_* asks (after the fork: per worker)
 
     def max_body_bytes(self) -> int:
         """The body limit of the live table (for endpoints outside the pipeline: admin)."""
@@ -64,12 +67,15 @@ class Pipeline:
 
     def context(self, endpoint: Endpoint, view: TableView, request_id: str, body: bytes,
                 credential: str | None, signed: Signed | None,
-                path_params: dict[str, str] | None = None) -> RequestContext:
+                path_params: dict[str, str] | None = None,
+                traceparent: str | None = None) -> RequestContext:
         return RequestContext(request_id, endpoint, view, body, credential, signed, time.time(),
-                              time.perf_counter(), path_params)
+                              time.perf_counter(), path_params, traceparent=traceparent)
 
     async def run(self, ctx: RequestContext) -> Reply:
         ep = ctx.endpoint
+        if self.tracing is not None and ep.local is None and ctx.span is None:
+            return await self._traced(self.tracing, ctx)
         try:
             if ep.scope is not None:
                 ctx.caller = self.authenticate(ctx, ep.scope)
@@ -85,6 +91,22 @@ class Pipeline:
             log.exception("unhandled error serving %s %s (request %s)", ep.method, ep.path,
                           ctx.request_id)
             return self.error_reply(RouterError("INTERNAL_ERROR"), ctx.request_id, ep.openai)
+
+    async def _traced(self, t: Tracing, ctx: RequestContext) -> Reply:
+        """``run`` inside the request's span (tracing on, proxied endpoints)."""
+        span = ctx.span = t.start(ctx.endpoint.path, ctx.traceparent, ctx.request_id)
+        status = 500
+        try:
+            reply = await self.run(ctx)
+            status = reply.status
+            return reply
+        finally:
+            fwd, outcome = ctx.fwd, ctx.outcome
+            t.finish(span, status, fwd.backend_id if fwd else None,
+                     fwd.decision.value if fwd else None, fwd.attempts if fwd else 0,
+                     ctx.route.model if ctx.route else None, ctx.used,
+                     outcome.error_code if outcome is not None and not outcome.success
+                     else None)
 
     # -- steps -----------------------------------------------------------------------------------
 
@@ -114,13 +136,18 @@ class Pipeline:
         ep = ctx.endpoint
         assert ep.parse is not None
         req = ctx.request = ep.parse(ctx.body)
+        if ctx.span is not None:
+            assert self.tracing is not None
+            self.tracing.parsed(ctx.span, ep.path, req.model, req.max_tokens,
+                                bool(getattr(req, "stream", False)))
         route = ctx.route = resolve_route(ctx.view, req.model)
         ctx.ticket = await self.admit(ctx)
         try:
             fwd = ctx.fwd = await forward(
                 ctx.view, route, ep.upstream,
                 req.upstream_body if req.upstream_body is not None else ctx.body,
-                ctx.request_id, self.loop, self.stats)
+                ctx.request_id, self.loop, self.stats,
+                trace=(self.tracing, ctx.span) if ctx.span is not None else None)
         except RouterError as e:  # nothing could be tried (no backend)
             ctx.outcome = classify_failure(e.code)
             ctx.total_s = time.perf_counter() - ctx.started
@@ -186,10 +213,16 @@ class Pipeline:
         tokens = estimate_tokens(len(ctx.body), max_tokens,
                                  table.limits.default_completion_tokens)
         budgets = applicable(table.budgets, key.org, key.key_id)
-        ticket = await self.admission.admit(
-            table.limits, key, route.model, tokens, table.orgs.get(key.org), route.limits,
-            caller.nonce, int(SIGNATURE_WINDOW_S * 2000), budgets,
-            reservation(route.price, tokens - completion, completion) if budgets else None)
+        span = (self.tracing.child(ctx.span, "admission")
+                if self.tracing is not None and ctx.span is not None else None)
+        try:
+            ticket = await self.admission.admit(
+                table.limits, key, route.model, tokens, table.orgs.get(key.org), route.limits,
+                caller.nonce, int(SIGNATURE_WINDOW_S * 2000), budgets,
+                reservation(route.price, tokens - completion, completion) if budgets else None)
+        finally:
+            if span is not None:
+                span.end()
         v = ticket.verdict
         if v.allowed:
             return ticket
