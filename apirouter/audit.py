@@ -3,11 +3,16 @@
 The supervisor writes every usage record (denials included) to the audit store; workers read
 it for ``GET /v1/audit/requests/{requestId}``. Two stores:
 
-- ``redis:<url>``: key ``audit:<request id>`` → the record's bytes, with a TTL.
+- ``redis:<url>``: key ``audit:<org>:<request id>`` → the record's bytes, with a TTL, and
+  ``audit:<request id>`` → the org that used the id first (for admin lookups).
 - ``local:<directory>``: records appended to hourly files ``<hour>.log`` in the directory,
-  and an SQLite index (WAL, so workers read while the supervisor writes) of request id →
-  (hour, offset, length) beside them: small index rows cost ~2.5 µs a record where rows
-  holding the record cost ~10. Files and rows older than the TTL are dropped.
+  and an SQLite index (WAL, so workers read while the supervisor writes) of (request id, org)
+  → (hour, offset, length) beside them: small index rows cost ~2.5 µs a record where rows
+  holding the record cost ~10. Files and rows older than the TTL are dropped, and a lookup
+  never returns a record older than the TTL (APIROUTER_AUDIT_TTL_S) in between.
+
+Request ids may be chosen by clients (X-Request-ID), so records are keyed by org as well: an
+id another org used first cannot hide an org's own record from it.
 
 The supervisor chooses at boot (Redis when ``redis_url`` is set) and tells workers through
 APIROUTER_AUDIT_STORE. Caching follows RFC 9110: a strong ETag over the selected body,
@@ -22,14 +27,18 @@ from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 
 AUDIT_STORE_ENV = "APIROUTER_AUDIT_STORE"
+AUDIT_TTL_ENV = "APIROUTER_AUDIT_TTL_S"
 LOCAL_DIR_NAME = "audit"
 INDEX_NAME = "index.sqlite3"
-CREATE_TABLE = ("CREATE TABLE IF NOT EXISTS audit (request_id TEXT PRIMARY KEY, "
-                "hour INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL) "
-                "WITHOUT ROWID")
-INSERT = "INSERT OR IGNORE INTO audit (request_id, hour, offset, length) VALUES (?, ?, ?, ?)"
-SELECT = "SELECT hour, offset, length FROM audit WHERE request_id = ?"
-PURGE = "DELETE FROM audit WHERE hour < ?"
+CREATE_TABLE = ("CREATE TABLE IF NOT EXISTS audit_by_org (request_id TEXT NOT NULL, "
+                "org TEXT NOT NULL, hour INTEGER NOT NULL, offset INTEGER NOT NULL, "
+                "length INTEGER NOT NULL, PRIMARY KEY (request_id, org)) WITHOUT ROWID")
+INSERT = ("INSERT OR IGNORE INTO audit_by_org (request_id, org, hour, offset, length) "
+          "VALUES (?, ?, ?, ?, ?)")
+SELECT_ORG = ("SELECT hour, offset, length FROM audit_by_org WHERE request_id = ? AND org = ?")
+SELECT_ANY = ("SELECT hour, offset, length FROM audit_by_org WHERE request_id = ? "
+              "ORDER BY hour LIMIT 1")
+PURGE = "DELETE FROM audit_by_org WHERE hour < ?"
 
 
 def hour_file(directory: str, hour: int) -> str:
@@ -38,8 +47,9 @@ def hour_file(directory: str, hour: int) -> str:
 MAX_REQUEST_ID = 128
 
 
-def redis_key(request_id: str) -> str:
-    return f"audit:{request_id}"
+def redis_key(request_id: str, org: str | None = None) -> str:
+    """The record of ``request_id`` made by ``org``; without org, the id's first org."""
+    return f"audit:{request_id}" if org is None else f"audit:{org}:{request_id}"
 
 
 def parse_store(spec: str) -> tuple[str, str]:

@@ -44,6 +44,27 @@ class Setting:
     def env(self) -> str:
         return f"APIROUTER_{self.name.upper()}"
 
+    @property
+    def parse(self) -> Callable[[str], Any]:
+        """How a command-line value becomes this setting's type (argparse ``type=``)."""
+        return boolean if self.type is bool else self.type
+
+
+LOG_LEVEL_ENV = "APIROUTER_LOG_LEVEL"  # the supervisor's --log-level, handed to the workers
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
+
+
+def boolean(text: str) -> bool:
+    """A boolean as people write it on a command line or in an environment variable;
+    anything else is refused (argparse reports "invalid boolean value")."""
+    word = text.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"expected one of {'/'.join(TRUE_WORDS + FALSE_WORDS)}, got {text!r}")
+
 
 def _positive(v: Any) -> bool:
     return bool(v > 0)
@@ -218,7 +239,7 @@ class RouterConfig:
 def _coerce(setting: Setting, raw: Any, where: str) -> Any:
     try:
         if setting.type is bool and isinstance(raw, str):
-            value: Any = raw.strip().lower() in ("1", "true", "yes", "on")
+            value: Any = boolean(raw)
         elif setting.type in (int, float) and isinstance(raw, bool):
             raise TypeError
         else:

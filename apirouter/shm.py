@@ -19,18 +19,22 @@ its slot again sees the generation change (or the checksum fail) and retries. So
 returns a torn or mixed table, and the per-request cost of "has it changed?" is one 8-byte
 read.
 
-Python 3.11's resource tracker unlinks a segment when any attaching process exits; readers
-unregister right after attaching (``track=False`` only exists from 3.13).
+Python 3.11's resource tracker unlinks a segment when any attaching process exits; every
+process unregisters right after creating or attaching (``track=False`` only exists from 3.13):
+a supervisor killed with SIGKILL must leave its segments to its workers and its successor.
+
+Segments are named ``apirouter-<instance>-<kind>``; the instance id belongs to the run directory
+(apirouter.runstate), so a restarted supervisor finds its predecessor's segments by name in any
+PID namespace, and no router ever touches another instance's segments.
 """
 
 from __future__ import annotations
 
-import os
+import _posixshmem
+import logging
 import struct
 import zlib
 from multiprocessing import resource_tracker, shared_memory
-
-from apirouter.runstate import pid_alive
 
 MAGIC = b"APIRTBL\x01"
 LAYOUT_VERSION = 1
@@ -40,6 +44,7 @@ _SLOTS_OFFSET = 32
 _SLOT_HEADER = struct.Struct("<IIQ")  # length, crc32, generation
 _U64 = struct.Struct("<Q")
 SEGMENT_PREFIX = "apirouter-"
+log = logging.getLogger("apirouter.supervisor")
 # How the supervisor tells workers which segment to attach.
 TABLE_SEGMENT_ENV = "APIROUTER_TABLE_SHM"
 
@@ -52,8 +57,32 @@ class TornRead(SegmentError):
     """A consistent snapshot could not be read within the retry budget."""
 
 
-def segment_name(pid: int, kind: str) -> str:
-    return f"{SEGMENT_PREFIX}{pid}-{kind}"
+def segment_name(instance: str, kind: str) -> str:
+    return f"{SEGMENT_PREFIX}{instance}-{kind}"
+
+
+def open_segment(name: str, size: int) -> tuple[shared_memory.SharedMemory, bool]:
+    """Attach to segment ``name`` or create it (``size`` bytes); untracked either way. Returns
+    the segment and whether it was created."""
+    try:
+        shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        created = True
+    except FileExistsError:
+        try:
+            shm = shared_memory.SharedMemory(name=name)
+        except FileNotFoundError:  # unlinked in between: try once more
+            shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        created = False
+    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    return shm, created
+
+
+def unlink(name: str) -> None:
+    """Unlink an untracked segment by name (SharedMemory.unlink would also unregister it)."""
+    try:
+        _posixshmem.shm_unlink("/" + name)
+    except FileNotFoundError:
+        pass
 
 
 def _slot_offset(capacity: int, slot: int) -> int:
@@ -72,13 +101,28 @@ def segment_size(capacity: int) -> int:
 
 
 class TableWriter:
-    """Creates the segment and publishes payloads. Exactly one per segment."""
+    """Publishes payloads into the segment: exactly one live writer per segment. A writer that
+    finds the segment left by its predecessor (a supervisor restart) takes it over and goes on
+    from its last complete generation, so workers still reading it never notice."""
 
     def __init__(self, name: str, capacity: int) -> None:
-        self.capacity = capacity
-        self._shm = shared_memory.SharedMemory(name=name, create=True, size=segment_size(capacity))
-        self.name = self._shm.name
+        self._shm, created = open_segment(name, segment_size(capacity))
+        self.name = name
         buf = _buffer(self._shm)
+        if not created:
+            magic, layout, had = _HEADER.unpack(buf[0:_HEADER.size])
+            if magic != MAGIC or layout != LAYOUT_VERSION:
+                self._shm.close()
+                raise SegmentError(f"segment {name!r} exists and is not a routing-table "
+                                   f"segment of layout {LAYOUT_VERSION}")
+            if had != capacity:
+                log.warning("table segment %s keeps its slot capacity of %d bytes (%d asked): "
+                            "workers still read it", name, had, capacity)
+            self.capacity = had
+            g = int(_U64.unpack(buf[_GEN_OFFSET:_GEN_OFFSET + 8])[0])
+            self._generation = g - (g & 1)  # a publish cut short by a kill is abandoned
+            return
+        self.capacity = capacity
         buf[0:_HEADER.size] = _HEADER.pack(MAGIC, LAYOUT_VERSION, capacity)
         buf[_GEN_OFFSET:_GEN_OFFSET + 8] = _U64.pack(0)
         self._generation = 0
@@ -103,13 +147,10 @@ class TableWriter:
         self._generation = nxt
         return nxt
 
-    def close(self, unlink: bool = True) -> None:
+    def close(self, remove: bool = True) -> None:
         self._shm.close()
-        if unlink:
-            try:
-                self._shm.unlink()
-            except FileNotFoundError:
-                pass
+        if remove:
+            unlink(self.name)
 
 
 class TableReader:
@@ -166,25 +207,3 @@ class TableReader:
     def close(self) -> None:
         self._gen.release()
         self._shm.close()
-
-
-def remove_stale_segments(shm_dir: str = "/dev/shm") -> list[str]:
-    """Unlink apirouter segments whose creating process is gone (e.g. after a kill -9)."""
-    removed: list[str] = []
-    try:
-        names = os.listdir(shm_dir)
-    except OSError:
-        return removed
-    for name in names:
-        if not name.startswith(SEGMENT_PREFIX) or name.endswith("-usage"):
-            continue  # usage segments hold records: supervisor.usage_drain recovers them
-        pid_part = name[len(SEGMENT_PREFIX):].split("-", 1)[0]
-        if not pid_part.isdigit() or pid_alive(int(pid_part)):
-            continue
-        try:
-            os.unlink(os.path.join(shm_dir, name))
-            removed.append(name)
-        except OSError:
-            pass
-    return removed
-

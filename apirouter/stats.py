@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing import resource_tracker, shared_memory
 
-from apirouter.shm import SegmentError
+from apirouter.shm import SegmentError, open_segment
 
 MAGIC = b"APIRSTA\x01"
 LAYOUT_VERSION = 1
@@ -58,10 +58,16 @@ def _buf(shm: shared_memory.SharedMemory) -> memoryview:
 
 
 def create_stats_segment(name: str, slots: int, backends: int) -> shared_memory.SharedMemory:
-    shm = shared_memory.SharedMemory(name=name, create=True, size=segment_size(slots, backends))
+    """Create the segment, or take over the one a previous supervisor of this instance left
+    (its workers may still be writing their slots). Untracked: the creator unlinks it."""
+    shm, created = open_segment(name, segment_size(slots, backends))
     buf = _buf(shm)
-    buf[:_HEADER_SIZE] = bytes(_HEADER_SIZE)
-    buf[:_HEADER.size] = _HEADER.pack(MAGIC, LAYOUT_VERSION, slots, backends)
+    if created:
+        buf[:_HEADER_SIZE] = _HEADER.pack(MAGIC, LAYOUT_VERSION, slots, backends).ljust(
+            _HEADER_SIZE, b"\0")
+    elif _HEADER.unpack(buf[:_HEADER.size]) != (MAGIC, LAYOUT_VERSION, slots, backends):
+        shm.close()
+        raise SegmentError(f"segment {name!r} exists with another layout")
     return shm
 
 

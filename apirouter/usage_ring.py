@@ -39,7 +39,7 @@ import struct
 import zlib
 from multiprocessing import resource_tracker, shared_memory
 
-from apirouter.shm import SegmentError
+from apirouter.shm import SegmentError, open_segment
 
 MAGIC = b"APIRUSG\x02"
 LAYOUT_VERSION = 2
@@ -71,16 +71,32 @@ def _buf(shm: shared_memory.SharedMemory) -> memoryview:
 
 def create_usage_segment(name: str, slots: int, capacity: int) -> shared_memory.SharedMemory:
     """Create the segment, untracked: Python's resource tracker would unlink it when the
-    creator dies, records and all. The creator unlinks it (``unlink_segment``) once drained;
-    after a crash the next supervisor drains and unlinks it."""
+    creator dies, records and all. The creator unlinks it (``unlink_segment``) once drained."""
+    shm, created = open_usage_segment(name, slots, capacity)
+    if not created:
+        shm.close()
+        raise SegmentError(f"usage segment {name!r} already exists")
+    return shm
+
+
+def open_usage_segment(name: str, slots: int,
+                       capacity: int) -> tuple[shared_memory.SharedMemory, bool]:
+    """Attach to the usage segment a previous supervisor of this instance left (its records
+    are still in it, and its workers may still be writing) or create it. Returns the segment
+    and whether it was created; an existing one of another layout raises SegmentError."""
     if capacity < 4096:
         raise SegmentError("a usage ring needs at least 4096 bytes")
-    shm = shared_memory.SharedMemory(name=name, create=True, size=segment_size(slots, capacity))
-    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-    buf = _buf(shm)
-    buf[:_HEADER_SIZE] = _HEADER.pack(MAGIC, LAYOUT_VERSION, slots, capacity).ljust(
-        _HEADER_SIZE, b"\0")
-    return shm
+    shm, created = open_segment(name, segment_size(slots, capacity))
+    if created:
+        _buf(shm)[:_HEADER_SIZE] = _HEADER.pack(MAGIC, LAYOUT_VERSION, slots, capacity).ljust(
+            _HEADER_SIZE, b"\0")
+        return shm, True
+    try:
+        read_header(shm)
+    except SegmentError:
+        shm.close()
+        raise
+    return shm, False
 
 
 def read_header(shm: shared_memory.SharedMemory) -> tuple[int, int]:

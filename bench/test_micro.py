@@ -115,8 +115,8 @@ def usage_ring() -> Iterator[tuple[object, object]]:
         unlink_segment,
     )
 
-    shm = create_usage_segment(segment_name(os.getpid(), f"benchusage{random.random():.9f}"[:48]),
-                               1, 1 << 20)
+    name = segment_name(str(os.getpid()), f"benchusage{random.random():.9f}"[:48])
+    shm = create_usage_segment(name, 1, 1 << 20)
     prod, cons = RingProducer(shm, 0), RingConsumer(shm, 0)
     yield prod, cons
     prod.release()

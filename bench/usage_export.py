@@ -56,7 +56,7 @@ def _cpu() -> float:
 
 async def _drain_into(sink: Sink, records: list[bytes], audit: AuditWriter | None = None
                       ) -> tuple[float, float]:
-    shm = create_usage_segment(segment_name(os.getpid(), f"bench{time.monotonic_ns()}"),
+    shm = create_usage_segment(segment_name(str(os.getpid()), f"bench{time.monotonic_ns()}"),
                                SLOTS, 1 << 20)
     producers = [RingProducer(shm, i) for i in range(SLOTS)]
     for i, raw in enumerate(records):

@@ -25,8 +25,8 @@ import apirouter
 from apirouter.config import ConfigError, RouterConfig, parse_config, read_config_file
 from apirouter.health import HealthPolicy
 from apirouter.overrides import active, next_expiry, to_override
-from apirouter.runstate import remove_state, write_state
-from apirouter.shm import TABLE_SEGMENT_ENV, SegmentError, remove_stale_segments, segment_name
+from apirouter.runstate import RunDir, RunDirError, read_state, remove_state, write_state
+from apirouter.shm import TABLE_SEGMENT_ENV, SegmentError, segment_name, unlink
 from apirouter.stats import (
     RUN_DIR_ENV,
     STATS_SEGMENT_ENV,
@@ -43,7 +43,7 @@ from supervisor.health_monitor import HealthMonitor
 from supervisor.publisher import TablePublisher
 from supervisor.record_store import RecordStore
 from supervisor.usage_export import UsageExport
-from supervisor.worker_pool import BOOT_FAILURE_CODES, WorkerPool
+from supervisor.worker_pool import BOOT_FAILURE_CODES, WorkerPool, orphaned_master
 
 log = logging.getLogger("apirouter.supervisor")
 
@@ -67,6 +67,7 @@ class ServeOptions:
     etcd: str | None = None
     etcd_prefix: str = "/apirouter"
     cache_dir: str | None = None
+    claimed: RunDir | None = None  # the run directory, already claimed (apirouter serve)
 
 
 class Supervisor:
@@ -86,7 +87,11 @@ class Supervisor:
         self.started_at = time.time()
         self._tasks: list[asyncio.Future[Any]] = []
         self._boot_kvs: dict[bytes, bytes] | None = None
-        self.stats_shm = create_stats_segment(segment_name(os.getpid(), "stats"), STATS_SLOTS,
+        # Held until this process ends: a second router on this run directory is refused, and
+        # the segments named by its instance id are ours alone.
+        self.run_dir = opts.claimed or RunDir.claim(opts.run_dir)
+        self.instance = self.run_dir.instance
+        self.stats_shm = create_stats_segment(segment_name(self.instance, "stats"), STATS_SLOTS,
                                               STATS_BACKENDS)
         self.monitor = HealthMonitor(StatsReader(self.stats_shm), self.republish)
         self.indices: dict[str, int] = {}
@@ -338,6 +343,7 @@ class Supervisor:
             return
         write_state(self.opts.run_dir, {
             "pid": os.getpid(),
+            "instance": self.instance,
             "gunicorn_pid": self.pool.pid if self.pool else None,
             "bind": self.cfg.server.bind,
             "workers": self.cfg.server.workers,
@@ -364,9 +370,6 @@ class Supervisor:
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGTTIN, signal.SIGTTOU):
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
         metrics.stamp_build()
-        stale = remove_stale_segments()
-        if stale:
-            log.info("removed %d segments left by dead routers: %s", len(stale), stale)
         try:
             return await self._serve()
         finally:
@@ -384,8 +387,11 @@ class Supervisor:
             self.overrides.update_from_kvs(self._boot_kvs or {}, self.opts.etcd_prefix)
             self.keys = RecordStore("keys", self.cache.directory, self.etcd)
             self.keys.update_from_kvs(self._boot_kvs or {}, self.opts.etcd_prefix)
-        self.publisher = TablePublisher(cfg.server.table_slot_bytes)
-        self.usage = UsageExport(cfg.server, self.opts.run_dir, STATS_SLOTS, self.republish)
+        previous = self._previous_state()
+        self.publisher = TablePublisher(segment_name(self.instance, "table"),
+                                        cfg.server.table_slot_bytes)
+        self.usage = UsageExport(cfg.server, self.opts.run_dir, self.instance, STATS_SLOTS,
+                                 self.republish)
         await self.usage.start()
         self.publish(cfg)
         project_root = os.path.dirname(os.path.dirname(os.path.abspath(apirouter.__file__)))
@@ -399,7 +405,18 @@ class Supervisor:
             "PYTHONPATH": pythonpath,
         })
         restarts: list[float] = []
-        await self.pool.start()
+        orphan = orphaned_master(previous.get("gunicorn_pid"), self.publisher.segment)
+        if orphan is not None:
+            if previous.get("bind") != cfg.server.bind:
+                log.warning("the adopted pool serves %s; bind %s takes effect on restart",
+                            previous.get("bind"), cfg.server.bind)
+            self.pool.adopt(orphan)
+        else:
+            if self.run_dir.orphans:
+                log.error("%d workers of a previous supervisor hold slots in %s but their "
+                          "gunicorn master cannot be found; starting a new pool",
+                          self.run_dir.orphans, self.opts.run_dir)
+            await self.pool.start()
         self._write_state()
         self.monitor.start()
         await self.control.start()
@@ -439,6 +456,25 @@ class Supervisor:
             await asyncio.sleep(0.5 * len(restarts))
             await self.pool.start()
             self._write_state()
+
+    def _previous_state(self) -> dict[str, Any]:
+        """What the previous supervisor of this run directory left (if it died, not stopped)."""
+        try:
+            state = read_state(self.opts.run_dir)
+        except (OSError, ValueError):
+            return {}
+        if state.get("instance") != self.instance:
+            return {}
+        log.warning("the previous supervisor (pid %s) did not stop cleanly; taking over its "
+                    "segments%s", state.get("pid"),
+                    " and its orphaned pool" if self.run_dir.orphans else "")
+        old = state.get("pid")
+        if isinstance(old, int) and old != os.getpid():
+            # Its live gauges (sink up, spool bytes ...) must not linger beside ours.
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(old, self.opts.metrics_dir)
+        return state
 
     async def _announce_ready(self) -> None:
         assert self.cfg is not None
@@ -481,13 +517,14 @@ class Supervisor:
         if self.publisher is not None:
             self.publisher.close()
         self.stats_shm.close()
-        self.stats_shm.unlink()
+        unlink(self.stats_shm.name)
         shutil.rmtree(os.path.join(self.opts.run_dir, "slots"), ignore_errors=True)
         shutil.rmtree(self.opts.metrics_dir, ignore_errors=True)
         if self.demo is not None:
             await self.demo.stop()
         remove_state(self.opts.run_dir)
         log.info("supervisor stopped; segments unlinked")
+        self.run_dir.release()
 
 
 def _override_kvs(kvs: dict[bytes, bytes], prefix: str) -> dict[bytes, bytes]:
@@ -500,6 +537,11 @@ def serve(opts: ServeOptions) -> int:
     import uvloop
 
     async def main() -> int:
-        return await Supervisor(opts).run()
+        try:
+            sup = Supervisor(opts)
+        except (RunDirError, SegmentError) as e:
+            log.error("%s", e)
+            return 2
+        return await sup.run()
 
     return uvloop.run(main())

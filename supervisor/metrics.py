@@ -51,6 +51,9 @@ USAGE_SINK_ERRORS = Counter("router_usage_sink_errors_total",
                             ["sink"])
 USAGE_MALFORMED = Counter("router_usage_records_malformed_total",
                           "Ring entries that were not usage records (quarantined, logged)")
+USAGE_DEAD_LETTER = Counter("router_usage_dead_letter_total",
+                            "Usage records Kafka can never take (too large), written to the "
+                            "dead-letter file beside the spool instead")
 USAGE_QUARANTINED = Counter("router_usage_quarantined_total",
                             "Ring regions or entries that failed their checks, kept in the run "
                             "directory's usage-quarantine/")

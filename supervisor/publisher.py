@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import logging
-import os
 
-from apirouter.shm import TableWriter, segment_name
+from apirouter.shm import TableWriter
 from apirouter.table import RoutingTable, encode_table
 
 log = logging.getLogger("apirouter.supervisor")
 
 
 class TablePublisher:
-    def __init__(self, capacity: int) -> None:
-        self._writer = TableWriter(segment_name(os.getpid(), "table"), capacity)
+    def __init__(self, segment: str, capacity: int) -> None:
+        self._writer = TableWriter(segment, capacity)
         self.segment = self._writer.name
 
     @property
@@ -30,4 +29,4 @@ class TablePublisher:
         return gen
 
     def close(self) -> None:
-        self._writer.close(unlink=True)
+        self._writer.close(remove=True)

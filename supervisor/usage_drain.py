@@ -12,8 +12,9 @@ still bad, the unread rest of that ring is copied into the quarantine directory 
 over, counted and logged. The other rings drain on regardless. An entry that is a sound frame
 but not a usage record is quarantined the same way, never dropped silently.
 
-At start-up, usage segments left behind by a dead supervisor (``kill -9``) are drained into
-the sink before they are unlinked.
+Overflow files are imported once their worker has handed them over (``.ready``) or has died
+(an ``.open`` file nobody holds the flock of): a live worker's file is never taken, whichever
+supervisor — this one or a successor — is draining.
 """
 
 from __future__ import annotations
@@ -25,16 +26,13 @@ import time
 from multiprocessing import shared_memory
 from typing import Any, Protocol
 
-from apirouter.runstate import pid_alive
-from apirouter.shm import SEGMENT_PREFIX, SegmentError
+from apirouter.runstate import file_locked
 from apirouter.usage import UsageItem, read_item
 from apirouter.usage_ring import (
     OVERFLOW_DIR,
     RingConsumer,
     RingCorrupt,
-    attach_usage_segment,
     read_header,
-    unlink_segment,
 )
 from supervisor import metrics
 
@@ -206,12 +204,9 @@ class UsageDrainer:
             return []
         out = []
         for name in names:
-            pid = name.split(".", 1)[0]
-            ready = name.endswith(".ready")
-            abandoned = name.endswith(".open") and pid.isdigit() and (
-                final or not pid_alive(int(pid)))
-            if ready or abandoned:
-                out.append(os.path.join(self.overflow_dir, name))
+            path = os.path.join(self.overflow_dir, name)
+            if name.endswith(".ready") or (name.endswith(".open") and not file_locked(path)):
+                out.append(path)
         return out
 
     async def drain_all(self) -> None:
@@ -226,41 +221,3 @@ class UsageDrainer:
     def close(self) -> None:
         for ring in self.rings:
             ring.release()
-
-
-async def recover_abandoned(sink: Sink, audit: Audit | None, run_dir: str,
-                            shm_dir: str = "/dev/shm") -> int:
-    """Drain usage segments of supervisors that died without draining (before they are
-    removed as stale); returns the records recovered."""
-    total = 0
-    try:
-        names = os.listdir(shm_dir)
-    except OSError:
-        return 0
-    for name in names:
-        if not (name.startswith(SEGMENT_PREFIX) and name.endswith("-usage")):
-            continue
-        pid = name[len(SEGMENT_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit() or pid_alive(int(pid)):
-            continue
-        try:
-            shm = attach_usage_segment(name)
-        except SegmentError:
-            continue
-        drainer = UsageDrainer(shm, run_dir, sink, audit)
-        try:
-            await drainer.drain_all()
-            emptied = drainer.empty()
-        finally:
-            drainer.close()
-        if emptied:
-            unlink_segment(shm)
-        shm.close()
-        total += drainer.drained
-        if drainer.drained:
-            log.warning("recovered %d usage records from %s, left by a supervisor that died",
-                        drainer.drained, name)
-        if not emptied:
-            log.error("usage segment %s still holds records the sink did not take; it is "
-                      "kept for the next start", name)
-    return total

@@ -7,8 +7,13 @@ Choices made here, at boot (changing them needs a restart):
   otherwise JSONL files in SPOOL_DIR;
 - audit store: Redis at ``redis_url`` when set, otherwise SQLite in SPOOL_DIR.
 
+The usage segment is named by the run directory's instance id: a supervisor started after one
+that died (SIGKILL, OOM, a container restart in a fresh PID namespace) attaches to the same
+segment and simply becomes its consumer, so what the workers wrote in between — the orphaned
+pool goes on serving — is exported, and workers still writing into it are not disturbed.
+
 Shutdown order matters: the workers stop first, then the rings are drained one last time, and
-the segment is unlinked only if it is empty (otherwise the next start recovers it).
+the segment is unlinked only if it is empty (otherwise the next start takes it over).
 """
 
 from __future__ import annotations
@@ -16,19 +21,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
+from multiprocessing import shared_memory
 from typing import Any
 
-from apirouter.audit import AUDIT_STORE_ENV, LOCAL_DIR_NAME
+from apirouter.audit import AUDIT_STORE_ENV, AUDIT_TTL_ENV, LOCAL_DIR_NAME
 from apirouter.config import ServerConfig
-from apirouter.shm import segment_name
-from apirouter.usage_ring import USAGE_SEGMENT_ENV, create_usage_segment, unlink_segment
+from apirouter.shm import SegmentError, segment_name
+from apirouter.usage_ring import (
+    USAGE_SEGMENT_ENV,
+    open_usage_segment,
+    read_header,
+    unlink_segment,
+)
 from supervisor.audit_writer import AuditWriter
-from supervisor.usage_drain import Sink, UsageDrainer, recover_abandoned
+from supervisor.usage_drain import Sink, UsageDrainer
 from supervisor.usage_jsonl import JsonlSink
 from supervisor.usage_kafka import KafkaSink
 
 log = logging.getLogger("apirouter.usage")
+SHM_DIR = "/dev/shm"
 
 
 def spool_dir(server: ServerConfig, run_dir: str) -> str:
@@ -36,7 +49,7 @@ def spool_dir(server: ServerConfig, run_dir: str) -> str:
 
 
 class UsageExport:
-    def __init__(self, server: ServerConfig, run_dir: str, slots: int,
+    def __init__(self, server: ServerConfig, run_dir: str, instance: str, slots: int,
                  on_state: Callable[[], None]) -> None:
         self.run_dir = run_dir
         self.spool_dir = spool_dir(server, run_dir)
@@ -52,18 +65,18 @@ class UsageExport:
         self.audit_spec = (f"redis:{server.redis_url}" if server.redis_url
                            else f"local:{os.path.join(self.spool_dir, LOCAL_DIR_NAME)}")
         self.audit = AuditWriter(self.audit_spec, server.audit_ttl_s, on_state)
-        self.shm = create_usage_segment(segment_name(os.getpid(), "usage"), slots,
-                                        server.usage_ring_bytes)
+        self.shm = _open_segment(segment_name(instance, "usage"), slots,
+                                 server.usage_ring_bytes)
         self.drainer = UsageDrainer(self.shm, run_dir, self.sink, self.audit)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.sink.start()
-        await recover_abandoned(self.sink, self.audit, self.run_dir)
         self._task = asyncio.ensure_future(self.drainer.run())
 
     def worker_env(self) -> dict[str, str]:
-        return {USAGE_SEGMENT_ENV: self.shm.name, AUDIT_STORE_ENV: self.audit_spec}
+        return {USAGE_SEGMENT_ENV: self.shm.name, AUDIT_STORE_ENV: self.audit_spec,
+                AUDIT_TTL_ENV: str(self.audit.ttl_s)}
 
     def status(self) -> dict[str, Any]:
         """The readyz checks this part contributes (published in the routing table)."""
@@ -91,3 +104,23 @@ class UsageExport:
             log.error("usage segment %s still holds records the sink did not take; the next "
                       "start recovers them", self.shm.name)
         self.shm.close()
+
+
+def _open_segment(name: str, slots: int, capacity: int) -> shared_memory.SharedMemory:
+    """This instance's usage segment: taken over if a predecessor left it, else created."""
+    try:
+        shm, created = open_usage_segment(name, slots, capacity)
+    except SegmentError as e:
+        # Not a segment this version can read (an upgrade changed the layout): keep it aside
+        # for an operator, never delete records, and start a new one.
+        aside = f"{name}.unreadable-{time.time_ns()}"
+        os.rename(os.path.join(SHM_DIR, name), os.path.join(SHM_DIR, aside))
+        log.error("%s; moved it to /dev/shm/%s", e, aside)
+        shm, created = open_usage_segment(name, slots, capacity)
+    if not created:
+        had = read_header(shm)
+        log.warning("took over usage segment %s left by the previous supervisor", name)
+        if had != (slots, capacity):
+            log.warning("usage segment %s keeps %d rings of %d bytes (usage_ring_bytes takes "
+                        "effect once it is recreated)", name, *had)
+    return shm

@@ -15,17 +15,25 @@ so Kafka sees records in the order they were drained. A batch whose acknowledgem
 may still land in Kafka and then again from the spool: such duplicates are byte-identical,
 with the same request id. While idle, the connection is probed with a metadata request so
 readyz shows an outage before the next record needs it.
+
+A record Kafka can never take (over 1 MB, a default broker's message.max.bytes, or refused by
+the broker as too large: MessageSizeTooLargeError, found by sending the batch's records one at
+a time) is appended to the dead-letter file ``dead-letter.jsonl`` beside the spool (fsync'd,
+counted in router_usage_dead_letter_total, logged) instead of failing its batch: retrying it
+could only fail again, and it would hold up every record spooled behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
 
 from apirouter.usage import UsageItem, read_item
@@ -35,6 +43,12 @@ from supervisor.usage_spool import Spool
 log = logging.getLogger("apirouter.usage")
 
 REPLAY_CHUNK = 1000
+MAX_BATCH_BYTES = 256 * 1024
+# Kafka's default message.max.bytes is 1,048,588 (record batch included): a record above this
+# is refused by a broker with default settings, and records are ~500 bytes, so one this large
+# is a fault to set aside, not to retry.
+MAX_RECORD_BYTES = 1_000_000
+DEAD_LETTER_FILE = "dead-letter.jsonl"
 _PARTITIONER = DefaultPartitioner()
 IDLE_PROBE_S = 2.0
 MAX_BACKOFF_S = 5.0
@@ -53,6 +67,9 @@ class KafkaSink:
         self.timeout_s = timeout_s
         self.on_state = on_state
         self.spool = Spool(spool_dir)
+        self.dead_letter_path = os.path.join(os.path.dirname(os.path.abspath(spool_dir)),
+                                             DEAD_LETTER_FILE)
+        self.dead_lettered = 0
         self.producer: AIOKafkaProducer | None = None
         self.connected = False
         self.last_error: str | None = None
@@ -70,7 +87,7 @@ class KafkaSink:
         return AIOKafkaProducer(
             bootstrap_servers=self.bootstrap, client_id="apirouter-supervisor", acks="all",
             enable_idempotence=self.idempotence, compression_type=self.compression,
-            linger_ms=5, max_batch_size=256 * 1024, max_request_size=4 * 1024 * 1024,
+            linger_ms=5, max_batch_size=MAX_BATCH_BYTES, max_request_size=4 * 1024 * 1024,
             request_timeout_ms=max(1000, int(self.timeout_s * 1000)), retry_backoff_ms=100,
             metadata_max_age_ms=30_000)
 
@@ -114,9 +131,42 @@ class KafkaSink:
     # -- publishing --------------------------------------------------------------------------
 
     async def _send(self, items: list[UsageItem]) -> None:
-        """Publish and wait for every acknowledgement. Records are grouped per partition
-        (the Java client's murmur2 of the org, as producer.send would choose) and sent as
-        whole batches: aiokafka's per-message send costs ~14 µs of CPU a record, this ~3."""
+        """Publish and wait for every acknowledgement; records Kafka cannot take go to the
+        dead-letter file (see the module docstring)."""
+        fit = [i for i in items if len(i.raw) <= MAX_RECORD_BYTES]
+        if len(fit) < len(items):
+            await self._dead_letter([i for i in items if len(i.raw) > MAX_RECORD_BYTES],
+                                    f"larger than {MAX_RECORD_BYTES} bytes")
+        if not fit:
+            return
+        try:
+            await self._send_batches(fit)
+        except MessageSizeTooLargeError:
+            for item in fit:  # which one? each alone: the broker refuses only that one again
+                try:
+                    await self._send_batches([item])
+                except MessageSizeTooLargeError:
+                    await self._dead_letter([item], "refused by the broker as too large")
+
+    async def _dead_letter(self, items: list[UsageItem], why: str) -> None:
+        def append() -> None:
+            fd = os.open(self.dead_letter_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, b"".join(i.raw + b"\n" for i in items))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        await asyncio.to_thread(append)
+        self.dead_lettered += len(items)
+        metrics.USAGE_DEAD_LETTER.inc(len(items))
+        log.error("%d usage records Kafka cannot take (%s) written to %s, e.g. request %s",
+                  len(items), why, self.dead_letter_path, items[0].request_id)
+
+    async def _send_batches(self, items: list[UsageItem]) -> None:
+        """Records are grouped per partition (the Java client's murmur2 of the org, as
+        producer.send would choose) and sent as whole batches: aiokafka's per-message send
+        costs ~14 µs of CPU a record, this ~3."""
         producer = self.producer
         if producer is None:
             raise ConnectionError("not connected")
@@ -141,9 +191,9 @@ class KafkaSink:
                                                               partition=partition))
                         batch = producer.create_batch()
                         if batch.append(key=key, value=item.raw, timestamp=None) is None:
-                            # Records are ~500 bytes; never drop one silently all the same.
-                            raise ValueError(f"a {len(item.raw)}-byte usage record exceeds "
-                                             "the producer's batch size")
+                            # _send keeps records an empty batch cannot hold away from here
+                            raise MessageSizeTooLargeError(
+                                f"a {len(item.raw)}-byte usage record exceeds the batch")
                 acks.append(await producer.send_batch(batch, self.topic, partition=partition))
             await asyncio.gather(*acks)
 
@@ -270,7 +320,8 @@ class KafkaSink:
     def status(self) -> dict[str, Any]:
         return {"status": "ok" if self.connected else "degraded", "kind": self.kind,
                 "bootstrap": self.bootstrap, "topic": self.topic, "connected": self.connected,
-                "spooling": self._spool_pending, "last_error": self.last_error}
+                "spooling": self._spool_pending, "last_error": self.last_error,
+                "dead_lettered": self.dead_lettered}
 
     async def close(self) -> None:
         if self._task is not None:

@@ -7,13 +7,12 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 from typing import Any
 
 from apirouter import __version__
 from apirouter.config import SETTINGS
 from apirouter.config_keys import DEFAULT_PREFIX
-from apirouter.runstate import default_run_dir
+from apirouter.runstate import RunDir, RunDirError, default_run_dir
 from tools import mock_backend, smoke
 
 
@@ -27,16 +26,23 @@ def _serve(args: argparse.Namespace) -> int:
         print("apirouter serve: give one of --config FILE, --etcd HOST:PORT, or --demo",
               file=sys.stderr)
         return 2
-    # A fresh metrics directory, set before anything imports prometheus_client, so the
-    # supervisor's own metrics are written beside the workers'.
-    metrics_dir = tempfile.mkdtemp(prefix="apirouter-metrics-")
+    # Claim the run directory first: a second router on it is refused before it touches
+    # anything. Its metrics directory is set before anything imports prometheus_client, so
+    # the supervisor's own metrics are written beside the workers' (an orphaned pool the
+    # supervisor adopts keeps writing there too).
+    try:
+        run = RunDir.claim(args.run_dir)
+    except RunDirError as e:
+        print(f"apirouter serve: {e}", file=sys.stderr)
+        return 2
+    metrics_dir = run.metrics_dir
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     from supervisor.main import ServeOptions, serve
 
     overrides = {s.name: getattr(args, s.name) for s in SETTINGS
                  if getattr(args, s.name, None) is not None}
-    return serve(ServeOptions(args.config, args.demo, args.run_dir, overrides, metrics_dir,
-                              args.etcd, args.etcd_prefix, args.cache_dir))
+    return serve(ServeOptions(args.config, args.demo, run.path, overrides, metrics_dir,
+                              args.etcd, args.etcd_prefix, args.cache_dir, run))
 
 
 def _add_bench(sub: Any) -> None:
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the state file for apirouterctl lives")
     for setting in SETTINGS:
         s.add_argument(f"--{setting.name.replace('_', '-')}", dest=setting.name,
-                       type=setting.type, default=None,
+                       type=setting.parse, default=None,
                        help=f"{setting.doc} (default {setting.default}; env {setting.env})")
 
     m = sub.add_parser("mock-backend", help="run the OpenAI-compatible mock LLM backend")

@@ -21,7 +21,7 @@ import yaml
 from apirouter.config import ConfigError
 from apirouter.config_keys import DEFAULT_PREFIX
 from apirouter.control_protocol import SOCKET_NAME, CommandError, ProtocolError, call
-from apirouter.runstate import default_run_dir, pid_alive, read_state
+from apirouter.runstate import default_run_dir, read_state, supervisor_alive
 from apirouter.shm import TableReader
 from apirouter.table import decode_table, describe
 
@@ -37,7 +37,7 @@ def _state(run_dir: str) -> dict[str, Any]:
         state = read_state(run_dir)
     except FileNotFoundError:
         raise CtlError(f"no router is running with run dir {run_dir}", 3) from None
-    if not pid_alive(int(state["pid"])):
+    if not supervisor_alive(run_dir):
         raise CtlError(f"supervisor pid {state['pid']} is not running (stale state in "
                        f"{run_dir})", 3)
     return state
@@ -122,12 +122,11 @@ def run(args: argparse.Namespace) -> Any:
             return _call(d, "scale", {"delta": args.count if args.direction == "up"
                                       else -args.count})
         case "stop":
-            pid = int(_state(d)["pid"])
             _call(d, "stop")
             deadline = time.monotonic() + 60
-            while pid_alive(pid) and time.monotonic() < deadline:
+            while supervisor_alive(d) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            return {"stopped": not pid_alive(pid)}
+            return {"stopped": not supervisor_alive(d)}
         case "drain" | "degrade":
             return _call(d, "overrides.set", {"kind": args.command, "target": args.backend,
                                               "ttl_s": args.ttl})

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from apirouter.audit import AUDIT_STORE_ENV
+from apirouter.audit import AUDIT_STORE_ENV, AUDIT_TTL_ENV
 from apirouter.errors import RouterError
 from apirouter.keys import credential
 from apirouter.shm import TABLE_SEGMENT_ENV, TableReader
@@ -112,7 +112,8 @@ def build_app(endpoints: Pipeline) -> web.Application:
         app.router.add_route(method, path, _adapt_native(endpoints, handler, admin),
                              expect_handler=_expect(endpoints, False))
     spec = os.environ.get(AUDIT_STORE_ENV)
-    audit = AuditApi(endpoints, AuditReader(spec) if spec else None)
+    ttl = os.environ.get(AUDIT_TTL_ENV)
+    audit = AuditApi(endpoints, AuditReader(spec, float(ttl) if ttl else None) if spec else None)
     app.router.add_route("GET", AUDIT_PATH, _adapt_native(endpoints, audit.lookup))
 
     async def unrouted(request: web.Request) -> web.StreamResponse:

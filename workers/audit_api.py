@@ -56,7 +56,7 @@ class AuditApi:
                                                  "digits and . _ : -", field="requestId")
         if self.reader is None:
             raise RouterError("SERVICE_UNAVAILABLE", "no audit store is configured")
-        raw = await self.reader.get(wanted)
+        raw = await self.reader.get(wanted, None if all_orgs else (org or ""))
         record = orjson.loads(raw) if raw is not None else None
         if record is None or not (all_orgs or record.get("org") == org):
             AUDIT_LOOKUPS.labels("not_found").inc()

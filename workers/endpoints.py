@@ -15,7 +15,6 @@ Endpoints the worker answers itself (catalogue, health, metrics) declare a ``loc
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from apirouter.buildinfo import build_info
 from apirouter.validation import (
     ProxyRequest,
     parse_chat,
@@ -31,6 +29,7 @@ from apirouter.validation import (
     parse_inference,
     usage_counts,
 )
+from workers import readiness
 from workers.context import Reply, RequestContext
 from workers.metrics import CONTENT_TYPE, exposition
 from workers.scrape_metrics import scrape_exposition
@@ -107,31 +106,9 @@ async def healthz(p: Pipeline, ctx: RequestContext) -> Reply:
 
 async def readyz(p: Pipeline, ctx: RequestContext) -> Reply:
     view = ctx.view
-    table = view.table
-    registry_ok = bool(table.backends) and bool(table.routes)
-    doc = {
-        "status": "ready" if registry_ok else "degraded",
-        "worker_pid": p.pid,
-        "checks": {
-            "routing_table": {
-                "status": "ok",
-                "generation": view.generation,
-                "source": table.source,
-                "compiled_at": table.compiled_at,
-                "age_s": round(time.time() - table.compiled_at, 3),
-                "load_errors": p.tables.reload_errors,
-            },
-            "backend_registry": {
-                "status": "ok" if registry_ok else "empty",
-                "backends": len(table.backends),
-                "models": len(table.routes),
-            },
-            "admission": p.admission.status(table.limits),
-            **{name: check for name, check in table.status.items()},
-        },
-        "build": {**build_info(), "python": platform.python_version()},
-    }
-    return Reply(200 if registry_ok else 503, orjson.dumps(doc))
+    status, doc = readiness.report(p.pid, view.generation, view.table, p.tables.reload_errors,
+                                   p.admission.status(view.table.limits))
+    return Reply(status, orjson.dumps(doc))
 
 
 async def metrics_text(p: Pipeline, ctx: RequestContext) -> Reply:

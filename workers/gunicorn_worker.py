@@ -25,6 +25,8 @@ import uvloop
 from aiohttp import web
 from gunicorn.workers.base import Worker
 
+from apirouter.stats import RUN_DIR_ENV
+from workers import log_setup, readiness
 from workers.app import PIPELINE_KEY
 from workers.fast_server import FastServer
 
@@ -37,6 +39,7 @@ class RouterWorker(Worker):
     _wakeup: asyncio.Future[None] | None = None
 
     def init_process(self) -> None:
+        log_setup.configure()  # before the app loads: its boot lines are JSON too
         self.loop = uvloop.new_event_loop()
         asyncio.set_event_loop(self.loop)
         super().init_process()
@@ -69,6 +72,15 @@ class RouterWorker(Worker):
             timer.cancel()
             self._wakeup = None
 
+    def _watch_supervisor(self, run_dir: str) -> None:
+        was = readiness.WATCH.alive
+        if readiness.WATCH.check(run_dir) != was:
+            if was:
+                self.log.error("no supervisor holds %s: serving on, usage records wait in the "
+                               "rings for the next supervisor (readyz: degraded)", run_dir)
+            else:
+                self.log.warning("a supervisor holds %s again", run_dir)
+
     def run(self) -> None:
         # The real boot (app factory, runner, sockets) happens in _serve: until it reaches the
         # serve loop, an exit is a boot failure the arbiter must not answer with respawns.
@@ -96,6 +108,7 @@ class RouterWorker(Worker):
                    for sock in self.sockets]
         # Sockets are serving: tell the arbiter the boot succeeded.
         self.booted = True
+        run_dir = os.environ.get(RUN_DIR_ENV)
         try:
             while self.alive:
                 self.notify()
@@ -103,6 +116,9 @@ class RouterWorker(Worker):
                     pipeline.stats.heartbeat()
                 if pipeline.usage is not None:
                     pipeline.usage.rotate()
+                if run_dir:
+                    self._watch_supervisor(run_dir)
+                readiness.REDIS.kick(pipeline.tables.current().table.limits.redis_url)
                 if self.ppid != os.getppid():
                     self.log.info("parent changed, shutting down: %s", self)
                     break

@@ -4,15 +4,19 @@ Once ``emit`` returns, the record no longer depends on this process: it is eithe
 memory (the supervisor drains the ring, also after this worker dies) or written into an
 overflow file (in the page cache: a ``kill -9`` does not lose it). A full ring therefore never
 drops a record; each overflow is counted (router_usage_ring_overflow_total) and logged once
-per file. Overflow files are named ``<pid>.<n>.open`` while the worker appends to them and
+per file. Overflow files are named ``<pid>-<random>.<n>.open`` while the worker appends to them and
 renamed ``.ready`` on the next heartbeat; the supervisor imports ``.ready`` files, and
-``.open`` files whose worker is dead.
+``.open`` files whose worker is dead. "Dead" is told by a flock the worker holds on its open
+file (taken before the file gets its ``.open`` name), not by its pid: pids mean nothing across
+PID namespaces, and a successor supervisor must never take a file a live worker still writes.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import secrets
 
 from apirouter.usage_ring import OVERFLOW_DIR, RingProducer, attach_usage_segment
 from workers.metrics import USAGE_OVERFLOW
@@ -25,7 +29,8 @@ class UsageOut:
         self._shm = attach_usage_segment(segment)
         self.ring = RingProducer(self._shm, slot)
         self.directory = os.path.join(run_dir, OVERFLOW_DIR)
-        self.pid = os.getpid()
+        # pid plus a random part: pids repeat across PID namespaces (containers), names must not
+        self.tag = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._fd: int | None = None
         self._open_path = ""
         self._files = 0
@@ -38,8 +43,12 @@ class UsageOut:
         if self._fd is None:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             self._files += 1
-            self._open_path = os.path.join(self.directory, f"{self.pid}.{self._files}.open")
-            self._fd = os.open(self._open_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._open_path = os.path.join(self.directory, f"{self.tag}.{self._files}.open")
+            fresh = self._open_path[:-len(".open")] + ".new"
+            self._fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                               0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)  # held until the file is handed over
+            os.rename(fresh, self._open_path)
             log.warning("usage ring full (%d bytes in use): writing records to %s",
                         self.ring.fill(), self._open_path)
         # orjson never emits a raw newline, so one line is one record.
@@ -50,9 +59,12 @@ class UsageOut:
         """Hand the current overflow file to the supervisor (called on each heartbeat)."""
         if self._fd is None:
             return
+        try:
+            os.rename(self._open_path, self._open_path[:-len(".open")] + ".ready")
+        except FileNotFoundError:  # taken by a supervisor that thought it abandoned: keep on
+            log.error("overflow file %s vanished before it was handed over", self._open_path)
         os.close(self._fd)
         self._fd = None
-        os.rename(self._open_path, self._open_path[:-len(".open")] + ".ready")
 
     def close(self) -> None:
         self.rotate()

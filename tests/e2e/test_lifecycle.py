@@ -93,7 +93,7 @@ def test_sigterm_drains_in_flight_requests_and_leaves_nothing_behind(
     assert result["status"] == 200, "the in-flight request finished during the drain"
     assert r.proc.wait(20) == 0
     assert not os.path.exists(segment)
-    assert not any(n.startswith(f"apirouter-{r.pid}-") for n in os.listdir("/dev/shm"))
+    assert not any(n.startswith(f"apirouter-{state['instance']}-") for n in os.listdir("/dev/shm"))
     assert not os.path.exists(state["metrics_dir"])
     assert not os.path.exists(os.path.join(r.run_dir, "supervisor.json"))
 

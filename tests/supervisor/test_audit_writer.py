@@ -10,8 +10,9 @@ from supervisor.audit_writer import AuditWriter
 from tests.harness import RedisServer
 
 
-def _item(rid: str, org: str = "acme"):
-    raw = usage_record(kind="request", request_id=rid, ts_start=time.time(), ts_end=time.time(),
+def _item(rid: str, org: str = "acme", ago: float = 0.0):
+    raw = usage_record(kind="request", request_id=rid, ts_start=time.time() - ago,
+                       ts_end=time.time() - ago,
                        endpoint="/v1/inference", key_id="k", org=org, model="m",
                        backend_id="b", decision_type="PRIMARY", attempts=1, status=200,
                        error_code=None, prompt_tokens=1, completion_tokens=2, cost_micro=0,
@@ -24,32 +25,35 @@ def _item(rid: str, org: str = "acme"):
 async def test_the_hand_encoded_set_matches_the_generic_encoder() -> None:
     w = AuditWriter("redis:redis://127.0.0.1:1/0", 3600)
     item = _item("req-1")
-    assert w._set_command(item) == encode_command("SET", "audit:req-1", item.raw, "EX", 3600,
-                                                  "NX")
+    assert w._set_command(item) == (
+        encode_command("SET", "audit:acme:req-1", item.raw, "EX", 3600, "NX")
+        + encode_command("SET", "audit:req-1", "acme", "EX", 3600, "NX"))
     await w.close()
 
 
 @pytest.mark.parametrize("kind", ["redis", "local"])
-async def test_first_record_of_an_id_wins_and_ttl_is_set(kind: str, redis_server: RedisServer,
-                                                          tmp_path) -> None:
-    spec = f"redis:{redis_server.url}" if kind == "redis" else f"local:{tmp_path}/audit"
-    w = AuditWriter(spec, 600)
-    first, second = _item("dup-id", "acme"), _item("dup-id", "intruder")
-    await w.put([first])
-    await w.put([second])  # a client re-using someone's id cannot overwrite their record
-    assert w.ok
-    if kind == "redis":
-        client = RedisClient(redis_server.url)
-        assert await client.execute("GET", "audit:dup-id", timeout=2) == first.raw
-        assert 0 < await client.execute("TTL", "audit:dup-id", timeout=2) <= 600
-        client.close()
-    else:
-        from workers.audit_reader import AuditReader
+async def test_records_are_kept_per_org_and_the_first_of_each_wins(
+        kind: str, redis_server: RedisServer, tmp_path) -> None:
+    from workers.audit_reader import AuditReader
 
-        reader = AuditReader(spec)
-        assert await reader.get("dup-id") == first.raw
-        assert await reader.get("other") is None
-        reader.close()
+    spec = f"redis:{redis_server.url}" if kind == "redis" else f"local:{tmp_path}/audit"
+    rid = f"dup-{time.monotonic_ns()}"  # the Redis server is shared by the session
+    w = AuditWriter(spec, 600)
+    first, other_org, replay = _item(rid, "acme"), _item(rid, "intruder"), _item(rid, "acme")
+    await w.put([first])
+    await w.put([other_org, replay])  # a client re-using an id overwrites nobody's record ...
+    assert w.ok
+    reader = AuditReader(spec)
+    assert await reader.get(rid, "acme") == first.raw
+    assert await reader.get(rid, "intruder") == other_org.raw  # ... nor is hidden by one
+    assert await reader.get(rid, None) == first.raw  # admins: the id's first org
+    assert await reader.get(rid, "nobody") is None
+    assert await reader.get("other", None) is None
+    reader.close()
+    if kind == "redis":
+        client = RedisClient(spec.removeprefix("redis:"))
+        assert 0 < await client.execute("TTL", f"audit:acme:{rid}", timeout=2) <= 600
+        client.close()
     await w.close()
 
 
@@ -68,13 +72,27 @@ async def test_local_store_expires_whole_hours_and_checks_what_it_reads(tmp_path
     w = AuditWriter(spec, 3600)
     await w.put([_item("kept"), _item("torn")])
     reader = AuditReader(spec)
-    assert (await reader.get("kept")) is not None
+    assert (await reader.get("kept", "acme")) is not None
     log = next(p for p in (tmp_path / "audit").iterdir() if p.suffix == ".log")
     data = log.read_bytes()
     log.write_bytes(data[:len(data) - 20])  # a crash lost the end of the data file
-    assert await reader.get("torn") is None  # the index row points past the end: a miss
+    assert await reader.get("torn", "acme") is None  # the row points past the end: a miss
     hour = int(log.stem)
     w._purge(hour + 1)
-    assert await reader.get("kept") is None and not log.exists()
+    assert await reader.get("kept", "acme") is None and not log.exists()
+    reader.close()
+    await w.close()
+
+
+async def test_local_lookups_expire_after_the_ttl_before_the_hourly_purge(tmp_path) -> None:
+    """Files go by the hour; a record must still not be readable once audit_ttl_s passed."""
+    from workers.audit_reader import AuditReader
+
+    spec = f"local:{tmp_path}/audit"
+    w = AuditWriter(spec, 60)
+    await w.put([_item("old", ago=61), _item("fresh")])
+    reader = AuditReader(spec, ttl_s=60)
+    assert await reader.get("old", "acme") is None
+    assert await reader.get("fresh", "acme") is not None
     reader.close()
     await w.close()
