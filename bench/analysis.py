@@ -128,9 +128,26 @@ def summarize(name: str, url: str, samples: Sequence[Sample], stats: RunStats,
         "event_gap_ms": percentiles_ms(gaps),
         "events_per_stream": (len(gaps) + len(ttft)) / len(ttft) if ttft else None,
         "generator": generator,
+        "phases": per_phase(samples, schedule, expected) if schedule else [],
         "timeseries": timeseries(samples, schedule, expected, window_s, duration),
         "histogram_ms": histogram_buckets([s.latency for s in ok]),
     }
+
+
+def per_phase(samples: Sequence[Sample], schedule: Schedule, expected: Sequence[int]
+              ) -> list[dict[str, Any]]:
+    """The same counts and percentiles for each phase of the scenario (by scheduled time)."""
+    out = []
+    for i, (phase, (a, b)) in enumerate(zip(schedule.phases, schedule.bounds, strict=True)):
+        sent = [s for s in samples if s.phase == i and s.status != WITHHELD]
+        ok = [s.latency for s in sent if 200 <= s.status < 300]
+        errors = sum(1 for s in sent if not 200 <= s.status < 300 and s.status not in expected)
+        lat = percentiles_ms(ok)
+        out.append({"name": phase.name, "start_s": a, "end_s": b, "target_rate": phase.rate,
+                    "sent_rate": len(sent) / (b - a), "ok": len(ok), "errors": errors,
+                    "error_rate": errors / len(sent) if sent else 0.0,
+                    "p50_ms": lat["p50"] if lat else None, "p99_ms": lat["p99"] if lat else None})
+    return out
 
 
 def sustain_statement(name: str, asked: float, achieved: float | None,

@@ -115,7 +115,7 @@ def throughput_errors(path: Path, legs: dict[str, dict[str, Any]], schedule: Sch
         ax.step([w["t"] for w in ts] + [ts[-1]["t"] + 1],
                 [w["target_rate"] or 0 for w in ts] + [ts[-1]["target_rate"] or 0],
                 where="post", color="black", linestyle="--", linewidth=1, label="target rate")
-        ax.plot(t, [w["ok_rps"] for w in ts], color=COLORS.get(name, "black"), marker=".",
+        ax.step(t, [w["ok_rps"] for w in ts], where="mid", color=COLORS.get(name, "black"),
                 label="answered OK /s")
         if any(w["refused_rps"] for w in ts):
             ax.plot(t, [w["refused_rps"] for w in ts], color="#dd8452", marker=".",

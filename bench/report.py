@@ -228,6 +228,16 @@ def print_summary(con: Console, doc: dict[str, Any], verdicts: list[Verdict]) ->
                       _f(lat.get("max"), 2), _f(leg.get("server_cpu_us_per_request")),
                       _f(leg["generator"]["cpu_us_per_request"]))
         con.print(t)
+        if len(doc["phases"]) > 1 and doc["parameters"]["mode"] == "open":
+            t = Table(title="per phase (by scheduled time; latency ms)")
+            for col in ("leg", "phase", "target/s", "sent/s", "ok", "errors", "p50", "p99"):
+                t.add_column(col, justify="left" if col in ("leg", "phase") else "right")
+            for name, leg in legs.items():
+                for ph in leg["phases"]:
+                    t.add_row(name, ph["name"], _f(ph["target_rate"]), _f(ph["sent_rate"]),
+                              _f(ph["ok"]), f"{ph['errors']} ({ph['error_rate']:.2%})",
+                              _f(ph["p50_ms"], 2), _f(ph["p99_ms"], 2))
+            con.print(t)
         for name, leg in legs.items():
             extra = []
             if leg["ttft_ms"]:
