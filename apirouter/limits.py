@@ -42,18 +42,15 @@ class Verdict:
 
 
 def buckets_for(key: KeyRecord, model: str, tokens: int, org: Tier | None = None,
-                model_limits: Tier | None = None, share: int = 1) -> list[BucketSpec]:
-    """The buckets one request charges: 1 per request-bucket, ``tokens`` per token-bucket.
-    ``share`` > 1 gives each of that many independent limiters an equal part of every limit."""
+                model_limits: Tier | None = None) -> list[BucketSpec]:
+    """The buckets one request charges: 1 per request-bucket, ``tokens`` per token-bucket."""
     specs: list[BucketSpec] = []
 
     def add(prefix: str, tier: Tier) -> None:
         if tier.rpm:
-            specs.append(BucketSpec(f"{prefix}:rpm", max(1, tier.rpm_burst // share),
-                                    max(1, tier.rpm // share), 1))
+            specs.append(BucketSpec(f"{prefix}:rpm", tier.rpm_burst, tier.rpm, 1))
         if tier.tpm and tokens:
-            specs.append(BucketSpec(f"{prefix}:tpm", max(1, tier.tpm_burst // share),
-                                    max(1, tier.tpm // share), tokens))
+            specs.append(BucketSpec(f"{prefix}:tpm", tier.tpm_burst, tier.tpm, tokens))
 
     add(f"key:{key.key_id}", key.limits)
     if org is not None:
@@ -106,6 +103,19 @@ def settle(spec: BucketSpec, states: dict[str, BucketState], now_ms: float,
 def _reset(spec: BucketSpec, tokens: float) -> int:
     rate = spec.refill_per_ms
     return math.ceil((spec.capacity - tokens) / rate) if rate > 0 else 0
+
+
+def rate_limit_headers(spec: BucketSpec, v: Verdict, now: float) -> list[tuple[str, str]]:
+    """The X-RateLimit-* headers for the reported bucket (the key's first one when admitted, the
+    one that refused otherwise), all about that one bucket: ``Limit`` is its capacity — the
+    burst, the most the client can spend at once, which refills at ``per_minute`` —
+    ``Remaining`` what is left of it (never above ``Limit``), ``Reset`` the unix second when
+    it is full again, and ``Policy`` states both numbers (``CAPACITY;w=60;rate=PER_MINUTE``)."""
+    remaining = max(0, min(spec.capacity, v.remaining))
+    return [("X-RateLimit-Limit", str(spec.capacity)),
+            ("X-RateLimit-Remaining", str(remaining)),
+            ("X-RateLimit-Reset", str(math.ceil(now + v.reset_ms / 1000))),
+            ("X-RateLimit-Policy", f"{spec.capacity};w=60;rate={spec.per_minute}")]
 
 
 def estimate_tokens(prompt_bytes: int, max_tokens: int | None, default_completion: int) -> int:

@@ -26,6 +26,7 @@ from apirouter.config import ConfigError, RouterConfig, parse_config, read_confi
 from apirouter.health import HealthPolicy
 from apirouter.overrides import active, next_expiry, to_override
 from apirouter.runstate import RunDir, RunDirError, read_state, remove_state, write_state
+from apirouter.shared_buckets import BUCKETS_SEGMENT_ENV, create_buckets_segment
 from apirouter.shm import TABLE_SEGMENT_ENV, SegmentError, segment_name, unlink
 from apirouter.stats import (
     RUN_DIR_ENV,
@@ -94,6 +95,8 @@ class Supervisor:
         self.stats_shm = create_stats_segment(segment_name(self.instance, "stats"), STATS_SLOTS,
                                               STATS_BACKENDS)
         self.monitor = HealthMonitor(StatsReader(self.stats_shm), self.republish)
+        # The in-process limiter's buckets, shared by the workers (apirouter/shared_buckets).
+        self.buckets_shm = create_buckets_segment(segment_name(self.instance, "buckets"))
         self.indices: dict[str, int] = {}
         self.overrides = RecordStore("overrides", self.cache.directory, None)
         self.keys = RecordStore("keys", self.cache.directory, None)
@@ -399,6 +402,7 @@ class Supervisor:
         self.pool = WorkerPool(cfg.server, {
             TABLE_SEGMENT_ENV: self.publisher.segment,
             STATS_SEGMENT_ENV: self.stats_shm.name,
+            BUCKETS_SEGMENT_ENV: self.buckets_shm.name,
             RUN_DIR_ENV: self.opts.run_dir,
             **self.usage.worker_env(),
             "PROMETHEUS_MULTIPROC_DIR": self.opts.metrics_dir,
@@ -518,6 +522,8 @@ class Supervisor:
             self.publisher.close()
         self.stats_shm.close()
         unlink(self.stats_shm.name)
+        self.buckets_shm.close()
+        unlink(self.buckets_shm.name)
         shutil.rmtree(os.path.join(self.opts.run_dir, "slots"), ignore_errors=True)
         shutil.rmtree(self.opts.metrics_dir, ignore_errors=True)
         if self.demo is not None:

@@ -11,20 +11,13 @@ import logging
 import time
 
 from apirouter.errors import RouterError
-from apirouter.limits import BucketSpec, Verdict
 from apirouter.usage import usage_record
-from workers.admission import Admission
+from workers.admission import Admission, ticket_headers
 from workers.context import RequestContext
 from workers.metrics import USAGE_LOST, RequestMetrics
 from workers.usage_out import UsageOut
 
 log = logging.getLogger("apirouter.worker")
-
-
-def rate_headers(spec: BucketSpec, v: Verdict) -> list[tuple[str, str]]:
-    return [("X-RateLimit-Limit", str(spec.per_minute)),
-            ("X-RateLimit-Remaining", str(v.remaining)),
-            ("X-RateLimit-Reset", str(int(time.time() + v.reset_ms / 1000)))]
 
 
 class Accounting:
@@ -81,7 +74,7 @@ class Accounting:
         elif used is not None:
             self.admission.settle_soon(limits, ticket, used[0] + used[1], ctx.cost_micro)
         # Without reported usage the reservation stays as it was made.
-        return rate_headers(ticket.specs[0], ticket.verdict) if ticket.specs else []
+        return ticket_headers(ticket)
 
     def failed(self, ctx: RequestContext, err: RouterError) -> RouterError:
         """Account a forwarded request that ends with a catalog error; return the error,

@@ -14,8 +14,10 @@ again. An admission decided without Redis's answer is released on Redis as soon 
 again (idempotently, by reservation id): whether its script ran before, after or never, it
 leaves no charge.
 
-Without Redis, the in-process limiter gives each worker an equal share of every limit, so one
-instance as a whole admits about the configured rate (documented as per-instance).
+Without Redis, the in-process limiter keeps the buckets and budget ledgers in the instance's
+bucket segment (apirouter/shared_buckets.py), shared by all its workers: each instance
+enforces every limit whole, on its own (documented as per-instance); replay protection is
+per worker.
 
 Token buckets and budgets are reserved with an estimate at admission and settled to actual
 usage after the response (a failed request releases its reservation) off the response path,
@@ -32,11 +34,13 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from apirouter.budgets import Budget, Reservation, period_id, period_ttl_ms, refused
+from apirouter.budgets import Budget, Reservation, period_id, period_ttl_ms
 from apirouter.errors import RouterError
 from apirouter.keys import KeyRecord, Tier
-from apirouter.limits import BucketSpec, BucketState, Verdict, buckets_for, settle, take_all
+from apirouter.limits import BucketSpec, BucketState, Verdict, buckets_for, rate_limit_headers
 from apirouter.redis_client import RedisClient, RedisError, RedisUnavailable
+from apirouter.shared_buckets import BUCKETS_SEGMENT_ENV, BucketTable
+from apirouter.shm import SegmentError
 from apirouter.table import Limits
 from workers.admission_scripts import (
     ADMIT_LUA,
@@ -79,18 +83,25 @@ class Ticket:
 _DIMENSIONS = ("spend", "tokens", "requests")
 
 
+def ticket_headers(ticket: Ticket) -> list[tuple[str, str]]:
+    """Rate-limit headers of an admitted request: none when no bucket applies or the failure
+    policy admitted it (nothing is known about the buckets then)."""
+    if not ticket.specs or not ticket.charged:
+        return []
+    return rate_limit_headers(ticket.specs[0], ticket.verdict, time.time())
+
+
 class Admission:
     def __init__(self) -> None:
         self.redis: RedisClient | None = None
         self._redis_url = ""
         self._sha: dict[str, str] = {}
-        self._local: dict[str, BucketState] = {}
+        self.table = _bucket_table()
         self.failures = 0
         self.open_until = 0.0
         self.last_error: str | None = None
         self._decisions = 0
         self._nonces: dict[str, float] = {}
-        self._used: dict[tuple[str, str], dict[str, int]] = {}
         self._rid_prefix = f"{os.getpid():x}.{os.urandom(4).hex()}."
         self._rid_next = 0
         self._releases: dict[str, Ticket] = {}  # decided without Redis: release when it answers
@@ -113,8 +124,9 @@ class Admission:
     def status(self, limits: Limits) -> dict[str, object]:
         if not limits.redis_url:
             return {"status": "ok", "backend": "in-process",
-                    "semantics": f"per instance: each of {limits.workers} workers admits "
-                                 f"1/{limits.workers} of every limit"}
+                    "semantics": "per instance: this instance's workers share every limit "
+                                 "(other instances enforce their own)" if self.table.shared
+                                 else "per process: this process enforces every limit"}
         broken = self.open_until > time.monotonic() or self.failures > 0
         return {"status": "degraded" if broken else "ok", "backend": "redis",
                 "breaker": "open" if self.open_until > time.monotonic() else "closed",
@@ -133,11 +145,11 @@ class Admission:
         now = time.time()
         periods = [period_id(b.period, now) for b in budgets]
         if client is None:
-            # In-process: this worker enforces its equal share of every limit.
-            specs = buckets_for(key, model, tokens, org, model_limits, max(1, limits.workers))
+            # In-process: the instance's shared buckets.
+            specs = buckets_for(key, model, tokens, org, model_limits)
             ticket = Ticket(key, specs, tokens, Verdict(True, None, 0, 0, 0), budgets,
                             reservation, periods=periods)
-            ticket.verdict = self._admit_local(limits, ticket, nonce, nonce_ttl_ms)
+            ticket.verdict = self._admit_local(ticket, nonce, nonce_ttl_ms)
             return ticket
         specs = buckets_for(key, model, tokens, org, model_limits)
         self._rid_next += 1
@@ -152,10 +164,9 @@ class Admission:
 
     def local_bucket(self, name: str) -> BucketState | None:
         """The in-process limiter's state of one bucket (None: never charged, so full)."""
-        return self._local.get(name)
+        return self.table.bucket(name, time.monotonic() * 1000)
 
-    def _admit_local(self, limits: Limits, ticket: Ticket, nonce: str | None,
-                     nonce_ttl_ms: int) -> Verdict:
+    def _admit_local(self, ticket: Ticket, nonce: str | None, nonce_ttl_ms: int) -> Verdict:
         if nonce is not None:
             # Without Redis, replay protection covers this worker only (documented).
             now = time.monotonic()
@@ -165,31 +176,14 @@ class Admission:
             self._nonces[nonce] = now + nonce_ttl_ms / 1000
             if len(self._nonces) > 4096 and len(self._nonces) % 1024 == 0:
                 self._nonces = {n: t for n, t in self._nonces.items() if t > now}
-        r = ticket.reservation
-        share = max(1, limits.workers)
-        if r is not None:
-            for b, period in zip(ticket.budgets, ticket.periods, strict=True):
-                local = Budget(b.scope, b.period, *(v if v < 0 else v // share for v in (
-                    b.spend_micro, b.tokens, b.requests)))
-                dim = refused(local, self.ledger(b, period), r)
-                if dim is not None:
-                    ticket.refused_budget = (b, dim)
-                    return Verdict(False, None, 0, 0, 0)
-        verdict = take_all(ticket.specs, self._local, time.monotonic() * 1000)
-        if verdict.allowed and r is not None:
-            for b, period in zip(ticket.budgets, ticket.periods, strict=True):
-                self._charge(b, period, r.spend_micro, r.tokens, r.requests)
+        verdict, ticket.refused_budget = self.table.admit(
+            ticket.specs, list(zip(ticket.budgets, ticket.periods, strict=True)),
+            ticket.reservation, time.monotonic() * 1000)
         return verdict
 
-    def ledger(self, b: Budget, period: str | None = None) -> dict[str, int]:
-        return self._used.setdefault((b.scope, period or period_id(b.period)),
-                                     {"spend": 0, "tokens": 0, "requests": 0})
-
-    def _charge(self, b: Budget, period: str, spend: int, tokens: int, requests: int) -> None:
-        used = self.ledger(b, period)
-        used["spend"] += spend
-        used["tokens"] += tokens
-        used["requests"] += requests
+    def ledger(self, b: Budget) -> dict[str, int]:
+        """In-process: what this instance used of ``b`` in the current period."""
+        return self.table.used(b, period_id(b.period), time.monotonic() * 1000)
 
     async def _script(self, client: RedisClient, name: str, source: str,
                       keys: list[str], args: list[str | int | float]) -> object:
@@ -341,13 +335,9 @@ class Admission:
             budget_delta = ((actual_spend_micro or 0) - r.spend_micro,
                             actual_tokens - r.tokens, -r.requests if failed else 0)
         if self.client_for(limits) is None:
-            now = time.monotonic() * 1000
-            share = max(1, limits.workers)
-            for s in specs:
-                settle(s, self._local, now, delta // share)
-            if budget_delta is not None:
-                for b, period in zip(ticket.budgets, ticket.periods, strict=True):
-                    self._charge(b, period, *budget_delta)
+            self.table.settle(specs, delta, list(zip(ticket.budgets, ticket.periods,
+                                                     strict=True)),
+                              budget_delta, time.monotonic() * 1000)
             return
         if specs or budget_delta is not None:
             spawn(self._settle_redis(limits, ticket, specs, delta, budget_delta))
@@ -374,6 +364,18 @@ class Admission:
                 return
 
 
+def _bucket_table() -> BucketTable:
+    """The instance's bucket segment (the supervisor names it), else one of this process."""
+    name = os.environ.get(BUCKETS_SEGMENT_ENV)
+    if name:
+        try:
+            return BucketTable.attach(name)
+        except (SegmentError, OSError) as e:
+            log.error("cannot attach the bucket segment %s (%s): limits are per process", name,
+                      e)
+    return BucketTable.private()
+
+
 def spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
     """Run settlement off the response path; keep a reference until it is done."""
     task = asyncio.ensure_future(coro)
@@ -393,7 +395,8 @@ async def budget_usage(admission: Admission, limits: Limits, budgets: list[Budge
     for b in budgets:
         if client is None:
             used = dict(admission.ledger(b))
-            scope_note = "this worker's share (in-process limiter)"
+            scope_note = ("this instance (in-process limiter)" if admission.table.shared
+                          else "this process (in-process limiter)")
         else:
             org = org_of.get(b.scope, b.scope.split(":", 1)[1])
             reply = await client.execute("HMGET", budget_key(org, b.scope, period_id(b.period)),

@@ -20,12 +20,12 @@ import orjson
 from apirouter.budgets import applicable, reservation
 from apirouter.errors import CATALOG, RouterError, native_body, openai_body
 from apirouter.keys import authenticate
-from apirouter.limits import estimate_tokens
+from apirouter.limits import estimate_tokens, rate_limit_headers
 from apirouter.outcomes import CLIENT_GONE, classify_failure
 from apirouter.request_ids import RequestIds
 from apirouter.signing import verify
 from apirouter.stats import WorkerStats
-from workers.accounting import Accounting, rate_headers
+from workers.accounting import Accounting
 from workers.admission import Admission, Ticket
 from workers.context import Caller, Reply, RequestContext, Signed
 from workers.endpoints import ENDPOINTS, Endpoint, ms
@@ -248,7 +248,8 @@ class Pipeline:
             "remaining": v.remaining, "retry_after_s": retry_s}).decode())
         raise self.accounts.denied(ctx, RouterError(
             "RATE_LIMIT_EXCEEDED", f"rate limit exceeded ({bucket.replace('_', ' ')})",
-            headers={**dict(rate_headers(v.failed, v)), "Retry-After": str(retry_s)}),
+            headers={**dict(rate_limit_headers(v.failed, v, time.time())),
+                     "Retry-After": str(retry_s)}),
             bucket, retry_s)
 
     # -- errors --------------------------------------------------------------------------------

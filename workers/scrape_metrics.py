@@ -8,9 +8,9 @@ hot path keeping gauges.
 - ``router_ratelimit_remaining_ratio{org,limit}``: the org's token bucket (``rpm``, ``tpm``)
   level / capacity now (1: full burst available, 0: the org is being refused).
 
-With Redis they cover every router sharing it; with the in-process limiter, the share of the
-worker that answered the scrape. Nothing is exported while Redis does not answer (readyz's
-admission check says why).
+With Redis they cover every router sharing it; with the in-process limiter, the instance that
+answered the scrape (its workers share the buckets). Nothing is exported while Redis does not
+answer (readyz's admission check says why).
 """
 
 from __future__ import annotations
@@ -39,15 +39,12 @@ def _label(value: str) -> str:
 
 def org_buckets(table: RoutingTable) -> list[tuple[str, str, BucketSpec]]:
     """(org, limit, the org's bucket as admission charges it) for every org with a limit."""
-    share = 1 if table.limits.redis_url else max(1, table.limits.workers)
     out = []
     for org, tier in sorted(table.orgs.items()):
         for limit, rate, burst in (("rpm", tier.rpm, tier.rpm_burst),
                                    ("tpm", tier.tpm, tier.tpm_burst)):
             if rate:
-                out.append((org, limit, BucketSpec(f"org:{org}:{limit}",
-                                                   max(1, burst // share),
-                                                   max(1, rate // share), 1)))
+                out.append((org, limit, BucketSpec(f"org:{org}:{limit}", burst, rate, 1)))
     return out
 
 

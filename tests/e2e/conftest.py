@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -77,3 +80,15 @@ def post_json(url: str, doc: Any, headers: dict[str, str] | None = None
     status, hdrs, body = request(url, "POST", json.dumps(doc).encode(),
                                  {"Content-Type": "application/json", **(headers or {})})
     return status, hdrs, json.loads(body) if body else None
+
+
+@pytest.fixture
+def load_beside() -> Iterator[None]:
+    """Busy processes on every core beside the router (bounded: they exit after 90 s), as
+    on a shared host."""
+    spin = "import time\nend = time.time() + 90\nwhile time.time() < end: pass"
+    procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 2)]
+    yield
+    for p in procs:
+        p.kill()
+        p.wait()

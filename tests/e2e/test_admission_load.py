@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -51,17 +50,6 @@ class Pauser(threading.Thread):
     def stop(self) -> None:
         self.done.set()
         self.join(5)
-
-
-@pytest.fixture
-def load_beside() -> Iterator[None]:
-    """Busy processes on every core beside the router (bounded: they exit after 90 s)."""
-    spin = "import time\nend = time.time() + 90\nwhile time.time() < end: pass"
-    procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 2)]
-    yield
-    for p in procs:
-        p.kill()
-        p.wait()
 
 
 @pytest.fixture

@@ -1,0 +1,287 @@
+"""The bucket segment: the in-process limiter's token buckets and budget ledgers, shared by
+every worker of one instance, so a limit holds for the instance whatever worker serves a
+request and however many workers there are.
+
+Byte layout (little endian, 8-byte words)::
+
+    header  0   8  magic b"APIRBKT\\x01"
+            8   4  layout version u32
+            12  4  stripes u32 (S)
+            16  4  ways u32 (W): slots per stripe
+            20 12  reserved
+    slot (stripe s, way w) at 32 + (s * W + w) * 40:
+      word 0  key     u64: 8 bytes of BLAKE2b of the record's name; 0: never used
+      word 1  expires f64: monotonic ms after which the record is as good as absent (a bucket
+                           full again, a ledger past its period): the slot may be reused
+      words 2-4        a bucket: tokens, at (monotonic ms), unused
+                       a ledger: spend (micro), tokens, requests used in its period
+
+A record lives in stripe ``key % S``, in any of its W ways. Every read-modify-write of a
+stripe happens under an exclusive ``lockf`` on byte ``s`` of the segment's file in /dev/shm:
+the kernel drops the lock when its holder dies, so a killed worker never leaves a stripe
+locked. A request locks the stripes of all its records in ascending order (no deadlock),
+decides with the pure functions of apirouter/limits.py and apirouter/budgets.py, and writes
+each slot back as one whole-slice write. CLOCK_MONOTONIC is the same clock in every process.
+When every way of a stripe holds a live record, the one full again soonest is evicted (a
+warning: the segment is too small for the live keys).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import mmap
+import os
+import struct
+from multiprocessing import resource_tracker, shared_memory
+
+from apirouter.budgets import Budget, Reservation, period_ttl_ms, refused
+from apirouter.limits import BucketSpec, BucketState, Verdict, settle, take_all
+from apirouter.shm import SegmentError, open_segment
+
+log = logging.getLogger("apirouter.limits")
+
+MAGIC = b"APIRBKT\x01"
+LAYOUT_VERSION = 1
+_HEADER = struct.Struct("<8sIII")
+_HEADER_SIZE = 32
+_SLOT = struct.Struct("<Qdddd")
+_KEY = struct.Struct("<Qd")
+STRIPES = 1024
+WAYS = 16
+BUCKETS_SEGMENT_ENV = "APIROUTER_BUCKETS_SHM"
+_DIMENSIONS = ("spend", "tokens", "requests")
+
+
+def segment_size(stripes: int = STRIPES, ways: int = WAYS) -> int:
+    return _HEADER_SIZE + stripes * ways * _SLOT.size
+
+
+def _init(buf: memoryview, stripes: int, ways: int) -> None:
+    buf[:segment_size(stripes, ways)] = bytes(segment_size(stripes, ways))
+    buf[:_HEADER.size] = _HEADER.pack(MAGIC, LAYOUT_VERSION, stripes, ways)
+
+
+def create_buckets_segment(name: str, stripes: int = STRIPES, ways: int = WAYS
+                           ) -> shared_memory.SharedMemory:
+    """The supervisor's part: create the zeroed segment, or take over the one a previous
+    supervisor of this instance left (its workers may still be admitting on it). Untracked:
+    the supervisor unlinks it when it stops."""
+    shm, created = open_segment(name, segment_size(stripes, ways))
+    assert shm.buf is not None
+    if created:
+        _init(shm.buf, stripes, ways)
+    elif _HEADER.unpack_from(shm.buf, 0) != (MAGIC, LAYOUT_VERSION, stripes, ways):
+        shm.close()
+        raise SegmentError(f"segment {name!r} exists with another layout")
+    return shm
+
+
+class BucketTable:
+    """One process's handle on the bucket records (shared, or private to the process)."""
+
+    def __init__(self, buf: memoryview, lock_fd: int, keep: object = None) -> None:
+        magic, layout, self.stripes, self.ways = _HEADER.unpack_from(buf, 0)
+        if magic != MAGIC or layout != LAYOUT_VERSION:
+            raise SegmentError(f"not a bucket segment of layout {LAYOUT_VERSION}")
+        self._buf = buf
+        self._fd = lock_fd  # -1: private to this process, nothing to lock
+        self._keep = keep  # what owns the memory
+        self._keys: dict[str, tuple[int, int]] = {}  # name -> (key, stripe)
+        self._hint: dict[int, int] = {}  # key -> slot offset where it was last found
+
+    @classmethod
+    def attach(cls, name: str) -> BucketTable:
+        try:
+            shm = shared_memory.SharedMemory(name=name)
+        except FileNotFoundError:
+            raise SegmentError(f"no shared-memory segment {name!r}") from None
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+        fd = os.open(os.path.join("/dev/shm", name.lstrip("/")), os.O_RDWR)
+        assert shm.buf is not None
+        return cls(shm.buf, fd, shm)
+
+    @classmethod
+    def private(cls, stripes: int = 64, ways: int = WAYS) -> BucketTable:
+        """For a process without a supervisor (tests, benchmarks): nothing shared."""
+        mem = mmap.mmap(-1, segment_size(stripes, ways))
+        view = memoryview(mem)
+        _init(view, stripes, ways)
+        return cls(view, -1, mem)
+
+    @property
+    def shared(self) -> bool:
+        return self._fd >= 0
+
+    # -- records --------------------------------------------------------------------------------
+
+    def _key(self, name: str) -> tuple[int, int]:
+        found = self._keys.get(name)
+        if found is None:
+            key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(),
+                                 "little") or 1
+            if len(self._keys) > 65536:
+                self._keys.clear()
+                self._hint.clear()
+            found = self._keys[name] = (key, key % self.stripes)
+        return found
+
+    def _slot(self, key: int, stripe: int, now_ms: float) -> tuple[int, bool]:
+        """(offset, live) of the record under ``key``, or of the slot to put it in."""
+        buf = self._buf
+        off = self._hint.get(key)
+        if off is not None:
+            k, expires = _KEY.unpack_from(buf, off)
+            if k == key:
+                return off, expires > now_ms
+        first = _HEADER_SIZE + stripe * self.ways * _SLOT.size
+        free = victim = -1
+        soonest = float("inf")
+        for way in range(self.ways):
+            off = first + way * _SLOT.size
+            k, expires = _KEY.unpack_from(buf, off)
+            if k == key:
+                self._hint[key] = off
+                return off, expires > now_ms
+            if free < 0 and (k == 0 or expires <= now_ms):
+                free = off
+            elif expires < soonest:
+                soonest, victim = expires, off
+        if free < 0:
+            log.warning("bucket segment: all %d ways of a stripe hold live records; evicting "
+                        "one (more live keys than the segment holds)", self.ways)
+            free = victim
+        self._hint[key] = free
+        return free, False
+
+    def _lock(self, stripes: list[int]) -> None:
+        if self._fd >= 0:
+            for s in stripes:
+                fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, s)
+
+    def _unlock(self, stripes: list[int]) -> None:
+        if self._fd >= 0:
+            for s in reversed(stripes):
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, s)
+
+    def bucket(self, name: str, now_ms: float) -> BucketState | None:
+        """One bucket's state as last charged (None: absent or full again)."""
+        stripes = self._stripes([name])
+        self._lock(stripes)
+        try:
+            return self._read_bucket(name, now_ms)
+        finally:
+            self._unlock(stripes)
+
+    def _read_bucket(self, name: str, now_ms: float) -> BucketState | None:
+        key, stripe = self._key(name)
+        off, live = self._slot(key, stripe, now_ms)
+        if not live:
+            return None
+        _, _, tokens, at, _ = _SLOT.unpack_from(self._buf, off)
+        return BucketState(tokens, at)
+
+    def _write_bucket(self, spec: BucketSpec, state: BucketState) -> None:
+        # Looked up again, as for ledgers (_write_ledger).
+        key, stripe = self._key(spec.name)
+        off, _ = self._slot(key, stripe, state.at_ms)
+        rate = spec.refill_per_ms
+        full_at = state.at_ms + (spec.capacity - state.tokens) / rate if rate > 0 else \
+            float("inf")
+        self._buf[off:off + _SLOT.size] = _SLOT.pack(key, full_at, state.tokens, state.at_ms,
+                                                     0.0)
+
+    def _ledger(self, name: str, now_ms: float) -> dict[str, int]:
+        key, stripe = self._key(name)
+        off, live = self._slot(key, stripe, now_ms)
+        if not live:
+            return {d: 0 for d in _DIMENSIONS}
+        _, _, *values = _SLOT.unpack_from(self._buf, off)
+        return {d: int(v) for d, v in zip(_DIMENSIONS, values, strict=True)}
+
+    def _write_ledger(self, name: str, b: Budget, used: dict[str, int], spend: int,
+                      tokens: int, requests: int, now_ms: float) -> None:
+        # The slot is looked up again: an earlier write of this request may have taken the
+        # free slot this record's read found.
+        key, stripe = self._key(name)
+        off, _ = self._slot(key, stripe, now_ms)
+        self._buf[off:off + _SLOT.size] = _SLOT.pack(
+            key, now_ms + period_ttl_ms(b.period), used["spend"] + spend,
+            used["tokens"] + tokens, used["requests"] + requests)
+
+    def _stripes(self, names: list[str]) -> list[int]:
+        return sorted({self._key(n)[1] for n in names})
+
+    # -- decisions ------------------------------------------------------------------------------
+
+    def admit(self, specs: list[BucketSpec], budgets: list[tuple[Budget, str]],
+              r: Reservation | None, now_ms: float) -> tuple[Verdict, tuple[Budget, str] | None]:
+        """Charge every bucket and reserve on every budget ledger, or nothing: (verdict, the
+        budget and dimension that refused, if one did). ``budgets``: (budget, period id)."""
+        ledgers = [_ledger_name(b, p) for b, p in budgets] if r is not None else []
+        stripes = self._stripes([s.name for s in specs] + ledgers)
+        self._lock(stripes)
+        try:
+            used = [self._ledger(n, now_ms) for n in ledgers]
+            for (b, _), u in zip(budgets, used, strict=False):
+                assert r is not None
+                dim = refused(b, u, r)
+                if dim is not None:
+                    return Verdict(False, None, 0, 0, 0), (b, dim)
+            states: dict[str, BucketState] = {}
+            for s in specs:
+                state = self._read_bucket(s.name, now_ms)
+                if state is not None:
+                    states[s.name] = state
+            verdict = take_all(specs, states, now_ms)
+            if not verdict.allowed:
+                return verdict, None
+            for s in specs:
+                self._write_bucket(s, states[s.name])
+            if r is not None:
+                for (b, _), name, u in zip(budgets, ledgers, used, strict=True):
+                    self._write_ledger(name, b, u, r.spend_micro, r.tokens, r.requests, now_ms)
+            return verdict, None
+        finally:
+            self._unlock(stripes)
+
+    def settle(self, specs: list[BucketSpec], delta: int, budgets: list[tuple[Budget, str]],
+               budget_delta: tuple[int, int, int] | None, now_ms: float) -> None:
+        """Correct token buckets by ``delta`` and ledgers by ``budget_delta`` after the fact."""
+        ledgers = [_ledger_name(b, p) for b, p in budgets] if budget_delta is not None else []
+        stripes = self._stripes([s.name for s in specs] + ledgers)
+        self._lock(stripes)
+        try:
+            for s in specs:
+                states: dict[str, BucketState] = {}
+                state = self._read_bucket(s.name, now_ms)
+                if state is not None:
+                    states[s.name] = state
+                settle(s, states, now_ms, delta)
+                self._write_bucket(s, states[s.name])
+            if budget_delta is not None:
+                for (b, _), name in zip(budgets, ledgers, strict=True):
+                    self._write_ledger(name, b, self._ledger(name, now_ms), *budget_delta,
+                                       now_ms)
+        finally:
+            self._unlock(stripes)
+
+    def used(self, budget: Budget, period: str, now_ms: float) -> dict[str, int]:
+        stripes = self._stripes([_ledger_name(budget, period)])
+        self._lock(stripes)
+        try:
+            return self._ledger(_ledger_name(budget, period), now_ms)
+        finally:
+            self._unlock(stripes)
+
+    def close(self) -> None:
+        self._buf.release()
+        if isinstance(self._keep, shared_memory.SharedMemory):
+            self._keep.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+
+
+def _ledger_name(b: Budget, period: str) -> str:
+    return f"ledger:{b.scope}:{period}"
