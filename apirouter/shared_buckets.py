@@ -127,8 +127,9 @@ class BucketTable:
             found = self._keys[name] = (key, key % self.stripes)
         return found
 
-    def _slot(self, key: int, stripe: int, now_ms: float) -> tuple[int, bool]:
-        """(offset, live) of the record under ``key``, or of the slot to put it in."""
+    def _slot(self, key: int, stripe: int, now_ms: float, taken: list[int]) -> tuple[int, bool]:
+        """(offset, live) of the record under ``key``, or of a slot to put it in that is not
+        among ``taken`` (the slots other records of the same operation resolved to)."""
         buf = self._buf
         off = self._hint.get(key)
         if off is not None:
@@ -144,6 +145,8 @@ class BucketTable:
             if k == key:
                 self._hint[key] = off
                 return off, expires > now_ms
+            if off in taken:
+                continue
             if free < 0 and (k == 0 or expires <= now_ms):
                 free = off
             elif expires < soonest:
@@ -155,6 +158,17 @@ class BucketTable:
         self._hint[key] = free
         return free, False
 
+    def _resolve(self, names: list[str], now_ms: float) -> list[tuple[int, int, bool]]:
+        """(key, offset, live) of each record, under the stripe locks."""
+        out: list[tuple[int, int, bool]] = []
+        taken: list[int] = []
+        for name in names:
+            key, stripe = self._key(name)
+            off, live = self._slot(key, stripe, now_ms, taken)
+            taken.append(off)
+            out.append((key, off, live))
+        return out
+
     def _lock(self, stripes: list[int]) -> None:
         if self._fd >= 0:
             for s in stripes:
@@ -165,53 +179,36 @@ class BucketTable:
             for s in reversed(stripes):
                 fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, s)
 
-    def bucket(self, name: str, now_ms: float) -> BucketState | None:
-        """One bucket's state as last charged (None: absent or full again)."""
-        stripes = self._stripes([name])
-        self._lock(stripes)
-        try:
-            return self._read_bucket(name, now_ms)
-        finally:
-            self._unlock(stripes)
+    def _stripes(self, names: list[str]) -> list[int]:
+        return sorted({self._key(n)[1] for n in names})
 
-    def _read_bucket(self, name: str, now_ms: float) -> BucketState | None:
-        key, stripe = self._key(name)
-        off, live = self._slot(key, stripe, now_ms)
-        if not live:
-            return None
-        _, _, tokens, at, _ = _SLOT.unpack_from(self._buf, off)
-        return BucketState(tokens, at)
+    def _states(self, specs: list[BucketSpec], found: list[tuple[int, int, bool]]
+                ) -> dict[str, BucketState]:
+        states = {}
+        for spec, (_, off, live) in zip(specs, found, strict=False):
+            if live:
+                _, _, tokens, at, _ = _SLOT.unpack_from(self._buf, off)
+                states[spec.name] = BucketState(tokens, at)
+        return states
 
-    def _write_bucket(self, spec: BucketSpec, state: BucketState) -> None:
-        # Looked up again, as for ledgers (_write_ledger).
-        key, stripe = self._key(spec.name)
-        off, _ = self._slot(key, stripe, state.at_ms)
+    def _write_bucket(self, spec: BucketSpec, key: int, off: int, state: BucketState) -> None:
         rate = spec.refill_per_ms
         full_at = state.at_ms + (spec.capacity - state.tokens) / rate if rate > 0 else \
             float("inf")
         self._buf[off:off + _SLOT.size] = _SLOT.pack(key, full_at, state.tokens, state.at_ms,
                                                      0.0)
 
-    def _ledger(self, name: str, now_ms: float) -> dict[str, int]:
-        key, stripe = self._key(name)
-        off, live = self._slot(key, stripe, now_ms)
+    def _ledger(self, off: int, live: bool) -> dict[str, int]:
         if not live:
             return {d: 0 for d in _DIMENSIONS}
         _, _, *values = _SLOT.unpack_from(self._buf, off)
         return {d: int(v) for d, v in zip(_DIMENSIONS, values, strict=True)}
 
-    def _write_ledger(self, name: str, b: Budget, used: dict[str, int], spend: int,
+    def _write_ledger(self, key: int, off: int, b: Budget, used: dict[str, int], spend: int,
                       tokens: int, requests: int, now_ms: float) -> None:
-        # The slot is looked up again: an earlier write of this request may have taken the
-        # free slot this record's read found.
-        key, stripe = self._key(name)
-        off, _ = self._slot(key, stripe, now_ms)
         self._buf[off:off + _SLOT.size] = _SLOT.pack(
             key, now_ms + period_ttl_ms(b.period), used["spend"] + spend,
             used["tokens"] + tokens, used["requests"] + requests)
-
-    def _stripes(self, names: list[str]) -> list[int]:
-        return sorted({self._key(n)[1] for n in names})
 
     # -- decisions ------------------------------------------------------------------------------
 
@@ -219,29 +216,30 @@ class BucketTable:
               r: Reservation | None, now_ms: float) -> tuple[Verdict, tuple[Budget, str] | None]:
         """Charge every bucket and reserve on every budget ledger, or nothing: (verdict, the
         budget and dimension that refused, if one did). ``budgets``: (budget, period id)."""
-        ledgers = [_ledger_name(b, p) for b, p in budgets] if r is not None else []
-        stripes = self._stripes([s.name for s in specs] + ledgers)
+        names = [s.name for s in specs]
+        if r is not None:
+            names += [_ledger_name(b, p) for b, p in budgets]
+        stripes = self._stripes(names)
         self._lock(stripes)
         try:
-            used = [self._ledger(n, now_ms) for n in ledgers]
+            found = self._resolve(names, now_ms)
+            ledgers = found[len(specs):]
+            used = [self._ledger(off, live) for _, off, live in ledgers]
             for (b, _), u in zip(budgets, used, strict=False):
                 assert r is not None
                 dim = refused(b, u, r)
                 if dim is not None:
                     return Verdict(False, None, 0, 0, 0), (b, dim)
-            states: dict[str, BucketState] = {}
-            for s in specs:
-                state = self._read_bucket(s.name, now_ms)
-                if state is not None:
-                    states[s.name] = state
+            states = self._states(specs, found)
             verdict = take_all(specs, states, now_ms)
             if not verdict.allowed:
                 return verdict, None
-            for s in specs:
-                self._write_bucket(s, states[s.name])
+            for s, (key, off, _) in zip(specs, found, strict=False):
+                self._write_bucket(s, key, off, states[s.name])
             if r is not None:
-                for (b, _), name, u in zip(budgets, ledgers, used, strict=True):
-                    self._write_ledger(name, b, u, r.spend_micro, r.tokens, r.requests, now_ms)
+                for (b, _), (key, off, _), u in zip(budgets, ledgers, used, strict=True):
+                    self._write_ledger(key, off, b, u, r.spend_micro, r.tokens, r.requests,
+                                       now_ms)
             return verdict, None
         finally:
             self._unlock(stripes)
@@ -249,29 +247,44 @@ class BucketTable:
     def settle(self, specs: list[BucketSpec], delta: int, budgets: list[tuple[Budget, str]],
                budget_delta: tuple[int, int, int] | None, now_ms: float) -> None:
         """Correct token buckets by ``delta`` and ledgers by ``budget_delta`` after the fact."""
-        ledgers = [_ledger_name(b, p) for b, p in budgets] if budget_delta is not None else []
-        stripes = self._stripes([s.name for s in specs] + ledgers)
+        names = [s.name for s in specs]
+        if budget_delta is not None:
+            names += [_ledger_name(b, p) for b, p in budgets]
+        stripes = self._stripes(names)
         self._lock(stripes)
         try:
-            for s in specs:
-                states: dict[str, BucketState] = {}
-                state = self._read_bucket(s.name, now_ms)
-                if state is not None:
-                    states[s.name] = state
+            found = self._resolve(names, now_ms)
+            states = self._states(specs, found)
+            for s, (key, off, _) in zip(specs, found, strict=False):
                 settle(s, states, now_ms, delta)
-                self._write_bucket(s, states[s.name])
+                self._write_bucket(s, key, off, states[s.name])
             if budget_delta is not None:
-                for (b, _), name in zip(budgets, ledgers, strict=True):
-                    self._write_ledger(name, b, self._ledger(name, now_ms), *budget_delta,
+                for (b, _), (key, off, live) in zip(budgets, found[len(specs):], strict=True):
+                    self._write_ledger(key, off, b, self._ledger(off, live), *budget_delta,
                                        now_ms)
         finally:
             self._unlock(stripes)
 
-    def used(self, budget: Budget, period: str, now_ms: float) -> dict[str, int]:
-        stripes = self._stripes([_ledger_name(budget, period)])
+    def bucket(self, name: str, now_ms: float) -> BucketState | None:
+        """One bucket's state as last charged (None: absent or full again)."""
+        stripes = self._stripes([name])
         self._lock(stripes)
         try:
-            return self._ledger(_ledger_name(budget, period), now_ms)
+            (_, off, live), = self._resolve([name], now_ms)
+            if not live:
+                return None
+            _, _, tokens, at, _ = _SLOT.unpack_from(self._buf, off)
+            return BucketState(tokens, at)
+        finally:
+            self._unlock(stripes)
+
+    def used(self, budget: Budget, period: str, now_ms: float) -> dict[str, int]:
+        name = _ledger_name(budget, period)
+        stripes = self._stripes([name])
+        self._lock(stripes)
+        try:
+            (_, off, live), = self._resolve([name], now_ms)
+            return self._ledger(off, live)
         finally:
             self._unlock(stripes)
 

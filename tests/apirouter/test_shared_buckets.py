@@ -64,7 +64,7 @@ def segment() -> Iterator[str]:
 
 
 def test_processes_sharing_the_segment_admit_exactly(segment: str) -> None:
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")
     q: multiprocessing.Queue[int] = ctx.Queue()
     rpm = BucketSpec("key:p:rpm", 300, 1, 1)
     quota = Budget("org:p", "day", -1, -1, 250)
@@ -87,7 +87,7 @@ def _hold_forever(name: str, ready: multiprocessing.Event) -> None:
 
 
 def test_a_killed_lock_holder_blocks_no_one(segment: str) -> None:
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")
     ready = ctx.Event()
     holder = ctx.Process(target=_hold_forever, args=(segment, ready))
     holder.start()
