@@ -6,10 +6,11 @@ late on purpose), and the in-process limiter's cost per admission.
 Redis rows: one decision = one admission script call over a key's request and token buckets
 plus an org bucket, through the worker's own pipelined client, at the default settings
 (``redis_timeout_ms``, policy ``open``). ``paused`` rows run the same while another client
-sends ``CLIENT PAUSE 8 ALL`` every 25 ms (a busy or failing-over Redis): the latency that
-waiting for Redis's own answer costs; ``policy`` counts decisions the failure policy made
-instead of Redis (each one an admission Redis never counted). CPU is this process's CPU per
-decision (the router worker's share of admission).
+sends ``CLIENT PAUSE 8 ALL`` every 25 ms (a busy or failing-over Redis; paused clients only
+resume on Redis's 100 ms cron tick, so it answers in bursts): the latency that waiting for
+Redis's own answer costs, --paused-rounds decisions per client; ``policy`` counts decisions
+the failure policy made instead of Redis (each one an admission Redis never counted). CPU is
+this process's CPU per decision (the router worker's share of admission).
 
 In-process rows: ``Admission.admit`` without Redis, one process, the same three buckets;
 ``shared`` on a bucket segment attached as workers attach it (the supervisor's), and
@@ -119,6 +120,8 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=20000)
     p.add_argument("--concurrency", default="1,32")
+    p.add_argument("--paused-rounds", type=int, default=200,
+                   help="decisions per client while Redis is paused (each waits ~100 ms)")
     args = p.parse_args()
     import uvloop
 
@@ -129,10 +132,10 @@ def main() -> None:
             rows.append(("prompt", uvloop.run(run_redis(redis.url, args.requests, int(c)))))
         pauser = Pauser(redis.port)
         pauser.start()
-        try:
+        try:  # a paused Redis answers every ~100 ms (its clients resume on its cron tick)
             for c in args.concurrency.split(","):
-                rows.append(("paused", uvloop.run(run_redis(redis.url, args.requests,
-                                                            int(c)))))
+                rows.append(("paused", uvloop.run(run_redis(
+                    redis.url, min(args.requests, args.paused_rounds * int(c)), int(c)))))
         finally:
             pauser.done.set()
             pauser.join(5)
