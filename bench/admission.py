@@ -29,6 +29,7 @@ import socket
 import threading
 import time
 import uuid
+from multiprocessing import resource_tracker
 from typing import Any
 
 from apirouter.keys import KeyRecord, Tier
@@ -168,6 +169,8 @@ def main() -> None:
                 proc.join(10)
             local.append(("shared x2", sum(costs) / len(costs)))
         finally:
+            # The children's attach unregistered the name from the tracker they share with us.
+            resource_tracker.register(shm._name, "shared_memory")  # type: ignore[attr-defined]
             shm.close()
             shm.unlink()
     print(f"\n{'in-process':>10} {'CPU us per admission':>21}")
