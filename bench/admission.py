@@ -29,7 +29,6 @@ import socket
 import threading
 import time
 import uuid
-from multiprocessing import resource_tracker
 from typing import Any
 
 from apirouter.keys import KeyRecord, Tier
@@ -152,6 +151,7 @@ def main() -> None:
     local = [("private", local_cost(args.requests, ""))]
     try:
         from apirouter.shared_buckets import create_buckets_segment
+        from apirouter.shm import unlink
     except ImportError:  # before the bucket segment existed: per-worker dictionaries
         create_buckets_segment = None  # type: ignore[assignment]
     if create_buckets_segment is not None:
@@ -169,10 +169,8 @@ def main() -> None:
                 proc.join(10)
             local.append(("shared x2", sum(costs) / len(costs)))
         finally:
-            # The children's attach unregistered the name from the tracker they share with us.
-            resource_tracker.register(shm._name, "shared_memory")  # type: ignore[attr-defined]
             shm.close()
-            shm.unlink()
+            unlink(shm.name)
     print(f"\n{'in-process':>10} {'CPU us per admission':>21}")
     for mode, cost in local:
         print(f"{mode:>10} {cost:>21.1f}")

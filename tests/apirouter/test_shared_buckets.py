@@ -10,7 +10,6 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
-from multiprocessing import resource_tracker
 
 import pytest
 from hypothesis import given, settings
@@ -60,8 +59,6 @@ def _hammer(name: str, spec: BucketSpec, budget: Budget, n: int, q: multiprocess
 def segment() -> Iterator[str]:
     shm = create_buckets_segment(f"apirouter-test-{uuid.uuid4().hex[:8]}-buckets", 64, 4)
     yield shm.name
-    # Children attaching unregistered the name from the resource tracker they share with us.
-    resource_tracker.register(shm._name, "shared_memory")  # type: ignore[attr-defined]
     shm.close()
     unlink(shm.name)
 
