@@ -10,7 +10,8 @@ sends ``CLIENT PAUSE 8 ALL`` every 25 ms (a busy or failing-over Redis; paused c
 resume on Redis's 100 ms cron tick, so it answers in bursts): the latency that waiting for
 Redis's own answer costs, --paused-rounds decisions per client; ``policy`` counts decisions
 the failure policy made instead of Redis (each one an admission Redis never counted). CPU is
-this process's CPU per decision (the router worker's share of admission).
+this process's CPU per decision (the router worker's share of admission), Redis CPU
+redis-server's.
 
 In-process rows: ``Admission.admit`` without Redis, one process, the same three buckets;
 ``shared`` on a bucket segment attached as workers attach it (the supervisor's), and
@@ -49,7 +50,17 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-async def run_redis(url: str, requests: int, concurrency: int) -> dict[str, float]:
+def redis_cpu(pid: int) -> float:
+    """redis-server's CPU seconds so far (its threads' schedstat run time)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total / 1e9
+
+
+async def run_redis(url: str, requests: int, concurrency: int, redis_pid: int
+                    ) -> dict[str, float]:
     admission = Admission()
     limits = Limits(1 << 20, 30.0, 1.0, 8, 30.0, 3, redis_url=url)  # defaults otherwise
     key = _key(f"bench-{concurrency}-{uuid.uuid4().hex[:6]}")
@@ -66,14 +77,15 @@ async def run_redis(url: str, requests: int, concurrency: int) -> dict[str, floa
             latencies.append(time.perf_counter() - t0)
             policy += not ticket.charged
 
-    cpu0 = _cpu()
+    cpu0, rcpu0 = _cpu(), redis_cpu(redis_pid)
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    cpu = _cpu() - cpu0
+    cpu, rcpu = _cpu() - cpu0, redis_cpu(redis_pid) - rcpu0
     latencies.sort()
     n = len(latencies)
     return {"concurrency": concurrency, "decisions": n, "policy": policy,
             "p50_ms": latencies[n // 2] * 1000, "p99_ms": latencies[int(n * 0.99)] * 1000,
-            "max_ms": latencies[-1] * 1000, "cpu_us": cpu / n * 1e6}
+            "max_ms": latencies[-1] * 1000, "cpu_us": cpu / n * 1e6,
+            "redis_cpu_us": rcpu / n * 1e6}
 
 
 class Pauser(threading.Thread):
@@ -129,13 +141,15 @@ def main() -> None:
     rows: list[tuple[str, dict[str, float]]] = []
     try:
         for c in args.concurrency.split(","):
-            rows.append(("prompt", uvloop.run(run_redis(redis.url, args.requests, int(c)))))
+            rows.append(("prompt", uvloop.run(run_redis(redis.url, args.requests, int(c),
+                                                        redis.pid))))
         pauser = Pauser(redis.port)
         pauser.start()
         try:  # a paused Redis answers every ~100 ms (its clients resume on its cron tick)
             for c in args.concurrency.split(","):
                 rows.append(("paused", uvloop.run(run_redis(
-                    redis.url, min(args.requests, args.paused_rounds * int(c)), int(c)))))
+                    redis.url, min(args.requests, args.paused_rounds * int(c)), int(c),
+                    redis.pid))))
         finally:
             pauser.done.set()
             pauser.join(5)
@@ -143,10 +157,11 @@ def main() -> None:
         redis.stop()
         redis.cleanup()
     print(f"\n{'redis':>7} {'conc':>5} {'decisions':>9} {'policy':>6} {'p50 ms':>8} "
-          f"{'p99 ms':>8} {'max ms':>8} {'CPU us':>7}")
+          f"{'p99 ms':>8} {'max ms':>8} {'CPU us':>7} {'Redis CPU us':>12}")
     for mode, r in rows:
         print(f"{mode:>7} {r['concurrency']:>5} {r['decisions']:>9} {r['policy']:>6} "
-              f"{r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['max_ms']:>8.3f} {r['cpu_us']:>7.1f}")
+              f"{r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['max_ms']:>8.3f} {r['cpu_us']:>7.1f} "
+              f"{r['redis_cpu_us']:>12.1f}")
 
     local = [("private", local_cost(args.requests, ""))]
     try:
