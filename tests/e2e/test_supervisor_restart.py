@@ -125,6 +125,7 @@ def test_a_killed_supervisor_is_replaced_under_load_without_a_lost_record_or_ref
         wait_for(lambda: len(load.answered) >= 200, 20, "load running")
         os.kill(first.pid, signal.SIGKILL)
         first.proc.wait(10)
+        at_kill = len(load.answered)
 
         def orphaned() -> bool:  # each worker notices on its next heartbeat
             doc = readyz(first.port)
@@ -143,6 +144,8 @@ def test_a_killed_supervisor_is_replaced_under_load_without_a_lost_record_or_ref
         load.stop()
         if "second" not in locals():  # failed before the takeover: do not leak the orphans
             os.killpg(first.pid, signal.SIGKILL)
+    print(f"answered {len(load.answered)} ({after - at_kill} with no supervisor), refused "
+          f"{load.refused}, errors {len(load.errors)}")
     assert load.refused == 0 and not load.errors, (load.refused, load.errors[:5])
     # Adopted, not restarted: the same master and workers serve (no crash chain).
     assert second.state()["gunicorn_pid"] == gunicorn.pid
@@ -231,6 +234,7 @@ def test_pid1_in_a_fresh_pid_namespace_recovers_its_records_and_spares_other_rou
         second = _pidns_router(pidns_run_dir, port)
         wait_for(lambda: answered <= exported(pidns_run_dir), 15,
                  f"usage records of all {len(answered)} answered requests")
+        print(f"PID namespace: {len(answered)} answered before the kill, all exported after")
         assert bystander.readyz()["status"] == "ready"
         assert all(os.path.exists(f"/dev/shm/{n}") for n in spared) and spared
         psutil.Process(second.pid).children()[0].send_signal(signal.SIGTERM)
