@@ -4,6 +4,9 @@ Records are keyed by (org, request id), and the first record of a key wins (SET 
 IGNORE): a replayed duplicate is identical anyway, a client re-using an id cannot overwrite a
 record already stored, and an id another org used first cannot hide an org's own record.
 
+A Redis store is also PINGed when no write went through for PROBE_S, so readyz shows an
+outage (and the recovery) without waiting for the next record.
+
 The audit store is a lookup index; the durable copy of a record is the usage sink (Kafka or
 the spool). So a store failure never holds records back: the batch is counted in
 router_audit_store_errors_total, logged once per outage, and readyz shows ``audit_store``
@@ -38,6 +41,7 @@ log = logging.getLogger("apirouter.audit")
 REDIS_TIMEOUT_S = 2.0
 REDIS_CHUNK = 128
 PURGE_EVERY_S = 300.0
+PROBE_S = 2.0
 
 
 class AuditWriter:
@@ -54,6 +58,7 @@ class AuditWriter:
         self._redis: RedisClient | None = None
         self._db: sqlite3.Connection | None = None
         self._purged_at = 0.0
+        self._written_at = 0.0
         if self.kind == "redis":
             # The project's pipelined client: redis-py spends ~25 µs of CPU per SET here.
             self._redis = RedisClient(self.where)
@@ -87,7 +92,23 @@ class AuditWriter:
             self._state(False, f"{type(e).__name__}: {e}"[:300])
             return
         metrics.AUDIT_WRITES.inc(len(items))
+        self._written_at = time.monotonic()
         self._state(True, None)
+
+    async def probe_forever(self) -> None:
+        """PING an idle Redis store every PROBE_S (writes are probe enough while busy)."""
+        while self._redis is not None:
+            await asyncio.sleep(PROBE_S)
+            if time.monotonic() - self._written_at < PROBE_S:
+                continue
+            try:
+                reply = await self._redis.execute("PING", timeout=REDIS_TIMEOUT_S)
+                if isinstance(reply, RedisError):
+                    raise reply
+            except Exception as e:
+                self._state(False, f"{type(e).__name__}: {e}"[:300])
+                continue
+            self._state(True, None)
 
     def _set_command(self, item: UsageItem) -> bytes:
         """SET audit:<org>:<id> <record> EX ttl NX, and SET audit:<id> <org> EX ttl NX (the

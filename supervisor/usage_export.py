@@ -69,10 +69,12 @@ class UsageExport:
                                  server.usage_ring_bytes)
         self.drainer = UsageDrainer(self.shm, run_dir, self.sink, self.audit)
         self._task: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.sink.start()
         self._task = asyncio.ensure_future(self.drainer.run())
+        self._probe = asyncio.ensure_future(self.audit.probe_forever())
 
     def worker_env(self) -> dict[str, str]:
         return {USAGE_SEGMENT_ENV: self.shm.name, AUDIT_STORE_ENV: self.audit_spec,
@@ -90,9 +92,10 @@ class UsageExport:
                 **self.status()}
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._probe):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.drainer.drain_all()
         empty = self.drainer.empty()
         self.drainer.close()

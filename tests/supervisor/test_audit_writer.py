@@ -96,3 +96,36 @@ async def test_local_lookups_expire_after_the_ttl_before_the_hourly_purge(tmp_pa
     assert await reader.get("fresh", "acme") is not None
     reader.close()
     await w.close()
+
+
+async def test_an_idle_redis_store_is_probed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No writes, Redis gone, then back: the status follows it (readyz is not left 'ok')."""
+    import asyncio
+
+    from supervisor import audit_writer
+    from tests.harness import free_port
+
+    monkeypatch.setattr(audit_writer, "PROBE_S", 0.1)
+    port = free_port()
+    w = AuditWriter(f"redis:redis://127.0.0.1:{port}/0", 60)
+    task = asyncio.ensure_future(w.probe_forever())
+    try:
+        for _ in range(100):
+            if not w.ok:
+                break
+            await asyncio.sleep(0.05)
+        assert not w.ok and w.last_error
+        server = RedisServer(port=port)
+        try:
+            for _ in range(100):
+                if w.ok:
+                    break
+                await asyncio.sleep(0.05)
+            assert w.ok
+        finally:
+            server.stop()
+            server.cleanup()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await w.close()
