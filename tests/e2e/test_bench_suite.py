@@ -81,12 +81,14 @@ def test_scenario_smoke(scenario: str, tmp_path: Path) -> None:
 def test_target_mode(tmp_path: Path) -> None:
     """Against a router someone else runs: the router leg (and --direct) measured; scenarios
     that need to kill a backend or set a budget say so and skip."""
-    key = "ar-target-test-key"
+    key, limited = "ar-target-test-key", "ar-target-test-limited"
     mock = MockBackend("t", "--models", "m", "--latency-ms", "5")
     router = Router({"backends": {"t": {"url": mock.url}},
                      "models": {"m": {"backends": [{"backend": "t", "weight": 1}]}},
                      "keys": {"k": {"sha256": hashlib.sha256(key.encode()).hexdigest(),
-                                    "org": "o", "tier": "admin"}}}, workers=1)
+                                    "org": "o", "tier": "admin"},
+                              "lim": {"sha256": hashlib.sha256(limited.encode()).hexdigest(),
+                                      "org": "o", "tier": "admin", "rpm": 30}}}, workers=1)
     try:
         common = ["--target", router.url, "--key", key, "--model", "m"]
         code, output, report = bench(tmp_path / "b", "baseline", *common, "--direct",
@@ -109,6 +111,15 @@ def test_target_mode(tmp_path: Path) -> None:
             assert code == 0 and f"SKIP {scenario}" in output and needs in output, output
             jsonschema.validate(report, SCHEMA)
             assert report["legs"] == {} and report["skipped"]
+        # A key kept for the test, whose limit the SRE states: judged like --local, except
+        # that nobody knows whether its bucket started full.
+        code, output, report = bench(tmp_path / "rl", "rate-limit", "--target", router.url,
+                                     "--key", limited, "--model", "m", "--rpm", "30")
+        check_report(tmp_path / "rl", report)
+        assert code == 0, output
+        checks = {v["id"]: v["passed"] for v in report["slo"] if v["column"] == "scenario"}
+        assert checks["scenario.refusals_seen"] and checks["scenario.admitted_within_bucket"]
+        assert "scenario.no_early_429" not in checks
     finally:
         for p in (router, mock):
             p.stop()
