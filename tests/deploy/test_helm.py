@@ -5,6 +5,7 @@ prometheus-operator CRD models, and what the templates must guarantee."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from apirouter.config import SETTINGS, parse_config
 from tests.harness import ROOT
 
 CHART = ROOT / "deploy" / "helm" / "apirouter"
-HELM = ROOT / ".venv" / "bin" / "helm"
+BIN = Path(sys.executable).parent  # the venv tools/setup.sh made: helm, kubernetes-validate
+HELM = BIN / "helm"
 VALUES = ("values.yaml", "values-staging.yaml", "values-production.yaml")
 CHART_DEFAULTS = {"bind": "0.0.0.0:8080", "spool_dir": "/var/spool/apirouter"}
 K8S_VERSION = "1.30.0"
@@ -60,7 +62,7 @@ def test_lint_fails_on_a_broken_template(tmp_path: Path) -> None:
 
 def test_manifests_validate_against_kubernetes_schemas(rendered: Any) -> None:
     name, path, docs = rendered
-    done = subprocess.run([str(ROOT / ".venv" / "bin" / "kubernetes-validate"), "--strict",
+    done = subprocess.run([str(BIN / "kubernetes-validate"), "--strict",
                            "-k", K8S_VERSION, str(path)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
