@@ -80,6 +80,13 @@ SETTINGS: tuple[Setting, ...] = (
             _positive, "must be > 0"),
     Setting("connect_timeout_s", float, 2.0, "deadline to open a backend connection",
             _positive, "must be > 0"),
+    Setting("stream_first_event_timeout_s", float, 30.0,
+            "streams: deadline for a backend's status and first event (time to first token); "
+            "until then a stream can still fail over (per backend: first_event_timeout_s)",
+            _positive, "must be > 0"),
+    Setting("stream_idle_timeout_s", float, 30.0,
+            "streams: longest silence between two events before a stream counts as stalled "
+            "(per backend: idle_timeout_s)", _positive, "must be > 0"),
     Setting("max_connections_per_backend", int, 256,
             "keep-alive connections one worker may hold to one backend", _positive, "must be > 0"),
     Setting("keepalive_s", float, 75.0,
@@ -164,6 +171,8 @@ class ServerConfig:
     max_body_bytes: int
     request_timeout_s: float
     connect_timeout_s: float
+    stream_first_event_timeout_s: float
+    stream_idle_timeout_s: float
     max_connections_per_backend: int
     keepalive_s: float
     client_timeout_s: float
@@ -204,6 +213,8 @@ class BackendConfig:
     url: str
     timeout_s: float | None = None
     health_path: str = "/health"  # "" disables active probing
+    first_event_timeout_s: float | None = None  # streams; None: the server's setting
+    idle_timeout_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,7 +290,8 @@ def _backend(bid: Any, raw: Any) -> BackendConfig:
         raw = {"url": raw}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with a url")
-    unknown = set(raw) - {"url", "timeout_s", "health_path"}
+    unknown = set(raw) - {"url", "timeout_s", "health_path", "first_event_timeout_s",
+                          "idle_timeout_s"}
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown field")
     url = raw.get("url")
@@ -292,15 +304,19 @@ def _backend(bid: Any, raw: Any) -> BackendConfig:
         _ = parts.port  # raises on a malformed port
     except ValueError:
         raise ConfigError(f"{where}.url: invalid port") from None
-    timeout = raw.get("timeout_s")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)
-                                or timeout <= 0):
-        raise ConfigError(f"{where}.timeout_s: must be a positive number")
+    timeout, first, idle = (_seconds(raw, name, where) for name in (
+        "timeout_s", "first_event_timeout_s", "idle_timeout_s"))
     health_path = raw.get("health_path", "/health")
     if not isinstance(health_path, str) or (health_path and not health_path.startswith("/")):
         raise ConfigError(f"{where}.health_path: a path starting with /, or \"\" for no probes")
-    return BackendConfig(bid, url.rstrip("/"), float(timeout) if timeout is not None else None,
-                         health_path)
+    return BackendConfig(bid, url.rstrip("/"), timeout, health_path, first, idle)
+
+
+def _seconds(raw: dict[str, Any], name: str, where: str) -> float | None:
+    v = raw.get(name)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or v <= 0):
+        raise ConfigError(f"{where}.{name}: must be a positive number")
+    return None if v is None else float(v)
 
 
 def _model(name: Any, raw: Any, backend_ids: set[str]) -> ModelConfig:

@@ -22,7 +22,7 @@ from apirouter.budgets import Budget, Price
 from apirouter.config import RouterConfig
 from apirouter.keys import KeyRecord, Tier
 
-CODEC_VERSION = 2
+CODEC_VERSION = 3
 
 # Backend states, as health checking and operators set them.
 HEALTHY = "healthy"
@@ -47,6 +47,8 @@ class Backend:
     timeout_s: float | None
     index: int  # this backend's slot in the stats segment, stable across reloads
     health_path: str
+    first_event_timeout_s: float | None = None  # streams; None: Limits' default
+    idle_timeout_s: float | None = None
 
     @property
     def url(self) -> str:
@@ -83,6 +85,8 @@ class Limits:
     redis_failure_policy: str = "open"
     default_completion_tokens: int = 256
     workers: int = 1
+    stream_first_event_timeout_s: float = 30.0
+    stream_idle_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +156,7 @@ def compile_table(cfg: RouterConfig, *, source: str, now: float | None = None,
         scheme, host, port, base = _split_url(b.url)
         index = indices[b.id] if indices is not None else i
         backends[b.id] = Backend(b.id, scheme, host, port, base, b.timeout_s, index,
-                                 b.health_path)
+                                 b.health_path, b.first_event_timeout_s, b.idle_timeout_s)
     states = {bid: s for bid, s in (health or {}).items() if bid in backends}
     pins: dict[str, str] = {}
     weights: dict[str, dict[str, int]] = {}
@@ -178,7 +182,8 @@ def compile_table(cfg: RouterConfig, *, source: str, now: float | None = None,
     limits = Limits(s.max_body_bytes, s.request_timeout_s, s.connect_timeout_s,
                     s.max_connections_per_backend, s.client_timeout_s, s.max_attempts,
                     s.redis_url, s.redis_timeout_ms, s.redis_failure_policy,
-                    s.default_completion_tokens, s.workers)
+                    s.default_completion_tokens, s.workers, s.stream_first_event_timeout_s,
+                    s.stream_idle_timeout_s)
     return RoutingTable(now, source, limits, backends, routes,
                         {k: v for k, v in states.items() if v != HEALTHY},
                         s.admin_token_sha256, s.auth_required,
@@ -203,9 +208,11 @@ def encode_table(t: RoutingTable) -> bytes:
         "limits": [lim.max_body_bytes, lim.request_timeout_s, lim.connect_timeout_s,
                    lim.max_connections_per_backend, lim.client_timeout_s, lim.max_attempts,
                    lim.redis_url, lim.redis_timeout_ms, lim.redis_failure_policy,
-                   lim.default_completion_tokens, lim.workers],
+                   lim.default_completion_tokens, lim.workers, lim.stream_first_event_timeout_s,
+                   lim.stream_idle_timeout_s],
         "backends": [[b.id, b.scheme, b.host, b.port, b.base_path, b.timeout_s, b.index,
-                      b.health_path] for b in t.backends.values()],
+                      b.health_path, b.first_event_timeout_s, b.idle_timeout_s]
+                     for b in t.backends.values()],
         "routes": [[r.model, list(r.backend_ids), list(r.weights), r.strategy,
                     list(r.fallbacks), r.pinned, _tier(r.limits),
                     None if r.price is None else [r.price.prompt_per_1k,
@@ -222,24 +229,29 @@ def encode_table(t: RoutingTable) -> bytes:
     })
 
 
+def _seconds(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
 def decode_table(data: bytes | memoryview) -> RoutingTable:
     try:
         d: Any = orjson.loads(data)
         if d.get("v") != CODEC_VERSION:
             raise TableDecodeError(f"codec version {d.get('v')!r}, expected {CODEC_VERSION}")
-        mb, rt, ct, mc, cl, ma, ru, rto, rp, dct, wk = d["limits"]
+        mb, rt, ct, mc, cl, ma, ru, rto, rp, dct, wk, sft, sit = d["limits"]
         keys = {doc["sha256"]: KeyRecord.from_doc(key_id, doc) for key_id, doc in d["keys"]}
         backends = {
-            bid: Backend(bid, scheme, host, int(port), base, None if to is None else float(to),
-                         int(index), hp)
-            for bid, scheme, host, port, base, to, index, hp in d["backends"]
+            bid: Backend(bid, scheme, host, int(port), base, _seconds(to), int(index), hp,
+                         _seconds(ft), _seconds(it))
+            for bid, scheme, host, port, base, to, index, hp, ft, it in d["backends"]
         }
         routes = {m: Route(m, tuple(ids), tuple(ws), strategy, tuple(fb), pinned, _untier(lim),
                            None if price is None else Price(*price))
                   for m, ids, ws, strategy, fb, pinned, lim, price in d["routes"]}
         return RoutingTable(float(d["compiled_at"]), d["source"],
                             Limits(int(mb), float(rt), float(ct), int(mc), float(cl), int(ma),
-                                   str(ru), float(rto), str(rp), int(dct), int(wk)),
+                                   str(ru), float(rto), str(rp), int(dct), int(wk), float(sft),
+                                   float(sit)),
                             backends, routes, dict(d.get("health") or {}), str(d["admin"]),
                             bool(d["auth"]), keys,
                             {o: Tier(*v) for o, v in d["orgs"].items()},
@@ -258,6 +270,8 @@ def describe(t: RoutingTable) -> dict[str, Any]:
         "compiled_at": t.compiled_at,
         "limits": {k: getattr(t.limits, k) for k in t.limits.__slots__},
         "backends": {b.id: {"url": b.url, "timeout_s": b.timeout_s, "state": t.state(b.id),
+                            "first_event_timeout_s": b.first_event_timeout_s,
+                            "idle_timeout_s": b.idle_timeout_s,
                             "health_path": b.health_path} for b in t.backends.values()},
         "models": {r.model: {"strategy": r.strategy, "fallbacks": list(r.fallbacks),
                              "pinned": r.pinned,

@@ -39,7 +39,9 @@ def usage_record(*, kind: str, request_id: str, ts_start: float, ts_end: float, 
                  error_code: str | None, prompt_tokens: int | None,
                  completion_tokens: int | None, cost_micro: int, backend_s: float,
                  table_generation: int, worker_pid: int, limit: str | None = None,
-                 retry_after_s: int | None = None) -> bytes:
+                 retry_after_s: int | None = None, stream: bool = False,
+                 ttft_s: float | None = None, events: int = 0,
+                 interruption: str | None = None, usage_estimated: bool = False) -> bytes:
     # Latencies in ms with µs resolution: int() truncation is ~10x cheaper than round().
     backend_us = int(backend_s * 1e6)
     # Wall-clock total and monotonic backend time can disagree by a hair: total covers backend.
@@ -73,6 +75,13 @@ def usage_record(*, kind: str, request_id: str, ts_start: float, ts_end: float, 
         "table_generation": table_generation,
         "worker_pid": worker_pid,
     }
+    if stream:
+        doc["stream"] = True
+        doc["ttft_ms"] = None if ttft_s is None else int(ttft_s * 1e6) / 1000
+        doc["events"] = events
+        doc["interruption"] = interruption
+    if usage_estimated:
+        doc["usage_estimated"] = True
     if limit is not None:
         doc["limit"] = limit
     if retry_after_s is not None:

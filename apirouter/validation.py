@@ -68,27 +68,51 @@ def _messages(value: Any) -> None:
                               field=f"messages[{i}].role")
 
 
-def _stream(doc: dict[str, Any]) -> None:
+def _stream(doc: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, whether the client asked for the usage chunk) of an OpenAI request."""
     stream = doc.get("stream")
-    if stream is None or stream is False:
-        return
-    if stream is True:
-        raise RouterError("INVALID_REQUEST", "streaming is not supported by this router yet",
-                          field="stream")
-    raise RouterError("INVALID_REQUEST", "'stream' must be a boolean", field="stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise RouterError("INVALID_REQUEST", "'stream' must be a boolean", field="stream")
+    options = doc.get("stream_options")
+    if options is None:
+        return bool(stream), False
+    if not isinstance(options, dict):
+        raise RouterError("INVALID_REQUEST", "'stream_options' must be an object",
+                          field="stream_options")
+    include = options.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise RouterError("INVALID_REQUEST", "'stream_options.include_usage' must be a boolean",
+                          field="stream_options.include_usage")
+    return bool(stream), bool(stream) and include
 
 
-def parse_chat_request(body: bytes) -> tuple[str, int | None]:
-    """Validate an OpenAI chat-completions body; return (model, max_tokens). The body itself is
-    forwarded as is."""
+def _asking_for_usage(doc: dict[str, Any]) -> bytes:
+    """The streamed request as sent to the backend: always asking for the usage chunk, which
+    accounting needs whether or not the client wants it."""
+    options = doc.get("stream_options") or {}
+    return orjson.dumps({**doc, "stream_options": {**options, "include_usage": True}})
+
+
+def _max_tokens(doc: dict[str, Any]) -> int | None:
+    name = "max_completion_tokens" if "max_completion_tokens" in doc else "max_tokens"
+    v: int | None = _number(doc, name, 1, MAX_TOKENS, integer=True)
+    return v
+
+
+def _chat_doc(body: bytes) -> dict[str, Any]:
     doc = decode_json_object(body)
-    model = _model(doc)
+    _model(doc)
     if "messages" not in doc:
         raise RouterError("MISSING_FIELD", "'messages' is required", field="messages")
     _messages(doc["messages"])
+    return doc
+
+
+def parse_chat_request(body: bytes) -> tuple[str, int | None]:
+    """Validate an OpenAI chat-completions body; return (model, max_tokens)."""
+    doc = _chat_doc(body)
     _stream(doc)
-    name = "max_completion_tokens" if "max_completion_tokens" in doc else "max_tokens"
-    return model, _number(doc, name, 1, MAX_TOKENS, integer=True)
+    return doc["model"], _max_tokens(doc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,12 +274,68 @@ class ProxyRequest:
     model: str
     max_tokens: int | None
     upstream_body: bytes | None = None  # None: the client's body goes to the backend as is
+    stream: bool = False
+    include_usage: bool = False  # streams: the client asked for the usage chunk
+
+
+def _openai_request(doc: dict[str, Any], stream_allowed: bool = True) -> ProxyRequest:
+    stream, include_usage = _stream(doc)
+    if stream and not stream_allowed:
+        raise RouterError("INVALID_REQUEST", "this endpoint does not stream", field="stream")
+    return ProxyRequest(doc["model"], _max_tokens(doc),
+                        _asking_for_usage(doc) if stream else None, stream, include_usage)
 
 
 def parse_chat(body: bytes) -> ProxyRequest:
-    """/v1/chat/completions: validated, forwarded unchanged."""
-    model, max_tokens = parse_chat_request(body)
-    return ProxyRequest(model, max_tokens)
+    """/v1/chat/completions: validated; forwarded unchanged unless it streams."""
+    return _openai_request(_chat_doc(body))
+
+
+MAX_TOKEN_ID = 2**32 - 1
+
+
+def _prompt(value: Any) -> None:
+    """A completions prompt: a string, strings, token ids, or arrays of token ids."""
+    def tokens(v: Any) -> bool:  # JSON Schema's integers: 5 and 5.0 alike
+        return isinstance(v, list) and bool(v) and all(
+            isinstance(t, int | float) and not isinstance(t, bool)
+            and (isinstance(t, int) or t.is_integer()) and 0 <= t <= MAX_TOKEN_ID for t in v)
+    if isinstance(value, str) or tokens(value):
+        return
+    if isinstance(value, list) and value and (all(isinstance(v, str) for v in value)
+                                              or all(tokens(v) for v in value)):
+        return
+    raise RouterError("INVALID_REQUEST", "'prompt' must be a string, an array of strings, or "
+                                         "token ids", field="prompt")
+
+
+def parse_completion(body: bytes) -> ProxyRequest:
+    """/v1/completions (OpenAI's legacy text completions)."""
+    doc = decode_json_object(body)
+    _model(doc)
+    if "prompt" not in doc:
+        raise RouterError("MISSING_FIELD", "'prompt' is required", field="prompt")
+    _prompt(doc["prompt"])
+    return _openai_request(doc)
+
+
+def parse_embedding(body: bytes) -> ProxyRequest:
+    """/v1/embeddings: ``input`` is a string, strings, or token ids."""
+    doc = decode_json_object(body)
+    model = _model(doc)
+    if "input" not in doc:
+        raise RouterError("MISSING_FIELD", "'input' is required", field="input")
+    value = doc["input"]
+    if isinstance(value, list) and not value:
+        raise RouterError("INVALID_REQUEST", "'input' must not be empty", field="input")
+    try:
+        _prompt(value)
+    except RouterError:
+        raise RouterError("INVALID_REQUEST", "'input' must be a string, an array of strings, "
+                                             "or token ids", field="input") from None
+    if "stream" in doc:
+        _openai_request(doc, stream_allowed=False)
+    return ProxyRequest(model, None)
 
 
 def parse_inference(body: bytes) -> ProxyRequest:

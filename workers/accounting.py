@@ -64,7 +64,10 @@ class Accounting:
                 completion_tokens=used[1] if used else None,
                 cost_micro=ctx.cost_micro if used else 0,
                 backend_s=fwd.backend_s if fwd else 0.0,
-                table_generation=ctx.view.generation, worker_pid=self.pid))
+                table_generation=ctx.view.generation, worker_pid=self.pid,
+                stream=ctx.request.stream, ttft_s=ctx.ttft_s, events=ctx.events,
+                interruption=ctx.interruption, usage_estimated=ctx.usage_estimated and
+                used is not None))
         ticket = ctx.ticket
         if ticket is None:
             return []

@@ -63,8 +63,40 @@ def _adapt(pipeline: Pipeline, ep: Endpoint) -> AioHandler:
                         h.get(SIGNATURE))
         ctx = pipeline.context(ep, view, request_id, body, cred, signed,
                                dict(request.match_info) or None, h.get("traceparent"))
-        return to_response(await pipeline.run(ctx))
+        ctx.sink = sink = _Stream(request)
+        reply = await pipeline.run(ctx)
+        if reply is None:
+            assert sink.response is not None
+            return sink.response
+        return to_response(reply)
     return handler
+
+
+class _Stream:
+    """aiohttp's Sink for a streamed response (workers.context.Sink): StreamResponse writes
+    wait for the transport to drain; a client that hangs up cancels the handler (the runner is
+    built with handler_cancellation)."""
+
+    __slots__ = ("request", "response")
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+
+    async def start(self, status: int, headers: list[tuple[str, str]],
+                    content_type: str) -> None:
+        resp = web.StreamResponse(status=status, headers={"Content-Type": content_type,
+                                                          **dict(headers)})
+        await resp.prepare(self.request)
+        self.response = resp
+
+    async def write(self, data: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(data)
+
+    async def end(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
 
 
 def _adapt_native(endpoints: Pipeline, inner: AdminHandler, admin: Admin | None = None

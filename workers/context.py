@@ -10,7 +10,7 @@ and a slot for a trace span.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from apirouter.keys import KeyRecord
 from apirouter.outcomes import Outcome
@@ -55,6 +55,19 @@ class Signed:
     signature: str | None
 
 
+class Sink(Protocol):
+    """A streamed response, as the server adapter writes it: head, chunks (each awaiting the
+    client's socket: write back-pressure), end. A client that hangs up cancels the request's
+    task (both servers do), so the pipeline never writes into a dead connection for long."""
+
+    async def start(self, status: int, headers: list[tuple[str, str]],
+                    content_type: str) -> None: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def end(self) -> None: ...
+
+
 @dataclass(slots=True)
 class RequestContext:
     request_id: str
@@ -75,5 +88,11 @@ class RequestContext:
     used: tuple[int, int] | None = None  # (prompt, completion) tokens the request consumed
     cost_micro: int = 0
     total_s: float = 0.0
+    sink: Sink | None = None  # where a stream is written (the server adapter's)
+    # Streams: time to the first event the client got, events relayed, why it broke off.
+    ttft_s: float | None = None
+    events: int = 0
+    interruption: str | None = None
+    usage_estimated: bool = False
     span: Any = None  # the request's trace span, when tracing is on (OpenTelemetry)
     traceparent: str | None = None  # the client's W3C trace context header

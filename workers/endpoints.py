@@ -22,10 +22,13 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from apirouter.errors import RouterError
 from apirouter.validation import (
     ProxyRequest,
     parse_chat,
     parse_chat_completion,
+    parse_completion,
+    parse_embedding,
     parse_inference,
     usage_counts,
 )
@@ -39,6 +42,8 @@ if TYPE_CHECKING:
     from workers.pipeline import Pipeline
 
 CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
 INFERENCE = "/v1/inference"
 
 LocalHandler = Callable[["Pipeline", RequestContext], Awaitable[Reply]]
@@ -100,6 +105,17 @@ async def models(p: Pipeline, ctx: RequestContext) -> Reply:
     return Reply(200, ctx.view.models_body)
 
 
+async def model(p: Pipeline, ctx: RequestContext) -> Reply:
+    """GET /v1/models/{model}: one entry of the catalogue, in OpenAI's shape."""
+    name = (ctx.path_params or {}).get("model", "")
+    if name not in ctx.view.table.routes:
+        raise RouterError("MODEL_NOT_FOUND", f"model '{name}' is not routed by this router",
+                          field="model")
+    return Reply(200, orjson.dumps({"id": name, "object": "model",
+                                    "created": int(ctx.view.table.compiled_at),
+                                    "owned_by": "apirouter"}))
+
+
 async def healthz(p: Pipeline, ctx: RequestContext) -> Reply:
     return Reply(200, orjson.dumps({"status": "ok", "worker_pid": p.pid}))
 
@@ -118,7 +134,13 @@ async def metrics_text(p: Pipeline, ctx: RequestContext) -> Reply:
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", CHAT, True, True, "inference", parse=parse_chat, upstream=CHAT),
+    Endpoint("POST", COMPLETIONS, True, True, "inference", parse=parse_completion,
+             upstream=COMPLETIONS),
+    Endpoint("POST", EMBEDDINGS, True, True, "inference", parse=parse_embedding,
+             upstream=EMBEDDINGS),
     Endpoint("GET", "/v1/models", True, True, "inference", local=models),
+    # A model id may contain slashes ("org/name"): the rest of the path is the id.
+    Endpoint("GET", "/v1/models/{model:.+}", True, False, "inference", local=model),
     Endpoint("POST", INFERENCE, False, True, "inference", parse=parse_inference, upstream=CHAT,
              shape=shape_inference),
     Endpoint("GET", "/v1/status/healthz", False, True, None, local=healthz),

@@ -65,7 +65,7 @@ class _Reject(Exception):
         self.error = error
 
 
-_Item = tuple[Endpoint, TableView, bytes | None, bytes, bool, str | None, Signed,
+_Item = tuple[Endpoint, TableView, bytes | None, bytes, bool, bool, str | None, Signed,
               bytes | None] | Reply
 _SIGNATURE_HEADERS = {b"x-signature-timestamp": 0, b"x-signature-nonce": 1, b"x-signature": 2}
 
@@ -139,6 +139,7 @@ class FastProtocol(asyncio.Protocol):
         self.pending_handoff = False
         self.failed = False
         self.task: asyncio.Task[None] | None = None  # the request being answered
+        self.drained: asyncio.Future[None] | None = None
         self.last_active = server.loop.time()
         # Raw bytes since the start of the message being parsed, for a hand-off replay.
         self.chunks: list[bytes] = []
@@ -198,12 +199,15 @@ class FastProtocol(asyncio.Protocol):
         self.parser = _SPENT
 
     def pause_writing(self) -> None:
-        # The client is not reading its responses: stop reading its requests.
+        # The client is not reading its responses: stop reading its requests (and a stream
+        # being relayed waits in drain()).
         self.writing_paused = True
         self._pause_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
         if len(self.queue) < MAX_PIPELINE:
             self._resume_reading()
 
@@ -342,7 +346,9 @@ class FastProtocol(asyncio.Protocol):
                           for v in self.signature)
         signed = Signed(self.endpoint.method, self.url.decode("latin-1"), ts, nonce, sig)
         self.queue.append((self.endpoint, self.view, self.request_id, body,
-                           self.parser.should_keep_alive(), cred, signed, self.traceparent))
+                           self.parser.should_keep_alive(),
+                           self.parser.get_http_version() != "1.0", cred, signed,
+                           self.traceparent))
         self._reset_message()
         self.completed_in_feed = True
         self.last_active = self.server.loop.time()
@@ -373,17 +379,28 @@ class FastProtocol(asyncio.Protocol):
             self._close()
 
     async def _serve(self, endpoint: Endpoint, view: TableView, request_id: bytes | None,
-                     body: bytes, keep_alive: bool, cred: str | None, signed: Signed,
-                     traceparent: bytes | None) -> None:
+                     body: bytes, keep_alive: bool, chunked: bool, cred: str | None,
+                     signed: Signed, traceparent: bytes | None) -> None:
         pipeline = self.server.pipeline
         rid = pipeline.ids.accept(request_id.decode("latin-1") if request_id else None)
-        reply = await pipeline.run(pipeline.context(
-            endpoint, view, rid, body, cred, signed, None,
-            traceparent.decode("latin-1") if traceparent else None))
+        ctx = pipeline.context(endpoint, view, rid, body, cred, signed, None,
+                               traceparent.decode("latin-1") if traceparent else None)
+        ctx.sink = sink = _Stream(self, keep_alive, chunked)
+        reply = await pipeline.run(ctx)
         self.task = None
-        # When closing, the connection ends with the last queued answer, not this one.
-        self._write(reply, keep_alive and (not self.closing or bool(self.queue)))
+        if reply is not None:
+            # When closing, the connection ends with the last queued answer, not this one.
+            self._write(reply, keep_alive and (not self.closing or bool(self.queue)))
+        elif not sink.keep_alive:
+            self._close()
         self._next()
+
+    async def drain(self) -> None:
+        """Wait until the client's socket takes writes again (write back-pressure)."""
+        if self.writing_paused and self.transport is not None:
+            if self.drained is None or self.drained.done():
+                self.drained = self.server.loop.create_future()
+            await self.drained
 
     def _write(self, reply: Reply, keep_alive: bool) -> None:
         t = self.transport
@@ -420,6 +437,24 @@ class FastProtocol(asyncio.Protocol):
                 t.resume_reading()
         else:
             self._close()
+
+    def write_head(self, status: int, headers: list[tuple[str, str]], content_type: str,
+                   keep_alive: bool, chunked: bool) -> None:
+        """The head of a streamed response (chunked, or delimited by closing for HTTP/1.0)."""
+        t = self.transport
+        if t is None or t.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        parts = [_STATUS.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode(),
+                 b"Server: apirouter\r\nDate: ", self.server.date(),
+                 b"\r\nContent-Type: ", content_type.encode("latin-1"), b"\r\n"]
+        if chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        for k, v in headers:
+            parts += (k.encode("latin-1"), b": ", v.encode("latin-1"), b"\r\n")
+        if not keep_alive:
+            parts.append(b"Connection: close\r\n")
+        parts.append(b"\r\n")
+        t.write(b"".join(parts))
 
     def _fail(self, err: RouterError) -> None:
         """Answer a request we cannot parse or accept, after any earlier ones, then close."""
@@ -580,3 +615,34 @@ class _Spent:
 
 _SPENT: httptools.HttpRequestParser = _Spent()  # type: ignore[assignment]
 
+
+class _Stream:
+    """The lean server's Sink for a streamed response (workers.context.Sink)."""
+
+    __slots__ = ("proto", "keep_alive", "chunked")
+
+    def __init__(self, proto: FastProtocol, keep_alive: bool, chunked: bool) -> None:
+        self.proto = proto
+        self.keep_alive = keep_alive and chunked  # HTTP/1.0: the end of the body is the close
+        self.chunked = chunked
+
+    async def start(self, status: int, headers: list[tuple[str, str]],
+                    content_type: str) -> None:
+        p = self.proto
+        self.keep_alive = self.keep_alive and not (p.closing and not p.queue)
+        p.write_head(status, headers, content_type, self.keep_alive, self.chunked)
+
+    async def write(self, data: bytes) -> None:
+        p = self.proto
+        t = p.transport
+        if t is None:
+            raise ConnectionResetError("the client closed the connection")
+        t.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        p.last_active = p.server.loop.time()
+        if p.writing_paused:
+            await p.drain()
+
+    async def end(self) -> None:
+        t = self.proto.transport
+        if t is not None and self.chunked:
+            t.write(b"0\r\n\r\n")

@@ -125,7 +125,7 @@ async def forward(view: TableView, route: Route, path: str, body: bytes, request
         if tracing is not None:
             tracing.attempt_done(span, resp.status if resp is not None else None,
                                  None if outcome.success else outcome.error_code)
-        if stats:
+        if stats and held is None:  # a held stream ends its attempt when it is relayed
             stats.end(index, not outcome.backend_fault, took * 1000)
         tried.append(backend_id)
         if (not outcome.failover or len(tried) >= table.limits.max_attempts

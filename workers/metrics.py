@@ -58,6 +58,15 @@ AUDIT_LOOKUPS = Counter("router_audit_lookups_total", "Audit lookups by outcome"
 WORKER_EXITS = Counter("router_worker_exits_total",
                        "Worker processes that exited (crashes, kills, scale-down); gunicorn "
                        "starts a replacement unless the pool shrank")
+TIME_TO_FIRST_TOKEN = Histogram(
+    "router_time_to_first_token_seconds",
+    "Streams: time from the request to the first event the client got, by backend",
+    ["backend_id"],
+    buckets=(.025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+STREAMS_INTERRUPTED = Counter(
+    "router_streams_interrupted_total",
+    "Streams that broke off after their first byte (cut, idle timeout, no [DONE]), by backend",
+    ["backend_id", "reason"])
 TABLE_GENERATION = Gauge("router_table_generation", "Routing-table generation in use",
                          multiprocess_mode="livemax")
 
@@ -71,6 +80,9 @@ FAILOVER_REASONS = ("BACKEND_UNAVAILABLE", "BACKEND_TIMEOUT", "BACKEND_ERROR", "
 DENIAL_REASONS = ("UNAUTHORIZED", "INVALID_API_KEY", "FORBIDDEN", "rate_limit_key_rpm",
                   "rate_limit_key_tpm", "rate_limit_org_rpm", "rate_limit_org_tpm",
                   "budget_exceeded_spend", "quota_exceeded_tokens", "quota_exceeded_requests")
+# Why a started stream ended early (workers.streaming); client_disconnected is not counted
+# against a backend and not here.
+INTERRUPTIONS = ("cut", "idle_timeout", "no_done", "event_too_large")
 AUDIT_OUTCOMES = ("found", "not_found", "not_modified")
 FAILURE_POLICIES = ("open", "closed")
 
@@ -87,6 +99,9 @@ def preregister(table: RoutingTable) -> None:
         ADMISSION_DEGRADED.labels(policy)
     for bid in table.backends:
         BACKEND_LATENCY.labels(bid)
+        TIME_TO_FIRST_TOKEN.labels(bid)
+        for reason in INTERRUPTIONS:
+            STREAMS_INTERRUPTED.labels(bid, reason)
         for decision in Decision:
             for success in ("true", "false"):
                 REQUESTS.labels(bid, decision.value, success)

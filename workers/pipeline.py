@@ -31,6 +31,7 @@ from workers.context import Caller, Reply, RequestContext, Signed
 from workers.endpoints import ENDPOINTS, Endpoint, ms
 from workers.forwarding import forward, resolve_route
 from workers.metrics import RequestMetrics
+from workers.streaming import hold, relay
 from workers.table_view import TableCache, TableView
 from workers.tracing import Tracing
 from workers.tracing import from_env as tracing_from_env
@@ -72,7 +73,8 @@ class Pipeline:
         return RequestContext(request_id, endpoint, view, body, credential, signed, time.time(),
                               time.perf_counter(), path_params, traceparent=traceparent)
 
-    async def run(self, ctx: RequestContext) -> Reply:
+    async def run(self, ctx: RequestContext) -> Reply | None:
+        """The reply to send, or None when the response was streamed through ``ctx.sink``."""
         ep = ctx.endpoint
         if self.tracing is not None and ep.local is None and ctx.span is None:
             return await self._traced(self.tracing, ctx)
@@ -92,13 +94,15 @@ class Pipeline:
                           ctx.request_id)
             return self.error_reply(RouterError("INTERNAL_ERROR"), ctx.request_id, ep.openai)
 
-    async def _traced(self, t: Tracing, ctx: RequestContext) -> Reply:
-        """``run`` inside the request's span (tracing on, proxied endpoints)."""
+    async def _traced(self, t: Tracing, ctx: RequestContext) -> Reply | None:
+        """``run`` inside the request's span (tracing on, proxied endpoints); a stream's span
+        ends with the stream."""
         span = ctx.span = t.start(ctx.endpoint.path, ctx.traceparent, ctx.request_id)
         status = 500
         try:
             reply = await self.run(ctx)
-            status = reply.status
+            status = reply.status if reply is not None else (
+                499 if ctx.interruption == "client_disconnected" else 200)
             return reply
         finally:
             fwd, outcome = ctx.fwd, ctx.outcome
@@ -132,7 +136,7 @@ class Pipeline:
                                            "scope": scope}).decode())
             raise
 
-    async def proxy(self, ctx: RequestContext) -> Reply:
+    async def proxy(self, ctx: RequestContext) -> Reply | None:
         ep = ctx.endpoint
         assert ep.parse is not None
         req = ctx.request = ep.parse(ctx.body)
@@ -146,7 +150,7 @@ class Pipeline:
             fwd = ctx.fwd = await forward(
                 ctx.view, route, ep.upstream,
                 req.upstream_body if req.upstream_body is not None else ctx.body,
-                ctx.request_id, self.loop, self.stats,
+                ctx.request_id, self.loop, self.stats, hold if req.stream else None,
                 trace=(self.tracing, ctx.span) if ctx.span is not None else None)
         except RouterError as e:  # nothing could be tried (no backend)
             ctx.outcome = classify_failure(e.code)
@@ -163,6 +167,9 @@ class Pipeline:
         outcome = ctx.outcome = fwd.outcome
         resp = fwd.response
         ctx.total_s = time.perf_counter() - ctx.started
+        if fwd.exchange is not None:  # a held stream: commit it to the client
+            await relay(self, ctx, fwd.exchange)
+            return None
         if outcome.success:
             assert resp is not None
             ctx.used = used = ep.usage(resp.body)

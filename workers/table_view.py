@@ -27,6 +27,8 @@ class BackendTarget:
     backend: Backend
     pool: BackendPool
     timeout_s: float
+    first_event_s: float  # streams: deadline for the status and first event
+    idle_s: float  # streams: longest silence between events
     # Request line and fixed headers of POST {base}{path}, rendered on first use per path.
     heads: dict[str, bytes] = field(default_factory=dict)
 
@@ -101,7 +103,9 @@ class TableCache:
             wanted[key] = pool
             pool.connect_timeout = limits.connect_timeout_s
             timeout = min(b.timeout_s or limits.request_timeout_s, limits.request_timeout_s)
-            targets[b.id] = BackendTarget(b, pool, timeout)
+            targets[b.id] = BackendTarget(
+                b, pool, timeout, b.first_event_timeout_s or limits.stream_first_event_timeout_s,
+                b.idle_timeout_s or limits.stream_idle_timeout_s)
         for key, pool in self._pools.items():
             if wanted.get(key) is not pool:
                 pool.close()

@@ -4,6 +4,13 @@ Measured (design brief): aiohttp's ClientSession costs ~100 µs more per request
 the hot path uses a small HTTP/1.1 client of its own. It does one thing: send a complete
 request on an idle keep-alive connection and collect the complete response, under a deadline.
 
+Streams (``BackendPool.open_stream``): the head is awaited like a buffered response; a 2xx
+``text/event-stream`` body is then handed out as it arrives through a BodyStream, which pauses
+reading from the backend while more than STREAM_HIGH_WATER bytes wait for the reader (so a slow
+client pauses the backend, and memory stays flat) and whose one timer enforces a deadline or an
+idle timeout. Any other answer to a stream request is collected whole, as usual. A stream read
+to its end returns its connection to the pool; one abandoned early closes it.
+
 Errors are grouped by kind for the caller to map onto the catalog: UpstreamConnectError
 (nothing was sent), UpstreamTimeout, UpstreamProtocolError (the backend broke HTTP or hung up).
 A request that fails on a *reused* connection before any response byte arrived is retried once
@@ -20,6 +27,7 @@ from dataclasses import dataclass
 import httptools
 
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+STREAM_HIGH_WATER = 256 * 1024  # stream bytes waiting for the reader before reading pauses
 
 
 class UpstreamError(Exception):
@@ -71,6 +79,8 @@ class _Connection(asyncio.Protocol):
         self._size = 0
         self._got_data = False
         self.keep_alive = True
+        self._want_stream = False
+        self.stream: BodyStream | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -88,12 +98,31 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self._pool._forget(self)
         self._fail(_Dropped(self._got_data))
+        if self.stream is not None:
+            self.stream.fail(UpstreamProtocolError("the backend closed the connection mid-stream"))
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
 
+    def on_headers_complete(self) -> None:
+        if not self._want_stream:
+            return
+        status = self._parser.get_status_code()
+        if 200 <= status < 300 and any(
+                k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+                for k, v in self._headers):
+            self.stream = BodyStream(self)
+            w = self._waiter
+            self._waiter = None
+            if w is not None and not w.done():
+                w.set_result(UpstreamResponse(status, self._headers, b""))
+            self._headers = []
+
     def on_body(self, body: bytes) -> None:
+        if self.stream is not None:
+            self.stream.feed(body)
+            return
         self._size += len(body)
         if self._size > MAX_RESPONSE_BYTES:
             self._fail(UpstreamProtocolError("backend response exceeds the size limit"))
@@ -103,6 +132,9 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.keep_alive = self._parser.should_keep_alive()
+        if self.stream is not None:
+            self.stream.finish()
+            return
         resp = UpstreamResponse(self._parser.get_status_code(), self._headers,
                                 b"".join(self._body))
         self._headers = []
@@ -126,10 +158,12 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
     async def exchange(self, data: bytes, deadline: float,
-                       loop: asyncio.AbstractEventLoop) -> UpstreamResponse:
+                       loop: asyncio.AbstractEventLoop, stream: bool = False) -> UpstreamResponse:
         fut: asyncio.Future[UpstreamResponse] = loop.create_future()
         self._waiter = fut
         self._got_data = False
+        self._want_stream = stream
+        self.stream = None
         self.used = True
         timer = loop.call_at(deadline, self._on_deadline, fut)
         assert self.transport is not None
@@ -184,6 +218,30 @@ class BackendPool:
                 raise
             self._release(conn)
             return resp
+        raise AssertionError("unreachable")
+
+    async def open_stream(self, data: bytes, deadline: float
+                          ) -> tuple[UpstreamResponse, BodyStream | None]:
+        """Send a streaming request; return the head and the body as a BodyStream when the
+        backend streams (2xx event-stream), else the complete response and None. The caller
+        must close() the BodyStream."""
+        for attempt in (0, 1):
+            conn = await self._acquire(deadline)
+            reused = conn.used
+            try:
+                resp = await conn.exchange(data, deadline, self._loop, stream=True)
+            except _Dropped as e:
+                self._release(conn)
+                if reused and not e.got_data and attempt == 0:
+                    continue
+                raise
+            except BaseException:
+                self._release(conn)
+                raise
+            if conn.stream is None:
+                self._release(conn)
+                return resp, None
+            return resp, conn.stream
         raise AssertionError("unreachable")
 
     async def _acquire(self, deadline: float) -> _Connection:
@@ -266,6 +324,128 @@ class BackendPool:
         for conn in self._idle:
             conn.abort()
         self._idle.clear()
+
+
+class BodyStream:
+    """The body of a streamed response, handed out as it arrives.
+
+    ``read()`` returns every byte received since the last read (b"" once the body is complete)
+    or raises: UpstreamTimeout when the deadline (``arm``) or the idle timeout (``watch_idle``)
+    passed first, UpstreamProtocolError when the backend hung up mid-body. One timer serves both
+    deadlines: it is re-armed only when it fires, not on every chunk.
+    """
+
+    __slots__ = ("_conn", "_loop", "_chunks", "_size", "_waiter", "_timer", "_deadline",
+                 "_idle_s", "_last", "_paused", "done", "error", "closed")
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+        self._loop = conn._pool._loop
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._idle_s = 0.0
+        self._last = self._loop.time()
+        self._paused = False
+        self.done = False
+        self.error: Exception | None = None
+        self.closed = False
+
+    # fed by the connection
+    def feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._idle_s:
+            self._last = self._loop.time()
+        if self._size > STREAM_HIGH_WATER and not self._paused:
+            t = self._conn.transport
+            if t is not None:
+                self._paused = True
+                t.pause_reading()
+        self._wake()
+
+    def finish(self) -> None:
+        self.done = True
+        self._wake()
+
+    def fail(self, exc: Exception) -> None:
+        if not self.done and self.error is None:
+            self.error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    # deadlines
+    def arm(self, deadline: float) -> None:
+        """Fail reads once ``deadline`` (loop time) passes without the body completing."""
+        self._idle_s = 0.0
+        self._deadline = deadline
+        self._set_timer(deadline)
+
+    def watch_idle(self, idle_s: float) -> None:
+        """Fail reads when no byte arrived for ``idle_s`` seconds."""
+        self._idle_s = idle_s
+        self._last = self._loop.time()
+        self._set_timer(self._last + idle_s)
+
+    def _set_timer(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.done or self.error is not None or self.closed:
+            return
+        if self._idle_s:
+            due = self._last + self._idle_s
+            if self._loop.time() < due:
+                self._timer = self._loop.call_at(due, self._on_timer)
+                return
+            self.fail(UpstreamTimeout(f"the backend sent nothing for {self._idle_s:g} s"))
+        else:
+            self.fail(UpstreamTimeout("the backend did not answer before the deadline"))
+
+    # read by the consumer
+    async def read(self) -> bytes:
+        if not self._chunks and not self.done and self.error is None:
+            w = self._loop.create_future()
+            self._waiter = w
+            await w
+        if self._chunks:
+            data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+            self._chunks = []
+            self._size = 0
+            if self._paused:
+                self._paused = False
+                t = self._conn.transport
+                if t is not None:
+                    t.resume_reading()
+            return data
+        if self.error is not None:
+            raise self.error
+        return b""
+
+    def close(self) -> None:
+        """Give the connection back: to the pool after a complete body, else closed."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        conn = self._conn
+        conn.stream = None
+        if not self.done or self.error is not None:
+            conn.abort()
+        conn._pool._release(conn)
 
 
 def _expire(fut: asyncio.Future[_Connection | None]) -> None:

@@ -1,0 +1,192 @@
+"""Streams (``stream: true``): hold the head until the first event, then relay event by event.
+
+Where a stream is held and released:
+
+1. ``hold`` is the forwarding attempt for a stream (workers.forwarding runs it per candidate):
+   it sends the request, waits for the backend's status and its first event under the
+   backend's first-event deadline, and keeps them. Nothing has reached the client, so a
+   backend that refuses, errors, hangs up or times out before its first event fails over to
+   the next candidate invisibly.
+2. ``relay`` commits: it sends the response head and the held events to the client (the first
+   byte), then passes each event on as it arrives - its exact bytes, found by the SSE scanner
+   without parsing the JSON - awaiting the client's socket between writes (a slow reader
+   pauses the backend read: workers.upstream's BodyStream stops reading past its high-water
+   mark). From here on the backend is never switched.
+3. A stream the backend cuts, stalls past the idle timeout, or ends without ``[DONE]`` ends for
+   the client with an in-band error event (OpenAI's error shape: the openai SDK raises
+   APIError) and is accounted as STREAM_INTERRUPTED, against the backend. A client that hangs
+   up cancels the relay: the backend connection is closed (not pooled) and what was streamed
+   so far is settled.
+
+Usage: the backend is always asked for its usage chunk (apirouter.validation); the chunk is
+passed on only if the client asked; without one, usage is estimated from what was streamed
+and the record says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from apirouter.errors import RouterError
+from apirouter.outcomes import CLIENT_GONE, INTERRUPTED, SUCCESS
+from apirouter.sse import SSEEvent, SSEEventTooLarge, SSEScanner, StreamUsage, error_event, is_done
+from workers.admission import ticket_headers
+from workers.context import RequestContext
+from workers.endpoints import ms
+from workers.metrics import STREAMS_INTERRUPTED, TIME_TO_FIRST_TOKEN
+from workers.table_view import BackendTarget
+from workers.upstream import (
+    BodyStream,
+    UpstreamProtocolError,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
+
+if TYPE_CHECKING:
+    from workers.pipeline import Pipeline
+
+EVENT_STREAM = "text/event-stream"
+
+
+@dataclass(slots=True)
+class Held:
+    """A stream whose status and first event are in, not yet committed to the client."""
+
+    target: BackendTarget
+    body: BodyStream
+    scanner: SSEScanner
+    first: list[SSEEvent]
+    first_event_at: float  # perf_counter when the first event was complete
+
+
+def _began_with_error(events: list[SSEEvent]) -> bool:
+    return any(e.data is not None and b'"error"' in e.data and e.data.lstrip().startswith(b"{")
+               and b'"choices"' not in e.data for e in events)
+
+
+async def hold(target: BackendTarget, data: bytes, deadline: float
+               ) -> tuple[UpstreamResponse, Held | None]:
+    """One attempt of a stream: its head and first event, under the first-event deadline."""
+    loop = asyncio.get_running_loop()
+    first_deadline = min(deadline, loop.time() + target.first_event_s)
+    resp, body = await target.pool.open_stream(data, first_deadline)
+    if body is None:  # an error status (or a backend that did not stream): whole, as usual
+        return resp, None
+    try:
+        body.arm(first_deadline)
+        scanner = SSEScanner()
+        events: list[SSEEvent] = []
+        while not any(e.data is not None for e in events):  # comments do not count
+            chunk = await body.read()
+            if not chunk:
+                raise UpstreamProtocolError("the backend ended the stream before its first event")
+            try:
+                events += scanner.feed(chunk)
+            except SSEEventTooLarge as e:
+                raise UpstreamProtocolError(str(e)) from None
+        if _began_with_error(events):
+            raise UpstreamProtocolError("the backend's stream began with an error event")
+    except BaseException:
+        body.close()  # not complete: the connection is closed, not pooled
+        raise
+    return resp, Held(target, body, scanner, events, time.perf_counter())
+
+
+async def relay(p: Pipeline, ctx: RequestContext, held: Held) -> None:
+    """Commit the held stream to the client and pass it through to its end; account it."""
+    fwd, req, sink = ctx.fwd, ctx.request, ctx.sink
+    assert fwd is not None and req is not None and sink is not None
+    usage = StreamUsage(len(ctx.body))
+    body = held.body
+    index = held.target.backend.index
+    interruption: str | None = None
+    done = False
+    ticket = ctx.ticket
+    headers = [("X-Request-ID", ctx.request_id), ("X-Router-Backend", fwd.backend_id),
+               ("X-Router-Decision", fwd.decision.value),
+               ("X-Router-Latency-Ms", ms(time.perf_counter() - ctx.started)),
+               ("Cache-Control", "no-cache")]
+    if ticket is not None:
+        headers += ticket_headers(ticket)
+    try:
+        try:
+            await sink.start(200, headers, EVENT_STREAM)
+            events = held.first
+            first = True
+            body.watch_idle(held.target.idle_s)
+            while True:
+                out = []
+                for e in events:
+                    if is_done(e):
+                        done = True
+                        out.append(e.raw)
+                        break
+                    if usage.add(e) and not req.include_usage:
+                        continue  # the usage chunk the client did not ask for
+                    out.append(e.raw)
+                if out:
+                    await sink.write(out[0] if len(out) == 1 else b"".join(out))
+                    if first:
+                        first = False
+                        ctx.ttft_s = time.perf_counter() - ctx.started
+                        TIME_TO_FIRST_TOKEN.labels(fwd.backend_id).observe(ctx.ttft_s)
+                if done:
+                    break
+                chunk = await body.read()
+                if not chunk:
+                    interruption = "no_done"
+                    break
+                events = held.scanner.feed(chunk)
+        except UpstreamTimeout:
+            interruption = "idle_timeout"
+        except UpstreamProtocolError:
+            interruption = "cut"
+        except SSEEventTooLarge:
+            interruption = "event_too_large"
+        if interruption is not None:
+            await sink.write(error_event(RouterError(
+                "STREAM_INTERRUPTED", f"the stream from the backend broke off ({interruption})",
+                details=f"backend {fwd.backend_id} after {usage.events} events"),
+                ctx.request_id))
+        await sink.end()
+    except asyncio.CancelledError:
+        # The client hung up (its server cancelled us): close the backend connection now,
+        # settle what was produced.
+        body.close()
+        _settle(p, ctx, fwd.backend_id, index, usage, "client_disconnected")
+        raise
+    except ConnectionError:  # the client's socket broke under a write
+        body.close()
+        _settle(p, ctx, fwd.backend_id, index, usage, "client_disconnected")
+        return
+    finally:
+        body.close()
+    _settle(p, ctx, fwd.backend_id, index, usage, interruption)
+
+
+def _settle(p: Pipeline, ctx: RequestContext, backend_id: str, index: int, usage: StreamUsage,
+            interruption: str | None) -> None:
+    if interruption == "client_disconnected":
+        ctx.outcome = CLIENT_GONE
+    elif interruption is not None:
+        ctx.outcome = INTERRUPTED
+        STREAMS_INTERRUPTED.labels(backend_id, interruption).inc()
+    else:
+        ctx.outcome = SUCCESS
+    prompt, completion, estimated = usage.result()
+    ctx.used = (prompt, completion)
+    ctx.usage_estimated = estimated
+    ctx.events = usage.events
+    ctx.interruption = interruption
+    route = ctx.route
+    if route is not None and route.price is not None:
+        ctx.cost_micro = route.price.cost_micro(prompt, completion)
+    ctx.total_s = time.perf_counter() - ctx.started
+    if p.stats is not None:  # the attempt's in-flight slot, held until the stream ended
+        p.stats.end(index, ctx.outcome.backend_fault is False,
+                    (ctx.ttft_s or ctx.total_s) * 1000)
+    status = 200 if interruption != "client_disconnected" else 499
+    p.accounts.account(ctx, status)
