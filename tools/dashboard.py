@@ -52,6 +52,11 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
             (q(0.95, "router_backend_latency_seconds"), "p95"),
             (q(0.99, "router_backend_latency_seconds"), "p99"),
         ), "s", description="Backend latency (the alert fires at p95 > 3 s for 10 min)"),
+        Panel("Time to first token p50 / p95", (
+            (q(0.5, "router_time_to_first_token_seconds"), "p50"),
+            (q(0.95, "router_time_to_first_token_seconds"), "p95"),
+            (q(0.95, "router_time_to_first_token_seconds", "backend_id"), "p95 {{backend_id}}"),
+        ), "s", description="Streams: from the request to the first event the client got"),
         Panel("Router overhead p50 / p99", (
             (q(0.5, "router_overhead_seconds"), "p50"),
             (q(0.99, "router_overhead_seconds"), "p99"),
@@ -66,6 +71,10 @@ ROWS: tuple[tuple[str, tuple[Panel, ...]], ...] = (
         Panel("Errors by code", (
             (f"sum by (error_code) (rate(router_errors_total{{{J}}}[{RI}]))", "{{error_code}}"),
         ), "reqps", stack=True),
+        Panel("Streams interrupted", (
+            (f"sum by (backend_id, reason) (rate(router_streams_interrupted_total{{{J}}}[{RI}]))"
+             " * 60", "{{backend_id}} {{reason}}"),
+        ), description="Per minute: streams that broke off after their first byte"),
         Panel("Error ratio by backend", (
             (f'sum by (backend_id) (rate(router_requests_total{{{J},success="false"}}[{RI}])) '
              f"/ sum by (backend_id) (rate(router_requests_total{{{J}}}[{RI}]))",

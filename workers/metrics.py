@@ -84,6 +84,7 @@ DENIAL_REASONS = ("UNAUTHORIZED", "INVALID_API_KEY", "FORBIDDEN", "rate_limit_ke
 # against a backend and not here.
 INTERRUPTIONS = ("cut", "idle_timeout", "no_done", "event_too_large")
 AUDIT_OUTCOMES = ("found", "not_found", "not_modified")
+STREAM_INTERRUPTIONS = ("no_done", "idle_timeout", "cut", "event_too_large")  # workers.streaming
 FAILURE_POLICIES = ("open", "closed")
 
 
@@ -99,6 +100,9 @@ def preregister(table: RoutingTable) -> None:
         ADMISSION_DEGRADED.labels(policy)
     for bid in table.backends:
         BACKEND_LATENCY.labels(bid)
+        TIME_TO_FIRST_TOKEN.labels(bid)
+        for interruption in STREAM_INTERRUPTIONS:
+            STREAMS_INTERRUPTED.labels(bid, interruption)
         TIME_TO_FIRST_TOKEN.labels(bid)
         for reason in INTERRUPTIONS:
             STREAMS_INTERRUPTED.labels(bid, reason)

@@ -110,7 +110,7 @@ class Pipeline:
                      fwd.decision.value if fwd else None, fwd.attempts if fwd else 0,
                      ctx.route.model if ctx.route else None, ctx.used,
                      outcome.error_code if outcome is not None and not outcome.success
-                     else None)
+                     else None, ctx.ttft_s)
 
     # -- steps -----------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ or a panel reading a series that only appears with its first event sees nothing,
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -12,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import supervisor.metrics as supervisor_metrics
 import workers.metrics as worker_metrics
-from tests.harness import MockBackend, Router, http_get, router_config
+from tests.harness import ROOT, MockBackend, Router, http_get, router_config
 
 
 def declared() -> dict[str, MetricWrapperBase]:
@@ -49,6 +50,12 @@ def test_every_declared_metric_is_exported_before_any_request(idle_router: Route
     assert missing == [], f"not exported at start-up: {missing}"
 
 
+def test_the_pre_registered_interruptions_are_those_the_streaming_code_counts() -> None:
+    source = (ROOT / "workers" / "streaming.py").read_text()
+    counted = set(re.findall(r'interruption = "(\w+)"', source)) - {"client_disconnected"}
+    assert counted and counted == set(worker_metrics.STREAM_INTERRUPTIONS)
+
+
 def test_per_backend_and_per_model_series_exist_at_zero(idle_router: Router) -> None:
     families = scrape(idle_router.url)
     failover = {(s.labels["model"], s.labels["from_backend"]) for s in
@@ -60,5 +67,8 @@ def test_per_backend_and_per_model_series_exist_at_zero(idle_router: Router) -> 
     assert decisions == {"PRIMARY", "WEIGHTED", "FAILOVER", "OVERRIDE"}
     assert {s.labels["backend_id"] for s in families["router_backend_ejections"].samples} == {
         "a", "b"}
+    streams = {(s.labels["backend_id"], s.labels["reason"])
+               for s in families["router_streams_interrupted"].samples}
+    assert streams == {(b, r) for b in ("a", "b") for r in worker_metrics.STREAM_INTERRUPTIONS}
     build = families["router_build_info"].samples[0].labels
     assert build["version"] and build["git_commit"] and build["build_time"]

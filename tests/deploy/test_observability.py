@@ -274,7 +274,8 @@ def test_dashboard_json_is_what_the_generator_builds_and_has_the_panels() -> Non
               "Routing decisions", "Usage records", "Spool size", "Spool age",
               "Rate-limit denials", "Rate-limit remaining", "Budget and quota denials",
               "Budget remaining",
-              "Router overhead p50 / p99"):
+              "Router overhead p50 / p99", "Time to first token p50 / p95",
+              "Streams interrupted"):
         assert t in titles, t
     ids = [p["id"] for p in doc["panels"]]
     assert len(ids) == len(set(ids))

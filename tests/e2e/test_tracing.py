@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from apirouter.keys import hash_key
-from tests.e2e.conftest import post_json
-from tests.harness import HOST, OtlpReceiver, Router, send_reply, wait_for
+from tests.e2e.conftest import post_json, request
+from tests.harness import HOST, MockBackend, OtlpReceiver, Router, send_reply, wait_for
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -156,3 +156,34 @@ def test_off_by_default_nothing_is_exported_and_nothing_is_propagated(
         assert good.traceparents == [None]
     # The router has stopped (an exporter would have flushed): nothing reached the receiver.
     assert receiver.received() == [] and receiver.requests == 0
+
+
+def test_a_stream_span_carries_its_time_to_first_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    receiver = OtlpReceiver()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    mock = MockBackend("s")
+    router = Router({"server": {"auth_required": False}, "backends": {"s": {"url": mock.url}},
+                     "models": {"m": {"backends": ["s"]}}}, workers=1)
+    try:
+        status, _, body = request(
+            f"{router.url}/v1/chat/completions", "POST",
+            json.dumps({"model": "m", "messages": USER, "stream": True}).encode(),
+            {"Content-Type": "application/json",
+             "traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"})
+        assert status == 200 and body.rstrip().endswith(b"data: [DONE]")
+
+        def root() -> list[dict[str, Any]]:
+            return [s for s in receiver.received()
+                    if s["trace_id"] == CLIENT_TRACE and s["kind"] == 2]
+
+        wait_for(lambda: len(root()) == 1, 15, "the stream's span")
+        a = root()[0]["attributes"]
+        assert a["gen_ai.request.stream"] is True
+        assert 0 < a["gen_ai.response.time_to_first_chunk"] < 10
+        assert a["gen_ai.usage.output_tokens"] > 0
+    finally:
+        for p in (router, mock):
+            p.stop()
+            p.cleanup()
+        receiver.stop()
