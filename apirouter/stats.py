@@ -110,9 +110,8 @@ class WorkerStats:
         self._u64[_SLOT_WORDS + index] += 1
 
     def end(self, index: int, ok: bool, latency_ms: float) -> None:
+        self.abandon(index)
         u = self._u64
-        if u[_SLOT_WORDS + index]:
-            u[_SLOT_WORDS + index] -= 1
         if ok:
             u[self._ok0 + index] += 1
             f = self._f64
@@ -121,6 +120,13 @@ class WorkerStats:
                 old + EWMA_ALPHA * (latency_ms - old))
         else:
             u[self._fail0 + index] += 1
+
+    def abandon(self, index: int) -> None:
+        """An attempt that ended without a verdict on the backend (the client hung up): it is
+        no longer in flight, and counts neither as a success nor as a failure."""
+        u = self._u64
+        if u[_SLOT_WORDS + index]:
+            u[_SLOT_WORDS + index] -= 1
 
     def heartbeat(self) -> None:
         self._f64[1] = time.time()

@@ -115,9 +115,16 @@ async def forward(view: TableView, route: Route, path: str, body: bytes, request
             b = target.backend
             span, extra = tracing.attempt(parent, path, backend_id, b.host, b.port, model)
         started = time.perf_counter()
-        resp, held, error = await _attempt(
-            target, backend_id, request_bytes(target, path, send, request_id, extra),
-            min(deadline, loop.time() + target.timeout_s), attempt)
+        try:
+            resp, held, error = await _attempt(
+                target, backend_id, request_bytes(target, path, send, request_id, extra),
+                min(deadline, loop.time() + target.timeout_s), attempt)
+        except asyncio.CancelledError:  # the client hung up: no verdict on the backend
+            if stats:
+                stats.abandon(index)
+            if tracing is not None:
+                tracing.attempt_done(span, None, "CLIENT_DISCONNECTED")
+            raise
         took = time.perf_counter() - started
         total_s += took
         outcome = classify_failure(error.code) if error is not None else (

@@ -172,7 +172,9 @@ class _Connection(asyncio.Protocol):
             return await fut
         finally:
             timer.cancel()
-            if not fut.done():  # cancelled by our caller: the response will never be read
+            # Cancelled by our caller (the client hung up): the task cancelled ``fut`` too, so
+            # it is done - but cancelled. The response will never be read: close the connection.
+            if not fut.done() or fut.cancelled():
                 self.abort()
 
     def _on_deadline(self, fut: asyncio.Future[UpstreamResponse]) -> None:

@@ -1,0 +1,77 @@
+"""A client that hangs up while the router waits on the backend: the backend exchange is
+cancelled, the attempt leaves the worker's in-flight count, the reservation is released, and
+the request is accounted once as CLIENT_DISCONNECTED (499)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+
+from apirouter.keys import hash_key
+from tests.e2e.conftest import post_json
+from tests.harness import HOST, MockBackend, Router, wait_for
+
+USER = [{"role": "user", "content": "hello there"}]
+PRICE = {"prompt_per_1k": 1.0, "completion_per_1k": 2.0}
+
+
+def _hang_up_after_sending(port: int, doc: dict[str, object], key: str) -> None:
+    body = json.dumps(doc).encode()
+    s = socket.create_connection((HOST, port), timeout=5)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+              b"Content-Type: application/json\r\nAuthorization: Bearer " + key.encode() +
+              b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return s  # type: ignore[return-value]
+
+
+def _usage_records(run_dir: str) -> list[dict[str, object]]:
+    spool = os.path.join(run_dir, "spool")
+    out: list[dict[str, object]] = []
+    for name in sorted(os.listdir(spool)) if os.path.isdir(spool) else []:
+        if name.endswith(".jsonl"):
+            with open(os.path.join(spool, name)) as f:
+                out.extend(json.loads(line) for line in f if line.strip())
+    return out
+
+
+def test_a_client_that_hangs_up_frees_the_backend_slot_and_its_reservation(
+        mock_backend: Callable[..., MockBackend], router: Callable[..., Router]) -> None:
+    a, b = mock_backend("a"), mock_backend("b")
+    cfg = {
+        "backends": {"a": {"url": a.url}, "b": {"url": b.url}},
+        "models": {"only-a": {"backends": ["a"], "price": PRICE},
+                   # least in-flight first; a tie goes to the first listed backend
+                   "m": {"backends": ["a", "b"], "strategy": "least_inflight"}},
+        "keys": {"k1": {"sha256": hash_key("ar-d1"), "org": "acme", "tier": "admin"}},
+        # max_tokens 1000 at 2.0/1K reserves ~2.0 of 2.5: one such request at a time fits
+        "budgets": {"key:k1": {"period": "month", "spend": 2.5}},
+    }
+    r = router(cfg, workers=1)
+    slow = {"model": "only-a", "messages": USER, "max_tokens": 1000,
+            "mock": {"latency_ms": 5000}}
+    for n in range(1, 4):
+        s = _hang_up_after_sending(r.port, slow, "ar-d1")
+        wait_for(lambda n=n: a.stats()["requests"] >= n, 5, "the backend got the request")
+        s.close()
+        wait_for(lambda n=n: a.stats()["aborted_by_peer"] >= n, 2,
+                 "the router closed its backend connection")
+
+    # Each hang-up released its ~2.0 reservation: a request of the same size fits again.
+    status, _, _ = post_json(f"{r.url}/v1/chat/completions",
+                             {"model": "only-a", "messages": USER, "max_tokens": 1000},
+                             {"Authorization": "Bearer ar-d1"})
+    assert status == 200
+    # The three abandoned attempts left backend a's in-flight count: ties still go to a.
+    for _ in range(5):
+        status, headers, _ = post_json(f"{r.url}/v1/chat/completions",
+                                       {"model": "m", "messages": USER, "max_tokens": 4},
+                                       {"Authorization": "Bearer ar-d1"})
+        assert status == 200 and headers["X-Router-Backend"] == "a", headers
+
+    wait_for(lambda: len(_usage_records(r.run_dir)) >= 9, 10, "usage records exported")
+    gone = [d for d in _usage_records(r.run_dir) if d["status"] == 499]
+    assert len(gone) == 3
+    assert {d["error_code"] for d in gone} == {"CLIENT_DISCONNECTED"}
+    assert all(d["completion_tokens"] == 0 and d["cost_micro"] == 0 for d in gone)
