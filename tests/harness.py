@@ -229,6 +229,14 @@ def worker_processes(router: Router) -> list[Any]:
             and "gunicorn" in " ".join(p.parent().cmdline())]
 
 
+def started(stack: Any, proc: Any) -> Any:
+    """Register ``proc`` with a contextlib.ExitStack the moment it runs: stopped and cleaned
+    up even when a later process of the same test fails to start."""
+    stack.callback(proc.cleanup)
+    stack.callback(proc.stop)
+    return proc
+
+
 def send_reply(handler: Any, status: int, body: bytes, content_type: str) -> None:
     """Answer from an http.server handler (the small servers tests start in threads)."""
     handler.send_response(status)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from contextlib import ExitStack
 
 import pytest
 from prometheus_client import Metric
@@ -13,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import supervisor.metrics as supervisor_metrics
 import workers.metrics as worker_metrics
-from tests.harness import ROOT, MockBackend, Router, http_get, router_config
+from tests.harness import ROOT, MockBackend, Router, http_get, router_config, started
 
 
 def declared() -> dict[str, MetricWrapperBase]:
@@ -33,13 +34,11 @@ def scrape(url: str) -> dict[str, Metric]:
 
 @pytest.fixture(scope="module")
 def idle_router() -> Iterator[Router]:
-    mock = MockBackend("a")
-    router = Router(router_config({"a": mock.url, "b": mock.url},
-                                  {"m1": {"a": 1}, "m2": {"a": 1, "b": 1}}), workers=2)
-    yield router
-    for p in (router, mock):
-        p.stop()
-        p.cleanup()
+    with ExitStack() as stack:
+        mock = started(stack, MockBackend("a"))
+        yield started(stack, Router(router_config(
+            {"a": mock.url, "b": mock.url}, {"m1": {"a": 1}, "m2": {"a": 1, "b": 1}}),
+            workers=2))
 
 
 def test_every_declared_metric_is_exported_before_any_request(idle_router: Router) -> None:

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from apirouter.keys import hash_key
 from tests.e2e.conftest import post_json, request
-from tests.harness import ROOT, MockBackend, RedisServer, Router, free_port, http_get
+from tests.harness import ROOT, MockBackend, RedisServer, Router, free_port, http_get, started
 from tools import dashboard
 
 CHART = ROOT / "deploy" / "helm" / "apirouter"
@@ -44,29 +45,25 @@ def promtool() -> str:
 
 @pytest.fixture(scope="module")
 def deployed() -> Iterator[Router]:
-    mocks = [MockBackend("a"), MockBackend("broken", "--error-rate", "1", "--error-status",
-                                           "503")]
-    a, broken = mocks
-    cfg: dict[str, Any] = {
-        "server": {"admin_token_sha256": hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()},
-        "backends": {"a": {"url": a.url}, "broken": {"url": broken.url}},
-        "models": {"m": {"backends": ["a"]},
-                   "canary": {"backends": ["broken"], "fallbacks": ["m"]}},
-        "keys": {
-            "user": {"sha256": hash_key("ar-user"), "org": "acme", "tier": "admin",
-                     "scopes": ["inference", "audit"]},
-            "tight": {"sha256": hash_key("ar-tight"), "org": "acme", "tier": "developer",
-                      "rpm": 2, "rpm_burst": 2},
-            "poor": {"sha256": hash_key("ar-poor"), "org": "poor", "tier": "developer"},
-        },
-        "budgets": {"org:poor": {"period": "day", "requests": 2}},
-        "orgs": {"acme": {"rpm": 50000, "rpm_burst": 60000}},
-    }
-    router = Router(cfg, workers=2)
-    yield router
-    for p in (router, *mocks):
-        p.stop()
-        p.cleanup()
+    with ExitStack() as stack:
+        a = started(stack, MockBackend("a"))
+        broken = started(stack, MockBackend("broken", "--error-rate", "1", "--error-status", "503"))
+        cfg: dict[str, Any] = {
+            "server": {"admin_token_sha256": hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()},
+            "backends": {"a": {"url": a.url}, "broken": {"url": broken.url}},
+            "models": {"m": {"backends": ["a"]},
+                       "canary": {"backends": ["broken"], "fallbacks": ["m"]}},
+            "keys": {
+                "user": {"sha256": hash_key("ar-user"), "org": "acme", "tier": "admin",
+                         "scopes": ["inference", "audit"]},
+                "tight": {"sha256": hash_key("ar-tight"), "org": "acme", "tier": "developer",
+                          "rpm": 2, "rpm_burst": 2},
+                "poor": {"sha256": hash_key("ar-poor"), "org": "poor", "tier": "developer"},
+            },
+            "budgets": {"org:poor": {"period": "day", "requests": 2}},
+            "orgs": {"acme": {"rpm": 50000, "rpm_burst": 60000}},
+        }
+        yield started(stack, Router(cfg, workers=2))
 
 
 def smoke(url: str, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -188,14 +185,15 @@ def test_budget_and_rate_limit_remaining_are_read_at_scrape_time(deployed: Route
 
 
 def test_remaining_gauges_read_redis_for_every_router(redis_server: RedisServer) -> None:
-    mock = MockBackend("a")
+    stack = ExitStack()
+    mock = started(stack, MockBackend("a"))
     cfg = {"server": {"redis_url": redis_server.url, "redis_timeout_ms": 250},
            "backends": {"a": {"url": mock.url}}, "models": {"m": {"backends": ["a"]}},
            "keys": {"k": {"sha256": hash_key("ar-gauge"), "org": "gauge", "tier": "admin"}},
            "orgs": {"gauge": {"rpm": 60, "rpm_burst": 100}},
            "budgets": {"org:gauge": {"period": "day", "requests": 40}}}
-    router = Router(cfg, workers=2)
-    try:
+    with stack:
+        router = started(stack, Router(cfg, workers=2))
         for _ in range(10):
             status, _, _ = post_json(f"{router.url}/v1/chat/completions",
                                      {"model": "m", "messages": [{"role": "user",
@@ -208,10 +206,6 @@ def test_remaining_gauges_read_redis_for_every_router(redis_server: RedisServer)
         # 10 of a burst of 100 taken; it refills at 1 a second.
         (level,) = gauge(router.url, "router_ratelimit_remaining_ratio").values()
         assert 0.9 <= level < 1
-    finally:
-        for p in (router, mock):
-            p.stop()
-            p.cleanup()
 
 
 def test_the_drift_check_catches_a_renamed_metric_or_label() -> None:

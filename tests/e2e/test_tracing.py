@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -16,7 +16,15 @@ import pytest
 
 from apirouter.keys import hash_key
 from tests.e2e.conftest import post_json, request
-from tests.harness import HOST, MockBackend, OtlpReceiver, Router, send_reply, wait_for
+from tests.harness import (
+    HOST,
+    MockBackend,
+    OtlpReceiver,
+    Router,
+    send_reply,
+    started,
+    wait_for,
+)
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -162,10 +170,12 @@ def test_a_stream_span_carries_its_time_to_first_chunk(monkeypatch: pytest.Monke
     receiver = OtlpReceiver()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
-    mock = MockBackend("s")
-    router = Router({"server": {"auth_required": False}, "backends": {"s": {"url": mock.url}},
-                     "models": {"m": {"backends": ["s"]}}}, workers=1)
-    try:
+    with ExitStack() as stack:
+        stack.callback(receiver.stop)
+        mock = started(stack, MockBackend("s"))
+        router = started(stack, Router({"server": {"auth_required": False},
+                                        "backends": {"s": {"url": mock.url}},
+                                        "models": {"m": {"backends": ["s"]}}}, workers=1))
         status, _, body = request(
             f"{router.url}/v1/chat/completions", "POST",
             json.dumps({"model": "m", "messages": USER, "stream": True}).encode(),
@@ -182,8 +192,3 @@ def test_a_stream_span_carries_its_time_to_first_chunk(monkeypatch: pytest.Monke
         assert a["gen_ai.request.stream"] is True
         assert 0 < a["gen_ai.response.time_to_first_chunk"] < 10
         assert a["gen_ai.usage.output_tokens"] > 0
-    finally:
-        for p in (router, mock):
-            p.stop()
-            p.cleanup()
-        receiver.stop()
