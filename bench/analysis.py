@@ -105,7 +105,8 @@ def summarize(name: str, url: str, samples: Sequence[Sample], stats: RunStats,
     overhead_source = "router block (total - backend)"
     if not overhead and router_ms and backend_service_ms is not None:
         overhead = [max(0.0, v - backend_service_ms / 1000) for v in router_ms]
-        overhead_source = "X-Router-Latency-Ms minus the backend's configured service time"
+        overhead_source = ("X-Router-Latency-Ms minus the backend's configured time to what it "
+                           "times (the answer; for a stream, the first event)")
     ttft = [s.ttft for s in ok if s.ttft is not None]
     gaps = [g for s in ok for g in s.event_gaps]
     return {

@@ -213,7 +213,13 @@ async def _run_legs(sc: Scenario, args: argparse.Namespace, env: Any, schedule: 
         console.print(f"[yellow]SKIP {what}[/]: {why}")
     summaries: dict[str, dict[str, Any]] = {}
     raw: dict[str, list[Sample]] = {}
-    service_ms = env.behaviour["latency_ms"] if env.local else None
+    # The backend's own time up to what the router's header times: the whole answer, or for
+    # a stream the head, which the router holds until the first event.
+    service_ms = None
+    if env.local:
+        first = env.behaviour.get("first_event_ms", 0.0) if stream else 0.0
+        service_ms = env.behaviour["latency_ms"] + (
+            first if isinstance(first, int | float) else 0.0)
     with report.progress(console, disabled=args.no_progress) as bar:
         for leg, url in legs.items():
             samples, stats, cpu_us = await _one_leg(sc, args, env, leg, url, body, key,

@@ -47,11 +47,7 @@ def test_scenario_smoke(scenario: str, tmp_path: Path) -> None:
     assert code == 0 and report["passed"], output
     legs = report["legs"]
     sc = SCENARIOS[scenario]
-    skipped = {s["what"] for s in report["skipped"]}
     for leg in sc.legs:
-        if leg == "router" and scenario == "streaming" and "router leg" in skipped:
-            assert "SKIP router leg: the router does not stream yet" in output
-            continue
         assert leg in legs, output
         assert legs[leg]["requests"]["ok"] > 0
         assert legs[leg]["generator"]["cpu_us_per_request"] > 0
@@ -76,6 +72,8 @@ def test_scenario_smoke(scenario: str, tmp_path: Path) -> None:
     if scenario == "streaming":
         for leg in legs.values():
             assert leg["ttft_ms"] and leg["events_per_stream"] > 1
+        assert "added_ttft_ms" in report["comparison"]
+        assert legs["router"]["overhead_header_ms"] is not None
 
 
 def test_target_mode(tmp_path: Path) -> None:
