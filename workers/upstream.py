@@ -205,33 +205,30 @@ class BackendPool:
 
     async def request(self, data: bytes, deadline: float) -> UpstreamResponse:
         """Send one complete HTTP/1.1 request and return the complete response."""
-        for attempt in (0, 1):
-            conn = await self._acquire(deadline)
-            reused = conn.used
-            try:
-                resp = await conn.exchange(data, deadline, self._loop)
-            except _Dropped as e:
-                self._release(conn)
-                if reused and not e.got_data and attempt == 0:
-                    continue
-                raise
-            except BaseException:
-                self._release(conn)
-                raise
-            self._release(conn)
-            return resp
-        raise AssertionError("unreachable")
+        conn, resp = await self._exchange(data, deadline, False)
+        self._release(conn)
+        return resp
 
     async def open_stream(self, data: bytes, deadline: float
                           ) -> tuple[UpstreamResponse, BodyStream | None]:
         """Send a streaming request; return the head and the body as a BodyStream when the
         backend streams (2xx event-stream), else the complete response and None. The caller
         must close() the BodyStream."""
+        conn, resp = await self._exchange(data, deadline, True)
+        if conn.stream is None:
+            self._release(conn)
+            return resp, None
+        return resp, conn.stream
+
+    async def _exchange(self, data: bytes, deadline: float, stream: bool
+                        ) -> tuple[_Connection, UpstreamResponse]:
+        """One exchange on a pooled connection (released here only when it failed); retried
+        once on a fresh connection when a reused one turns out closed before any answer."""
         for attempt in (0, 1):
             conn = await self._acquire(deadline)
             reused = conn.used
             try:
-                resp = await conn.exchange(data, deadline, self._loop, stream=True)
+                return conn, await conn.exchange(data, deadline, self._loop, stream)
             except _Dropped as e:
                 self._release(conn)
                 if reused and not e.got_data and attempt == 0:
@@ -240,10 +237,6 @@ class BackendPool:
             except BaseException:
                 self._release(conn)
                 raise
-            if conn.stream is None:
-                self._release(conn)
-                return resp, None
-            return resp, conn.stream
         raise AssertionError("unreachable")
 
     async def _acquire(self, deadline: float) -> _Connection:

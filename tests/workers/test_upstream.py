@@ -10,6 +10,7 @@ import pytest
 
 from tools.mock_backend import Behaviour, MockState, start_mock
 from workers.upstream import (
+    STREAM_HIGH_WATER,
     BackendPool,
     UpstreamConnectError,
     UpstreamProtocolError,
@@ -148,3 +149,43 @@ async def test_chunked_response_is_reassembled() -> None:
     assert (resp.status, resp.body) == (200, b"abcdefg")
     pool.close()
     server.close()
+
+
+def stream_request(port: int, events: int, interval_ms: float = 0) -> bytes:
+    return chat_request(port, orjson.dumps({
+        "model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+        "mock": {"reply_tokens": events, "event_interval_ms": interval_ms}}))
+
+
+async def test_a_slow_stream_reader_pauses_the_backend_and_memory_stays_bounded(
+        mock: tuple[int, MockState]) -> None:
+    port, state = mock
+    pool = BackendPool("http", HOST, port, 4, 1.0)
+    resp, body = await pool.open_stream(stream_request(port, 20_000), deadline(5))
+    assert resp.status == 200 and body is not None
+    await asyncio.sleep(0.3)  # the reader is busy elsewhere; the mock keeps writing
+    conn = body._conn
+    assert conn.transport is not None and not conn.transport.is_reading()
+    assert body._size <= STREAM_HIGH_WATER + 256 * 1024  # one socket read past the mark
+    received = 0
+    while chunk := await body.read():
+        received += len(chunk)
+    body.close()
+    assert received > STREAM_HIGH_WATER and state.streams_completed == 1
+    assert pool._idle == [conn]  # read to its end: the connection goes back to the pool
+
+
+async def test_an_abandoned_stream_closes_its_connection_and_deadlines_fire(
+        mock: tuple[int, MockState]) -> None:
+    port, state = mock
+    pool = BackendPool("http", HOST, port, 4, 1.0)
+    _, body = await pool.open_stream(stream_request(port, 1000, interval_ms=20), deadline(5))
+    assert body is not None
+    body.watch_idle(0.01)  # events come every 20 ms: the stream counts as stalled
+    with pytest.raises(UpstreamTimeout):
+        while await body.read():
+            pass
+    body.close()
+    await asyncio.sleep(0.1)
+    assert pool.open_connections == 0 and not pool._idle
+    assert state.aborted_by_peer == 1
