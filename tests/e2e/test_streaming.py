@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -256,3 +257,24 @@ def test_embeddings_completions_and_model_lookup(env: tuple[Router, dict[str, Mo
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="m", prompt=5)  # type: ignore[arg-type]
     assert e.value.param == "prompt"
+
+
+def test_a_client_that_hangs_up_before_the_answer_cancels_the_backend_request(
+        env: tuple[Router, dict[str, MockBackend]]) -> None:
+    """Not streaming: the hang-up cancels the request's task; the backend connection closes."""
+    router, mocks = env
+    before = mocks["a"].stats()
+    aborted, requests = before["aborted_by_peer"], before["requests"]
+    body = json.dumps({"model": "m", "messages": USER, "mock": {"latency_ms": 3000}}).encode()
+    s = socket.create_connection(("127.0.0.1", router.port), timeout=5)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+              b"\r\nX-Request-ID: gone-early\r\nAuthorization: Bearer " + KEY.encode()
+              + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    wait_for(lambda: mocks["a"].stats()["requests"] == requests + 1, 5,
+             "the request to reach the mock")
+    s.close()
+    wait_for(lambda: mocks["a"].stats()["aborted_by_peer"] == aborted + 1, 5,
+             "the mock to see its connection closed")
+    doc = record(router, "gone-early")
+    assert doc["status"] == 499 and doc["error_code"] == "CLIENT_DISCONNECTED"
+    assert "stream" not in doc
