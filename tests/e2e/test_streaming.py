@@ -278,3 +278,20 @@ def test_a_client_that_hangs_up_before_the_answer_cancels_the_backend_request(
     doc = record(router, "gone-early")
     assert doc["status"] == 499 and doc["error_code"] == "CLIENT_DISCONNECTED"
     assert "stream" not in doc
+
+
+def test_a_hang_up_on_a_connection_aiohttp_serves_cancels_the_backend_stream(
+        env: tuple[Router, dict[str, MockBackend]]) -> None:
+    router, mocks = env
+    client = sdk(router, aiohttp=True)
+    aborted = mocks["a"].stats()["streams_aborted"]
+    stream = client.chat.completions.create(
+        model="m", messages=USER, stream=True, extra_headers={"X-Request-ID": "aio-hang-up"},
+        extra_body={"mock": {"reply_tokens": 500, "event_interval_ms": 20}})
+    it = iter(stream)
+    for _ in range(3):
+        next(it)
+    stream.close()
+    wait_for(lambda: mocks["a"].stats()["streams_aborted"] == aborted + 1, 5,
+             "the mock to see its connection closed")
+    assert record(router, "aio-hang-up")["interruption"] == "client_disconnected"
