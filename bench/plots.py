@@ -146,7 +146,7 @@ def comparison_plot(path: Path, cmp: dict[str, Any], title: str) -> None:
         bars = a1.bar([x + (i - 1) * width for x in range(len(names))], vals, width, label=p,
                       alpha=0.85)
         a1.bar_label(bars, fmt="%.1f", fontsize=7)
-        added = cmp["added_ms"]
+        added = cmp.get("added_ttft_ms") or cmp["added_ms"]  # streams: the first token
         hops = list(added)
         bars = a2.bar([x + (i - 1) * width for x in range(len(hops))],
                       [added[h][p] for h in hops], width, label=p, alpha=0.85)
@@ -155,10 +155,12 @@ def comparison_plot(path: Path, cmp: dict[str, Any], title: str) -> None:
     a1.set_ylabel("latency, ms")
     a1.set_title("latency percentiles")
     a1.legend(loc="lower right")
-    a2.set_xticks(range(len(cmp["added_ms"])), [f"{h} - direct" for h in cmp["added_ms"]])
+    ttft = "added_ttft_ms" in cmp
+    a2.set_xticks(range(len(hops)), [f"{h} - direct" for h in hops])
     a2.axhline(0, color="black", linewidth=0.8)
-    a2.set_ylabel("added latency, ms")
-    a2.set_title("what the hop adds (percentile differences)")
+    a2.set_ylabel(f"added {'time to first token' if ttft else 'latency'}, ms")
+    a2.set_title(f"what the hop adds{' to the first token' if ttft else ''} "
+                 "(percentile differences)")
     a2.legend(loc="best")
     cpu = [legs[n]["cpu_us_per_request"] or 0 for n in names]
     bars = a3.bar(names, cpu, color=[COLORS.get(n, "grey") for n in names])
