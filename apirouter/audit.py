@@ -3,8 +3,8 @@
 The supervisor writes every usage record (denials included) to the audit store; workers read
 it for ``GET /v1/audit/requests/{requestId}``. Two stores:
 
-- ``redis:<url>``: key ``audit:<org>:<request id>`` → the record's bytes, with a TTL, and
-  ``audit:<request id>`` → the org that used the id first (for admin lookups).
+- ``redis:<url>``: key ``audit:rec:<len(org)>:<org>:<request id>`` → the record's bytes, with
+  a TTL, and ``audit:first:<request id>`` → the org that used the id first (admin lookups).
 - ``local:<directory>``: records appended to hourly files ``<hour>.log`` in the directory,
   and an SQLite index (WAL, so workers read while the supervisor writes) of (request id, org)
   → (hour, offset, length) beside them: small index rows cost ~2.5 µs a record where rows
@@ -48,8 +48,14 @@ MAX_REQUEST_ID = 128
 
 
 def redis_key(request_id: str, org: str | None = None) -> str:
-    """The record of ``request_id`` made by ``org``; without org, the id's first org."""
-    return f"audit:{request_id}" if org is None else f"audit:{org}:{request_id}"
+    """The record of ``request_id`` made by ``org``; without org, the id's first org.
+
+    The two kinds of key have their own prefixes and the org is length-prefixed: request ids
+    may contain ':', and ``audit:<org>:<id>`` / ``audit:<id>`` let org B's id ``A:x`` name
+    org A's record of ``x`` (B's pointer then blocked A's record and broke A's lookups)."""
+    if org is None:
+        return f"audit:first:{request_id}"
+    return f"audit:rec:{len(org)}:{org}:{request_id}"
 
 
 def parse_store(spec: str) -> tuple[str, str]:

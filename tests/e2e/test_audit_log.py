@@ -7,8 +7,10 @@ import http.client
 import json
 from collections.abc import Callable
 
+import pytest
+
 from apirouter.keys import hash_key
-from tests.harness import HOST, MockBackend, Router, wait_for
+from tests.harness import HOST, MockBackend, RedisServer, Router, wait_for
 
 PROMPT = "my-very-private-prompt-text"
 
@@ -67,9 +69,19 @@ def test_refusals_are_json_audit_lines_without_keys_or_prompts(
     assert "secret" not in text and PROMPT not in text
 
 
-def test_a_reused_request_id_does_not_hide_another_orgs_record(
-        mock_backend: Callable[..., MockBackend], router: Callable[..., Router]) -> None:
-    r = router(_config(mock_backend("a").url), workers=1)
+@pytest.fixture(params=["local", "redis"])
+def audit_router(request: pytest.FixtureRequest, mock_backend: Callable[..., MockBackend],
+                 router: Callable[..., Router]) -> Router:
+    """A router whose audit store is the local one, or Redis (with redis_url)."""
+    cfg = _config(mock_backend("a").url)
+    if request.param == "redis":
+        redis: RedisServer = request.getfixturevalue("redis_server")
+        cfg["server"] = {"auth_required": True, "redis_url": redis.url}
+    return router(cfg, workers=1)
+
+
+def test_a_reused_request_id_does_not_hide_another_orgs_record(audit_router: Router) -> None:
+    r = audit_router
     rid = "client-chosen-id-42"
     assert _call(r, "POST", "/v1/chat/completions", "sk-acme-secret", CHAT, rid)[0] == 200
     assert _call(r, "POST", "/v1/chat/completions", "sk-globex-secret", CHAT, rid)[0] == 200
@@ -79,3 +91,21 @@ def test_a_reused_request_id_does_not_hide_another_orgs_record(
     for key, org in (("sk-acme-secret", "acme"), ("sk-globex-secret", "globex")):
         status, body = _call(r, "GET", path, key)
         assert status == 200 and json.loads(body)["org"] == org
+
+
+def test_an_id_shaped_like_another_orgs_key_cannot_block_its_record(audit_router: Router) -> None:
+    """Request ids may contain ':'. globex sends 'acme:req-7' before acme sends 'req-7': neither
+    may take the other's place in the store."""
+    r = audit_router
+    assert _call(r, "POST", "/v1/chat/completions", "sk-globex-secret", CHAT, "acme:req-7")[0] \
+        == 200
+    wait_for(lambda: _call(r, "GET", "/v1/audit/requests/acme:req-7", "sk-globex-secret")[0]
+             == 200, 10, "globex's record")
+    assert _call(r, "POST", "/v1/chat/completions", "sk-acme-secret", CHAT, "req-7")[0] == 200
+    wait_for(lambda: _call(r, "GET", "/v1/audit/requests/req-7", "sk-acme-secret")[0] == 200,
+             10, "acme's record")
+    status, body = _call(r, "GET", "/v1/audit/requests/req-7", "sk-acme-secret")
+    assert json.loads(body)["org"] == "acme" and json.loads(body)["request_id"] == "req-7"
+    status, body = _call(r, "GET", "/v1/audit/requests/acme:req-7", "sk-globex-secret")
+    assert status == 200 and json.loads(body)["org"] == "globex"
+    assert _call(r, "GET", "/v1/audit/requests/acme:req-7", "sk-acme-secret")[0] == 404

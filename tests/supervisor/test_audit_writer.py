@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from apirouter.audit import redis_key
 from apirouter.redis_client import RedisClient, encode_command
 from apirouter.usage import read_item, usage_record
 from supervisor.audit_writer import AuditWriter
@@ -26,8 +27,8 @@ async def test_the_hand_encoded_set_matches_the_generic_encoder() -> None:
     w = AuditWriter("redis:redis://127.0.0.1:1/0", 3600)
     item = _item("req-1")
     assert w._set_command(item) == (
-        encode_command("SET", "audit:acme:req-1", item.raw, "EX", 3600, "NX")
-        + encode_command("SET", "audit:req-1", "acme", "EX", 3600, "NX"))
+        encode_command("SET", redis_key("req-1", "acme"), item.raw, "EX", 3600, "NX")
+        + encode_command("SET", redis_key("req-1"), "acme", "EX", 3600, "NX"))
     await w.close()
 
 
@@ -52,7 +53,7 @@ async def test_records_are_kept_per_org_and_the_first_of_each_wins(
     reader.close()
     if kind == "redis":
         client = RedisClient(spec.removeprefix("redis:"))
-        assert 0 < await client.execute("TTL", f"audit:acme:{rid}", timeout=2) <= 600
+        assert 0 < await client.execute("TTL", redis_key(rid, "acme"), timeout=2) <= 600
         client.close()
     await w.close()
 
