@@ -43,6 +43,7 @@ class Accounting:
         rate-limit headers to send."""
         fwd, outcome = ctx.fwd, ctx.outcome
         assert outcome is not None and ctx.request is not None
+        ctx.accounted = True
         model = ctx.request.model
         if fwd is not None:
             backend_status = fwd.response.status if fwd.response is not None else 0

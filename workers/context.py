@@ -94,5 +94,6 @@ class RequestContext:
     events: int = 0
     interruption: str | None = None
     usage_estimated: bool = False
+    accounted: bool = False  # the accounting step ran (recorded, settled): never twice
     span: Any = None  # the request's trace span, when tracing is on (OpenTelemetry)
     traceparent: str | None = None  # the client's W3C trace context header

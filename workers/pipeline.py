@@ -92,7 +92,14 @@ class Pipeline:
             # The traceback names our code only; request bodies never reach the log.
             log.exception("unhandled error serving %s %s (request %s)", ep.method, ep.path,
                           ctx.request_id)
-            return self.error_reply(RouterError("INTERNAL_ERROR"), ctx.request_id, ep.openai)
+            err = RouterError("INTERNAL_ERROR")
+            if ctx.ticket is not None and not ctx.accounted:
+                # Admitted, then our own failure: record it and release the reservation, as
+                # for any failed request (the client is not charged for our bug).
+                ctx.outcome = classify_failure(err.code)
+                ctx.total_s = time.perf_counter() - ctx.started
+                err = self.accounts.failed(ctx, err)
+            return self.error_reply(err, ctx.request_id, ep.openai)
 
     async def _traced(self, t: Tracing, ctx: RequestContext) -> Reply | None:
         """``run`` inside the request's span (tracing on, proxied endpoints); a stream's span

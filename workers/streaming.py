@@ -186,7 +186,10 @@ def _settle(p: Pipeline, ctx: RequestContext, backend_id: str, index: int, usage
         ctx.cost_micro = route.price.cost_micro(prompt, completion)
     ctx.total_s = time.perf_counter() - ctx.started
     if p.stats is not None:  # the attempt's in-flight slot, held until the stream ended
-        p.stats.end(index, ctx.outcome.backend_fault is False,
-                    (ctx.ttft_s or ctx.total_s) * 1000)
+        if interruption == "client_disconnected":  # no verdict on the backend
+            p.stats.abandon(index)
+        else:
+            p.stats.end(index, ctx.outcome.backend_fault is False,
+                        (ctx.ttft_s or ctx.total_s) * 1000)
     status = 200 if interruption != "client_disconnected" else 499
     p.accounts.account(ctx, status)

@@ -58,20 +58,36 @@ def test_a_client_that_hangs_up_frees_the_backend_slot_and_its_reservation(
         wait_for(lambda n=n: a.stats()["aborted_by_peer"] >= n, 2,
                  "the router closed its backend connection")
 
+    # The same mid-stream: the held attempt is released without a verdict on the backend.
+    streamed = {"model": "only-a", "messages": USER, "max_tokens": 1000, "stream": True,
+                "mock": {"reply_tokens": 50, "event_interval_ms": 200}}
+    for n in range(1, 3):
+        s = _hang_up_after_sending(r.port, streamed, "ar-d1")
+        s.recv(1)  # the head and the first event are out: the stream is under way
+        s.close()
+        wait_for(lambda n=n: a.stats()["streams_aborted"] >= n, 2,
+                 "the router closed the backend stream")
+
     # Each hang-up released its ~2.0 reservation: a request of the same size fits again.
     status, _, _ = post_json(f"{r.url}/v1/chat/completions",
                              {"model": "only-a", "messages": USER, "max_tokens": 1000},
                              {"Authorization": "Bearer ar-d1"})
     assert status == 200
-    # The three abandoned attempts left backend a's in-flight count: ties still go to a.
+    # The abandoned attempts left backend a's in-flight count: ties still go to a.
     for _ in range(5):
         status, headers, _ = post_json(f"{r.url}/v1/chat/completions",
                                        {"model": "m", "messages": USER, "max_tokens": 4},
                                        {"Authorization": "Bearer ar-d1"})
         assert status == 200 and headers["X-Router-Backend"] == "a", headers
 
-    wait_for(lambda: len(_usage_records(r.run_dir)) >= 9, 10, "usage records exported")
+    wait_for(lambda: len(_usage_records(r.run_dir)) >= 11, 10, "usage records exported")
     gone = [d for d in _usage_records(r.run_dir) if d["status"] == 499]
-    assert len(gone) == 3
+    assert len(gone) == 5
     assert {d["error_code"] for d in gone} == {"CLIENT_DISCONNECTED"}
-    assert all(d["completion_tokens"] == 0 and d["cost_micro"] == 0 for d in gone)
+    before_answer = [d for d in gone if not d.get("stream")]
+    mid_stream = [d for d in gone if d.get("stream")]
+    assert len(before_answer) == 3 and len(mid_stream) == 2
+    assert all(d["completion_tokens"] == 0 and d["cost_micro"] == 0 for d in before_answer)
+    # A stream settles to what was produced before the hang-up, and says why it ended.
+    assert all(d["interruption"] == "client_disconnected" and d["completion_tokens"] < 1000
+               for d in mid_stream)
