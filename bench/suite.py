@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -60,7 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--local", action="store_true",
                        help="start the router, mock backends, nginx (and redis) on loopback")
     where.add_argument("--target", metavar="URL", help="base URL of a running router")
-    p.add_argument("--key", help="API key for --target (sent as Authorization: Bearer)")
+    p.add_argument("--key", default=os.environ.get("APIROUTER_BENCH_KEY"),
+                   help="API key for --target, sent as Authorization: Bearer (or "
+                        "APIROUTER_BENCH_KEY, which keeps it out of ps and shell history)")
     p.add_argument("--direct", metavar="URL",
                    help="with --target: the backend behind it, for the same-run comparison")
     p.add_argument("--model", default=envmod.MODEL, help="model name in the requests")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -251,9 +252,14 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="the router's base URL, e.g. http://127.0.0.1:8080")
-    p.add_argument("--key", required=True, help="an API key with the inference scope")
-    p.add_argument("--admin-token", required=True,
-                   help="the admin bearer token or an admin-scoped key")
+    # Credentials may come from the environment, so they stay out of ps and shell history.
+    key = os.environ.get("APIROUTER_SMOKE_KEY")
+    admin = os.environ.get("APIROUTER_SMOKE_ADMIN_TOKEN")
+    p.add_argument("--key", required=key is None, default=key,
+                   help="an API key with the inference scope (or APIROUTER_SMOKE_KEY)")
+    p.add_argument("--admin-token", required=admin is None, default=admin,
+                   help="the admin bearer token or an admin-scoped key "
+                        "(or APIROUTER_SMOKE_ADMIN_TOKEN)")
     p.add_argument("--model", help="model for the inference checks (default: the first of "
                                     "/v1/models)")
     p.add_argument("--limited-key", help="a key with a tight rate limit (expects a 429)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -84,6 +85,16 @@ def test_smoke_passes_against_a_real_router(deployed: Router) -> None:
         assert any(line.startswith(f"ok   {check}:") for line in lines), (check, lines)
     assert "429 RATE_LIMIT_EXCEEDED" in done.stdout and "402 QUOTA_EXCEEDED" in done.stdout
     assert not any(line.startswith("skip") for line in lines)
+
+
+def test_smoke_takes_its_credentials_from_the_environment(deployed: Router) -> None:
+    done = subprocess.run([sys.executable, "-m", "tools.cli", "smoke", deployed.url],
+                          capture_output=True, text=True, timeout=120, cwd=str(ROOT),
+                          env={**os.environ, "APIROUTER_SMOKE_KEY": "ar-user",
+                               "APIROUTER_SMOKE_ADMIN_TOKEN": ADMIN_TOKEN})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert any(line.startswith("ok   admin routing:") for line in done.stdout.splitlines())
+    assert "ar-user" not in done.stdout and ADMIN_TOKEN not in done.stdout
 
 
 def test_smoke_stops_at_the_first_failure_with_a_clear_line(deployed: Router) -> None:
