@@ -65,7 +65,24 @@ async def _bucket_levels(admission: Admission, table: RoutingTable,
     return out
 
 
+SCRAPE_TTL_S = 1.0
+_last: tuple[RoutingTable, float, bytes] | None = None  # (table, when, exposition)
+
+
 async def scrape_exposition(admission: Admission, table: RoutingTable) -> bytes:
+    """The gauges, read at most once a second per worker for a given table: /metrics needs no
+    credential, and each read is one Redis call per org and budget - scraping faster must not
+    let anyone drive load onto Redis."""
+    global _last
+    now = time.monotonic()
+    if _last is not None and _last[0] is table and now - _last[1] < SCRAPE_TTL_S:
+        return _last[2]
+    out = await _read(admission, table)
+    _last = (table, now, out)
+    return out
+
+
+async def _read(admission: Admission, table: RoutingTable) -> bytes:
     lines: list[str] = []
     try:
         if table.budgets:
