@@ -49,6 +49,7 @@ from supervisor.worker_pool import BOOT_FAILURE_CODES, WorkerPool, orphaned_mast
 log = logging.getLogger("apirouter.supervisor")
 
 _RESTART_WINDOW_S = 60.0
+POOL_SIGNAL_GAP_S = 0.1  # between TTIN/TTOU signals passed to gunicorn
 _MAX_RESTARTS = 5
 ETCD_BOOT_TIMEOUT_S = 3.0
 STATS_SLOTS = 128  # worker slots: TTIN may grow the pool well past its configured size
@@ -184,8 +185,8 @@ class Supervisor:
                 if getattr(cfg.server, name) != getattr(old.server, name):
                     log.warning("%s changed: it takes effect on restart", name)
             delta = cfg.server.workers - old.server.workers
-            for _ in range(abs(delta)):
-                self._signal_pool(signal.SIGTTIN if delta > 0 else signal.SIGTTOU)
+            for _ in range(abs(delta)):  # one at a time, by the main loop (see _serve)
+                self.signals.put_nowait(signal.SIGTTIN if delta > 0 else signal.SIGTTOU)
         self._write_state()
 
     # -- overrides ---------------------------------------------------------------------------
@@ -443,6 +444,9 @@ class Supervisor:
                     self.reload()
                 else:
                     self._signal_pool(sig)
+                    # Two identical signals that reach gunicorn before its handler ran are one
+                    # signal: scaling by N sends N, spaced.
+                    await asyncio.sleep(POOL_SIGNAL_GAP_S)
                 continue
             sig_task.cancel()
             code = exited.result()

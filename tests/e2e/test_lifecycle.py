@@ -142,9 +142,15 @@ def test_apirouterctl_status_dump_reload_scale_stop(
     out = ctl(r, "reload")
     assert out.returncode == 1 and "reload rejected" in out.stderr and "nope" in out.stderr
 
-    assert ctl(r, "scale", "up", "1").returncode == 0
-    wait_for(lambda: len(json.loads(ctl(r, "--json", "status").stdout)["worker_pids"]) == 2,
-             20, "scaled-up pool")
+    def workers() -> int:
+        return len(json.loads(ctl(r, "--json", "status").stdout)["worker_pids"])
+
+    # Several steps at once: each signal must reach gunicorn on its own (two identical signals
+    # delivered together are one signal).
+    assert ctl(r, "scale", "up", "2").returncode == 0
+    wait_for(lambda: workers() == 3, 20, "scaled-up pool")
+    assert ctl(r, "scale", "down", "2").returncode == 0
+    wait_for(lambda: workers() == 1, 20, "scaled-down pool")
 
     out = ctl(r, "--json", "stop")
     assert json.loads(out.stdout) == {"stopped": True}
