@@ -1,13 +1,20 @@
-"""Router overhead: the same load against the mock backend directly and through the router.
+"""Router overhead: the same load against the mock backend directly, through nginx and through
+the router, in the same run.
 
     python -m bench.overhead                      # c=1 and c=32, 10 s each, 1 worker
+    python -m bench.overhead --redis              # admission through a real redis-server
     python -m bench.overhead --duration 5 --connections 1,8,32 --workers 2
 
-Reports, per concurrency: requests/s and latency p50/p99 for direct and routed, the added
-latency (routed minus direct, same run), and router CPU per request: the CPU time of every
-router process (supervisor, gunicorn master, workers) divided by requests served. Load comes
-from wrk (Debian package) on loopback only, bounded by --duration. Results are printed and
-written as JSON under bench/results/.
+Reports, per concurrency and target (direct, nginx, router): requests/s, latency p50/p99, the
+added latency (minus the direct run's, same run), CPU per request (the CPU time of the
+target's processes divided by requests served: the mock for direct; nginx's master and worker;
+every router process - supervisor, gunicorn master, workers) and throughput per core
+(requests per CPU-second of those processes). nginx is Debian's, started here as a one-hop
+keep-alive proxy to the same mock with one worker process. Then the ratios issue 14 judges by
+- router CPU per request / nginx's, router throughput per core / nginx's - and a verdict
+line per concurrency against the issue's targets (reported, never asserted). Load comes from
+wrk (Debian package) on loopback only, bounded by --duration. Results are printed and written
+as JSON under bench/results/.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from apirouter.keys import hash_key
-from bench.procs import MockBackend, RedisServer, Router, process_tree_cpu
+from bench.procs import MockBackend, Nginx, RedisServer, Router, process_tree_cpu
+from bench.slo import Slo, Verdict, evaluate_one
 
 # A ~300-byte chat request, the size the design brief's measurements used.
 BODY = json.dumps({
@@ -41,6 +49,27 @@ BODY = json.dumps({
 })
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 BENCH_KEY = "ar-bench-key"
+TARGETS = ("direct", "nginx", "router")
+NGINX_KEEPALIVE = 64  # idle upstream connections nginx keeps per worker
+
+
+def _target(id_: str, what: str, metric: str, op: str, limit: float, unit: str) -> Slo:
+    return Slo(f"issue14.{id_}", "project", what, metric, op, limit, unit, "issue 14")
+
+
+# Issue 14's targets, by (concurrency, admission). Reported per run; never a test's assertion.
+_WITHIN_3X = _target("throughput_per_core_vs_nginx", "router throughput per core / nginx's",
+                     "throughput_per_core_ratio", ">=", 1 / 3, "ratio")
+ISSUE_TARGETS: dict[tuple[int, str], tuple[Slo, ...]] = {
+    (32, "in-process"): (_target("cpu_c32", "router CPU per request", "router_cpu_us_per_req",
+                                 "<=", 60, "µs"), _WITHIN_3X),
+    (32, "redis"): (_target("cpu_c32", "router CPU per request", "router_cpu_us_per_req",
+                            "<=", 75, "µs"), _WITHIN_3X),
+    (1, "in-process"): (_target("added_p50_c1", "added p50", "added_p50_ms", "<=", 0.15, "ms"),
+                        _target("added_p99_c1", "added p99", "added_p99_ms", "<=", 1.0, "ms")),
+    (1, "redis"): (_target("added_p50_c1", "added p50", "added_p50_ms", "<=", 0.30, "ms"),
+                   _target("added_p99_c1", "added p99", "added_p99_ms", "<=", 1.0, "ms")),
+}
 
 
 @dataclass
@@ -56,6 +85,9 @@ class LoadResult:
     # The part of it spent in the supervisor (usage export, health, control): the rest is
     # the gunicorn master and the workers.
     supervisor_cpu_us_per_req: float | None = None
+    cpu_s: float | None = None  # CPU seconds of the target's processes during the run
+    # requests / cpu_s: requests/s per core the target's processes kept busy
+    rps_per_core: float | None = None
 
 
 def _ms(text: str) -> float:
@@ -65,11 +97,8 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def run_wrk(url: str, connections: int, duration: float, script: str) -> dict[str, Any]:
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
-         "-s", script, url],
-        capture_output=True, text=True, timeout=duration + 30, check=True).stdout
+def parse_wrk(out: str) -> dict[str, Any]:
+    """requests, errors, rps, p50_ms and p99_ms from wrk's --latency report."""
     lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
     requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     errors = sum(int(x) for x in re.findall(r"Non-2xx or 3xx responses: (\d+)", out))
@@ -79,6 +108,14 @@ def run_wrk(url: str, connections: int, duration: float, script: str) -> dict[st
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     return {"requests": requests, "errors": errors, "rps": rps,
             "p50_ms": _ms(lat["50"]), "p99_ms": _ms(lat["99"])}
+
+
+def run_wrk(url: str, connections: int, duration: float, script: str) -> dict[str, Any]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency",
+         "-s", script, url],
+        capture_output=True, text=True, timeout=duration + 30, check=True).stdout
+    return parse_wrk(out)
 
 
 def bench_config(mock_url: str, redis_url: str = "") -> dict[str, Any]:
@@ -91,13 +128,13 @@ def bench_config(mock_url: str, redis_url: str = "") -> dict[str, Any]:
             "server": {"redis_url": redis_url}}
 
 
-def wrk_script(body: str) -> Any:
+def wrk_script(body: str, extra: str = "") -> Any:
     """A wrk Lua script (a closed temporary file; unlink its .name) posting ``body`` with the
-    bench key."""
+    bench key, followed by ``extra`` Lua."""
     script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
     script.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
                  'wrk.headers["Content-Type"] = "application/json"\n'
-                 f'wrk.headers["Authorization"] = "Bearer {BENCH_KEY}"\n')
+                 f'wrk.headers["Authorization"] = "Bearer {BENCH_KEY}"\n{extra}')
     script.close()
     return script
 
@@ -106,13 +143,87 @@ def measure(url: str, target: str, connections: int, duration: float, script: st
             cpu_pid: int | None) -> LoadResult:
     before = process_tree_cpu(cpu_pid) if cpu_pid else (0.0, 0.0)
     r = run_wrk(url, connections, duration, script)
-    cpu = own = None
+    cpu = own = cpu_s = per_core = None
     if cpu_pid and r["requests"]:
         after = process_tree_cpu(cpu_pid)
-        cpu = (after[0] - before[0]) / r["requests"] * 1e6
+        cpu_s = after[0] - before[0]
+        cpu = cpu_s / r["requests"] * 1e6
         own = (after[1] - before[1]) / r["requests"] * 1e6
+        per_core = r["requests"] / cpu_s if cpu_s > 0 else None
     return LoadResult(target, connections, r["requests"], r["errors"], r["rps"], r["p50_ms"],
-                      r["p99_ms"], cpu, own)
+                      r["p99_ms"], cpu, own if target == "router" else None, cpu_s, per_core)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def compare(results: dict[str, LoadResult], admission: str) -> dict[str, Any]:
+    """One concurrency's row: the three targets, the added latencies, the ratios against
+    nginx, and the verdicts against issue 14's targets at this concurrency (if it has any)."""
+    direct, nginx, router = (results[t] for t in TARGETS)
+    row: dict[str, Any] = {
+        "connections": direct.connections, "direct": asdict(direct), "nginx": asdict(nginx),
+        "router": asdict(router),
+        "added_p50_ms": router.p50_ms - direct.p50_ms,
+        "added_p99_ms": router.p99_ms - direct.p99_ms,
+        "nginx_added_p50_ms": nginx.p50_ms - direct.p50_ms,
+        "nginx_added_p99_ms": nginx.p99_ms - direct.p99_ms,
+        "router_cpu_us_per_req": router.cpu_us_per_req,
+        "supervisor_cpu_us_per_req": router.supervisor_cpu_us_per_req,
+        "nginx_cpu_us_per_req": nginx.cpu_us_per_req,
+        "cpu_ratio": _ratio(router.cpu_us_per_req, nginx.cpu_us_per_req),
+        "throughput_per_core_ratio": _ratio(router.rps_per_core, nginx.rps_per_core),
+    }
+    verdicts = [evaluate_one(slo, row[slo.metric])
+                for slo in ISSUE_TARGETS.get((direct.connections, admission), ())]
+    row["verdicts"] = [v.as_dict() for v in verdicts]
+    row["verdict_line"] = verdict_line(direct.connections, admission, verdicts)
+    return row
+
+
+def verdict_line(connections: int, admission: str, verdicts: list[Verdict]) -> str:
+    head = f"c={connections} issue-14 verdict ({admission} admission):"
+    if not verdicts:
+        return f"{head} no target at this concurrency"
+    parts = []
+    for v in verdicts:
+        word = {True: "ok", False: "MISS", None: "n/a"}[v.passed]
+        measured = "n/a" if v.measured is None else f"{v.measured:.3g}"
+        parts.append(f"{v.slo.what} {measured} {v.slo.unit} (target {v.slo.op} "
+                     f"{v.slo.limit:.3g} {v.slo.unit}) {word}")
+    overall = ("MET" if all(v.passed for v in verdicts) else
+               "MISSED" if any(v.passed is False for v in verdicts) else "NOT MEASURED")
+    return f"{head} {overall}: " + "; ".join(parts)
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'conns':>5} {'target':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+             f"{'added p50':>10} {'added p99':>10} {'CPU us/req':>10} {'of it sup.':>10} "
+             f"{'req/CPU-s':>10} {'errors':>6}"]
+    for row in rows:
+        direct = row["direct"]
+        for t in TARGETS:
+            r = row[t]
+            added = t != "direct"
+            lines.append(
+                f"{r['connections']:>5} {t:>7} {r['rps']:>9.0f} {r['p50_ms']:>8.3f} "
+                f"{r['p99_ms']:>8.3f} "
+                f"{(r['p50_ms'] - direct['p50_ms']) if added else 0:>10.3f} "
+                f"{(r['p99_ms'] - direct['p99_ms']) if added else 0:>10.3f} "
+                f"{r['cpu_us_per_req'] or 0:>10.1f} "
+                f"{r['supervisor_cpu_us_per_req'] or 0:>10.1f} "
+                f"{r['rps_per_core'] or 0:>10.0f} {r['errors']:>6}")
+    lines.append("")
+    for row in rows:
+        cpu, tput = row["cpu_ratio"], row["throughput_per_core_ratio"]
+        lines.append(
+            f"c={row['connections']} router vs nginx: CPU per request "
+            f"{row['router_cpu_us_per_req'] or 0:.1f} / {row['nginx_cpu_us_per_req'] or 0:.1f}"
+            f" µs = {cpu or 0:.2f}x; throughput per core {row['router']['rps_per_core'] or 0:.0f}"
+            f" / {row['nginx']['rps_per_core'] or 0:.0f} req/CPU-s = {tput or 0:.3f}")
+    lines += [row["verdict_line"] for row in rows]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,60 +244,51 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     levels = [int(c) for c in args.connections.split(",")]
+    admission = "redis" if args.redis else "in-process"
 
     mock = MockBackend("bench", "--models", "bench-model")
-    redis = RedisServer() if args.redis else None
-    # Authentication on, as in production: every routed request carries an API key.
-    router = Router(bench_config(mock.url, redis.url if redis else ""), workers=args.workers)
+    procs: list[Any] = [mock]
     body = BODY if args.endpoint == "/v1/chat/completions" else json.dumps(
         {k: v for k, v in json.loads(BODY).items() if k != "temperature"})
     script = wrk_script(body)
-    results: list[LoadResult] = []
+    rows: list[dict[str, Any]] = []
     try:
-        direct_url = f"{mock.url}/v1/chat/completions"
-        routed_url = f"{router.url}{args.endpoint}"
-        for url in (direct_url, routed_url):
+        # One nginx worker with a keep-alive upstream pool: the same-run comparison hop.
+        nginx = Nginx(f"127.0.0.1:{mock.port}", workers=1, keepalive=NGINX_KEEPALIVE)
+        procs.append(nginx)
+        redis = RedisServer() if args.redis else None
+        procs += [redis] if redis else []
+        # Authentication on, as in production: every routed request carries an API key.
+        router = Router(bench_config(mock.url, redis.url if redis else ""),
+                        workers=args.workers)
+        procs.append(router)
+        urls = {"direct": (f"{mock.url}/v1/chat/completions", mock.pid),
+                "nginx": (f"{nginx.url}/v1/chat/completions", nginx.pid),
+                "router": (f"{router.url}{args.endpoint}", router.pid)}
+        for url, _ in urls.values():
             run_wrk(url, max(levels), args.warmup, script.name)
         for c in levels:
-            results.append(measure(direct_url, "direct", c, args.duration, script.name, mock.pid))
-            results.append(measure(routed_url, "router", c, args.duration, script.name,
-                                   router.pid))
+            rows.append(compare({t: measure(url, t, c, args.duration, script.name, pid)
+                                 for t, (url, pid) in urls.items()}, admission))
     finally:
-        for proc in (router, mock, *([redis] if redis else [])):
+        for proc in reversed(procs):
             proc.stop()
             proc.cleanup()
         os.unlink(script.name)
 
-    rows = []
     print(f"\nrouter overhead, {args.endpoint}, {args.workers} worker(s), {args.duration:g}s "
           f"per run, body {len(body)} bytes, {os.cpu_count()} cores, auth on, admission "
-          f"{'Redis' if redis else 'in-process'}")
-    print(f"{'conns':>5} {'target':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'added p50':>10} {'added p99':>10} {'CPU us/req':>10} {'of it sup.':>10} "
-          f"{'errors':>6}")
-    for direct, routed in zip(results[::2], results[1::2], strict=True):
-        for r in (direct, routed):
-            added = r is routed
-            print(f"{r.connections:>5} {r.target:>7} {r.rps:>9.0f} {r.p50_ms:>8.3f} "
-                  f"{r.p99_ms:>8.3f} "
-                  f"{(routed.p50_ms - direct.p50_ms) if added else 0:>10.3f} "
-                  f"{(routed.p99_ms - direct.p99_ms) if added else 0:>10.3f} "
-                  f"{r.cpu_us_per_req or 0:>10.1f} "
-                  f"{(r.supervisor_cpu_us_per_req or 0) if added else 0:>10.1f} "
-                  f"{r.errors:>6}")
-        rows.append({"connections": direct.connections, "direct": asdict(direct),
-                     "router": asdict(routed),
-                     "added_p50_ms": routed.p50_ms - direct.p50_ms,
-                     "added_p99_ms": routed.p99_ms - direct.p99_ms,
-                     "router_cpu_us_per_req": routed.cpu_us_per_req,
-                     "supervisor_cpu_us_per_req": routed.supervisor_cpu_us_per_req})
+          f"{admission}; nginx 1 worker, keep-alive upstream")
+    print(render(rows))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"overhead-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
-        json.dump({"endpoint": args.endpoint, "workers": args.workers,
-                   "duration_s": args.duration, "results": rows}, f, indent=2)
+        json.dump({"endpoint": args.endpoint, "workers": args.workers, "admission": admission,
+                   "duration_s": args.duration, "cores": os.cpu_count(),
+                   "nginx": {"workers": 1, "upstream_keepalive": NGINX_KEEPALIVE}, "results": rows},
+                  f, indent=2)
     print(f"\nwritten to {path}")
-    failed = sum(r.errors for r in results)
+    failed = sum(row[t]["errors"] for row in rows for t in TARGETS)
     if failed:
         print(f"{failed} requests failed during the benchmark", file=sys.stderr)
         return 1

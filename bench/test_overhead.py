@@ -1,0 +1,77 @@
+"""bench.overhead: the nginx leg, the ratios and the issue-14 verdicts - from a real one-second
+run (router, nginx and the mock on loopback, wrk) and from made-up numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.overhead import ISSUE_TARGETS, TARGETS, LoadResult, compare, main
+
+
+def _result(target: str, c: int, rps: float, p50: float, p99: float, cpu: float
+            ) -> LoadResult:
+    requests = int(rps * 10)
+    cpu_s = cpu * requests / 1e6
+    return LoadResult(target, c, requests, 0, rps, p50, p99, cpu, None, cpu_s,
+                      requests / cpu_s)
+
+
+def test_ratios_and_verdicts_come_from_the_measured_numbers() -> None:
+    row = compare({"direct": _result("direct", 32, 40000, 0.5, 1.0, 20),
+                   "nginx": _result("nginx", 32, 30000, 0.8, 2.0, 20),
+                   "router": _result("router", 32, 9000, 3.0, 6.0, 50)}, "in-process")
+    assert row["cpu_ratio"] == pytest.approx(2.5)
+    assert row["throughput_per_core_ratio"] == pytest.approx(0.4)
+    assert row["added_p50_ms"] == pytest.approx(2.5)
+    assert row["nginx_added_p99_ms"] == pytest.approx(1.0)
+    verdicts = {v["id"]: v for v in row["verdicts"]}
+    assert verdicts["issue14.cpu_c32"]["limit"] == 60 and verdicts["issue14.cpu_c32"]["passed"]
+    assert verdicts["issue14.throughput_per_core_vs_nginx"]["passed"]
+    assert "MET" in row["verdict_line"]
+    # At c=1 with Redis admission the targets are the added latencies, 0.30 ms and 1 ms.
+    row = compare({"direct": _result("direct", 1, 9000, 0.10, 0.3, 70),
+                   "nginx": _result("nginx", 1, 7000, 0.13, 0.4, 45),
+                   "router": _result("router", 1, 2500, 0.45, 1.5, 250)}, "redis")
+    verdicts = {v["id"]: v for v in row["verdicts"]}
+    assert verdicts["issue14.added_p50_c1"]["limit"] == 0.30
+    assert verdicts["issue14.added_p50_c1"]["passed"] is False
+    assert verdicts["issue14.added_p99_c1"]["measured"] == pytest.approx(1.2)
+    assert "MISSED" in row["verdict_line"]
+    row = compare({t: _result(t, 8, 1000, 1, 2, 10) for t in TARGETS}, "redis")
+    assert row["verdicts"] == [] and "no target" in row["verdict_line"]
+
+
+def test_a_real_run_reports_nginx_and_the_ratios(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--duration", "1", "--warmup", "1", "--connections", "1,32",
+                 "--out", str(tmp_path)])
+    output = capsys.readouterr().out
+    assert code == 0, output
+    [path] = tmp_path.glob("overhead-*.json")
+    report: dict[str, Any] = json.loads(path.read_text())
+    assert report["nginx"]["workers"] == 1 and report["admission"] == "in-process"
+    assert [row["connections"] for row in report["results"]] == [1, 32]
+    for row in report["results"]:
+        for t in TARGETS:
+            r = row[t]
+            assert r["requests"] > 0 and r["errors"] == 0 and r["rps"] > 0, t
+            assert r["cpu_us_per_req"] > 0 and r["cpu_s"] > 0, t
+            assert r["rps_per_core"] == pytest.approx(r["requests"] / r["cpu_s"])
+        router, nginx = row["router"], row["nginx"]
+        assert row["nginx_cpu_us_per_req"] == nginx["cpu_us_per_req"]
+        assert row["cpu_ratio"] == pytest.approx(router["cpu_us_per_req"]
+                                                 / nginx["cpu_us_per_req"])
+        assert row["throughput_per_core_ratio"] == pytest.approx(
+            router["rps_per_core"] / nginx["rps_per_core"])
+        assert row["nginx_added_p50_ms"] == pytest.approx(nginx["p50_ms"]
+                                                          - row["direct"]["p50_ms"])
+        targets = ISSUE_TARGETS[(row["connections"], "in-process")]
+        assert [v["id"] for v in row["verdicts"]] == [t.id for t in targets]
+        for v in row["verdicts"]:
+            assert v["measured"] == row[v["metric"]] and v["passed"] in (True, False)
+        assert row["verdict_line"] in output
+    assert output.count("issue-14 verdict") == 2 and "router vs nginx" in output
