@@ -39,7 +39,7 @@ from apirouter.errors import RouterError
 from apirouter.keys import KeyRecord, Tier
 from apirouter.limits import BucketSpec, BucketState, Verdict, buckets_for, rate_limit_headers
 from apirouter.redis_client import RedisClient, RedisError, RedisUnavailable
-from apirouter.shared_buckets import BUCKETS_SEGMENT_ENV, BucketTable
+from apirouter.shared_buckets import BUCKETS_SEGMENT_ENV, BucketTable, Settlement
 from apirouter.shm import SegmentError
 from apirouter.table import Limits
 from workers.admission_scripts import (
@@ -106,6 +106,7 @@ class Admission:
         self._rid_next = 0
         self._releases: dict[str, Ticket] = {}  # decided without Redis: release when it answers
         self._releasing: asyncio.Future[None] | None = None
+        self._settlements: list[Settlement] = []  # in-process, applied at the end of the turn
 
     # -- configuration --------------------------------------------------------------------------
 
@@ -164,6 +165,7 @@ class Admission:
 
     def local_bucket(self, name: str) -> BucketState | None:
         """The in-process limiter's state of one bucket (None: never charged, so full)."""
+        self.apply_settlements()
         return self.table.bucket(name, time.monotonic() * 1000)
 
     def _admit_local(self, ticket: Ticket, nonce: str | None, nonce_ttl_ms: int) -> Verdict:
@@ -183,6 +185,7 @@ class Admission:
 
     def ledger(self, b: Budget) -> dict[str, int]:
         """In-process: what this instance used of ``b`` in the current period."""
+        self.apply_settlements()
         return self.table.used(b, period_id(b.period), time.monotonic() * 1000)
 
     async def _script(self, client: RedisClient, name: str, source: str,
@@ -335,12 +338,30 @@ class Admission:
             budget_delta = ((actual_spend_micro or 0) - r.spend_micro,
                             actual_tokens - r.tokens, -r.requests if failed else 0)
         if self.client_for(limits) is None:
-            self.table.settle(specs, delta, list(zip(ticket.budgets, ticket.periods,
-                                                     strict=True)),
-                              budget_delta, time.monotonic() * 1000)
+            if specs or budget_delta is not None:
+                self._settle_local((specs, delta, list(zip(ticket.budgets, ticket.periods,
+                                                           strict=True)), budget_delta))
             return
         if specs or budget_delta is not None:
             spawn(self._settle_redis(limits, ticket, specs, delta, budget_delta))
+
+    def _settle_local(self, item: Settlement) -> None:
+        """Queue an in-process settlement: those of one event-loop turn are applied together,
+        under one round of stripe locks, right after the turn's callbacks (before the loop
+        waits for I/O again). Outside an event loop: at once."""
+        if not self._settlements:
+            try:
+                asyncio.get_running_loop().call_soon(self.apply_settlements)
+            except RuntimeError:
+                self._settlements.append(item)
+                self.apply_settlements()
+                return
+        self._settlements.append(item)
+
+    def apply_settlements(self) -> None:
+        items, self._settlements = self._settlements, []
+        if items:
+            self.table.settle_many(items, time.monotonic() * 1000)
 
     async def _settle_redis(self, limits: Limits, ticket: Ticket, specs: list[BucketSpec],
                             delta: int, budget_delta: tuple[int, int, int] | None) -> None:
