@@ -49,7 +49,7 @@ STAGES: tuple[tuple[str, str, frozenset[str] | None], ...] = (
     ("admission", "apirouter/limits", None),
     ("admission", "apirouter/budgets", None),
     ("admission", "apirouter/redis_client", None),
-    ("admission", "apirouter/shm_buckets", None),
+    ("admission", "apirouter/shared_buckets", None),
     ("auth", "apirouter/keys", None),
     ("auth", "apirouter/signing", None),
     ("auth", "hashlib", None),
@@ -120,6 +120,23 @@ def parse_raw(text: str, rules: Iterable[tuple[str, str, frozenset[str] | None]]
     return counts
 
 
+def hot_frames(text: str, n: int = 25) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """The ``n`` functions with the most samples: by self time (the innermost frame) and
+    inclusive (anywhere on the stack, once per sample), as 'function (path)'. The stage table
+    says which stage is heavy; these say which function in it to read."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = [" (".join(_frame_parts(f)) + ")" for f in stack.split(";")]
+        own[frames[-1]] += int(count)
+        for frame in set(frames):
+            inclusive[frame] += int(count)
+    return own.most_common(n), inclusive.most_common(n)
+
+
 def breakdown(counts: Counter[str], cpu_us_per_req: float) -> list[tuple[str, float, float]]:
     """(stage, share of samples, µs per request), largest first."""
     total = sum(counts.values())
@@ -176,7 +193,9 @@ def profile(duration: float, connections: int, redis: bool, rate: int,
         n = load["requests"]
         per_req = {k: (after[k] - before[k]) / n * 1e6 for k in after}
         with open(os.path.join(tmp, "worker.txt")) as f:
-            worker_counts = parse_raw(f.read())
+            raw = f.read()
+        worker_counts = parse_raw(raw)
+        top_self, top_inclusive = hot_frames(raw)
         with open(os.path.join(tmp, "supervisor.txt")) as f:
             sup_counts = parse_raw(f.read(), SUPERVISOR_STAGES)
     finally:
@@ -195,6 +214,10 @@ def profile(duration: float, connections: int, redis: bool, rate: int,
                    for s, sh, us in breakdown(worker_counts, per_req["worker"])],
         "supervisor": [{"stage": s, "share": sh, "us_per_req": us}
                        for s, sh, us in breakdown(sup_counts, per_req["supervisor"])],
+        "worker_hot_self": [{"frame": f, "us_per_req": c / max(1, sum(worker_counts.values()))
+                             * per_req["worker"]} for f, c in top_self],
+        "worker_hot_inclusive": [{"frame": f, "us_per_req": c / max(
+            1, sum(worker_counts.values())) * per_req["worker"]} for f, c in top_inclusive],
     }
 
 
@@ -213,6 +236,12 @@ def render(result: dict[str, object]) -> str:
         for row in rows:
             lines.append(f"{proc:<11}{row['stage']:<24}{row['share'] * 100:>6.1f}%"
                          f"{row['us_per_req']:>9.1f}")
+    for key, title in (("worker_hot_self", "self"), ("worker_hot_inclusive", "inclusive")):
+        rows = result.get(key) or []
+        assert isinstance(rows, list)
+        if rows:
+            lines.append(f"\nworker functions by {title} time (µs/req):")
+            lines.extend(f"{row['us_per_req']:>8.1f}  {row['frame']}" for row in rows)
     return "\n".join(lines)
 
 
