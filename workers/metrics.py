@@ -8,6 +8,7 @@ one mmap write per metric.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,6 +24,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from apirouter.errors import CATALOG
 from apirouter.routing import Decision
 from apirouter.table import RoutingTable
+from workers import metric_values
+
+metric_values.install()  # before the first metric below is created
 
 REQUESTS = Counter("router_requests_total", "Requests routed, by outcome",
                    ["backend_id", "decision_type", "success"])
@@ -122,8 +126,9 @@ class RequestMetrics:
     def __init__(self) -> None:
         self._requests: dict[tuple[str, str, str], Counter] = {}
         self._by_backend: dict[tuple[str, str, int], Counter] = {}
-        self._latency: dict[str, Histogram] = {}
+        self._latency: dict[str, Callable[[float], None]] = {}
         self._errors: dict[str, Counter] = {}
+        self._overhead = metric_values.observer(OVERHEAD)
 
     def routed(self, backend_id: str, decision: str, success: bool, model: str, status: int,
                backend_s: float, overhead_s: float) -> None:
@@ -137,11 +142,12 @@ class RequestMetrics:
         if b is None:
             b = self._by_backend[bkey] = REQUESTS_BY_BACKEND.labels(backend_id, model, str(status))
         b.inc()
-        h = self._latency.get(backend_id)
-        if h is None:
-            h = self._latency[backend_id] = BACKEND_LATENCY.labels(backend_id)
-        h.observe(backend_s)
-        OVERHEAD.observe(overhead_s)
+        observe = self._latency.get(backend_id)
+        if observe is None:
+            observe = self._latency[backend_id] = metric_values.observer(
+                BACKEND_LATENCY.labels(backend_id))
+        observe(backend_s)
+        self._overhead(overhead_s)
 
     def denied(self, reason: str) -> None:
         DENIALS.labels(reason).inc()

@@ -1,0 +1,76 @@
+"""workers.metric_values writes what prometheus_client's own multiprocess values would: the same
+totals and buckets, read back by the MultiProcessCollector, across a fork. It reaches into the
+library's internals, so this fails when a prometheus_client upgrade changes them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_SCRIPT = r"""
+import json, os, sys
+from prometheus_client import CollectorRegistry, values
+from prometheus_client.multiprocess import MultiProcessCollector
+from workers import metrics
+
+assert values.ValueClass._fast, values.ValueClass
+m = metrics.RequestMetrics()
+samples = [0.0, 0.003, 0.005, 0.0051, 0.7, 1.0, 45.0, 500.0]
+for s in samples:
+    m.routed("b1", "primary", True, "m", 200, s, s / 1000)
+metrics.ERRORS.labels("RATE_LIMIT_EXCEEDED").inc(2)
+pid = os.fork()
+if pid == 0:  # a forked worker writes to its own file
+    m.routed("b1", "primary", True, "m", 200, 0.02, 0.00002)
+    metrics.ERRORS.labels("RATE_LIMIT_EXCEEDED").inc()
+    os._exit(0)
+os.waitpid(pid, 0)
+registry = CollectorRegistry()
+MultiProcessCollector(registry)
+out = {}
+for family in registry.collect():
+    for s in family.samples:
+        out[s.name + json.dumps(s.labels, sort_keys=True)] = s.value
+print(json.dumps(out))
+"""
+
+
+def _collect(tmp_path: Path) -> dict[str, float]:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    result: dict[str, float] = json.loads(done.stdout)
+    return result
+
+
+def test_fast_values_total_across_a_fork_and_fill_the_right_buckets(tmp_path: Path) -> None:
+    got = _collect(tmp_path)
+    lbl = '{"backend_id": "b1", "decision_type": "primary", "success": "true"}'
+    assert got["router_requests_total" + lbl] == 9
+    assert got['router_requests_by_backend_total{"backend_id": "b1", "model": "m", '
+               '"status_code": "200"}'] == 9
+    assert got['router_errors_total{"error_code": "RATE_LIMIT_EXCEEDED"}'] == 3
+
+    def bucket(le: str) -> float:
+        return got['router_backend_latency_seconds_bucket{"backend_id": "b1", "le": "%s"}'
+                   % le]
+
+    # le is inclusive: 0.005 falls in the 0.005 bucket, 0.0051 in the next one.
+    assert bucket("0.005") == 3  # 0.0, 0.003, 0.005
+    assert bucket("0.01") == 4
+    assert bucket("0.025") == 5  # + the forked child's 0.02
+    assert bucket("1.0") == 7  # + 0.7, 1.0
+    assert bucket("60.0") == 8  # + 45
+    assert bucket("+Inf") == 9  # + 500
+    assert got['router_backend_latency_seconds_count{"backend_id": "b1"}'] == 9
+    assert abs(got['router_backend_latency_seconds_sum{"backend_id": "b1"}']
+               - (0.003 + 0.005 + 0.0051 + 0.7 + 1.0 + 45.0 + 500.0 + 0.02)) < 1e-9
+    # 0, 3e-6, 5e-6, 5.1e-6 and the child's 2e-5
+    assert got['router_overhead_seconds_bucket{"le": "0.0001"}'] == 5
+    assert got['router_overhead_seconds_count{}'] == 9
