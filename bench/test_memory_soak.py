@@ -28,6 +28,7 @@ def test_flat_series_and_leaks() -> None:
     # A step in the first half that then stays: growth over the bound.
     step = flatness([(x, 40.0 if x < 300_000 else 47.0) for x in steps], 5)
     assert not step["flat"] and step["second_half_slope_mib_per_million"] == pytest.approx(0)
+    assert not step["second_half_rising"] and not flat["second_half_rising"]
 
 
 def test_percentiles_from_a_merged_histogram() -> None:
