@@ -58,8 +58,8 @@ def test_fast_values_total_across_a_fork_and_fill_the_right_buckets(tmp_path: Pa
     assert got['router_errors_total{"error_code": "RATE_LIMIT_EXCEEDED"}'] == 3
 
     def bucket(le: str) -> float:
-        return got['router_backend_latency_seconds_bucket{"backend_id": "b1", "le": "%s"}'
-                   % le]
+        return got['router_backend_latency_seconds_bucket{"backend_id": "b1", "le": "'
+                   + le + '"}']
 
     # le is inclusive: 0.005 falls in the 0.005 bucket, 0.0051 in the next one.
     assert bucket("0.005") == 3  # 0.0, 0.003, 0.005
