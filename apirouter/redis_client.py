@@ -97,6 +97,20 @@ class _Protocol(asyncio.Protocol):
         self.progress = 0.0  # loop time of the last byte read, or of the first owed reply
         self.watchdog: asyncio.TimerHandle | None = None
         self.fd = -1
+        self.out: list[bytes] = []  # commands of this loop turn, written together at its end
+
+    def send(self, data: bytes) -> None:
+        """Queue a command; everything queued in one event-loop turn goes out in one write at
+        the end of the turn (one system call for the admissions and settlements of many
+        requests, instead of one each; the wait is the rest of the turn's callbacks)."""
+        if not self.out:
+            self.loop.call_soon(self._flush)
+        self.out.append(data)
+
+    def _flush(self) -> None:
+        out, self.out = self.out, []
+        if self.transport is not None and out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -118,6 +132,9 @@ class _Protocol(asyncio.Protocol):
         if self.transport is None or not self.waiters or stall is None:
             return
         now = self.loop.time()
+        if self.out:  # our loop was blocked before it could even send: Redis is not late
+            self._flush()
+            self.progress = now
         if now < self.progress + stall:
             self.watchdog = self.loop.call_at(self.progress + stall, self._check)
             return
@@ -164,6 +181,7 @@ class _Protocol(asyncio.Protocol):
             w = self.waiters.popleft()
             if not w.done():
                 w.set_exception(exc)
+        self.out = []
         if self.transport is not None:
             self.transport.abort()
             self.transport = None
@@ -223,7 +241,7 @@ class RedisClient:
             raise RedisUnavailable("not connected")
         fut: asyncio.Future[RespValue] = self._loop.create_future()
         proto.owe([fut])
-        proto.transport.write(data)
+        proto.send(data)
         if deadline is None:
             return await fut
         timer = self._loop.call_at(deadline, _expire, fut, proto)
@@ -263,7 +281,7 @@ class RedisClient:
             raise RedisUnavailable("not connected")
         futs = [self._loop.create_future() for _ in range(count)]
         proto.owe(futs)
-        proto.transport.write(data)
+        proto.send(data)
         timer = self._loop.call_at(deadline, _expire, futs[-1], proto)
         try:
             await futs[-1]  # replies arrive in order: the last one means all are in

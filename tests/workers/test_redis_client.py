@@ -29,6 +29,31 @@ async def test_commands_pipelining_and_errors(redis_server: RedisServer) -> None
     client.close()
 
 
+async def test_commands_of_one_loop_turn_go_out_in_one_write(redis_server: RedisServer) -> None:
+    client = RedisClient(redis_server.url)
+    assert await client.execute("PING", timeout=1) == "PONG"
+    proto = client._proto
+    assert proto is not None and proto.transport is not None
+    writes: list[bytes] = []
+    real = proto.transport
+
+    class Counting:  # the transport, counting its writes
+        def write(self, data: bytes) -> None:
+            writes.append(data)
+            real.write(data)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+    proto.transport = Counting()  # type: ignore[assignment]
+    results = await asyncio.gather(*(client.execute("INCR", "rc:turn", timeout=1)
+                                     for _ in range(100)))
+    assert sorted(results) == list(range(1, 101))  # every reply, in order
+    assert len(writes) == 1 and writes[0].count(b"INCR") == 100
+    proto.transport = real
+    client.close()
+
+
 async def test_unreachable_redis_fails_fast() -> None:
     client = RedisClient("redis://127.0.0.1:9/0")
     with pytest.raises(RedisUnavailable):
