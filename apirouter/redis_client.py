@@ -266,6 +266,18 @@ class RedisClient:
         return await self._send(proto, encode_command(*args),
                                 None if timeout is None else self._loop.time() + timeout)
 
+    def submit(self, *args: bytes | str | int | float) -> asyncio.Future[RespValue] | None:
+        """Queue one command on the live connection; the future of its reply, bounded by the
+        connection's liveness (``stall_timeout``) only. None when not connected (use
+        ``execute``, which connects)."""
+        proto = self._proto
+        if proto is None or proto.transport is None:
+            return None
+        fut: asyncio.Future[RespValue] = self._loop.create_future()
+        proto.owe([fut])
+        proto.send(encode_command(*args))
+        return fut
+
     async def pipeline(self, commands: list[tuple[bytes | str | int | float, ...]],
                        timeout: float) -> list[RespValue]:
         """Send many commands in one write; their replies in order (errors returned)."""

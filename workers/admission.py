@@ -107,6 +107,9 @@ class Admission:
         self._releases: dict[str, Ticket] = {}  # decided without Redis: release when it answers
         self._releasing: asyncio.Future[None] | None = None
         self._settlements: list[Settlement] = []  # in-process, applied at the end of the turn
+        # With Redis: (ticket, token buckets, token delta, ledger delta), sent once a turn
+        self._redis_settlements: list[tuple[Ticket, list[BucketSpec], int,
+                                            tuple[int, int, int] | None]] = []
 
     # -- configuration --------------------------------------------------------------------------
 
@@ -343,7 +346,9 @@ class Admission:
                                                            strict=True)), budget_delta))
             return
         if specs or budget_delta is not None:
-            spawn(self._settle_redis(limits, ticket, specs, delta, budget_delta))
+            if not self._redis_settlements:  # one task settles everything of this turn
+                spawn(self._settle_redis(limits))
+            self._redis_settlements.append((ticket, specs, delta, budget_delta))
 
     def _settle_local(self, item: Settlement) -> None:
         """Queue an in-process settlement: those of one event-loop turn are applied together,
@@ -363,26 +368,40 @@ class Admission:
         if items:
             self.table.settle_many(items, time.monotonic() * 1000)
 
-    async def _settle_redis(self, limits: Limits, ticket: Ticket, specs: list[BucketSpec],
-                            delta: int, budget_delta: tuple[int, int, int] | None) -> None:
+    async def _settle_redis(self, limits: Limits) -> None:
+        """Settle on Redis everything queued in one event-loop turn: every script call is sent
+        at once (one write, no task per request), then the replies are read in order."""
+        items, self._redis_settlements = self._redis_settlements, []
         client = self.client_for(limits)
-        assert client is not None
-        org = ticket.key.org
-        if budget_delta is not None:
-            # Into the period of the reservation, even when the response came after midnight.
-            for b, period in zip(ticket.budgets, ticket.periods, strict=True):
-                try:
-                    await self._script(client, "budget_settle", BUDGET_SETTLE_LUA,
-                                       [budget_key(org, b.scope, period)], list(budget_delta))
-                except (RedisUnavailable, RedisError, OSError) as e:
-                    log.warning("could not settle budget %s: %s", b.scope, e)
-        for s in specs:
+        if client is None:
+            return
+        calls: list[tuple[str, str, str, list[str], list[str | int | float]]] = []
+        for ticket, specs, delta, budget_delta in items:
+            org = ticket.key.org
+            if budget_delta is not None:
+                # Into the period of the reservation, even when the response came after
+                # midnight.
+                for b, period in zip(ticket.budgets, ticket.periods, strict=True):
+                    calls.append((f"budget {b.scope}", "budget_settle", BUDGET_SETTLE_LUA,
+                                  [budget_key(org, b.scope, period)], list(budget_delta)))
+            for s in specs:
+                calls.append((f"{s.name} for key {ticket.key.key_id}", "settle", SETTLE_LUA,
+                              [bucket_key(org, s.name)],
+                              [s.capacity, repr(s.refill_per_ms), delta, BUCKET_TTL_MS]))
+        sent = [client.submit("EVALSHA", sha, len(keys), *keys, *args)
+                if (sha := self._sha.get(name)) is not None else None
+                for _, name, _, keys, args in calls]
+        for (what, name, source, keys, args), fut in zip(calls, sent, strict=True):
             try:
-                await self._script(client, "settle", SETTLE_LUA, [bucket_key(org, s.name)],
-                                   [s.capacity, repr(s.refill_per_ms), delta, BUCKET_TTL_MS])
+                reply = await fut if fut is not None else None
+                if fut is None or (isinstance(reply, RedisError)
+                                   and str(reply).startswith("NOSCRIPT")):
+                    self._sha.pop(name, None)
+                    await self._script(client, name, source, keys, args)
+                elif isinstance(reply, RedisError):
+                    raise reply
             except (RedisUnavailable, RedisError, OSError) as e:
-                log.warning("could not settle %s for key %s: %s", s.name, ticket.key.key_id, e)
-                return
+                log.warning("could not settle %s: %s", what, e)
 
 
 def _bucket_table() -> BucketTable:
