@@ -2,6 +2,7 @@
 
     python -m bench.stream_overhead                 # defaults below, ~1 minute
     python -m bench.stream_overhead --streams 20 --events 1000
+    python -m bench.stream_overhead --profile      # + where the worker's CPU per event goes
 
 Same run, same mock, 1 worker, auth on (a key whose limits never bind), in-process admission,
 JSONL usage:
@@ -17,6 +18,10 @@ JSONL usage:
 - disconnect: a client reads 3 events of a paced stream and closes its socket; the time until
   the mock reports that stream aborted by its peer (an upper bound: the mock is polled).
 
+With ``--profile``, the worker is sampled with py-spy (non-blocking) during the CPU
+measurement, and the top innermost frames and source lines are reported with their share of
+the samples and the µs per event that share is of the worker's own CPU per event.
+
 Printed, and written as JSON under bench/results/.
 """
 
@@ -26,9 +31,13 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import statistics
+import subprocess
+import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +45,7 @@ import psutil
 
 from bench.overhead import BENCH_KEY, bench_config
 from bench.procs import HOST, MockBackend, Router, process_tree_cpu
+from bench.profile_stages import _py_spy, hot_frames
 
 
 def stream_once(port: int, body: bytes, auth: bool, close_after: int | None = None
@@ -72,10 +82,21 @@ def _body(events: int, interval_ms: float) -> bytes:
                       ).encode()
 
 
-def cpu_per_event(router: Router, streams: int, events: int, concurrency: int
-                  ) -> dict[str, float]:
+def cpu_per_event(router: Router, streams: int, events: int, concurrency: int,
+                  profile_rate: int = 0) -> dict[str, Any]:
     body = _body(events, 0)
     stream_once(router.port, body, True)  # warm the pool and the worker
+    worker = worker_pid(router)
+    spy = None
+    if profile_rate:
+        tmp = tempfile.mkdtemp(prefix="apirouter-stream-profile-")
+        raw = os.path.join(tmp, "worker.txt")
+        spy = subprocess.Popen(
+            [_py_spy(), "record", "--pid", str(worker), "--format", "raw", "--rate",
+             str(profile_rate), "--nonblocking", "--output", raw],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(0.5)  # py-spy attaches before the load starts
+    worker_before = process_tree_cpu(worker)[1]
     done: list[int] = []
     lock = threading.Lock()
 
@@ -96,10 +117,41 @@ def cpu_per_event(router: Router, streams: int, events: int, concurrency: int
         t.join()
     wall = time.perf_counter() - started
     cpu = process_tree_cpu(router.pid)[0] - before
+    worker_cpu = process_tree_cpu(worker)[1] - worker_before
     relayed = sum(done)
-    return {"streams": len(done), "events": relayed, "events_per_s": relayed / wall,
-            "router_cpu_us_per_event": cpu / relayed * 1e6,
-            "router_cpu_us_per_stream": cpu / len(done) * 1e6}
+    result: dict[str, Any] = {
+        "streams": len(done), "events": relayed, "events_per_s": relayed / wall,
+        "router_cpu_us_per_event": cpu / relayed * 1e6,
+        "worker_cpu_us_per_event": worker_cpu / relayed * 1e6,
+        "router_cpu_us_per_stream": cpu / len(done) * 1e6}
+    if spy is not None:
+        spy.send_signal(2)  # SIGINT: py-spy writes what it sampled and exits
+        _, err = spy.communicate(timeout=60)
+        try:
+            with open(raw) as f:
+                text = f.read()
+        except OSError:
+            raise RuntimeError(f"py-spy failed: {err.decode()[-500:]}") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        result["profile"] = top_frames(text, result["worker_cpu_us_per_event"])
+    return result
+
+
+def top_frames(raw: str, us_per_event: float, n: int = 15) -> dict[str, Any]:
+    """From py-spy's raw output: the top innermost functions (bench.profile_stages.hot_frames)
+    and source lines, with their share of the samples and that share of the worker's µs per
+    event."""
+    lines: Counter[str] = Counter()
+    for stack, _, count in (row.rpartition(" ") for row in raw.splitlines()):
+        if stack and count.isdigit():
+            lines[stack.rsplit(";", 1)[-1].strip()] += int(count)  # 'function (path:line)'
+    total = sum(lines.values()) or 1
+    return {"samples": total,
+            **{name: [{"frame": k, "share": round(v / total, 4),
+                       "us_per_event": round(v / total * us_per_event, 3)} for k, v in top]
+               for name, top in (("functions", hot_frames(raw, n)[0]),
+                                 ("lines", lines.most_common(n)))}}
 
 
 def latency(router: Router, mock: MockBackend, rounds: int, events: int, interval_ms: float
@@ -170,13 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=10, help="paced stream pairs (latency)")
     p.add_argument("--interval-ms", type=float, default=5.0, help="pacing between events")
     p.add_argument("--memory-events", type=int, default=1000)
+    p.add_argument("--profile", nargs="?", type=int, const=1000, default=0, metavar="HZ",
+                   help="sample the worker with py-spy during the CPU measurement")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
     mock = MockBackend("bench", "--models", "bench-model")
     router = Router(bench_config(mock.url), workers=1)
     try:
         result = {
-            "cpu": cpu_per_event(router, args.streams, args.events, args.concurrency),
+            "cpu": cpu_per_event(router, args.streams, args.events, args.concurrency,
+                                 args.profile),
             "latency": latency(router, mock, args.rounds, 50, args.interval_ms),
             "memory": memory(router, args.memory_events, 2.0),
             "disconnect": disconnect(router, mock, 10),
