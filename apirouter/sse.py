@@ -14,8 +14,18 @@ event (or the unfinished rest of one) larger than ``max_event_bytes`` raises
 
 ``StreamUsage`` accumulates what settling a stream needs - the usage block, finish reasons,
 the content bytes streamed (for an estimate when the backend reports no usage) and an in-band
-error - from substring checks; only a chunk that carries a usage object or an error is parsed
-as JSON. ``error_event`` renders an in-band error in OpenAI's shape, which the openai SDK
+error - from pattern searches; only a chunk that carries a usage object or an error is parsed
+as JSON.
+
+``SSERelay`` is what a proxy does with each read: it passes on the complete events as one
+bytes object and accounts them. The common run - every event one ``data:`` line, LF line ends
+- is taken as one block (``SSEScanner.feed_block``, ``StreamUsage.add_block``): counted, and
+searched for content and finish reasons, by a few passes over the bytes in C, with no object
+per event; from an event that may be [DONE] or carry a usage or error object on, and for any
+other read, it goes event by event. The result is the same either way (tests/apirouter/
+test_sse_relay.py checks it against the event-by-event path at every split).
+
+``error_event`` renders an in-band error in OpenAI's shape, which the openai SDK
 raises as ``APIError`` (a data object with an ``error`` key).
 """
 
@@ -35,12 +45,7 @@ DEFAULT_MAX_EVENT_BYTES = 1 << 20
 # A blank line: a line end right after a line end. Atomic groups keep "\r\n" one line end.
 _BLANK_LINE = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")
 _LINE_ENDS = b"\r\n"
-# The string values that become completion tokens, in chat and text completion chunks.
-_CONTENT_KEYS = (b'"content":', b'"text":', b'"arguments":', b'"refusal":',
-                 b'"reasoning_content":')
-_USAGE_KEY = b'"usage":'
 _FINISH_KEY = b'"finish_reason":'
-_ERROR_KEY = b'"error":'
 _DONE = b"[DONE]"
 
 
@@ -109,6 +114,33 @@ class SSEScanner:
         self._scan = max(0, len(rest) - 3)
         return events
 
+    def feed_block(self, data: bytes) -> tuple[bytes, int] | None:
+        """``feed`` for the common case, without an object per event: when every complete
+        event in what is buffered is one ``data:`` line and its blank line, all LF, return
+        them as one block of raw bytes and their count (b"" and 0 when none is complete yet).
+        None, with nothing consumed, in any other case: ``feed`` then takes the same data."""
+        buf = self._buf + data if self._buf else data
+        if not buf.startswith(b"data:") or b"\r" in buf:
+            return None
+        end = buf.rfind(b"\n\n") + 2
+        if end < 2:
+            if len(buf) > self.max_event_bytes:
+                return None  # feed raises
+            self._buf = buf
+            self._scan = max(0, len(buf) - 3)
+            return b"", 0
+        block = buf[:end] if end < len(buf) else buf
+        n = block.count(b"\n\ndata:") + 1
+        # The block begins with a data line and ends with a blank line; n - 1 line end pairs
+        # are followed by one: as many LFs as that means each LF is one of those pairs or the
+        # last, so every line is a data line, followed by a blank line, and that is all.
+        if block.count(b"\n") != 2 * n or end > self.max_event_bytes \
+                or len(buf) - end > self.max_event_bytes:
+            return None
+        self._buf = buf[end:]
+        self._scan = max(0, len(self._buf) - 3)
+        return block, n
+
     def _event(self, buf: bytes, start: int, end: int, block_end: int) -> SSEEvent:
         if end - start > self.max_event_bytes:
             raise SSEEventTooLarge(f"an SSE event of {end - start} bytes exceeds the limit "
@@ -156,80 +188,119 @@ class SSEScanner:
         return events, start
 
 
+def _special(block: bytes) -> int:
+    """Where in ``block`` the first event that must be read whole (with a usage or error object
+    or [DONE]) may be (-1: nowhere). Separate searches: each has a literal to look for."""
+    at = block.find(_DONE)
+    m = _USAGE_OBJECT.search(block, 0, at) if at >= 0 else _USAGE_OBJECT.search(block)
+    if m is not None:
+        at = m.start()
+    error = block.find(b'"error":', 0, at) if at >= 0 else block.find(b'"error":')
+    return error if error >= 0 else at
+
+
+def _block_events(block: bytes) -> list[SSEEvent]:
+    """The events of a block from ``SSEScanner.feed_block``: one data line each."""
+    return [SSEEvent(line + b"\n\n", line[6:] if line[5:6] == b" " else line[5:])
+            for line in block.split(b"\n\n")[:-1]]
+
+
+class SSERelay:
+    """What a streaming proxy passes on for each read from the backend: the complete events
+    it finished, exactly as received, except a usage-only chunk the client did not ask for
+    (``keep_usage`` False) and anything after [DONE]; every event is accounted in ``usage``.
+
+    The common run of events is handled as one block (``SSEScanner.feed_block``,
+    ``StreamUsage.add_block``); event by event from the first one that may be [DONE] or carry
+    a usage or error object, and for any read that is not the common case. ``done`` is set once
+    [DONE] has been passed on."""
+
+    __slots__ = ("scanner", "usage", "keep_usage", "done")
+
+    def __init__(self, scanner: SSEScanner, usage: StreamUsage, keep_usage: bool) -> None:
+        self.scanner = scanner
+        self.usage = usage
+        self.keep_usage = keep_usage
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes to pass on for ``data`` (raises SSEEventTooLarge as ``SSEScanner``)."""
+        got = self.scanner.feed_block(data)
+        if got is None:
+            return self.events(self.scanner.feed(data))
+        block, n = got
+        special = _special(block)
+        if special < 0:
+            if n:
+                self.usage.add_block(block, n)
+            return block
+        start = block.rfind(b"\n\n", 0, special) + 2  # of the event it is in
+        if start < 2:
+            return self.events(_block_events(block))
+        head = block[:start]
+        self.usage.add_block(head, head.count(b"\n\n"))
+        return head + self.events(_block_events(block[start:]))
+
+    def events(self, events: list[SSEEvent]) -> bytes:
+        """The bytes to pass on for these events (each accounted)."""
+        out = []
+        for e in events:
+            if is_done(e):
+                self.done = True
+                out.append(e.raw)
+                break
+            if self.usage.add(e) and not self.keep_usage:
+                continue  # the usage chunk the client did not ask for
+            out.append(e.raw)
+        return b"".join(out)
+
+
 def is_done(event: SSEEvent) -> bool:
     """The ``data: [DONE]`` sentinel that ends an OpenAI stream (tested as the SDK does)."""
     return event.data is not None and event.data.startswith(_DONE)
 
 
-def _value_at(data: bytes, at: int) -> int:
-    """Where the value after a ``"key":`` ending at ``at`` starts (past any whitespace)."""
-    while data[at:at + 1] in (b" ", b"\n", b"\t", b"\r"):
-        at += 1
-    return at
+# The keys are found by pattern, no JSON parse: inside a JSON string a quote is escaped, so
+# ``"key":`` cannot come from a string's content. A string value is matched up to its closing
+# quote, or the end of its line when it has none (a value cannot span lines; the LF of
+# multi-line data is JSON whitespace), a backslash escaping the next byte.
+_WS = rb"[ \t\n\r]*"
+_STRING = rb'"([^"\\\n]*(?:\\.?[^"\\\n]*)*)'
+_CONTENT = re.compile(rb'"(?:content|text|arguments|refusal|reasoning_content)":' + _WS
+                      + _STRING)
+_FINISH = re.compile(rb'"finish_reason":' + _WS + _STRING)
+_OBJECT = re.compile(rb'"(?:usage|error)":' + _WS + rb"\{")  # a usage or error object
+_USAGE_OBJECT = re.compile(rb'"usage":' + _WS + rb"\{")
 
 
-# The keys are found by substring search, no JSON parse: inside a JSON string a quote is
-# escaped, so ``"key":`` cannot come from a string's content.
-
-def _has_object(data: bytes, key: bytes) -> bool:
-    """Whether some ``"key":`` has an object (not null) for its value."""
-    at = data.find(key)
-    while at >= 0:
-        at = _value_at(data, at + len(key))
-        if data[at:at + 1] == b"{":
-            return True
-        at = data.find(key, at)
-    return False
-
-
-def _string_end(data: bytes, at: int) -> int:
-    """The closing quote of the JSON string whose opening quote is at ``at`` (or the end)."""
-    end = data.find(b'"', at + 1)
-    while end > 0 and data[end - 1] == 0x5C:  # a backslash: count the run before the quote
-        run = 1
-        while data[end - 1 - run] == 0x5C:
-            run += 1
-        if run % 2 == 0:
-            break
-        end = data.find(b'"', end + 1)
-    return end if end > 0 else len(data)
+def _string_bytes(raw: bytes) -> int:
+    """UTF-8 bytes of a JSON string's value from its raw bytes between the quotes (the raw
+    length where it does not decode)."""
+    if b"\\" not in raw:
+        return len(raw)
+    try:
+        return len(orjson.loads(b'"' + raw + b'"').encode())
+    except (orjson.JSONDecodeError, UnicodeEncodeError):
+        return len(raw)
 
 
 def _content_bytes(data: bytes) -> int:
-    """UTF-8 bytes of the text the chunk adds (content, text, tool call arguments, refusal,
-    reasoning)."""
-    n = 0
-    for key in _CONTENT_KEYS:
-        at = data.find(key)
-        while at >= 0:
-            at += len(key)
-            if data[at:at + 1] != b'"':
-                at = _value_at(data, at)
-            if data[at:at + 1] == b'"':  # else null, or logprobs' "content": [...]
-                end = _string_end(data, at)
-                if b"\\" in data[at:end]:
-                    try:
-                        n += len(orjson.loads(data[at:end + 1]).encode())
-                    except (orjson.JSONDecodeError, UnicodeEncodeError):
-                        n += end - at - 1
-                else:
-                    n += end - at - 1
-                at = end
-            at = data.find(key, at)
-    return n
+    """UTF-8 bytes of the text that ``data`` (one event's, or several whole events') adds:
+    content, text, tool call arguments, refusal, reasoning."""
+    found = _CONTENT.findall(data)
+    if not found:
+        return 0
+    joined = b"".join(found)
+    if b"\\" not in joined:
+        return len(joined)
+    try:  # every string decoded in one call; one that does not decode is counted alone
+        return len("".join(orjson.loads(b'["' + b'","'.join(found) + b'"]')).encode())
+    except (orjson.JSONDecodeError, UnicodeEncodeError):
+        return sum(map(_string_bytes, found))
 
 
 def _finish_reasons(data: bytes) -> list[str]:
-    out = []
-    at = data.find(_FINISH_KEY)
-    while at >= 0:
-        at = _value_at(data, at + len(_FINISH_KEY))
-        if data[at:at + 1] == b'"':
-            end = _string_end(data, at)
-            out.append(data[at + 1:end].decode("utf-8", "replace"))
-            at = end
-        at = data.find(_FINISH_KEY, at)
-    return out
+    return [r.decode("utf-8", "replace") for r in _FINISH.findall(data)]
 
 
 def _count(value: Any) -> int | None:
@@ -265,11 +336,9 @@ class StreamUsage:
         self.events += 1
         self.content_bytes += _content_bytes(data)
         if _FINISH_KEY in data:
-            reasons = _finish_reasons(data)
-            if reasons:
-                self.finish_reasons += reasons
+            self.finish_reasons += _finish_reasons(data)
         usage_only = False
-        if _has_object(data, _USAGE_KEY) or _has_object(data, _ERROR_KEY):
+        if _OBJECT.search(data) is not None:
             try:
                 doc = orjson.loads(data)
             except orjson.JSONDecodeError:
@@ -281,6 +350,15 @@ class StreamUsage:
                 if isinstance(doc.get("error"), dict):
                     self.error = doc["error"]
         return usage_only
+
+    def add_block(self, block: bytes, events: int) -> None:
+        """Account ``events`` whole events at once, ``block`` their raw bytes: one data line
+        each, none of them [DONE] or with a usage or error object (``SSERelay`` checks)."""
+        self.events += events
+        self.content_bytes += _content_bytes(block)
+        reasons = _FINISH.findall(block)  # one pass: "finish_reason": null is in most events
+        if reasons:
+            self.finish_reasons += [r.decode("utf-8", "replace") for r in reasons]
 
     def result(self) -> tuple[int, int, bool]:
         usage = self.usage or {}

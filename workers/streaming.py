@@ -8,8 +8,10 @@ Where a stream is held and released:
    backend that refuses, errors, hangs up or times out before its first event fails over to
    the next candidate invisibly.
 2. ``relay`` commits: it sends the response head and the held events to the client (the first
-   byte), then passes each event on as it arrives - its exact bytes, found by the SSE scanner
-   without parsing the JSON - awaiting the client's socket between writes (a slow reader
+   byte), then passes on the whole events each read from the backend completes, in one write
+   per read - their exact bytes, found by apirouter.sse's SSERelay without parsing the JSON
+   and without an object per event in the common case - awaiting the client's socket between
+   writes (a slow reader
    pauses the backend read: workers.upstream's BodyStream stops reading past its high-water
    mark). From here on the backend is never switched.
 3. A stream the backend cuts, stalls past the idle timeout, or ends without ``[DONE]`` ends for
@@ -32,7 +34,14 @@ from typing import TYPE_CHECKING
 
 from apirouter.errors import RouterError
 from apirouter.outcomes import CLIENT_GONE, INTERRUPTED, SUCCESS
-from apirouter.sse import SSEEvent, SSEEventTooLarge, SSEScanner, StreamUsage, error_event, is_done
+from apirouter.sse import (
+    SSEEvent,
+    SSEEventTooLarge,
+    SSERelay,
+    SSEScanner,
+    StreamUsage,
+    error_event,
+)
 from workers.admission import ticket_headers
 from workers.context import RequestContext
 from workers.endpoints import ms
@@ -103,7 +112,6 @@ async def relay(p: Pipeline, ctx: RequestContext, held: Held) -> None:
     body = held.body
     index = held.target.backend.index
     interruption: str | None = None
-    done = False
     ticket = ctx.ticket
     headers = [("X-Request-ID", ctx.request_id), ("X-Router-Backend", fwd.backend_id),
                ("X-Router-Decision", fwd.decision.value),
@@ -114,32 +122,22 @@ async def relay(p: Pipeline, ctx: RequestContext, held: Held) -> None:
     try:
         try:
             await sink.start(200, headers, EVENT_STREAM)
-            events = held.first
-            first = True
+            relayed = SSERelay(held.scanner, usage, req.include_usage)
+            out = relayed.events(held.first)
             body.watch_idle(held.target.idle_s)
             while True:
-                out = []
-                for e in events:
-                    if is_done(e):
-                        done = True
-                        out.append(e.raw)
-                        break
-                    if usage.add(e) and not req.include_usage:
-                        continue  # the usage chunk the client did not ask for
-                    out.append(e.raw)
                 if out:
-                    await sink.write(out[0] if len(out) == 1 else b"".join(out))
-                    if first:
-                        first = False
+                    await sink.write(out)
+                    if ctx.ttft_s is None:  # the first event is out
                         ctx.ttft_s = time.perf_counter() - ctx.started
                         TIME_TO_FIRST_TOKEN.labels(fwd.backend_id).observe(ctx.ttft_s)
-                if done:
+                if relayed.done:
                     break
                 chunk = await body.read()
                 if not chunk:
                     interruption = "no_done"
                     break
-                events = held.scanner.feed(chunk)
+                out = relayed.feed(chunk)
         except UpstreamTimeout:
             interruption = "idle_timeout"
         except UpstreamProtocolError:
