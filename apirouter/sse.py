@@ -199,7 +199,7 @@ def _special(block: bytes) -> int:
     return error if error >= 0 else at
 
 
-def _block_events(block: bytes) -> list[SSEEvent]:
+def block_events(block: bytes) -> list[SSEEvent]:
     """The events of a block from ``SSEScanner.feed_block``: one data line each."""
     return [SSEEvent(line + b"\n\n", line[6:] if line[5:6] == b" " else line[5:])
             for line in block.split(b"\n\n")[:-1]]
@@ -227,7 +227,7 @@ class SSERelay:
         """The bytes to pass on for ``data`` (raises SSEEventTooLarge as ``SSEScanner``)."""
         got = self.scanner.feed_block(data)
         if got is None:
-            return self.events(self.scanner.feed(data))
+            return self._events(self.scanner.feed(data))
         block, n = got
         special = _special(block)
         if special < 0:
@@ -236,12 +236,12 @@ class SSERelay:
             return block
         start = block.rfind(b"\n\n", 0, special) + 2  # of the event it is in
         if start < 2:
-            return self.events(_block_events(block))
+            return self._events(block_events(block))
         head = block[:start]
         self.usage.add_block(head, head.count(b"\n\n"))
-        return head + self.events(_block_events(block[start:]))
+        return head + self._events(block_events(block[start:]))
 
-    def events(self, events: list[SSEEvent]) -> bytes:
+    def _events(self, events: list[SSEEvent]) -> bytes:
         """The bytes to pass on for these events (each accounted)."""
         out = []
         for e in events:

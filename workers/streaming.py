@@ -40,6 +40,7 @@ from apirouter.sse import (
     SSERelay,
     SSEScanner,
     StreamUsage,
+    block_events,
     error_event,
 )
 from workers.admission import ticket_headers
@@ -66,14 +67,31 @@ class Held:
 
     target: BackendTarget
     body: BodyStream
-    scanner: SSEScanner
-    first: list[SSEEvent]
+    data: bytes  # the body so far, unparsed: the relay scans it as it scans every later read
     first_event_at: float  # perf_counter when the first event was complete
 
 
 def _began_with_error(events: list[SSEEvent]) -> bool:
     return any(e.data is not None and b'"error"' in e.data and e.data.lstrip().startswith(b"{")
                and b'"choices"' not in e.data for e in events)
+
+
+def _has_begun(probe: SSEScanner, chunk: bytes) -> bool:
+    """Whether the stream (its reads so far fed to ``probe``, ``chunk`` the latest) has a
+    complete data event; UpstreamProtocolError if one so far is an error."""
+    try:
+        got = probe.feed_block(chunk)  # the common case: no object per event
+        if got is None:
+            events = probe.feed(chunk)
+        elif b'"error"' in got[0]:
+            events = block_events(got[0])
+        else:
+            return got[1] > 0
+    except SSEEventTooLarge as e:
+        raise UpstreamProtocolError(str(e)) from None
+    if _began_with_error(events):
+        raise UpstreamProtocolError("the backend's stream began with an error event")
+    return any(e.data is not None for e in events)  # comments do not count
 
 
 async def hold(target: BackendTarget, data: bytes, deadline: float
@@ -86,22 +104,19 @@ async def hold(target: BackendTarget, data: bytes, deadline: float
         return resp, None
     try:
         body.arm(first_deadline)
-        scanner = SSEScanner()
-        events: list[SSEEvent] = []
-        while not any(e.data is not None for e in events):  # comments do not count
+        probe = SSEScanner()
+        chunks: list[bytes] = []
+        begun = False
+        while not begun:
             chunk = await body.read()
             if not chunk:
                 raise UpstreamProtocolError("the backend ended the stream before its first event")
-            try:
-                events += scanner.feed(chunk)
-            except SSEEventTooLarge as e:
-                raise UpstreamProtocolError(str(e)) from None
-        if _began_with_error(events):
-            raise UpstreamProtocolError("the backend's stream began with an error event")
+            chunks.append(chunk)
+            begun = _has_begun(probe, chunk)
     except BaseException:
         body.close()  # not complete: the connection is closed, not pooled
         raise
-    return resp, Held(target, body, scanner, events, time.perf_counter())
+    return resp, Held(target, body, b"".join(chunks), time.perf_counter())
 
 
 async def relay(p: Pipeline, ctx: RequestContext, held: Held) -> None:
@@ -122,8 +137,8 @@ async def relay(p: Pipeline, ctx: RequestContext, held: Held) -> None:
     try:
         try:
             await sink.start(200, headers, EVENT_STREAM)
-            relayed = SSERelay(held.scanner, usage, req.include_usage)
-            out = relayed.events(held.first)
+            relayed = SSERelay(SSEScanner(), usage, req.include_usage)
+            out = relayed.feed(held.data)
             body.watch_idle(held.target.idle_s)
             while True:
                 if out:
