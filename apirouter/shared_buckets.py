@@ -34,6 +34,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
+import math
 import mmap
 import os
 import struct
@@ -222,9 +223,10 @@ class BucketTable:
               r: Reservation | None, now_ms: float) -> tuple[Verdict, tuple[Budget, str] | None]:
         """Charge every bucket and reserve on every budget ledger, or nothing: (verdict, the
         budget and dimension that refused, if one did). ``budgets``: (budget, period id)."""
+        if r is None:
+            return self._take(specs, now_ms), None
         names = [s.name for s in specs]
-        if r is not None:
-            names += [_ledger_name(b, p) for b, p in budgets]
+        names += [_ledger_name(b, p) for b, p in budgets]
         stripes = self._stripes(names)
         self._lock(stripes)
         try:
@@ -249,6 +251,45 @@ class BucketTable:
             return verdict, None
         finally:
             self._unlock(stripes)
+
+    def _take(self, specs: list[BucketSpec], now_ms: float) -> Verdict:
+        """``admit`` without budgets, the common case, on the slots directly: the arithmetic of
+        limits.take_all (the model tests/apirouter/test_shared_buckets.py holds this to) without
+        its intermediate objects — this runs for every request of the in-process limiter."""
+        if not specs:
+            return Verdict(True, None, 0, 0, 0)
+        keys = self._keys
+        recs = [keys.get(s.name) or self._key(s.name) for s in specs]
+        stripe = recs[0][1]
+        stripes = ([stripe] if all(r[1] == stripe for r in recs)
+                   else sorted({r[1] for r in recs}))
+        buf = self._buf
+        self._lock(stripes)
+        try:
+            taken: list[int] = []
+            charged = []
+            for spec, (key, st) in zip(specs, recs, strict=True):
+                off, live = self._slot(key, st, now_ms, taken)
+                taken.append(off)
+                cap = float(spec.capacity)
+                rate = spec.per_minute / 60_000.0
+                level = cap
+                if live:
+                    _, _, tokens, at, _ = _SLOT.unpack_from(buf, off)
+                    level = min(cap, tokens + max(0.0, now_ms - at) * rate)
+                if level < spec.cost:
+                    retry = math.ceil((spec.cost - level) / rate) if rate > 0 else 60_000
+                    return Verdict(False, spec, max(0, int(level)), retry,
+                                   math.ceil((cap - level) / rate) if rate > 0 else 0)
+                charged.append((key, off, level - spec.cost, cap, rate))
+            for key, off, left, cap, rate in charged:
+                full_at = now_ms + (cap - left) / rate if rate > 0 else math.inf
+                buf[off:off + _SLOT.size] = _SLOT.pack(key, full_at, left, now_ms, 0.0)
+        finally:
+            self._unlock(stripes)
+        _, _, left, cap, rate = charged[0]
+        return Verdict(True, None, max(0, int(left)), 0,
+                       math.ceil((cap - left) / rate) if rate > 0 else 0)
 
     def settle(self, specs: list[BucketSpec], delta: int, budgets: list[tuple[Budget, str]],
                budget_delta: tuple[int, int, int] | None, now_ms: float) -> None:

@@ -81,6 +81,7 @@ class Ticket:
 
 
 _DIMENSIONS = ("spend", "tokens", "requests")
+_UNDECIDED = Verdict(True, None, 0, 0, 0)  # a ticket's verdict until admission decides
 
 
 def ticket_headers(ticket: Ticket) -> list[tuple[str, str]]:
@@ -151,13 +152,13 @@ class Admission:
         if client is None:
             # In-process: the instance's shared buckets.
             specs = buckets_for(key, model, tokens, org, model_limits)
-            ticket = Ticket(key, specs, tokens, Verdict(True, None, 0, 0, 0), budgets,
-                            reservation, periods=periods)
+            ticket = Ticket(key, specs, tokens, _UNDECIDED, budgets, reservation,
+                            periods=periods)
             ticket.verdict = self._admit_local(ticket, nonce, nonce_ttl_ms)
             return ticket
         specs = buckets_for(key, model, tokens, org, model_limits)
         self._rid_next += 1
-        ticket = Ticket(key, specs, tokens, Verdict(True, None, 0, 0, 0), budgets, reservation,
+        ticket = Ticket(key, specs, tokens, _UNDECIDED, budgets, reservation,
                         rid=f"{self._rid_prefix}{self._rid_next:x}", periods=periods)
         started = time.perf_counter()
         ticket.verdict = await self._admit_redis(client, limits, ticket, nonce, nonce_ttl_ms)
