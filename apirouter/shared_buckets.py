@@ -139,7 +139,9 @@ class BucketTable:
         among ``taken`` (the slots other records of the same operation resolved to)."""
         buf = self._buf
         off = self._hint.get(key)
-        if off is not None:
+        # A slot another record of this operation resolved to is not this record's any more
+        # (it was expired, so reused): this one is absent, and goes elsewhere.
+        if off is not None and off not in taken:
             k, expires = _KEY.unpack_from(buf, off)
             if k == key:
                 return off, expires > now_ms
@@ -148,12 +150,12 @@ class BucketTable:
         soonest = float("inf")
         for way in range(self.ways):
             off = first + way * _SLOT.size
+            if off in taken:
+                continue
             k, expires = _KEY.unpack_from(buf, off)
             if k == key:
                 self._hint[key] = off
                 return off, expires > now_ms
-            if off in taken:
-                continue
             if free < 0 and (k == 0 or expires <= now_ms):
                 free = off
             elif expires < soonest:
