@@ -23,6 +23,7 @@ import pytest
 
 from apirouter.keys import hash_key
 from tests.harness import HOST, MockBackend, RedisServer, Router, wait_for
+from workers.admission import BREAKER_OPEN_S
 
 USER = [{"role": "user", "content": "hello there"}]
 PRICE = {"prompt_per_1k": 1.0, "completion_per_1k": 2.0}
@@ -249,14 +250,20 @@ def test_fail_closed_charges_nothing_refused_under_sigstop_and_sigkill(
     statuses = Counter(load.one(routers[0], "fq") for _ in range(10))
     assert statuses == {503: 10}, statuses
     own_redis.append(RedisServer(redis.port))
-    # Until both workers' breakers have let Redis be asked again (8 admissions in a row);
-    # the 503s before that are refusals and charge nothing.
-    streak = 0
+    # Until both workers' breakers have let Redis be asked again; the 503s before that are
+    # refusals and charge nothing. A worker's last failure was a 503 some client saw, so once
+    # admissions have succeeded for longer than the breaker stays open, no breaker is open (8
+    # in a row alone was not enough: a faster router did them all on one worker within the
+    # second the other worker's breaker stayed open).
+    streak: list[float] = []
 
     def back() -> bool:
-        nonlocal streak
-        streak = streak + 1 if load.one(routers[0], "fq") == 200 else 0
-        return streak >= 8
+        if load.one(routers[0], "fq") == 200:
+            streak.append(time.monotonic())
+            time.sleep(0.2)  # 8 successes span the breaker's window on a few of the 40
+        else:
+            streak.clear()
+        return len(streak) >= 8 and streak[-1] - streak[0] > BREAKER_OPEN_S + 0.2
 
     wait_for(back, 20, "Redis back")
     used = load.statuses["fq"][200]
