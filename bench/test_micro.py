@@ -182,3 +182,52 @@ def test_sse_scan_per_event_batched(benchmark: BenchmarkFixture) -> None:
 
     scanner, batch = SSEScanner(), b"".join(_stream_events(64))
     assert len(benchmark(scanner.feed, batch)) == 64
+
+
+def test_sse_relay_per_read(benchmark: BenchmarkFixture) -> None:
+    """What the stream relay does with one 64-event read (workers.streaming): pass on the
+    complete events and account them (SSERelay's block path), per call."""
+    from apirouter.sse import SSERelay, SSEScanner, StreamUsage
+
+    batch = b"".join(_stream_events(64))
+    relay = SSERelay(SSEScanner(), StreamUsage(), False)
+    assert benchmark(relay.feed, batch) == batch
+    assert (relay.usage.events, relay.usage.content_bytes) == (64, 6 * 64 - 1)
+
+
+def test_upstream_stream_read(benchmark: BenchmarkFixture) -> None:
+    """A backend's read of 64 events, one chunk of the chunked encoding each, through the
+    upstream connection into its BodyStream (workers.upstream), per call."""
+    import asyncio
+
+    from workers.upstream import _Connection
+
+    body = b"".join(b"%x\r\n%b\r\n" % (len(e), e) for e in _stream_events(64))
+
+    class Transport:
+        def pause_reading(self) -> None: ...
+
+        def resume_reading(self) -> None: ...
+
+    async def run() -> None:
+        class Pool:
+            _loop = asyncio.get_running_loop()
+
+        conn = _Connection(Pool())  # type: ignore[arg-type]
+        conn.transport = Transport()  # type: ignore[assignment]
+        conn._want_stream = True
+        conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                           b"Transfer-Encoding: chunked\r\n\r\n")
+        stream = conn.stream
+        assert stream is not None
+        stream.watch_idle(30)
+
+        def one() -> None:
+            conn.data_received(body)
+            stream._chunks, stream._size = [], 0
+
+        benchmark(one)
+        assert stream._timer is not None
+        stream._timer.cancel()
+
+    asyncio.run(run())
