@@ -93,6 +93,9 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as e:
             self._fail(UpstreamProtocolError(f"invalid HTTP from backend: {e}"))
             self.abort()
+        stream = self.stream
+        if stream is not None and stream._chunks:
+            stream.fed(len(data))  # once per read, not per chunk of the chunked encoding
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -120,8 +123,9 @@ class _Connection(asyncio.Protocol):
             self._headers = []
 
     def on_body(self, body: bytes) -> None:
-        if self.stream is not None:
-            self.stream.feed(body)
+        stream = self.stream
+        if stream is not None:
+            stream._chunks.append(body)  # data_received then calls stream.fed()
             return
         self._size += len(body)
         if self._size > MAX_RESPONSE_BYTES:
@@ -327,7 +331,9 @@ class BodyStream:
     ``read()`` returns every byte received since the last read (b"" once the body is complete)
     or raises: UpstreamTimeout when the deadline (``arm``) or the idle timeout (``watch_idle``)
     passed first, UpstreamProtocolError when the backend hung up mid-body. One timer serves both
-    deadlines: it is re-armed only when it fires, not on every chunk.
+    deadlines: it is re-armed only when it fires, not on every chunk. The connection appends
+    each body chunk (one per chunk of the chunked encoding) and calls ``fed`` once per socket
+    read: the idle clock, the high-water mark and the reader's wake-up are per read.
     """
 
     __slots__ = ("_conn", "_loop", "_chunks", "_size", "_waiter", "_timer", "_deadline",
@@ -348,10 +354,10 @@ class BodyStream:
         self.error: Exception | None = None
         self.closed = False
 
-    # fed by the connection
-    def feed(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._size += len(data)
+    # fed by the connection: it appends to _chunks, then calls fed() once per read
+    def fed(self, n: int) -> None:
+        """``n`` bytes were read (the body's, with their chunked framing) into _chunks."""
+        self._size += n
         if self._idle_s:
             self._last = self._loop.time()
         if self._size > STREAM_HIGH_WATER and not self._paused:
