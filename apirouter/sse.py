@@ -12,17 +12,18 @@ then ends in CR: still exact in sum, and the same fields wherever the input is s
 event (or the unfinished rest of one) larger than ``max_event_bytes`` raises
 ``SSEEventTooLarge``: a hostile backend cannot grow the buffer.
 
-``StreamUsage`` accumulates what settling a stream needs - the usage block, finish reasons,
-the content bytes streamed (for an estimate when the backend reports no usage) and an in-band
-error - from pattern searches; only a chunk that carries a usage object or an error is parsed
-as JSON.
+``StreamUsage`` accumulates what settling a stream needs - the events, the usage block and
+the content bytes streamed (for an estimate when the backend reports no usage) - from pattern
+searches; only a chunk that carries a usage object is parsed as JSON. (Nothing else is read
+from the events: finish reasons and a backend's in-band error pass through to the client, and
+the relay does not parse them.)
 
 ``SSERelay`` is what a proxy does with each read: it passes on the complete events as one
 bytes object and accounts them. The common run - every event one ``data:`` line, LF line ends
 - is taken as one block (``SSEScanner.feed_block``, ``StreamUsage.add_block``): counted, and
-searched for content and finish reasons, by a few passes over the bytes in C, with no object
-per event; from an event that may be [DONE] or carry a usage or error object on, and for any
-other read, it goes event by event. The result is the same either way (tests/apirouter/
+searched for content, by a few passes over the bytes in C, with no object per event; from an
+event that may be [DONE] or carry a usage object on, and for any other read, it goes event by
+event. The result is the same either way (tests/apirouter/
 test_sse_relay.py checks it against the event-by-event path at every split).
 
 ``error_event`` renders an in-band error in OpenAI's shape, which the openai SDK
@@ -45,7 +46,6 @@ DEFAULT_MAX_EVENT_BYTES = 1 << 20
 # A blank line: a line end right after a line end. Atomic groups keep "\r\n" one line end.
 _BLANK_LINE = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")
 _LINE_ENDS = b"\r\n"
-_FINISH_KEY = b'"finish_reason":'
 _DONE = b"[DONE]"
 
 
@@ -189,14 +189,11 @@ class SSEScanner:
 
 
 def _special(block: bytes) -> int:
-    """Where in ``block`` the first event that must be read whole (with a usage or error object
-    or [DONE]) may be (-1: nowhere). Separate searches: each has a literal to look for."""
+    """Where in ``block`` the first event that must be read whole (with a usage object or
+    [DONE]) may be (-1: nowhere). Separate searches: each has a literal to look for."""
     at = block.find(_DONE)
     m = _USAGE_OBJECT.search(block, 0, at) if at >= 0 else _USAGE_OBJECT.search(block)
-    if m is not None:
-        at = m.start()
-    error = block.find(b'"error":', 0, at) if at >= 0 else block.find(b'"error":')
-    return error if error >= 0 else at
+    return m.start() if m is not None else at
 
 
 def block_events(block: bytes) -> list[SSEEvent]:
@@ -212,7 +209,7 @@ class SSERelay:
 
     The common run of events is handled as one block (``SSEScanner.feed_block``,
     ``StreamUsage.add_block``); event by event from the first one that may be [DONE] or carry
-    a usage or error object, and for any read that is not the common case. ``done`` is set once
+    a usage object, and for any read that is not the common case. ``done`` is set once
     [DONE] has been passed on."""
 
     __slots__ = ("scanner", "usage", "keep_usage", "done")
@@ -268,8 +265,6 @@ _WS = rb"[ \t\n\r]*"
 _STRING = rb'"([^"\\\n]*(?:\\.?[^"\\\n]*)*)'
 _CONTENT = re.compile(rb'"(?:content|text|arguments|refusal|reasoning_content)":' + _WS
                       + _STRING)
-_FINISH = re.compile(rb'"finish_reason":' + _WS + _STRING)
-_OBJECT = re.compile(rb'"(?:usage|error)":' + _WS + rb"\{")  # a usage or error object
 _USAGE_OBJECT = re.compile(rb'"usage":' + _WS + rb"\{")
 
 
@@ -299,8 +294,6 @@ def _content_bytes(data: bytes) -> int:
         return sum(map(_string_bytes, found))
 
 
-def _finish_reasons(data: bytes) -> list[str]:
-    return [r.decode("utf-8", "replace") for r in _FINISH.findall(data)]
 
 
 def _count(value: Any) -> int | None:
@@ -317,15 +310,13 @@ class StreamUsage:
     ``apirouter.limits.estimate_tokens``.
     """
 
-    __slots__ = ("prompt_bytes", "events", "content_bytes", "finish_reasons", "usage", "error")
+    __slots__ = ("prompt_bytes", "events", "content_bytes", "usage")
 
     def __init__(self, prompt_bytes: int = 0) -> None:
         self.prompt_bytes = prompt_bytes
         self.events = 0  # data events other than [DONE]
         self.content_bytes = 0
-        self.finish_reasons: list[str] = []
         self.usage: dict[str, Any] | None = None
-        self.error: dict[str, Any] | None = None  # an in-band error the backend sent
 
     def add(self, event: SSEEvent) -> bool:
         """Account one event. True when it is a usage-only chunk (no choices): the one to drop
@@ -335,30 +326,22 @@ class StreamUsage:
             return False
         self.events += 1
         self.content_bytes += _content_bytes(data)
-        if _FINISH_KEY in data:
-            self.finish_reasons += _finish_reasons(data)
         usage_only = False
-        if _OBJECT.search(data) is not None:
+        if _USAGE_OBJECT.search(data) is not None:
             try:
                 doc = orjson.loads(data)
             except orjson.JSONDecodeError:
                 return False
-            if isinstance(doc, dict):
-                if isinstance(doc.get("usage"), dict):
-                    self.usage = doc["usage"]
-                    usage_only = not doc.get("choices")
-                if isinstance(doc.get("error"), dict):
-                    self.error = doc["error"]
+            if isinstance(doc, dict) and isinstance(doc.get("usage"), dict):
+                self.usage = doc["usage"]
+                usage_only = not doc.get("choices")
         return usage_only
 
     def add_block(self, block: bytes, events: int) -> None:
         """Account ``events`` whole events at once, ``block`` their raw bytes: one data line
-        each, none of them [DONE] or with a usage or error object (``SSERelay`` checks)."""
+        each, none of them [DONE] or with a usage object (``SSERelay`` checks)."""
         self.events += events
         self.content_bytes += _content_bytes(block)
-        reasons = _FINISH.findall(block)  # one pass: "finish_reason": null is in most events
-        if reasons:
-            self.finish_reasons += [r.decode("utf-8", "replace") for r in reasons]
 
     def result(self) -> tuple[int, int, bool]:
         usage = self.usage or {}

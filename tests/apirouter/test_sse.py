@@ -179,7 +179,7 @@ def chunk(draw: st.DrawFn) -> dict[str, Any]:
 
 def full_parse(docs: list[dict[str, Any]], prompt_bytes: int) -> dict[str, Any]:
     """What StreamUsage must find, from parsing every chunk."""
-    content, reasons, usage = 0, [], None
+    content, usage = 0, None
     for doc in docs:
         for c in doc["choices"]:
             delta = c.get("delta", {})
@@ -187,8 +187,6 @@ def full_parse(docs: list[dict[str, Any]], prompt_bytes: int) -> dict[str, Any]:
                       delta.get("reasoning_content")]
             pieces += [t["function"]["arguments"] for t in delta.get("tool_calls", [])]
             content += sum(len(p.encode()) for p in pieces if p)
-            if c["finish_reason"]:
-                reasons.append(c["finish_reason"])
         if isinstance(doc.get("usage"), dict):
             usage = doc["usage"]
     if usage:
@@ -196,8 +194,7 @@ def full_parse(docs: list[dict[str, Any]], prompt_bytes: int) -> dict[str, Any]:
     else:
         result = (estimate_tokens(prompt_bytes, None, 0) if prompt_bytes else 0,
                   estimate_tokens(content, None, 0) if content else 0, True)
-    return {"events": len(docs), "content_bytes": content, "finish_reasons": reasons,
-            "usage": usage, "result": result}
+    return {"events": len(docs), "content_bytes": content, "usage": usage, "result": result}
 
 
 ENCODERS = [orjson.dumps, lambda d: json.dumps(d).encode(),
@@ -215,19 +212,18 @@ def test_usage_extraction_equals_a_full_parse(docs: list[dict[str, Any]], encode
     acc = StreamUsage(prompt_bytes)
     usage_only = [acc.add(e) for e in SSEScanner().feed(stream)]
     want = full_parse(docs, prompt_bytes)
-    assert {"events": acc.events, "content_bytes": acc.content_bytes,
-            "finish_reasons": acc.finish_reasons, "usage": acc.usage,
+    assert {"events": acc.events, "content_bytes": acc.content_bytes, "usage": acc.usage,
             "result": acc.result()} == want
     assert usage_only == [isinstance(d.get("usage"), dict) and not d["choices"]
                           for d in docs] + [False]
 
 
-def test_in_band_errors_are_kept() -> None:
+def test_in_band_errors_are_counted_events() -> None:
     acc = StreamUsage()
-    for e in SSEScanner().feed(b'data: {"error": {"message": "overloaded", "code": 1}}\n\n'
-                               b'data: {"choices": [], "note": "\\"error\\": {"}\n\n'):
-        acc.add(e)
-    assert acc.error == {"message": "overloaded", "code": 1} and acc.events == 2
+    usage_only = [acc.add(e) for e in SSEScanner().feed(
+        b'data: {"error": {"message": "overloaded", "code": 1}}\n\n'
+        b'data: {"choices": [], "note": "\\"usage\\": {"}\n\n')]
+    assert usage_only == [False, False] and acc.events == 2 and acc.usage is None
 
 
 async def test_the_openai_sdk_raises_the_error_event() -> None:
