@@ -20,6 +20,10 @@ def test_innermost_recognised_frame_decides() -> None:
     assert classify(f"{LOOP};_write (/r/workers/fast_server.py:290)") == "response write"
     assert classify(f"{LOOP};inc (/v/prometheus_client/values.py:30)") == "metrics"
     assert classify(LOOP) == "event loop"
+    # The worker's serve loop itself is the event loop; its coroutines are request glue.
+    assert classify("run (/r/workers/gunicorn_worker.py:90)") == "event loop"
+    assert classify("run (/r/workers/gunicorn_worker.py:90);proxy (/r/workers/pipeline.py:216)"
+                    ) == "pipeline"
     assert classify("main (/x/other.py:1)") == "other"
     assert classify(f"{LOOP};drain (/r/supervisor/usage_drain.py:50)",
                     SUPERVISOR_STAGES) == "usage export"
