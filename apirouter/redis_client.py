@@ -98,11 +98,17 @@ class _Protocol(asyncio.Protocol):
         self.watchdog: asyncio.TimerHandle | None = None
         self.fd = -1
         self.out: list[bytes] = []  # commands of this loop turn, written together at its end
+        self.idle = True  # no reply was outstanding when the last command was owed
 
     def send(self, data: bytes) -> None:
-        """Queue a command; everything queued in one event-loop turn goes out in one write at
-        the end of the turn (one system call for the admissions and settlements of many
-        requests, instead of one each; the wait is the rest of the turn's callbacks)."""
+        """Write a command. On an idle connection it goes out at once (a lone request must not
+        wait); while replies are outstanding, everything queued in one event-loop turn goes out
+        in one write at the end of the turn (one system call for the admissions and
+        settlements of many requests instead of one each; the wait is the rest of the turn's
+        callbacks, shorter than the replies already awaited)."""
+        if self.idle and not self.out and self.transport is not None:
+            self.transport.write(data)
+            return
         if not self.out:
             self.loop.call_soon(self._flush)
         self.out.append(data)
@@ -119,7 +125,8 @@ class _Protocol(asyncio.Protocol):
 
     def owe(self, futs: list[asyncio.Future[RespValue]]) -> None:
         """Replies now owed on this connection; the liveness clock runs while any are."""
-        if not self.waiters:
+        self.idle = not self.waiters
+        if self.idle:
             self.progress = self.loop.time()
         self.waiters.extend(futs)
         stall = self.client.stall_timeout
