@@ -98,9 +98,10 @@ class _Protocol(asyncio.Protocol):
         self.watchdog: asyncio.TimerHandle | None = None
         self.fd = -1
         self.out: list[bytes] = []  # commands of this loop turn, written together at its end
+        self.out_replies = 0  # the replies those commands will owe
         self.idle = True  # no reply was outstanding when the last command was owed
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes, replies: int = 1) -> None:
         """Write a command. On an idle connection it goes out at once (a lone request must not
         wait); while replies are outstanding, everything queued in one event-loop turn goes out
         in one write at the end of the turn (one system call for the admissions and
@@ -112,9 +113,11 @@ class _Protocol(asyncio.Protocol):
         if not self.out:
             self.loop.call_soon(self._flush)
         self.out.append(data)
+        self.out_replies += replies
 
     def _flush(self) -> None:
         out, self.out = self.out, []
+        self.out_replies = 0
         if self.transport is not None and out:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
@@ -139,9 +142,14 @@ class _Protocol(asyncio.Protocol):
         if self.transport is None or not self.waiters or stall is None:
             return
         now = self.loop.time()
-        if self.out:  # our loop was blocked before it could even send: Redis is not late
+        if self.out:
+            # Replies owed only for commands our own loop had not sent yet (it was blocked):
+            # Redis is not late, the clock starts now. Anything owed for bytes already sent
+            # keeps the clock running, however much traffic keeps queuing behind it.
+            quiet = self.out_replies == len(self.waiters)
             self._flush()
-            self.progress = now
+            if quiet:
+                self.progress = now
         if now < self.progress + stall:
             self.watchdog = self.loop.call_at(self.progress + stall, self._check)
             return
@@ -189,6 +197,7 @@ class _Protocol(asyncio.Protocol):
             if not w.done():
                 w.set_exception(exc)
         self.out = []
+        self.out_replies = 0
         if self.transport is not None:
             self.transport.abort()
             self.transport = None
@@ -300,7 +309,7 @@ class RedisClient:
             raise RedisUnavailable("not connected")
         futs = [self._loop.create_future() for _ in range(count)]
         proto.owe(futs)
-        proto.send(data)
+        proto.send(data, count)
         timer = self._loop.call_at(deadline, _expire, futs[-1], proto)
         try:
             await futs[-1]  # replies arrive in order: the last one means all are in

@@ -80,6 +80,43 @@ async def test_a_silent_redis_is_down_after_the_stall_timeout(own_redis: RedisSe
     client.close()
 
 
+def test_a_silent_redis_is_down_on_time_while_traffic_keeps_queuing(
+        own_redis: RedisServer) -> None:
+    """Requests keep arriving while Redis is stopped: each queues a command behind the
+    unanswered ones. The stall clock must keep running for those already sent (once, the
+    commands a turn queued before the watchdog ran restarted it, and with steady traffic Redis
+    was never declared down)."""
+    async def scenario() -> None:
+        client = RedisClient(own_redis.url, stall_timeout=0.2)
+        assert await client.execute("PING", timeout=None) == "PONG"
+        loop = asyncio.get_running_loop()
+        os.kill(own_redis.pid, signal.SIGSTOP)
+        first = asyncio.ensure_future(client.execute("PING", timeout=None))
+        await asyncio.sleep(0)
+        later: list[asyncio.Future[object]] = []
+
+        def arrive() -> None:  # a request each loop turn, as under steady load
+            if not first.done():
+                later.append(asyncio.ensure_future(client.execute("PING", timeout=None)))
+                loop.call_soon(arrive)
+
+        loop.call_soon(arrive)
+        try:
+            # Well past the 0.2 s bound; on the broken watchdog this waited forever.
+            with pytest.raises(RedisUnavailable, match="no reply"):
+                await asyncio.wait_for(first, 5)
+        finally:
+            os.kill(own_redis.pid, signal.SIGCONT)
+        results = await asyncio.gather(*later, return_exceptions=True)
+        # Those sent on the stalled connection failed with it; the last few, which had not
+        # started before Redis was resumed, got their answer on a new connection.
+        assert any(isinstance(r, RedisUnavailable) for r in results)
+        assert all(isinstance(r, RedisUnavailable) or r == "PONG" for r in results), results
+        client.close()
+
+    uvloop.run(scenario())
+
+
 def _limits(url: str) -> Limits:
     return Limits(1 << 20, 30.0, 1.0, 8, 30.0, 3, url, 500.0, "closed", 256, 1)
 
