@@ -389,15 +389,19 @@ class Admission:
                 calls.append((f"{s.name} for key {ticket.key.key_id}", "settle", SETTLE_LUA,
                               [bucket_key(org, s.name)],
                               [s.capacity, repr(s.refill_per_ms), delta, BUCKET_TTL_MS]))
-        sent = [client.submit("EVALSHA", sha, len(keys), *keys, *args)
-                if (sha := self._sha.get(name)) is not None else None
+        sent = [(sha, client.submit("EVALSHA", sha, len(keys), *keys, *args))
+                if (sha := self._sha.get(name)) is not None else (None, None)
                 for _, name, _, keys, args in calls]
-        for (what, name, source, keys, args), fut in zip(calls, sent, strict=True):
+        for (what, name, source, keys, args), (sha, fut) in zip(calls, sent, strict=True):
             try:
-                reply = await fut if fut is not None else None
-                if fut is None or (isinstance(reply, RedisError)
-                                   and str(reply).startswith("NOSCRIPT")):
-                    self._sha.pop(name, None)
+                if fut is None:  # not loaded yet, or not connected: _script does both
+                    await self._script(client, name, source, keys, args)
+                    continue
+                reply = await fut
+                if isinstance(reply, RedisError) and str(reply).startswith("NOSCRIPT"):
+                    # Reload once per batch: a retry before this one may have reloaded it.
+                    if self._sha.get(name) == sha:
+                        self._sha.pop(name, None)
                     await self._script(client, name, source, keys, args)
                 elif isinstance(reply, RedisError):
                     raise reply
@@ -415,6 +419,15 @@ def _bucket_table() -> BucketTable:
             log.error("cannot attach the bucket segment %s (%s): limits are per process", name,
                       e)
     return BucketTable.private()
+
+
+async def finish_pending(admission: Admission, timeout: float) -> None:
+    """At shutdown: apply queued in-process settlements and wait (bounded) for the background
+    settlements and releases still running, so a draining worker's last refunds and charges
+    are not dropped."""
+    admission.apply_settlements()
+    if _pending:
+        await asyncio.wait(set(_pending), timeout=timeout)
 
 
 def spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:

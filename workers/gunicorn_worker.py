@@ -27,11 +27,13 @@ from gunicorn.workers.base import Worker
 
 from apirouter.stats import RUN_DIR_ENV
 from workers import log_setup, readiness
+from workers.admission import finish_pending
 from workers.app import PIPELINE_KEY
 from workers.fast_server import FastServer
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 TICK_S = 1.0  # heartbeat to the arbiter, the stats segment and the usage ring
+SETTLE_DRAIN_S = 1.0  # at exit: how long settlements still on their way to Redis may take
 
 
 class RouterWorker(Worker):
@@ -128,3 +130,4 @@ class RouterWorker(Worker):
                 server.close()
             await fast.shutdown(shutdown_timeout)
             await runner.cleanup()
+            await finish_pending(pipeline.admission, SETTLE_DRAIN_S)
