@@ -17,9 +17,10 @@ Byte layout (little endian, 8-byte words)::
                        a ledger: spend (micro), tokens, requests used in its period
 
 A record lives in the stripe of its scope (its name up to the last ``:`` — ``key:{id}``,
-``org:{org}``, ``ledger:{scope}``), in any of its W ways: the buckets of one key share a
-stripe, so a request without org limits or budgets takes one lock, not one per bucket (each
-``lockf`` is a system call, and they were a fifth of admission's cost). Every read-modify-write
+``org:{org}``, ``key:{id}:model:{m}``, ``ledger:{scope}``), in any of its W ways: a key's rpm
+and tpm buckets share a stripe, so a request without org or model limits or budgets takes one
+lock, not one per bucket (each ``lockf`` is a system call, and they were a fifth of
+admission's cost). Every read-modify-write
 of a stripe happens under an exclusive ``lockf`` on byte ``s`` of the segment's file in
 /dev/shm: the kernel drops the lock when its holder dies, so a killed worker never leaves a
 stripe locked. A request locks the stripes of all its records in ascending order (no deadlock),
