@@ -115,6 +115,13 @@ class _Protocol(asyncio.Protocol):
         self.out.append(data)
         self.out_replies += replies
 
+    def request(self, data: bytes) -> asyncio.Future[RespValue]:
+        """Send one command; the future of its reply."""
+        fut: asyncio.Future[RespValue] = self.loop.create_future()
+        self.owe([fut])
+        self.send(data)
+        return fut
+
     def _flush(self) -> None:
         out, self.out = self.out, []
         self.out_replies = 0
@@ -255,9 +262,7 @@ class RedisClient:
     async def _send(self, proto: _Protocol, data: bytes, deadline: float | None) -> RespValue:
         if proto.transport is None:
             raise RedisUnavailable("not connected")
-        fut: asyncio.Future[RespValue] = self._loop.create_future()
-        proto.owe([fut])
-        proto.send(data)
+        fut = proto.request(data)
         if deadline is None:
             return await fut
         timer = self._loop.call_at(deadline, _expire, fut, proto)
@@ -289,10 +294,7 @@ class RedisClient:
         proto = self._proto
         if proto is None or proto.transport is None:
             return None
-        fut: asyncio.Future[RespValue] = self._loop.create_future()
-        proto.owe([fut])
-        proto.send(encode_command(*args))
-        return fut
+        return proto.request(encode_command(*args))
 
     async def pipeline(self, commands: list[tuple[bytes | str | int | float, ...]],
                        timeout: float) -> list[RespValue]:

@@ -20,12 +20,12 @@ A record lives in the stripe of its scope (its name up to the last ``:`` — ``k
 ``org:{org}``, ``key:{id}:model:{m}``, ``ledger:{scope}``), in any of its W ways: a key's rpm
 and tpm buckets share a stripe, so a request without org or model limits or budgets takes one
 lock, not one per bucket (each ``lockf`` is a system call, and they were a fifth of
-admission's cost). Every read-modify-write
-of a stripe happens under an exclusive ``lockf`` on byte ``s`` of the segment's file in
-/dev/shm: the kernel drops the lock when its holder dies, so a killed worker never leaves a
-stripe locked. A request locks the stripes of all its records in ascending order (no deadlock),
-decides with the pure functions of apirouter/limits.py and apirouter/budgets.py, and writes
-each slot back as one whole-slice write. CLOCK_MONOTONIC is the same clock in every process.
+admission's cost). Every read-modify-write of a stripe happens under an exclusive ``lockf`` on
+byte ``s`` of the segment's file in /dev/shm: the kernel drops the lock when its holder dies,
+so a killed worker never leaves a stripe locked. A request locks the stripes of all its
+records in ascending order (no deadlock), decides with the pure functions of
+apirouter/limits.py and apirouter/budgets.py, and writes each slot back as one whole-slice
+write. CLOCK_MONOTONIC is the same clock in every process.
 When every way of a stripe holds a live record, the one full again soonest is evicted (a
 warning: the segment is too small for the live keys).
 """
@@ -302,20 +302,17 @@ class BucketTable:
     def settle_many(self, items: list[Settlement], now_ms: float) -> None:
         """Several settlements under one round of locks (a worker batches those of one event
         loop turn: under load, one lock for many requests)."""
-        names: list[str] = []
-        for specs, _, budgets, budget_delta in items:
-            names += [s.name for s in specs]
-            if budget_delta is not None:
-                names += [_ledger_name(b, p) for b, p in budgets]
-        if not names:
+        names = [[s.name for s in specs] + ([_ledger_name(b, p) for b, p in budgets]
+                                            if budget_delta is not None else [])
+                 for specs, _, budgets, budget_delta in items]
+        stripes = self._stripes([n for item_names in names for n in item_names])
+        if not stripes:
             return
-        stripes = self._stripes(names)
         self._lock(stripes)
         try:
-            for specs, delta, budgets, budget_delta in items:
-                ledger_names = ([_ledger_name(b, p) for b, p in budgets]
-                                if budget_delta is not None else [])
-                found = self._resolve([s.name for s in specs] + ledger_names, now_ms)
+            for (specs, delta, budgets, budget_delta), item_names in zip(items, names,
+                                                                          strict=True):
+                found = self._resolve(item_names, now_ms)
                 states = self._states(specs, found)
                 for s, (key, off, _) in zip(specs, found, strict=False):
                     settle(s, states, now_ms, delta)

@@ -355,14 +355,12 @@ class Admission:
         """Queue an in-process settlement: those of one event-loop turn are applied together,
         under one round of stripe locks, right after the turn's callbacks (before the loop
         waits for I/O again). Outside an event loop: at once."""
-        if not self._settlements:
+        self._settlements.append(item)
+        if len(self._settlements) == 1:
             try:
                 asyncio.get_running_loop().call_soon(self.apply_settlements)
             except RuntimeError:
-                self._settlements.append(item)
                 self.apply_settlements()
-                return
-        self._settlements.append(item)
 
     def apply_settlements(self) -> None:
         items, self._settlements = self._settlements, []
