@@ -12,6 +12,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import msgspec
 import orjson
 
 from apirouter.errors import RouterError
@@ -105,6 +106,45 @@ def read_item(raw: bytes) -> UsageItem | None:
         return UsageItem(raw, str(doc["request_id"]), doc.get("org"), float(doc["ts_end"]))
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
+
+
+class _Index(msgspec.Struct):
+    """The fields ``read_item`` takes from a record, when they have their schema's types."""
+
+    request_id: str
+    ts_end: float
+    org: str | None = None
+
+
+_INDEX = msgspec.json.Decoder(_Index)
+
+
+def read_items(raws: list[bytes]) -> tuple[list[UsageItem], list[bytes]]:
+    """``read_item`` over a batch: (the usage records, the entries that are not).
+
+    Each record is decoded by a decoder that skips the fields nobody indexes (~0.7 µs a
+    record where ``read_item``'s full parse costs ~2). It accepts a subset of what
+    ``read_item`` does, with the same values (a differential test holds it to that); whatever
+    it refuses — another type, deeper nesting, invalid UTF-8 (which it does not check in
+    skipped strings, hence the check before it), not JSON at all — goes through ``read_item``,
+    so the result never depends on the path taken."""
+    items: list[UsageItem] = []
+    bad: list[bytes] = []
+    decode = _INDEX.decode
+    for raw in raws:
+        try:
+            if not raw.isascii():
+                raw.decode()
+            i = decode(raw)
+        except Exception:  # any refusal (RecursionError included): the reference decides
+            item = read_item(raw)
+            if item is None:
+                bad.append(raw)
+            else:
+                items.append(item)
+            continue
+        items.append(UsageItem(raw, i.request_id, i.org, i.ts_end))
+    return items, bad
 
 
 def parse_fields(raw: str | None) -> tuple[str, ...] | None:

@@ -27,7 +27,7 @@ from multiprocessing import shared_memory
 from typing import Any, Protocol
 
 from apirouter.runstate import file_locked
-from apirouter.usage import UsageItem, read_item
+from apirouter.usage import UsageItem, read_items
 from apirouter.usage_ring import (
     OVERFLOW_DIR,
     RingConsumer,
@@ -79,14 +79,7 @@ def quarantine(run_dir: str, what: str, data: bytes) -> str:
 
 
 def _items(raws: list[bytes], run_dir: str) -> list[UsageItem]:
-    out = []
-    bad = []
-    for raw in raws:
-        item = read_item(raw)
-        if item is None:
-            bad.append(raw)
-            continue
-        out.append(item)
+    out, bad = read_items(raws)
     if bad:
         metrics.USAGE_MALFORMED.inc(len(bad))
         path = quarantine(run_dir, "malformed", b"\n".join(bad) + b"\n")

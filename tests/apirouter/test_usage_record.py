@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jsonschema
 import orjson
 import pytest
@@ -10,7 +12,15 @@ from hypothesis import strategies as st
 
 from apirouter.audit import etag, http_date, not_modified
 from apirouter.errors import RouterError
-from apirouter.usage import field_names, parse_fields, read_item, schema, select, usage_record
+from apirouter.usage import (
+    field_names,
+    parse_fields,
+    read_item,
+    read_items,
+    schema,
+    select,
+    usage_record,
+)
 
 tokens = st.one_of(st.none(), st.integers(min_value=0, max_value=10**7))
 text = st.text(min_size=1, max_size=40)
@@ -39,6 +49,67 @@ def test_every_record_the_builder_makes_satisfies_the_schema(
     assert b"\n" not in raw  # one record per line in JSONL and overflow files
     item = read_item(raw)
     assert item is not None and item.request_id == rid and item.org == key
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**63, max_value=2**64 - 1),
+              st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+    max_leaves=8)
+index_field = st.sampled_from(["request_id", "org", "ts_end"])
+
+
+def _entry(doc: dict, garble: int | None) -> bytes:
+    raw = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+    if garble is not None and raw:
+        # An invalid UTF-8 byte, a stray byte or a cut: entries a reader must refuse.
+        at = garble % len(raw)
+        raw = [raw[:at] + b"\xff" + raw[at:], raw[:at] + b"x" + raw[at:], raw[:at],
+               raw.replace(b'":"', b'":"\xc3', 1)][garble % 4]
+    return raw
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(
+    st.fixed_dictionaries({"schema_version": st.just(1), "request_id": st.one_of(
+        st.text(max_size=20), json_values), "ts_start": st.floats(0, 4e9),
+        "ts_end": st.one_of(st.floats(0, 4e9), st.integers(0, 2**70), json_values)},
+        optional={"org": st.one_of(st.none(), st.text(max_size=10), json_values),
+                  "model": st.text(max_size=10), "extra": json_values}),
+    st.one_of(st.none(), st.integers(min_value=0)),
+    st.lists(index_field, max_size=2)), max_size=12))
+def test_the_batch_reader_reads_exactly_what_read_item_reads(entries) -> None:
+    """read_items takes a fast path for the usual records; for any batch — wrong types,
+    missing fields, invalid UTF-8 (also in fields nobody indexes), cut or garbled JSON — it
+    must split records from non-records and give each record the values read_item gives."""
+    raws = []
+    for doc, garble, drop in entries:
+        for name in drop:
+            doc.pop(name, None)
+        raws.append(_entry(doc, garble))
+    items, bad = read_items(raws)
+    expected = [read_item(r) for r in raws]
+    assert items == [i for i in expected if i is not None]
+    assert bad == [r for r, i in zip(raws, expected, strict=True) if i is None]
+    for item in items:  # same types too (a float ts_end, a str request id)
+        ref = read_item(item.raw)
+        assert ref is not None and [type(v) for v in item] == [type(v) for v in ref]
+
+
+def test_the_batch_reader_refers_what_its_decoder_skips_to_read_item() -> None:
+    good = usage_record(kind="request", request_id="r1", ts_start=1.0, ts_end=2.0,
+                        endpoint="/v1/inference", key_id="k", org="émile", model="m",
+                        backend_id=None, decision_type=None, attempts=1, status=200,
+                        error_code=None, prompt_tokens=1, completion_tokens=1, cost_micro=0,
+                        backend_s=0.1, table_generation=1, worker_pid=1)
+    deep = b'{"request_id":"r2","ts_end":1,"x":' + b"[" * 1000 + b"]" * 1000 + b"}"
+    bad_utf8 = b'{"request_id":"r3","ts_end":1,"x":"\xff"}'
+    numeric_id = b'{"request_id":7,"ts_end":"5","org":3}'
+    items, bad = read_items([good, deep, bad_utf8, numeric_id, b"not json", b""])
+    assert [(i.request_id, i.org, i.ts_end) for i in items] == [
+        ("r1", "émile", 2.0), ("r2", None, 1.0), ("7", 3, 5.0)]
+    assert bad == [bad_utf8, b"not json", b""]
 
 
 def test_the_schema_is_valid_and_versioned() -> None:
