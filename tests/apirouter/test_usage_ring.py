@@ -203,12 +203,12 @@ def test_peek_matches_the_frame_by_frame_reading(records, consumed, max_bytes, f
             got: object = cons.peek(max_bytes)
         except RingCorrupt as e:
             got = ("corrupt", e.tail, e.head)
-        assert got == expected
         prod.release()
         cons.release()
+        assert got == expected
     finally:
+        unlink_segment(shm)  # first: a failing example must not leave its segment behind
         shm.close()
-        unlink_segment(shm)
 
 
 def test_a_frame_cut_short_by_head_is_corrupt_not_skipped(segment) -> None:
