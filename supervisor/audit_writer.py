@@ -38,6 +38,13 @@ from supervisor import metrics
 
 log = logging.getLogger("apirouter.audit")
 
+# Rows per INSERT statement: executemany binds and steps one row at a time (~1.2 µs a row);
+# one statement of ROWS_PER_INSERT rows costs ~0.7 µs a row. INSERT OR IGNORE applies per
+# row, in order, as before: the first row of a key wins, within a statement too.
+ROWS_PER_INSERT = 100
+_ROW = "(?, ?, ?, ?, ?)"
+_CHUNK_PARAMS = 5 * ROWS_PER_INSERT
+_INSERT_CHUNK = INSERT.replace(f"VALUES {_ROW}", "VALUES " + ", ".join([_ROW] * ROWS_PER_INSERT))
 REDIS_TIMEOUT_S = 2.0
 REDIS_CHUNK = 128
 PURGE_EVERY_S = 300.0
@@ -132,16 +139,20 @@ class AuditWriter:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             offset = os.fstat(fd).st_size
-            rows = []
-            for i in items:
-                rows.append((i.request_id, i.org or "", hour, offset, len(i.raw)))
+            params: list[str | int] = []
+            for i in items:  # the rows' values, one flat list
+                params += (i.request_id, i.org or "", hour, offset, len(i.raw))
                 offset += len(i.raw) + 1
             os.write(fd, b"\n".join(i.raw for i in items) + b"\n")
         finally:
             os.close(fd)
-        with self._db:
+        full = len(params) - len(params) % _CHUNK_PARAMS
+        with self._db:  # one transaction: every row of the batch, or none
             self._db.execute("BEGIN")
-            self._db.executemany(INSERT, rows)
+            for start in range(0, full, _CHUNK_PARAMS):
+                self._db.execute(_INSERT_CHUNK, params[start:start + _CHUNK_PARAMS])
+            rest = iter(params[full:])
+            self._db.executemany(INSERT, zip(rest, rest, rest, rest, rest))
         if now - self._purged_at > PURGE_EVERY_S:
             self._purged_at = now
             self._purge(int((now - self.ttl_s) // 3600))

@@ -130,3 +130,54 @@ async def test_an_idle_redis_store_is_probed(monkeypatch: pytest.MonkeyPatch) ->
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await w.close()
+
+
+async def test_every_record_of_every_batch_is_found_byte_for_byte(tmp_path) -> None:
+    """The local store indexes a batch in multi-row statements plus a remainder: every record
+    of every batch size (within a statement, across statements, after earlier batches in the
+    same hour file) is found byte for byte, and within a batch the first row of a key wins."""
+    from workers.audit_reader import AuditReader
+
+    spec = f"local:{tmp_path}/audit"
+    w = AuditWriter(spec, 3600)
+    batches = [[_item(f"b{b}-{i}" + "x" * (i * 7 % 50), org=f"org-é{i % 3}") for i in range(n)]
+               for b, n in enumerate((1, 237, 100, 5))]
+    first, again = _item("twice", "acme"), _item("twice", "acme", ago=5)
+    assert first.raw != again.raw
+    batches[1][150:150] = [first]
+    batches[1][180:180] = [again]  # same statement as the first: ignored
+    for batch in batches:
+        await w.put(batch)
+    assert w.ok
+    reader = AuditReader(spec)
+    for item in (i for batch in batches for i in batch if i is not again):
+        assert await reader.get(item.request_id, item.org) == item.raw
+    reader.close()
+    await w.close()
+
+
+async def test_a_batch_the_index_refuses_is_counted_and_leaves_no_half_batch(tmp_path) -> None:
+    """A failure inside a batch's transaction rolls the whole batch's rows back (none is left
+    pointing half-way), is counted and reported, and the next batch is indexed in full."""
+    from supervisor import metrics
+    from workers.audit_reader import AuditReader
+
+    spec = f"local:{tmp_path}/audit"
+    w = AuditWriter(spec, 3600)
+    assert w._db is not None
+    w._db.execute("CREATE TRIGGER refuse BEFORE INSERT ON audit_by_org WHEN "
+                  "NEW.request_id = 'poison' BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    errors = metrics.AUDIT_ERRORS._value.get()
+    doomed = [_item(f"doomed-{i}") for i in range(230)]
+    await w.put(doomed[:170] + [_item("poison")] + doomed[170:])
+    assert not w.ok and metrics.AUDIT_ERRORS._value.get() == errors + 1
+    later = [_item(f"later-{i}") for i in range(130)]
+    await w.put(later)
+    assert w.ok
+    reader = AuditReader(spec)
+    for item in doomed:
+        assert await reader.get(item.request_id, "acme") is None
+    for item in later:
+        assert await reader.get(item.request_id, "acme") == item.raw
+    reader.close()
+    await w.close()

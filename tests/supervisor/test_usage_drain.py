@@ -122,3 +122,26 @@ async def test_an_overflow_file_a_live_worker_holds_is_never_taken(tmp_path) -> 
     finally:
         shm.close()
         unlink_segment(shm)
+
+
+async def test_the_jsonl_sink_files_each_record_by_its_own_utc_day(tmp_path) -> None:
+    """A batch across midnight UTC goes to two day files, in order, byte for byte; a batch
+    within one day to one file."""
+    from apirouter.usage import read_item
+
+    midnight = 86400 * 20_500
+    ends = [midnight - 2.5, midnight - 0.001, midnight, midnight + 3.0, midnight - 1.0]
+    raws = [usage_record(kind="request", request_id=f"d{i}", ts_start=t - 0.01, ts_end=t,
+                         endpoint="/v1/inference", key_id=None, org=None, model="m",
+                         backend_id=None, decision_type=None, attempts=1, status=200,
+                         error_code=None, prompt_tokens=None, completion_tokens=None,
+                         cost_micro=0, backend_s=0.0, table_generation=1, worker_pid=1)
+            for i, t in enumerate(ends)]
+    items = [read_item(r) for r in raws]
+    sink = JsonlSink(str(tmp_path))
+    await sink.accept(items)  # type: ignore[arg-type]
+    await sink.accept(items[:2])  # type: ignore[arg-type]
+    before = (tmp_path / time.strftime("usage-%Y%m%d.jsonl", time.gmtime(midnight - 1)))
+    after = (tmp_path / time.strftime("usage-%Y%m%d.jsonl", time.gmtime(midnight)))
+    assert before.read_bytes() == b"\n".join([raws[0], raws[1], raws[4], raws[0], raws[1]]) + b"\n"
+    assert after.read_bytes() == b"\n".join([raws[2], raws[3]]) + b"\n"
