@@ -151,8 +151,7 @@ class AuditWriter:
             self._db.execute("BEGIN")
             for start in range(0, full, _CHUNK_PARAMS):
                 self._db.execute(_INSERT_CHUNK, params[start:start + _CHUNK_PARAMS])
-            rest = iter(params[full:])
-            self._db.executemany(INSERT, zip(rest, rest, rest, rest, rest))
+            self._db.executemany(INSERT, [params[k:k + 5] for k in range(full, len(params), 5)])
         if now - self._purged_at > PURGE_EVERY_S:
             self._purged_at = now
             self._purge(int((now - self.ttl_s) // 3600))
