@@ -8,11 +8,11 @@ on (ring → supervisor → Kafka, spool, audit store) so every copy of a record
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import msgspec
 import orjson
 
 from apirouter.errors import RouterError
@@ -108,15 +108,23 @@ def read_item(raw: bytes) -> UsageItem | None:
         return None
 
 
-class _Index(msgspec.Struct):
-    """The fields ``read_item`` takes from a record, when they have their schema's types."""
+def _index_decoder() -> Callable[[bytes], Any] | None:
+    """msgspec's decoder of the three index fields; None in a virtualenv made before msgspec
+    was a dependency (tools/setup.sh installs it), where read_items reads as read_item."""
+    try:
+        import msgspec
+    except ImportError:
+        return None
 
-    request_id: str
-    ts_end: float
-    org: str | None = None
+    class Index(msgspec.Struct):
+        request_id: str
+        ts_end: float
+        org: str | None = None
+
+    return msgspec.json.Decoder(Index).decode
 
 
-_INDEX = msgspec.json.Decoder(_Index)
+_decode_index = _index_decoder()
 
 
 def read_items(raws: list[bytes]) -> tuple[list[UsageItem], list[bytes]]:
@@ -130,7 +138,7 @@ def read_items(raws: list[bytes]) -> tuple[list[UsageItem], list[bytes]]:
     so the result never depends on the path taken."""
     items: list[UsageItem] = []
     bad: list[bytes] = []
-    decode = _INDEX.decode
+    decode = _decode_index or _refuse
     for raw in raws:
         try:
             if not raw.isascii():
@@ -145,6 +153,10 @@ def read_items(raws: list[bytes]) -> tuple[list[UsageItem], list[bytes]]:
             continue
         items.append(UsageItem(raw, i.request_id, i.org, i.ts_end))
     return items, bad
+
+
+def _refuse(raw: bytes) -> Any:
+    raise ValueError("no index decoder")
 
 
 def parse_fields(raw: str | None) -> tuple[str, ...] | None:

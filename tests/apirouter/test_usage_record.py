@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from apirouter import usage
 from apirouter.audit import etag, http_date, not_modified
 from apirouter.errors import RouterError
 from apirouter.usage import (
@@ -97,7 +98,8 @@ def test_the_batch_reader_reads_exactly_what_read_item_reads(entries) -> None:
         assert ref is not None and [type(v) for v in item] == [type(v) for v in ref]
 
 
-def test_the_batch_reader_refers_what_its_decoder_skips_to_read_item() -> None:
+def test_the_batch_reader_refers_what_its_decoder_skips_to_read_item(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     good = usage_record(kind="request", request_id="r1", ts_start=1.0, ts_end=2.0,
                         endpoint="/v1/inference", key_id="k", org="émile", model="m",
                         backend_id=None, decision_type=None, attempts=1, status=200,
@@ -106,10 +108,14 @@ def test_the_batch_reader_refers_what_its_decoder_skips_to_read_item() -> None:
     deep = b'{"request_id":"r2","ts_end":1,"x":' + b"[" * 1000 + b"]" * 1000 + b"}"
     bad_utf8 = b'{"request_id":"r3","ts_end":1,"x":"\xff"}'
     numeric_id = b'{"request_id":7,"ts_end":"5","org":3}'
-    items, bad = read_items([good, deep, bad_utf8, numeric_id, b"not json", b""])
-    assert [(i.request_id, i.org, i.ts_end) for i in items] == [
-        ("r1", "émile", 2.0), ("r2", None, 1.0), ("7", 3, 5.0)]
-    assert bad == [bad_utf8, b"not json", b""]
+    batch = [good, deep, bad_utf8, numeric_id, b"not json", b""]
+    assert usage._decode_index is not None  # msgspec is installed: the fast path is tested
+    for decoder in (usage._decode_index, None):  # None: a venv older than the dependency
+        monkeypatch.setattr(usage, "_decode_index", decoder)
+        items, bad = read_items(batch)
+        assert [(i.request_id, i.org, i.ts_end) for i in items] == [
+            ("r1", "émile", 2.0), ("r2", None, 1.0), ("7", 3, 5.0)]
+        assert bad == [bad_utf8, b"not json", b""]
 
 
 def test_the_schema_is_valid_and_versioned() -> None:
