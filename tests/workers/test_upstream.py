@@ -83,6 +83,30 @@ async def test_deadline_gives_timeout_and_frees_the_connection(
     pool.close()
 
 
+async def test_one_watch_timer_serves_every_deadline(mock: tuple[int, MockState]) -> None:
+    """The pool watches all exchanges with one timer: a short deadline that arrives after a
+    long one still fires on time, the long one is not cut by it, and an exchange that finished
+    is never expired afterwards."""
+    port, state = mock
+    state.behaviour = Behaviour(latency_ms=300)
+    pool = BackendPool("http", HOST, port, 4, 1.0)
+    loop = asyncio.get_running_loop()
+    long = asyncio.ensure_future(pool.request(chat_request(port), deadline(5)))
+    await asyncio.sleep(0.01)  # the watch is armed for 5 s now
+    started = loop.time()
+    with pytest.raises(UpstreamTimeout):
+        await pool.request(chat_request(port), deadline(0.05))
+    assert loop.time() - started < 0.25  # not the long exchange's deadline, nor its answer
+    assert (await long).status == 200  # the long exchange was not cut by the short deadline
+    state.behaviour = Behaviour()
+    quick = await pool.request(chat_request(port), deadline(0.2))
+    assert quick.status == 200
+    await asyncio.sleep(0.3)  # its deadline passes after it finished: nothing happens
+    again = await pool.request(chat_request(port), deadline(2))  # the connection is still fine
+    assert again.status == 200 and not pool._inflight
+    pool.close()
+
+
 async def raw_server(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
                                        asyncio.Future[None]]) -> tuple[asyncio.Server, int]:
     server = await asyncio.start_server(handler, HOST, 0)
