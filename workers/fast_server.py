@@ -42,6 +42,7 @@ from workers.context import Reply, Signed
 from workers.endpoints import Endpoint
 from workers.pipeline import Pipeline
 from workers.table_view import TableView
+from workers.turn_writes import turn_writes
 
 log = logging.getLogger("apirouter.worker")
 
@@ -93,6 +94,8 @@ class FastServer:
         self.keepalive_s = keepalive_s
         self.connections: set[FastProtocol] = set()
         self.loop = asyncio.get_running_loop()
+        # Every write to a client goes out at the end of the loop turn (workers.turn_writes)
+        self.writes = turn_writes(self.loop)
         self.closing = False
         self.handoffs = 0
         self._date = b""
@@ -338,7 +341,7 @@ class FastProtocol(asyncio.Protocol):
     def _write_continue(self) -> None:
         self.continue_pending = False
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(_CONTINUE)
+            self.server.writes.write(self.transport, _CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
@@ -418,9 +421,9 @@ class FastProtocol(asyncio.Protocol):
         t = self.transport
         if t is None or t.is_closing():
             return
-        t.write(_head(reply.status, self.server.date(), reply.content_type,
-                      f"Content-Length: {len(reply.body)}\r\n", reply.headers, keep_alive)
-                + reply.body)
+        self.server.writes.write(t, _head(
+            reply.status, self.server.date(), reply.content_type,
+            f"Content-Length: {len(reply.body)}\r\n", reply.headers, keep_alive) + reply.body)
         self.last_active = self.server.loop.time()
         if not keep_alive:
             if self.failed:
@@ -436,6 +439,7 @@ class FastProtocol(asyncio.Protocol):
         self.lingering = self.server.loop.time()
         self._release()
         if t.can_write_eof():
+            self.server.writes.flush()
             t.write_eof()
             if self.reading_paused:
                 self.reading_paused = False
@@ -449,8 +453,9 @@ class FastProtocol(asyncio.Protocol):
         t = self.transport
         if t is None or t.is_closing():
             raise ConnectionResetError("the client closed the connection")
-        t.write(_head(status, self.server.date(), content_type,
-                      "Transfer-Encoding: chunked\r\n" if chunked else "", headers, keep_alive))
+        self.server.writes.write(t, _head(
+            status, self.server.date(), content_type,
+            "Transfer-Encoding: chunked\r\n" if chunked else "", headers, keep_alive))
 
     def _fail(self, err: RouterError) -> None:
         """Answer a request we cannot parse or accept, after any earlier ones, then close."""
@@ -488,6 +493,7 @@ class FastProtocol(asyncio.Protocol):
         self.server.connections.discard(self)
         self.server.handoffs += 1
         self.transport = None
+        self.server.writes.flush()  # the answers before this request go first
         replay = b"".join(self.chunks)
         if self.upgrade:
             replay = _without_upgrade(replay)
@@ -556,6 +562,7 @@ class FastProtocol(asyncio.Protocol):
 
     def _close(self) -> None:
         if self.transport is not None:
+            self.server.writes.flush()  # what is queued for it goes first
             self.transport.close()
 
     def abort(self) -> None:
@@ -633,7 +640,7 @@ class _Stream:
         t = p.transport
         if t is None:
             raise ConnectionResetError("the client closed the connection")
-        t.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        p.server.writes.write(t, b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
         p.last_active = p.server.loop.time()
         if p.writing_paused:
             await p.drain()
@@ -641,4 +648,4 @@ class _Stream:
     async def end(self) -> None:
         t = self.proto.transport
         if t is not None and self.chunked:
-            t.write(b"0\r\n\r\n")
+            self.proto.server.writes.write(t, b"0\r\n\r\n")

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import httptools
 
+from workers.turn_writes import turn_writes
+
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 STREAM_HIGH_WATER = 256 * 1024  # stream bytes waiting for the reader before reading pauses
 
@@ -174,7 +176,7 @@ class _Connection(asyncio.Protocol):
         pool = self._pool
         pool._watch(self, deadline)
         assert self.transport is not None
-        self.transport.write(data)
+        pool.writes.write(self.transport, data)  # at the end of the turn
         try:
             return await fut
         finally:
@@ -207,6 +209,7 @@ class BackendPool:
         self._open = 0
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
         self._loop = asyncio.get_running_loop()
+        self.writes = turn_writes(self._loop)
         self.closed = False
         # Exchanges in flight, and one timer for the soonest deadline among them: a timer per
         # exchange (call_at + cancel) cost ~2 µs a request; this is a set add and discard.

@@ -1,0 +1,60 @@
+"""Writes of one loop turn go out together, in order, at the end of the turn (real sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from workers.turn_writes import turn_writes
+
+HOST = "127.0.0.1"
+
+
+async def _pair() -> tuple[asyncio.Server, asyncio.StreamReader, asyncio.Transport]:
+    """A listening server whose first connection's reader we return, and our transport to it."""
+    accepted: asyncio.Future[asyncio.StreamReader] = asyncio.get_running_loop().create_future()
+
+    async def on_conn(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        accepted.set_result(r)
+
+    server = await asyncio.start_server(on_conn, HOST, 0)
+    port = server.sockets[0].getsockname()[1]
+    transport, _ = await asyncio.get_running_loop().create_connection(
+        asyncio.Protocol, HOST, port)
+    return server, await accepted, transport  # type: ignore[return-value]
+
+
+async def test_writes_wait_for_the_end_of_the_turn_and_keep_their_order() -> None:
+    server, reader, transport = await _pair()
+    writes = turn_writes(asyncio.get_running_loop())
+    assert writes is turn_writes(asyncio.get_running_loop())  # one queue per loop
+    writes.write(transport, b"one ")
+    writes.write(transport, b"two ")
+    # Nothing has been handed to the socket yet: it goes once this turn's callbacks have run.
+    assert transport.get_write_buffer_size() == 0
+    assert writes._pending
+    writes.write(transport, b"three\n")
+    assert await asyncio.wait_for(reader.readline(), 5) == b"one two three\n"
+    assert not writes._pending
+    transport.close()
+    server.close()
+
+
+async def test_flush_before_close_delivers_what_was_queued() -> None:
+    server, reader, transport = await _pair()
+    writes = turn_writes(asyncio.get_running_loop())
+    writes.write(transport, b"last words")
+    writes.flush()  # what a protocol does before it closes its transport
+    transport.close()
+    assert await asyncio.wait_for(reader.read(), 5) == b"last words"
+    server.close()
+
+
+async def test_a_write_for_a_closed_transport_is_dropped() -> None:
+    server, reader, transport = await _pair()
+    writes = turn_writes(asyncio.get_running_loop())
+    writes.write(transport, b"never sent")
+    transport.close()  # closed without flushing: the queued bytes are dropped, no error
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    await asyncio.sleep(0)
+    assert not writes._pending
+    server.close()
