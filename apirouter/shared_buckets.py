@@ -42,7 +42,7 @@ import struct
 from multiprocessing import resource_tracker, shared_memory
 
 from apirouter.budgets import Budget, Reservation, period_ttl_ms, refused
-from apirouter.limits import BucketSpec, BucketState, Verdict, settle, take_all
+from apirouter.limits import BucketSpec, BucketState, Verdict, take_all
 from apirouter.shm import SegmentError, open_segment
 
 log = logging.getLogger("apirouter.limits")
@@ -308,15 +308,24 @@ class BucketTable:
         stripes = self._stripes([n for item_names in names for n in item_names])
         if not stripes:
             return
+        buf = self._buf
         self._lock(stripes)
         try:
             for (specs, delta, budgets, budget_delta), item_names in zip(items, names,
                                                                           strict=True):
                 found = self._resolve(item_names, now_ms)
-                states = self._states(specs, found)
-                for s, (key, off, _) in zip(specs, found, strict=False):
-                    settle(s, states, now_ms, delta)
-                    self._write_bucket(s, key, off, states[s.name])
+                # limits.settle on the slots directly (as _take does for take_all; the model
+                # test holds both to the pure functions): refill, correct, clamp, write.
+                for s, (key, off, live) in zip(specs, found, strict=False):
+                    cap = float(s.capacity)
+                    rate = s.per_minute / 60_000.0
+                    level = cap
+                    if live:
+                        _, _, tokens, at, _ = _SLOT.unpack_from(buf, off)
+                        level = min(cap, tokens + max(0.0, now_ms - at) * rate)
+                    left = min(cap, level - delta)
+                    full_at = now_ms + (cap - left) / rate if rate > 0 else math.inf
+                    buf[off:off + _SLOT.size] = _SLOT.pack(key, full_at, left, now_ms, 0.0)
                 if budget_delta is not None:
                     for (b, _), (key, off, live) in zip(budgets, found[len(specs):],
                                                         strict=True):
