@@ -234,3 +234,13 @@ def test_fill_levels_reads_every_ring(segment) -> None:
     assert fill_levels(rings) == [0, 18, 0, 0]
     for r in rings + prods:
         r.release()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=3000))
+def test_the_readers_crc32_is_the_producers(data: bytes) -> None:
+    """The reader checks frames with ISA-L's CRC-32; the producer writes zlib's."""
+    from apirouter import usage_ring
+
+    assert usage_ring._fast_crc32 is not zlib.crc32  # isal is installed: the fast one is tested
+    assert usage_ring._fast_crc32(data) == zlib.crc32(data)
