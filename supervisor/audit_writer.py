@@ -51,6 +51,25 @@ PURGE_EVERY_S = 300.0
 PROBE_S = 2.0
 
 
+class LocalPut:
+    """The local store's write of one batch, to run on a worker thread: the JSONL sink runs
+    it on the thread that made the batch durable (``AuditWriter.put`` runs it otherwise).
+    Never raises: the outcome is kept for ``put`` to report on the event loop."""
+
+    def __init__(self, writer: AuditWriter, items: list[UsageItem]) -> None:
+        self.writer = writer
+        self.items = items
+        self.done = False
+        self.error: Exception | None = None
+
+    def __call__(self) -> None:
+        try:
+            self.writer._put_local(self.items)
+        except Exception as e:
+            self.error = e
+        self.done = True
+
+
 class AuditWriter:
     def __init__(self, spec: str, ttl_s: int, on_state: Callable[[], None] = lambda: None
                  ) -> None:
@@ -79,7 +98,12 @@ class AuditWriter:
             db.execute(CREATE_TABLE)
             self._db = db
 
-    async def put(self, items: list[UsageItem]) -> None:
+    def local_put(self, items: list[UsageItem]) -> LocalPut | None:
+        """The batch's write for a thread the caller already goes to (local store only)."""
+        return LocalPut(self, items) if self._db is not None else None
+
+    async def put(self, items: list[UsageItem], ran: LocalPut | None = None) -> None:
+        """Store the batch; ``ran``: its ``local_put``, if a sink has run it already."""
         try:
             if self._redis is not None:
                 # In chunks: a Redis busy with one huge pipeline would delay the workers'
@@ -93,7 +117,11 @@ class AuditWriter:
                     if failed is not None:
                         raise failed
             else:
-                await asyncio.to_thread(self._put_local, items)
+                job = ran if ran is not None and ran.done else LocalPut(self, items)
+                if not job.done:
+                    await asyncio.to_thread(job)
+                if job.error is not None:
+                    raise job.error
         except Exception as e:
             metrics.AUDIT_ERRORS.inc()
             self._state(False, f"{type(e).__name__}: {e}"[:300])

@@ -5,7 +5,9 @@ belong to the supervisor's segment) and out of the workers' overflow files, hand
 sink, and only once the sink says they are durable (Kafka acknowledged, or fsync'd to disk)
 consumes them: ring tails move, overflow files are deleted. A supervisor that dies between the
 two steps re-reads the same records on the next drain: duplicates, never gaps. The audit store
-is written after the sink.
+is written after the sink: with the JSONL sink and the local store, on the sink's thread right
+after the fsync, before the tails move (a crash in between writes the batch to it again, and
+the first row of a key wins there too).
 
 A ring whose frame fails its checks (length, checksum) is retried on the next ticks; if it is
 still bad, the unread rest of that ring is copied into the quarantine directory and skipped
@@ -23,6 +25,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from multiprocessing import shared_memory
 from typing import Any, Protocol
 
@@ -36,6 +39,7 @@ from apirouter.usage_ring import (
     read_header,
 )
 from supervisor import metrics
+from supervisor.audit_writer import LocalPut
 
 log = logging.getLogger("apirouter.usage")
 
@@ -56,7 +60,10 @@ class Sink(Protocol):
     kind: str
 
     async def start(self) -> None: ...
-    async def accept(self, items: list[UsageItem]) -> None: ...
+    # ``then``: the local audit store's write (never raises), which a sink that writes on a
+    # worker thread runs there once the batch is durable; a sink may leave it to the store.
+    async def accept(self, items: list[UsageItem],
+                     then: Callable[[], None] | None = None) -> None: ...
     async def refresh_gauges(self) -> None: ...
     def replay_now(self) -> None: ...
     def status(self) -> dict[str, Any]: ...
@@ -64,7 +71,8 @@ class Sink(Protocol):
 
 
 class Audit(Protocol):
-    async def put(self, items: list[UsageItem]) -> None: ...
+    def local_put(self, items: list[UsageItem]) -> LocalPut | None: ...
+    async def put(self, items: list[UsageItem], ran: LocalPut | None = None) -> None: ...
 
 
 def quarantine(run_dir: str, what: str, data: bytes) -> str:
@@ -157,9 +165,10 @@ class UsageDrainer:
         if not raws:
             return 0
         items = _items(raws, self.run_dir)
+        job = self.audit.local_put(items) if self.audit is not None and items else None
         if items:
             try:
-                await self.sink.accept(items)
+                await self.sink.accept(items, job)
             except Exception as e:
                 if not self._failing:
                     log.error("usage sink cannot take records (%s); they wait in the rings",
@@ -175,7 +184,7 @@ class UsageDrainer:
         self.drained += len(items)
         metrics.USAGE_DRAINED.inc(len(items))
         if self.audit is not None and items:
-            await self.audit.put(items)
+            await self.audit.put(items, job)
         return len(items)
 
     def _corrupt(self, ring: RingConsumer, e: RingCorrupt) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from apirouter.usage import UsageItem
@@ -27,7 +28,7 @@ class JsonlSink:
     def path_for(self, when: float) -> str:
         return os.path.join(self.directory, time.strftime("usage-%Y%m%d.jsonl", time.gmtime(when)))
 
-    def _append(self, items: list[UsageItem]) -> None:
+    def _append(self, items: list[UsageItem], then: Callable[[], None] | None) -> None:
         by_day: dict[int, list[bytes]] = {}
         for item in items:  # integer days: strftime per record cost ~1 µs
             by_day.setdefault(int(item.ts_end // 86400), []).append(item.raw)
@@ -39,13 +40,19 @@ class JsonlSink:
                 os.fdatasync(fd)  # the data and the new size; not the mtime
             finally:
                 os.close(fd)
+        if then is not None:
+            then()
 
     async def start(self) -> None:
         metrics.USAGE_SINK_UP.set(1)
 
-    async def accept(self, items: list[UsageItem]) -> None:
+    async def accept(self, items: list[UsageItem], then: Callable[[], None] | None = None
+                     ) -> None:
+        """Append and fsync the batch on a worker thread; ``then`` (the local audit store's
+        write, which never raises) runs on that thread once the batch is durable: one trip
+        to a thread per batch instead of two (a trip costs ~0.3 µs a record at 9,000/s)."""
         try:
-            await asyncio.to_thread(self._append, items)
+            await asyncio.to_thread(self._append, items, then)
         except OSError as e:
             self.last_error = f"{type(e).__name__}: {e}"[:300]
             metrics.USAGE_SINK_ERRORS.labels("jsonl").inc()

@@ -10,7 +10,7 @@ import jsonschema
 
 from apirouter.shm import segment_name
 from apirouter.usage import schema, usage_record
-from apirouter.usage_ring import create_usage_segment, unlink_segment
+from apirouter.usage_ring import create_usage_segment, fill_levels, unlink_segment
 from supervisor.audit_writer import AuditWriter
 from supervisor.usage_drain import UsageDrainer
 from supervisor.usage_jsonl import JsonlSink
@@ -145,3 +145,121 @@ async def test_the_jsonl_sink_files_each_record_by_its_own_utc_day(tmp_path) -> 
     after = (tmp_path / time.strftime("usage-%Y%m%d.jsonl", time.gmtime(midnight)))
     assert before.read_bytes() == b"\n".join([raws[0], raws[1], raws[4], raws[0], raws[1]]) + b"\n"
     assert after.read_bytes() == b"\n".join([raws[2], raws[3]]) + b"\n"
+
+
+class _Embedded:
+    """A drainer over a 2-ring segment into the JSONL sink and the local audit store."""
+
+    def __init__(self, tmp_path, sink=None) -> None:
+        from apirouter.usage_ring import RingProducer
+
+        self.shm = create_usage_segment(segment_name(str(os.getpid()),
+                                                     f"t{time.monotonic_ns()}"), 2, 1 << 20)
+        self.prods = [RingProducer(self.shm, 0), RingProducer(self.shm, 1)]
+        self.spool = tmp_path / "spool"
+        self.sink = sink or JsonlSink(str(self.spool))
+        self.audit = AuditWriter(f"local:{self.spool / 'audit'}", 3600)
+        self.drainer = UsageDrainer(self.shm, str(tmp_path), self.sink, self.audit)
+
+    def put(self, ids: list[str]) -> None:
+        for n, rid in enumerate(ids):
+            assert self.prods[n % 2].put(_record(0).replace(b'"r0"', f'"{rid}"'.encode()))
+
+    async def found(self, ids: list[str]) -> list[str]:
+        from workers.audit_reader import AuditReader
+
+        reader = AuditReader(f"local:{self.spool / 'audit'}")
+        try:
+            return [rid for rid in ids if await reader.get(rid, "acme") is not None]
+        finally:
+            reader.close()
+
+    async def close(self) -> None:
+        for p in self.prods:
+            p.release()
+        self.drainer.close()
+        await self.audit.close()
+        unlink_segment(self.shm)
+        self.shm.close()
+
+
+async def test_the_embedded_pair_writes_a_batch_in_one_thread_trip(tmp_path, monkeypatch) -> None:
+    """JSONL sink + local audit store: one trip to a worker thread per drain (the audit write
+    runs on the sink's thread after the fsync), and every record reaches both."""
+    import asyncio
+
+    e = _Embedded(tmp_path)
+    trips = []
+    real = asyncio.to_thread
+
+    async def counted(fn, *args):
+        trips.append(fn)
+        return await real(fn, *args)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    ids = [f"one-trip-{i}" for i in range(300)]
+    e.put(ids)
+    assert await e.drainer.drain_once() == 300
+    assert len(trips) == 1 and e.audit.ok
+    assert sorted(r["request_id"] for r in _lines(str(e.spool))) == sorted(ids)
+    assert await e.found(ids) == ids
+    assert not any(fill_levels(e.drainer.rings))
+    await e.close()
+
+
+async def test_a_batch_the_sink_refuses_reaches_neither_store_and_stays_in_the_rings(
+        tmp_path, monkeypatch) -> None:
+    import supervisor.usage_jsonl as jsonl
+
+    e = _Embedded(tmp_path)
+    ids = [f"refused-{i}" for i in range(40)]
+    e.put(ids)
+
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(jsonl.os, "fdatasync", full)
+    assert await e.drainer.drain_once() == 0
+    assert sum(fill_levels(e.drainer.rings)) > 0  # nothing consumed
+    assert await e.found(ids) == []  # and nothing indexed: the audit store follows the sink
+    monkeypatch.undo()
+    assert await e.drainer.drain_once() == 40
+    assert await e.found(ids) == ids
+    assert not any(fill_levels(e.drainer.rings))
+    await e.close()
+
+
+async def test_an_audit_failure_on_the_sinks_thread_is_reported_and_export_goes_on(
+        tmp_path) -> None:
+    from supervisor import metrics
+
+    e = _Embedded(tmp_path)
+    assert e.audit._db is not None
+    e.audit._db.execute("CREATE TRIGGER refuse BEFORE INSERT ON audit_by_org "
+                        "BEGIN SELECT RAISE(ABORT, 'refused'); END")
+    errors = metrics.AUDIT_ERRORS._value.get()
+    ids = [f"unindexed-{i}" for i in range(25)]
+    e.put(ids)
+    assert await e.drainer.drain_once() == 25
+    assert not e.audit.ok and metrics.AUDIT_ERRORS._value.get() == errors + 1
+    assert "refused" in (e.audit.status()["last_error"] or "")
+    assert sorted(r["request_id"] for r in _lines(str(e.spool))) == sorted(ids)
+    assert not any(fill_levels(e.drainer.rings))  # the durable copy has them: consumed
+    await e.close()
+
+
+async def test_a_sink_that_leaves_the_audit_write_to_the_store(tmp_path) -> None:
+    """The Kafka sink (here spooling: no broker) does not run the audit write; the store
+    runs it itself after the ring tails move."""
+    from supervisor.usage_kafka import KafkaSink
+
+    sink = KafkaSink("127.0.0.1:1", "usage", str(tmp_path / "spool" / "kafka"),
+                     idempotence=False, compression="none", timeout_s=0.5)
+    e = _Embedded(tmp_path, sink)
+    ids = [f"spooled-{i}" for i in range(30)]
+    e.put(ids)
+    assert await e.drainer.drain_once() == 30
+    assert sink.spool.pending_bytes() > 0 and e.audit.ok
+    assert await e.found(ids) == ids
+    await sink.close()
+    await e.close()
