@@ -29,12 +29,16 @@ class TurnWrites:
     __slots__ = ("_loop", "_pending", "__weakref__")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        # Weakly: this queue is the loop's value in _BY_LOOP, and a strong reference back to
+        # its key would keep every loop that ever wrote through it alive, queue and all.
+        self._loop = weakref.ref(loop)
         self._pending: list[tuple[asyncio.WriteTransport, bytes]] = []
 
     def write(self, transport: asyncio.WriteTransport, data: bytes) -> None:
         if not self._pending:
-            self._loop.call_soon(self.flush)
+            loop = self._loop()
+            assert loop is not None  # a write comes from a callback of the running loop
+            loop.call_soon(self.flush)
         self._pending.append((transport, data))
 
     def flush(self) -> None:

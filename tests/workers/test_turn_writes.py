@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
+
+import uvloop
 
 from workers.turn_writes import turn_writes
 
@@ -58,3 +62,25 @@ async def test_a_write_for_a_closed_transport_is_dropped() -> None:
     await asyncio.sleep(0)
     assert not writes._pending
     server.close()
+
+
+def test_a_loop_is_not_kept_alive_by_its_queue() -> None:
+    """The queue is the loop's value in a WeakKeyDictionary: it must not hold its loop
+    strongly, or no loop that ever wrote through it (one per test here) is ever freed."""
+    for new_loop in (asyncio.new_event_loop, uvloop.new_event_loop):
+        loop = new_loop()
+
+        async def write_through_the_queue() -> None:
+            server, reader, transport = await _pair()
+            turn_writes(asyncio.get_running_loop()).write(transport, b"through the queue\n")
+            assert await asyncio.wait_for(reader.readline(), 5) == b"through the queue\n"
+            transport.close()
+            server.close()
+            await server.wait_closed()
+
+        loop.run_until_complete(write_through_the_queue())
+        loop.close()
+        gone = weakref.ref(loop)
+        del loop
+        gc.collect()
+        assert gone() is None, f"{new_loop.__module__}: the closed loop is still alive"
