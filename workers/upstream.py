@@ -316,7 +316,10 @@ class BackendPool:
     def _check_deadlines(self) -> None:
         """Expire the exchanges past their deadline; wait for the soonest of the others."""
         self._watch_timer = None
-        now = self._loop.time()
+        # What the timer was armed for is due even when the clock reads a little less: uvloop
+        # rounds a timer to the millisecond and fires up to half of one early. Without this the
+        # watch re-armed for the same deadline until the clock caught up (hundreds of runs).
+        now = max(self._loop.time(), self._watch_at)
         soonest = float("inf")
         for conn in list(self._inflight):
             if conn.deadline <= now:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 
 import orjson
 import pytest
+import uvloop
 
 from tools.mock_backend import Behaviour, MockState, start_mock
 from workers.upstream import (
@@ -105,6 +106,35 @@ async def test_one_watch_timer_serves_every_deadline(mock: tuple[int, MockState]
     again = await pool.request(chat_request(port), deadline(2))  # the connection is still fine
     assert again.status == 200 and not pool._inflight
     pool.close()
+
+
+def test_the_watch_fires_once_for_a_deadline_between_clock_ticks() -> None:
+    """uvloop's clock counts whole milliseconds and its timers round to the nearest one, so a
+    deadline 0.4 ms past a tick is fired 0.4 ms before it. The watch must expire what it was
+    armed for then, once, as the timer per exchange did - not find it not yet due and re-arm
+    for it again and again (each time copying and scanning the set in flight) until the
+    clock passes it."""
+
+    class CountingPool(BackendPool):
+        watch_runs = 0
+
+        def _check_deadlines(self) -> None:
+            self.watch_runs += 1
+            super()._check_deadlines()
+
+    async def timeouts(n: int) -> int:
+        server, state = await start_mock(HOST, 0, name="up")
+        port = server.sockets[0].getsockname()[1]
+        state.behaviour = Behaviour(latency_ms=500)
+        pool = CountingPool("http", HOST, port, 1, 1.0)
+        for _ in range(n):
+            with pytest.raises(UpstreamTimeout):
+                await pool.request(chat_request(port), deadline(0.0504))
+        pool.close()
+        server.close()
+        return pool.watch_runs
+
+    assert uvloop.run(timeouts(5)) == 5
 
 
 async def raw_server(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
