@@ -22,7 +22,10 @@ for a transport that is closing by flush time is dropped, as ``transport.write``
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
+
+log = logging.getLogger("apirouter.worker")
 
 
 class TurnWrites:
@@ -45,7 +48,13 @@ class TurnWrites:
         pending, self._pending = self._pending, []
         for transport, data in pending:
             if not transport.is_closing():
-                transport.write(data)
+                try:
+                    transport.write(data)
+                except Exception as e:  # e.g. written after write_eof: a bug of ours
+                    # One connection's failure must not cost the turn's other writes theirs,
+                    # and its peer must not wait for an answer that will never come.
+                    log.error("a queued write failed (%r); aborting that connection", e)
+                    transport.abort()
 
 
 _BY_LOOP: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TurnWrites] = (

@@ -84,3 +84,18 @@ def test_a_loop_is_not_kept_alive_by_its_queue() -> None:
         del loop
         gc.collect()
         assert gone() is None, f"{new_loop.__module__}: the closed loop is still alive"
+
+
+async def test_a_failing_write_costs_the_others_nothing() -> None:
+    server_a, reader_a, transport_a = await _pair()
+    server_b, reader_b, transport_b = await _pair()
+    writes = turn_writes(asyncio.get_running_loop())
+    transport_a.write_eof()  # a write after this raises in the flush (not closing, yet)
+    writes.write(transport_a, b"after eof")
+    writes.write(transport_b, b"still delivered")
+    assert await asyncio.wait_for(reader_b.readexactly(15), 5) == b"still delivered"
+    assert await asyncio.wait_for(reader_a.read(), 5) == b""  # aborted, nothing sent
+    assert transport_a.is_closing()
+    transport_b.close()
+    server_a.close()
+    server_b.close()
