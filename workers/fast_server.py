@@ -397,17 +397,22 @@ class FastProtocol(asyncio.Protocol):
                      body: bytes, keep_alive: bool, chunked: bool, cred: str | None,
                      signed: Signed, traceparent: bytes | None) -> None:
         pipeline = self.server.pipeline
-        rid = pipeline.ids.accept(request_id.decode("latin-1") if request_id else None)
-        ctx = pipeline.context(endpoint, view, rid, body, cred, signed, None,
-                               traceparent.decode("latin-1") if traceparent else None)
-        ctx.sink = sink = _Stream(self, keep_alive, chunked)
-        reply = await pipeline.run(ctx)
-        self.task = None
-        if reply is not None:
-            # When closing, the connection ends with the last queued answer, not this one.
-            self._write(reply, keep_alive and (not self.closing or bool(self.queue)))
-        elif not sink.keep_alive:
-            self._close()
+        writes = self.server.writes
+        writes.serving += 1  # how many requests could share a turn's writes
+        try:
+            rid = pipeline.ids.accept(request_id.decode("latin-1") if request_id else None)
+            ctx = pipeline.context(endpoint, view, rid, body, cred, signed, None,
+                                   traceparent.decode("latin-1") if traceparent else None)
+            ctx.sink = sink = _Stream(self, keep_alive, chunked)
+            reply = await pipeline.run(ctx)
+            self.task = None
+            if reply is not None:
+                # When closing, the connection ends with the last queued answer, not this one.
+                self._write(reply, keep_alive and (not self.closing or bool(self.queue)))
+            elif not sink.keep_alive:
+                self._close()
+        finally:
+            writes.serving -= 1
         self._next()
 
     async def drain(self) -> None:

@@ -30,6 +30,7 @@ async def _pair() -> tuple[asyncio.Server, asyncio.StreamReader, asyncio.Transpo
 async def test_writes_wait_for_the_end_of_the_turn_and_keep_their_order() -> None:
     server, reader, transport = await _pair()
     writes = turn_writes(asyncio.get_running_loop())
+    writes.serving = 2  # under load: writes wait for the end of the turn
     assert writes is turn_writes(asyncio.get_running_loop())  # one queue per loop
     writes.write(transport, b"one ")
     writes.write(transport, b"two ")
@@ -46,6 +47,7 @@ async def test_writes_wait_for_the_end_of_the_turn_and_keep_their_order() -> Non
 async def test_flush_before_close_delivers_what_was_queued() -> None:
     server, reader, transport = await _pair()
     writes = turn_writes(asyncio.get_running_loop())
+    writes.serving = 2  # under load: writes wait for the end of the turn
     writes.write(transport, b"last words")
     writes.flush()  # what a protocol does before it closes its transport
     transport.close()
@@ -56,11 +58,29 @@ async def test_flush_before_close_delivers_what_was_queued() -> None:
 async def test_a_write_for_a_closed_transport_is_dropped() -> None:
     server, reader, transport = await _pair()
     writes = turn_writes(asyncio.get_running_loop())
+    writes.serving = 2  # under load: writes wait for the end of the turn
     writes.write(transport, b"never sent")
     transport.close()  # closed without flushing: the queued bytes are dropped, no error
     assert await asyncio.wait_for(reader.read(), 5) == b""
     await asyncio.sleep(0)
     assert not writes._pending
+    server.close()
+
+
+async def test_a_lone_request_writes_at_once() -> None:
+    server, reader, transport = await _pair()
+    writes = turn_writes(asyncio.get_running_loop())
+    writes.serving = 1
+    writes.write(transport, b"now\n")  # nothing could join it this turn: no wait
+    assert not writes._pending
+    assert await asyncio.wait_for(reader.readline(), 5) == b"now\n"
+    writes.serving = 2
+    writes.write(transport, b"queued ")
+    writes.serving = 1
+    writes.write(transport, b"behind it\n")  # something is queued: it waits its turn too
+    assert writes._pending
+    assert await asyncio.wait_for(reader.readline(), 5) == b"queued behind it\n"
+    transport.close()
     server.close()
 
 
@@ -90,6 +110,7 @@ async def test_a_failing_write_costs_the_others_nothing() -> None:
     server_a, reader_a, transport_a = await _pair()
     server_b, reader_b, transport_b = await _pair()
     writes = turn_writes(asyncio.get_running_loop())
+    writes.serving = 2  # under load: writes wait for the end of the turn
     transport_a.write_eof()  # a write after this raises in the flush (not closing, yet)
     writes.write(transport_a, b"after eof")
     writes.write(transport_b, b"still delivered")
