@@ -196,7 +196,7 @@ class RingProducer(_Ring):
             if room_to_end >= _FRAME.size:
                 data[pos:pos + 4] = _LEN.pack(WRAP)
             pos = 0
-        data[pos:pos + frame] = _FRAME.pack(n, zlib.crc32(record)) + record
+        data[pos:pos + frame] = _FRAME.pack(n, _fast_crc32(record)) + record
         idx[0] = head + skip + frame  # one aligned store publishes the frame
         return True
 
