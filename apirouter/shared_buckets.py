@@ -276,18 +276,14 @@ class BucketTable:
                 taken.append(off)
                 cap = float(spec.capacity)
                 rate = spec.per_minute / 60_000.0
-                level = cap
-                if live:
-                    _, _, tokens, at, _ = _SLOT.unpack_from(buf, off)
-                    level = min(cap, tokens + max(0.0, now_ms - at) * rate)
+                level = _level(buf, off, live, cap, rate, now_ms)
                 if level < spec.cost:
                     retry = math.ceil((spec.cost - level) / rate) if rate > 0 else 60_000
                     return Verdict(False, spec, max(0, int(level)), retry,
                                    math.ceil((cap - level) / rate) if rate > 0 else 0)
                 charged.append((key, off, level - spec.cost, cap, rate))
             for key, off, left, cap, rate in charged:
-                full_at = now_ms + (cap - left) / rate if rate > 0 else math.inf
-                buf[off:off + _SLOT.size] = _SLOT.pack(key, full_at, left, now_ms, 0.0)
+                _put(buf, off, key, left, cap, rate, now_ms)
         finally:
             self._unlock(stripes)
         _, _, left, cap, rate = charged[0]
@@ -319,13 +315,8 @@ class BucketTable:
                 for s, (key, off, live) in zip(specs, found, strict=False):
                     cap = float(s.capacity)
                     rate = s.per_minute / 60_000.0
-                    level = cap
-                    if live:
-                        _, _, tokens, at, _ = _SLOT.unpack_from(buf, off)
-                        level = min(cap, tokens + max(0.0, now_ms - at) * rate)
-                    left = min(cap, level - delta)
-                    full_at = now_ms + (cap - left) / rate if rate > 0 else math.inf
-                    buf[off:off + _SLOT.size] = _SLOT.pack(key, full_at, left, now_ms, 0.0)
+                    left = min(cap, _level(buf, off, live, cap, rate, now_ms) - delta)
+                    _put(buf, off, key, left, cap, rate, now_ms)
                 if budget_delta is not None:
                     for (b, _), (key, off, live) in zip(budgets, found[len(specs):],
                                                         strict=True):
@@ -363,6 +354,24 @@ class BucketTable:
             self._keep.close()
         if self._fd >= 0:
             os.close(self._fd)
+
+
+def _level(buf: memoryview, off: int, live: bool, cap: float, rate: float,
+           now_ms: float) -> float:
+    """A bucket's tokens now: what its slot holds, refilled since it was written, capped
+    (limits.level on the slot; a dead slot is a full bucket)."""
+    if not live:
+        return cap
+    _, _, tokens, at, _ = _SLOT.unpack_from(buf, off)
+    return min(cap, tokens + max(0.0, now_ms - at) * rate)
+
+
+def _put(buf: memoryview, off: int, key: int, left: float, cap: float, rate: float,
+         now_ms: float) -> None:
+    """Write a bucket's slot whole: its level as of now, and when it is full again (the
+    slot's expiry)."""
+    full_at = now_ms + (cap - left) / rate if rate > 0 else math.inf
+    buf[off:off + _SLOT.size] = _SLOT.pack(key, full_at, left, now_ms, 0.0)
 
 
 def _ledger_name(b: Budget, period: str) -> str:

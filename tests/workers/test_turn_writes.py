@@ -8,7 +8,7 @@ import weakref
 
 import uvloop
 
-from workers.turn_writes import turn_writes
+from workers.turn_writes import TurnWrites, turn_writes
 
 HOST = "127.0.0.1"
 
@@ -27,10 +27,17 @@ async def _pair() -> tuple[asyncio.Server, asyncio.StreamReader, asyncio.Transpo
     return server, await accepted, transport  # type: ignore[return-value]
 
 
+def _under_load() -> TurnWrites:
+    """The running loop's queue, as when several requests are being answered: writes wait
+    for the end of the turn."""
+    writes = turn_writes(asyncio.get_running_loop())
+    writes.serving = 2
+    return writes
+
+
 async def test_writes_wait_for_the_end_of_the_turn_and_keep_their_order() -> None:
     server, reader, transport = await _pair()
-    writes = turn_writes(asyncio.get_running_loop())
-    writes.serving = 2  # under load: writes wait for the end of the turn
+    writes = _under_load()
     assert writes is turn_writes(asyncio.get_running_loop())  # one queue per loop
     writes.write(transport, b"one ")
     writes.write(transport, b"two ")
@@ -46,8 +53,7 @@ async def test_writes_wait_for_the_end_of_the_turn_and_keep_their_order() -> Non
 
 async def test_flush_before_close_delivers_what_was_queued() -> None:
     server, reader, transport = await _pair()
-    writes = turn_writes(asyncio.get_running_loop())
-    writes.serving = 2  # under load: writes wait for the end of the turn
+    writes = _under_load()
     writes.write(transport, b"last words")
     writes.flush()  # what a protocol does before it closes its transport
     transport.close()
@@ -57,8 +63,7 @@ async def test_flush_before_close_delivers_what_was_queued() -> None:
 
 async def test_a_write_for_a_closed_transport_is_dropped() -> None:
     server, reader, transport = await _pair()
-    writes = turn_writes(asyncio.get_running_loop())
-    writes.serving = 2  # under load: writes wait for the end of the turn
+    writes = _under_load()
     writes.write(transport, b"never sent")
     transport.close()  # closed without flushing: the queued bytes are dropped, no error
     assert await asyncio.wait_for(reader.read(), 5) == b""
@@ -109,8 +114,7 @@ def test_a_loop_is_not_kept_alive_by_its_queue() -> None:
 async def test_a_failing_write_costs_the_others_nothing() -> None:
     server_a, reader_a, transport_a = await _pair()
     server_b, reader_b, transport_b = await _pair()
-    writes = turn_writes(asyncio.get_running_loop())
-    writes.serving = 2  # under load: writes wait for the end of the turn
+    writes = _under_load()
     transport_a.write_eof()  # a write after this raises in the flush (not closing, yet)
     writes.write(transport_a, b"after eof")
     writes.write(transport_b, b"still delivered")
