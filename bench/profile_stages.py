@@ -68,6 +68,9 @@ STAGES: tuple[tuple[str, str, frozenset[str] | None], ...] = (
     ("response write", "workers/fast_server", None),
     ("response write", "workers/responses", None),
     ("accounting", "workers/accounting", None),
+    # A loop turn's socket writes go out together (workers.turn_writes): the requests to the
+    # backends and the responses to the clients, their send() system calls included.
+    ("socket writes", "workers/turn_writes", None),
     # The serve loop's own frame: uvloop's epoll, socket reads and callback dispatch run in C
     # under it (not request glue).
     ("event loop", "workers/gunicorn_worker", frozenset({"run"})),

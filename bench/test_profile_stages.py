@@ -18,6 +18,7 @@ def test_innermost_recognised_frame_decides() -> None:
     assert classify(stack) == "admission"
     assert classify(f"{LOOP};on_body (/r/workers/fast_server.py:236)") == "http parse"
     assert classify(f"{LOOP};_write (/r/workers/fast_server.py:290)") == "response write"
+    assert classify(f"{LOOP};flush (/r/workers/turn_writes.py:50)") == "socket writes"
     assert classify(f"{LOOP};inc (/v/prometheus_client/values.py:30)") == "metrics"
     assert classify(LOOP) == "event loop"
     # The worker's serve loop itself is the event loop; its coroutines are request glue.
