@@ -387,7 +387,7 @@ class BodyStream:
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._deadline = 0.0
+        self._deadline = 0.0  # what the timer is armed for (loop time)
         self._idle_s = 0.0
         self._last = self._loop.time()
         self._paused = False
@@ -428,7 +428,6 @@ class BodyStream:
     def arm(self, deadline: float) -> None:
         """Fail reads once ``deadline`` (loop time) passes without the body completing."""
         self._idle_s = 0.0
-        self._deadline = deadline
         self._set_timer(deadline)
 
     def watch_idle(self, idle_s: float) -> None:
@@ -440,6 +439,7 @@ class BodyStream:
     def _set_timer(self, when: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        self._deadline = when
         self._timer = self._loop.call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
@@ -448,7 +448,11 @@ class BodyStream:
             return
         if self._idle_s:
             due = self._last + self._idle_s
-            if self._loop.time() < due:
+            # What the timer was armed for is due even when the clock reads a little less
+            # (uvloop fires up to half a millisecond early; re-arming for the same moment
+            # would run this again every loop turn until the clock caught up).
+            if max(self._loop.time(), self._deadline) < due:  # a byte came since: wait on
+                self._deadline = due
                 self._timer = self._loop.call_at(due, self._on_timer)
                 return
             self.fail(UpstreamTimeout(f"the backend sent nothing for {self._idle_s:g} s"))

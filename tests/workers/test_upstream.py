@@ -13,6 +13,7 @@ from tools.mock_backend import Behaviour, MockState, start_mock
 from workers.upstream import (
     STREAM_HIGH_WATER,
     BackendPool,
+    BodyStream,
     UpstreamConnectError,
     UpstreamProtocolError,
     UpstreamTimeout,
@@ -135,6 +136,46 @@ def test_the_watch_fires_once_for_a_deadline_between_clock_ticks() -> None:
         return pool.watch_runs
 
     assert uvloop.run(timeouts(5)) == 5
+
+
+def test_the_stream_idle_timer_fires_once_for_a_deadline_between_clock_ticks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for a stream's idle timeout: a backend that sends the head and then nothing
+    is timed out by one run of the timer, not by a run every loop turn until uvloop's
+    millisecond clock passes a deadline it fired for early."""
+    runs = 0
+    on_timer = BodyStream._on_timer
+
+    def counting(self: BodyStream) -> None:
+        nonlocal runs
+        runs += 1
+        on_timer(self)
+
+    monkeypatch.setattr(BodyStream, "_on_timer", counting)
+
+    async def stall(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+        await asyncio.sleep(2)
+        w.close()
+
+    async def idle_timeouts(n: int) -> None:
+        server, port = await raw_server(stall)
+        pool = BackendPool("http", HOST, port, n, 1.0)
+        for _ in range(n):
+            _, body = await pool.open_stream(chat_request(port), deadline(5))
+            assert body is not None
+            body.watch_idle(0.0504)
+            with pytest.raises(UpstreamTimeout):
+                while await body.read():
+                    pass
+            body.close()
+        pool.close()
+        server.close()
+
+    uvloop.run(idle_timeouts(5))
+    assert runs == 5
 
 
 async def raw_server(handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
