@@ -7,7 +7,9 @@ The router setup of bench.overhead (one worker, auth on with a hashed key, in-pr
 admission, usage accounting to JSONL, a ~300-byte chat body against the mock backend), loaded
 by wrk with --connections connections for --requests requests, in segments of --interval
 requests (default: 20 segments). A segment ends when its Lua script has counted its responses
-(the load thread stops, then wrk is interrupted so it reports at once); the whole soak is also
+(the load thread stops, then wrk is interrupted so it reports at once; responses wrk had
+already read in the same pass count too, so a segment can run a few past its count, and the
+samples say what wrk served); the whole soak is also
 bounded by --max-seconds. After each segment the RSS of the worker, the supervisor and the
 gunicorn master are sampled (with the worker's anonymous / shared-memory split from
 /proc/PID/status: shared-memory pages touched for the first time count in RSS and are not a
