@@ -96,6 +96,8 @@ def parse_budgets(raw: Any) -> tuple[Budget, ...]:
 
 
 def applicable(budgets: Mapping[str, Budget], org: str, key_id: str) -> list[Budget]:
+    if not budgets:  # no budgets configured: the common case, no names to build
+        return []
     return [b for s in (f"org:{org}", f"key:{key_id}") if (b := budgets.get(s)) is not None]
 
 
