@@ -109,7 +109,9 @@ def classify(stack: str, rules: Iterable[tuple[str, str, frozenset[str] | None]]
     for frame in reversed(stack.split(";")):
         fn, path = _frame_parts(frame)
         for stage, fragment, names in rules:
-            if fragment in path and (names is None or fn in names):
+            # py-spy names methods by their qualified name (FastProtocol.on_body): the rules
+            # name the function itself.
+            if fragment in path and (names is None or fn.rpartition(".")[2] in names):
                 return stage
     return "other"
 

@@ -17,6 +17,10 @@ def test_innermost_recognised_frame_decides() -> None:
              "admit (/r/workers/admission.py:90);take (/r/apirouter/limits.py:30)")
     assert classify(stack) == "admission"
     assert classify(f"{LOOP};on_body (/r/workers/fast_server.py:236)") == "http parse"
+    # py-spy's own naming of methods, class included (the rules matched none of them before)
+    assert classify(f"{LOOP};FastProtocol.on_body (/r/workers/fast_server.py:236)") == \
+        "http parse"
+    assert classify("RouterWorker.run (/r/workers/gunicorn_worker.py:90)") == "event loop"
     assert classify(f"{LOOP};_write (/r/workers/fast_server.py:290)") == "response write"
     assert classify(f"{LOOP};flush (/r/workers/turn_writes.py:50)") == "socket writes"
     assert classify(f"{LOOP};inc (/v/prometheus_client/values.py:30)") == "metrics"
