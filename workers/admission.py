@@ -150,7 +150,7 @@ class Admission:
             # In-process, buckets only (the common case): straight to the shared buckets.
             specs = buckets_for(key, model, tokens, org, model_limits)
             return Ticket(key, specs, tokens,
-                          self.table.admit(specs, [], None, time.monotonic() * 1000)[0], [])
+                          self.table.admit(specs, [], None, time.monotonic() * 1000)[0])
         budgets = budgets or []
         now = time.time()
         periods = [period_id(b.period, now) for b in budgets]

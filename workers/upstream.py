@@ -308,10 +308,13 @@ class BackendPool:
         """Fail ``conn``'s exchange if it is still in flight at ``deadline`` (loop time)."""
         self._inflight.add(conn)
         if self._watch_timer is None or deadline < self._watch_at:
-            if self._watch_timer is not None:
-                self._watch_timer.cancel()
-            self._watch_at = deadline
-            self._watch_timer = self._loop.call_at(deadline, self._check_deadlines)
+            self._arm_watch(deadline)
+
+    def _arm_watch(self, when: float) -> None:
+        if self._watch_timer is not None:
+            self._watch_timer.cancel()
+        self._watch_at = when
+        self._watch_timer = self._loop.call_at(when, self._check_deadlines)
 
     def _check_deadlines(self) -> None:
         """Expire the exchanges past their deadline; wait for the soonest of the others."""
@@ -328,8 +331,7 @@ class BackendPool:
             elif conn.deadline < soonest:
                 soonest = conn.deadline
         if self._inflight:
-            self._watch_at = soonest
-            self._watch_timer = self._loop.call_at(soonest, self._check_deadlines)
+            self._arm_watch(soonest)
 
     def _release(self, conn: _Connection) -> None:
         if conn.closed or not conn.keep_alive or self.closed:
@@ -452,8 +454,7 @@ class BodyStream:
             # (uvloop fires up to half a millisecond early; re-arming for the same moment
             # would run this again every loop turn until the clock caught up).
             if max(self._loop.time(), self._deadline) < due:  # a byte came since: wait on
-                self._deadline = due
-                self._timer = self._loop.call_at(due, self._on_timer)
+                self._set_timer(due)
                 return
             self.fail(UpstreamTimeout(f"the backend sent nothing for {self._idle_s:g} s"))
         else:
