@@ -3,14 +3,22 @@
 Everything here reads the request context; what to count and how to settle comes from the
 request's Outcome (apirouter.outcomes), so every endpoint accounts alike. Accounting never
 fails a response: a record that cannot be handed off is counted and logged, not raised.
+
+The usage record is written before the response goes out: once a client has its answer, the
+record is in shared memory and survives the worker (a SIGKILL included). Metrics and the
+settlement of the reservation wait for the end of the event-loop turn (``flush``, queued with
+call_soon: after the turn's callbacks, before the loop waits for I/O again); done inline they
+sat between the backend's answer and the client's.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from apirouter.errors import RouterError
+from apirouter.outcomes import Outcome
 from apirouter.usage import usage_record
 from workers.admission import Admission, ticket_headers
 from workers.context import RequestContext
@@ -27,6 +35,7 @@ class Accounting:
         self.metrics = metrics
         self.usage = usage
         self.pid = pid
+        self._due: list[RequestContext] = []  # counted and settled at the end of the turn
 
     def emit(self, request_id: str, record: bytes) -> None:
         """Hand a usage record to the supervisor; accounting never fails a response."""
@@ -39,46 +48,72 @@ class Accounting:
             log.error("usage record of request %s lost: ring full and %s", request_id, e)
 
     def account(self, ctx: RequestContext, status: int) -> list[tuple[str, str]]:
-        """Count, record and settle a forwarded request that ended with ``status``; return the
-        rate-limit headers to send."""
-        fwd, outcome = ctx.fwd, ctx.outcome
+        """Record a forwarded request that ended with ``status`` and queue its metrics and
+        settlement for the end of the turn; return the rate-limit headers to send."""
+        outcome = ctx.outcome
         assert outcome is not None and ctx.request is not None
         ctx.accounted = True
-        model = ctx.request.model
+        if self.usage is not None:
+            self.emit(ctx.request_id, self._record(ctx, status, outcome))
+        self._due.append(ctx)
+        if len(self._due) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no event loop (a direct call): at once
+                self.flush()
+        ticket = ctx.ticket
+        return ticket_headers(ticket) if ticket is not None else []
+
+    def _record(self, ctx: RequestContext, status: int, outcome: Outcome) -> bytes:
+        fwd = ctx.fwd
+        used = ctx.used if outcome.settle_actual else None
+        key = ctx.caller.key if ctx.caller is not None else None
+        assert ctx.request is not None
+        return usage_record(
+            kind="request", request_id=ctx.request_id, ts_start=ctx.t0, ts_end=time.time(),
+            endpoint=ctx.endpoint.path, key_id=key.key_id if key else None,
+            org=key.org if key else None, model=ctx.request.model,
+            backend_id=fwd.backend_id if fwd else None,
+            decision_type=fwd.decision.value if fwd else None,
+            attempts=fwd.attempts if fwd else 0, status=status,
+            error_code=outcome.error_code,
+            prompt_tokens=used[0] if used else None,
+            completion_tokens=used[1] if used else None,
+            cost_micro=ctx.cost_micro if used else 0,
+            backend_s=fwd.backend_s if fwd else 0.0,
+            table_generation=ctx.view.generation, worker_pid=self.pid,
+            stream=ctx.request.stream, ttft_s=ctx.ttft_s, events=ctx.events,
+            interruption=ctx.interruption, usage_estimated=ctx.usage_estimated and
+            used is not None)
+
+    def flush(self) -> None:
+        """Count and settle every queued request (idempotent; the worker calls it before it
+        stops)."""
+        due, self._due = self._due, []
+        for ctx in due:
+            try:
+                self._count_and_settle(ctx)
+            except Exception:  # a bug of ours must not cost the other requests' settlement
+                log.exception("accounting of request %s failed", ctx.request_id)
+
+    def _count_and_settle(self, ctx: RequestContext) -> None:
+        fwd, outcome = ctx.fwd, ctx.outcome
+        assert outcome is not None and ctx.request is not None
         if fwd is not None:
             backend_status = fwd.response.status if fwd.response is not None else 0
-            self.metrics.routed(fwd.backend_id, fwd.decision.value, outcome.success, model,
-                                backend_status, fwd.backend_s,
+            self.metrics.routed(fwd.backend_id, fwd.decision.value, outcome.success,
+                                ctx.request.model, backend_status, fwd.backend_s,
                                 max(0.0, ctx.total_s - fwd.backend_s))
-        used = ctx.used if outcome.settle_actual else None
-        if self.usage is not None:
-            key = ctx.caller.key if ctx.caller is not None else None
-            self.emit(ctx.request_id, usage_record(
-                kind="request", request_id=ctx.request_id, ts_start=ctx.t0, ts_end=time.time(),
-                endpoint=ctx.endpoint.path, key_id=key.key_id if key else None,
-                org=key.org if key else None, model=model,
-                backend_id=fwd.backend_id if fwd else None,
-                decision_type=fwd.decision.value if fwd else None,
-                attempts=fwd.attempts if fwd else 0, status=status,
-                error_code=outcome.error_code,
-                prompt_tokens=used[0] if used else None,
-                completion_tokens=used[1] if used else None,
-                cost_micro=ctx.cost_micro if used else 0,
-                backend_s=fwd.backend_s if fwd else 0.0,
-                table_generation=ctx.view.generation, worker_pid=self.pid,
-                stream=ctx.request.stream, ttft_s=ctx.ttft_s, events=ctx.events,
-                interruption=ctx.interruption, usage_estimated=ctx.usage_estimated and
-                used is not None))
         ticket = ctx.ticket
         if ticket is None:
-            return []
+            return
         limits = ctx.view.table.limits
         if not outcome.settle_actual:
             self.admission.settle_soon(limits, ticket, 0, 0)  # released: nothing was produced
-        elif used is not None:
-            self.admission.settle_soon(limits, ticket, used[0] + used[1], ctx.cost_micro)
+        elif ctx.used is not None:
+            self.admission.settle_soon(limits, ticket, ctx.used[0] + ctx.used[1],
+                                       ctx.cost_micro)
         # Without reported usage the reservation stays as it was made.
-        return ticket_headers(ticket)
 
     def failed(self, ctx: RequestContext, err: RouterError) -> RouterError:
         """Account a forwarded request that ends with a catalog error; return the error,

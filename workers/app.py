@@ -156,6 +156,7 @@ def build_app(endpoints: Pipeline) -> web.Application:
 
     async def close_tables(app: web.Application) -> AsyncIterator[None]:
         yield
+        endpoints.accounts.flush()  # the last requests' metrics and settlements
         endpoints.tables.close()
         if audit.reader is not None:
             audit.reader.close()
