@@ -43,6 +43,23 @@ def usage_record(*, kind: str, request_id: str, ts_start: float, ts_end: float, 
                  retry_after_s: int | None = None, stream: bool = False,
                  ttft_s: float | None = None, events: int = 0,
                  interruption: str | None = None, usage_estimated: bool = False) -> bytes:
+    return encode_record(kind, request_id, ts_start, ts_end, endpoint, key_id, org, model,
+                         backend_id, decision_type, attempts, status, error_code, prompt_tokens,
+                         completion_tokens, cost_micro, backend_s, table_generation, worker_pid,
+                         limit, retry_after_s, stream, ttft_s, events, interruption,
+                         usage_estimated)
+
+
+def encode_record(kind: str, request_id: str, ts_start: float, ts_end: float, endpoint: str,
+                  key_id: str | None, org: str | None, model: str, backend_id: str | None,
+                  decision_type: str | None, attempts: int, status: int,
+                  error_code: str | None, prompt_tokens: int | None,
+                  completion_tokens: int | None, cost_micro: int, backend_s: float,
+                  table_generation: int, worker_pid: int, limit: str | None,
+                  retry_after_s: int | None, stream: bool, ttft_s: float | None, events: int,
+                  interruption: str | None, usage_estimated: bool) -> bytes:
+    """``usage_record`` with positional arguments, for the worker's per-request call: binding
+    26 keyword arguments cost ~0.7 µs of the ~3 µs a record took."""
     # Latencies in ms with µs resolution: int() truncation is ~10x cheaper than round().
     backend_us = int(backend_s * 1e6)
     # Wall-clock total and monotonic backend time can disagree by a hair: total covers backend.

@@ -267,9 +267,11 @@ def usage_counts(body: bytes) -> tuple[int, int] | None:
         return None if total is None else (total, 0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ProxyRequest:
-    """What the pipeline needs from a request it forwards, whatever the endpoint."""
+    """What the pipeline needs from a request it forwards, whatever the endpoint. Made for
+    every request: not frozen (a frozen dataclass's __init__ costs ~0.4 µs more); nothing
+    assigns to it."""
 
     model: str
     max_tokens: int | None

@@ -19,7 +19,7 @@ import time
 
 from apirouter.errors import RouterError
 from apirouter.outcomes import Outcome
-from apirouter.usage import usage_record
+from apirouter.usage import encode_record, usage_record
 from workers.admission import Admission, ticket_headers
 from workers.context import RequestContext
 from workers.metrics import USAGE_LOST, RequestMetrics
@@ -69,22 +69,15 @@ class Accounting:
         used = ctx.used if outcome.settle_actual else None
         key = ctx.caller.key if ctx.caller is not None else None
         assert ctx.request is not None
-        return usage_record(
-            kind="request", request_id=ctx.request_id, ts_start=ctx.t0, ts_end=time.time(),
-            endpoint=ctx.endpoint.path, key_id=key.key_id if key else None,
-            org=key.org if key else None, model=ctx.request.model,
-            backend_id=fwd.backend_id if fwd else None,
-            decision_type=fwd.decision.value if fwd else None,
-            attempts=fwd.attempts if fwd else 0, status=status,
-            error_code=outcome.error_code,
-            prompt_tokens=used[0] if used else None,
-            completion_tokens=used[1] if used else None,
-            cost_micro=ctx.cost_micro if used else 0,
-            backend_s=fwd.backend_s if fwd else 0.0,
-            table_generation=ctx.view.generation, worker_pid=self.pid,
-            stream=ctx.request.stream, ttft_s=ctx.ttft_s, events=ctx.events,
-            interruption=ctx.interruption, usage_estimated=ctx.usage_estimated and
-            used is not None)
+        return encode_record(
+            "request", ctx.request_id, ctx.t0, time.time(), ctx.endpoint.path,
+            key.key_id if key else None, key.org if key else None, ctx.request.model,
+            fwd.backend_id if fwd else None, fwd.decision.value if fwd else None,
+            fwd.attempts if fwd else 0, status, outcome.error_code,
+            used[0] if used else None, used[1] if used else None,
+            ctx.cost_micro if used else 0, fwd.backend_s if fwd else 0.0,
+            ctx.view.generation, self.pid, None, None, ctx.request.stream, ctx.ttft_s,
+            ctx.events, ctx.interruption, ctx.usage_estimated and used is not None)
 
     def flush(self) -> None:
         """Count and settle every queued request (idempotent; the worker calls it before it

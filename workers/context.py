@@ -36,7 +36,9 @@ class Reply:
     content_type: str = JSON
 
 
-@dataclass(frozen=True, slots=True)
+# Caller and Signed are made for every request: not frozen, as a frozen dataclass's __init__
+# costs ~0.4 µs more (a object.__setattr__ call per field). Nothing assigns to them.
+@dataclass(slots=True)
 class Caller:
     """Who is calling: the authenticated key, and the nonce of a signed request."""
 
@@ -44,7 +46,7 @@ class Caller:
     nonce: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Signed:
     """What request signing needs from the transport (both servers fill it in)."""
 

@@ -272,7 +272,8 @@ class FastProtocol(asyncio.Protocol):
     # -- httptools callbacks ----------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._reset_message()
+        # The message state is clean here: every way a message ends resets it (complete,
+        # refused, or parsed again without its upgrade), so it is not reset twice a request.
         self.in_message = True
         # A request that began right after another one in the same read shares its bytes
         # with it: those cannot be replayed to aiohttp on their own.
@@ -355,11 +356,14 @@ class FastProtocol(asyncio.Protocol):
         if self.upgrade:  # answered once parsed again without the upgrade
             return
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-        cred = credential(self.authorization.decode("latin-1") if self.authorization else None,
-                          self.api_key.decode("latin-1") if self.api_key else None)
-        ts, nonce, sig = (v.decode("latin-1") if v is not None else None
-                          for v in self.signature)
-        signed = Signed(self.endpoint.method, self.url.decode("latin-1"), ts, nonce, sig)
+        auth, api_key = self.authorization, self.api_key
+        cred = credential(auth.decode("latin-1") if auth else None,
+                          api_key.decode("latin-1") if api_key else None)
+        ts, nonce, sig = self.signature
+        signed = Signed(self.endpoint.method, self.url.decode("latin-1"),
+                        None if ts is None else ts.decode("latin-1"),
+                        None if nonce is None else nonce.decode("latin-1"),
+                        None if sig is None else sig.decode("latin-1"))
         self.queue.append((self.endpoint, self.view, self.request_id, body,
                            self.parser.should_keep_alive(),
                            self.parser.get_http_version() != "1.0", cred, signed,

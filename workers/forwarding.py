@@ -65,21 +65,12 @@ def request_bytes(target: BackendTarget, path: str, body: bytes, request_id: str
                      body))
 
 
-async def _attempt(target: BackendTarget, backend_id: str, data: bytes, deadline: float,
-                   attempt: Attempt | None
-                   ) -> tuple[UpstreamResponse | None, Any, RouterError | None]:
-    try:
-        if attempt is None:  # buffered: the complete response
-            return await target.pool.request(data, deadline), None, None
-        resp, held = await attempt(target, data, deadline)
-        return resp, held, None
-    except UpstreamTimeout as e:
-        error = RouterError("BACKEND_TIMEOUT", details=f"backend {backend_id}: {e}")
-    except UpstreamConnectError as e:
-        error = RouterError("BACKEND_UNAVAILABLE", details=f"backend {backend_id}: {e}")
-    except UpstreamProtocolError as e:
-        error = RouterError("BACKEND_ERROR", details=f"backend {backend_id}: {e}")
-    return None, None, error
+def _attempt_error(e: UpstreamConnectError | UpstreamTimeout | UpstreamProtocolError,
+                   backend_id: str) -> RouterError:
+    """The catalog error of an attempt the upstream client failed."""
+    code = ("BACKEND_TIMEOUT" if isinstance(e, UpstreamTimeout) else
+            "BACKEND_UNAVAILABLE" if isinstance(e, UpstreamConnectError) else "BACKEND_ERROR")
+    return RouterError(code, details=f"backend {backend_id}: {e}")
 
 
 async def forward(view: TableView, route: Route, path: str, body: bytes, request_id: str,
@@ -115,10 +106,18 @@ async def forward(view: TableView, route: Route, path: str, body: bytes, request
             b = target.backend
             span, extra = tracing.attempt(parent, path, backend_id, b.host, b.port, model)
         started = time.perf_counter()
-        try:
-            resp, held, error = await _attempt(
-                target, backend_id, request_bytes(target, path, send, request_id, extra),
-                min(deadline, loop.time() + target.timeout_s), attempt)
+        data = request_bytes(target, path, send, request_id, extra)
+        until = min(deadline, loop.time() + target.timeout_s)
+        resp: UpstreamResponse | None = None
+        held: Any = None
+        error: RouterError | None = None
+        try:  # awaited here, not through a coroutine of its own: ~0.5 µs a request
+            if attempt is None:  # buffered: the complete response
+                resp = await target.pool.request(data, until)
+            else:
+                resp, held = await attempt(target, data, until)
+        except (UpstreamTimeout, UpstreamConnectError, UpstreamProtocolError) as e:
+            error = _attempt_error(e, backend_id)
         except asyncio.CancelledError:  # the client hung up: no verdict on the backend
             if stats:
                 stats.abandon(index)

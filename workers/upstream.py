@@ -243,7 +243,9 @@ class BackendPool:
         """One exchange on a pooled connection (released here only when it failed); retried
         once on a fresh connection when a reused one turns out closed before any answer."""
         for attempt in (0, 1):
-            conn = await self._acquire(deadline)
+            conn = self._take_idle()  # the common case, without awaiting a coroutine
+            if conn is None:
+                conn = await self._acquire(deadline)
             reused = conn.used
             try:
                 return conn, await conn.exchange(data, deadline, self._loop, stream)
@@ -257,11 +259,17 @@ class BackendPool:
                 raise
         raise AssertionError("unreachable")
 
-    async def _acquire(self, deadline: float) -> _Connection:
+    def _take_idle(self) -> _Connection | None:
         while self._idle:
             conn = self._idle.pop()
             if not conn.closed:
                 return conn
+        return None
+
+    async def _acquire(self, deadline: float) -> _Connection:
+        conn = self._take_idle()
+        if conn is not None:
+            return conn
         if self._open >= self.max_connections:
             fut: asyncio.Future[_Connection | None] = self._loop.create_future()
             self._waiters.append(fut)
