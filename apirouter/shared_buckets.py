@@ -45,6 +45,11 @@ from apirouter.budgets import Budget, Reservation, period_ttl_ms, refused
 from apirouter.limits import BucketSpec, BucketState, Verdict, take_all
 from apirouter.shm import SegmentError, open_segment
 
+try:  # the bucket arithmetic in C (apirouter/_bucketcore.c, built by setup.py)
+    from apirouter._bucketcore import Core as _Core
+except ImportError:  # a source tree nobody built: the Python reference below does the work
+    _Core = None  # type: ignore[assignment, misc]
+
 log = logging.getLogger("apirouter.limits")
 
 MAGIC = b"APIRBKT\x01"
@@ -97,6 +102,9 @@ class BucketTable:
         self._keep = keep  # what owns the memory
         self._keys: dict[str, tuple[int, int]] = {}  # name -> (key, stripe)
         self._hint: dict[int, int] = {}  # key -> slot offset where it was last found
+        # Token buckets without ledgers (every request of the in-process limiter) go through
+        # the C core: the same arithmetic on the same slots under the same locks, ~4x cheaper.
+        self._core = _Core(buf, lock_fd, self.stripes, self.ways) if _Core is not None else None
 
     @classmethod
     def attach(cls, name: str) -> BucketTable:
@@ -159,11 +167,13 @@ class BucketTable:
                 return off, expires > now_ms
             if free < 0 and (k == 0 or expires <= now_ms):
                 free = off
-            elif expires < soonest:
+            elif victim < 0 or expires < soonest:  # (a bucket that never refills: inf)
                 soonest, victim = expires, off
         if free < 0:
-            log.warning("bucket segment: all %d ways of a stripe hold live records; evicting "
-                        "one (more live keys than the segment holds)", self.ways)
+            if victim < 0:
+                raise SegmentError(f"one request has more records in a stripe than its "
+                                   f"{self.ways} ways")
+            _warn_evicted(self.ways)
             free = victim
         self._hint[key] = free
         return free, False
@@ -256,11 +266,34 @@ class BucketTable:
             self._unlock(stripes)
 
     def _take(self, specs: list[BucketSpec], now_ms: float) -> Verdict:
-        """``admit`` without budgets, the common case, on the slots directly: the arithmetic of
-        limits.take_all (the model tests/apirouter/test_shared_buckets.py holds this to) without
-        its intermediate objects — this runs for every request of the in-process limiter."""
+        """``admit`` without budgets, the common case: by the C core where it is built."""
         if not specs:
             return Verdict(True, None, 0, 0, 0)
+        core = self._core
+        if core is None:
+            return self._take_py(specs, now_ms)
+        got = core.take(specs, self._keys, now_ms)
+        while got is None:  # names not hashed yet (the cache may also have been emptied)
+            for s in specs:
+                self._key(s.name)
+            got = core.take(specs, self._keys, now_ms)
+        if got is NotImplemented:  # a cost no double holds exactly
+            return self._take_py(specs, now_ms)
+        index, level, evicted = got
+        if evicted:
+            _warn_evicted(self.ways)
+        spec = specs[index] if index >= 0 else specs[0]  # admitted: the first is reported
+        rate = spec.per_minute / 60_000.0
+        reset = math.ceil((spec.capacity - level) / rate) if rate > 0 else 0
+        if index < 0:
+            return Verdict(True, None, max(0, int(level)), 0, reset)
+        retry = math.ceil((spec.cost - level) / rate) if rate > 0 else 60_000
+        return Verdict(False, spec, max(0, int(level)), retry, reset)
+
+    def _take_py(self, specs: list[BucketSpec], now_ms: float) -> Verdict:
+        """``_take`` in Python, the reference the C core is held to: the arithmetic of
+        limits.take_all (the model tests/apirouter/test_shared_buckets.py holds both to) on the
+        slots directly, without its intermediate objects."""
         keys = self._keys
         recs = [keys.get(s.name) or self._key(s.name) for s in specs]
         stripe = recs[0][1]
@@ -297,7 +330,29 @@ class BucketTable:
 
     def settle_many(self, items: list[Settlement], now_ms: float) -> None:
         """Several settlements under one round of locks (a worker batches those of one event
-        loop turn: under load, one lock for many requests)."""
+        loop turn: under load, one lock for many requests); those of token buckets alone by
+        the C core where it is built, in a round of their own."""
+        core = self._core
+        if core is not None:
+            buckets = [(specs, delta) for specs, delta, _, budget_delta in items
+                       if budget_delta is None and specs]
+            if buckets:
+                evicted = core.settle(buckets, self._keys, now_ms)
+                while evicted is None:  # names not hashed yet
+                    for specs, _ in buckets:
+                        for s in specs:
+                            self._key(s.name)
+                    evicted = core.settle(buckets, self._keys, now_ms)
+                if evicted:
+                    _warn_evicted(self.ways)
+            items = [item for item in items if item[3] is not None]
+            if not items:
+                return
+        self._settle_py(items, now_ms)
+
+    def _settle_py(self, items: list[Settlement], now_ms: float) -> None:
+        """``settle_many`` in Python: every item, ledgers included, under one round of locks
+        (the reference the C core's settlement is held to)."""
         names = [[s.name for s in specs] + ([_ledger_name(b, p) for b, p in budgets]
                                             if budget_delta is not None else [])
                  for specs, _, budgets, budget_delta in items]
@@ -372,6 +427,11 @@ def _put(buf: memoryview, off: int, key: int, left: float, cap: float, rate: flo
     slot's expiry)."""
     full_at = now_ms + (cap - left) / rate if rate > 0 else math.inf
     buf[off:off + _SLOT.size] = _SLOT.pack(key, full_at, left, now_ms, 0.0)
+
+
+def _warn_evicted(ways: int) -> None:
+    log.warning("bucket segment: all %d ways of a stripe hold live records; evicting one "
+                "(more live keys than the segment holds)", ways)
 
 
 def _ledger_name(b: Budget, period: str) -> str:

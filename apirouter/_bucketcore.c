@@ -1,0 +1,517 @@
+/* The token-bucket arithmetic of apirouter/shared_buckets.py on the bucket segment, in C.
+ *
+ * Admission and settlement of token buckets run for every request of the in-process limiter;
+ * in Python they cost ~10 µs a request (slot lookup, level, write-back, two lockf calls), most
+ * of it interpreter overhead. This module does the same work on the same memory with the same
+ * locks: ``BucketTable._take_py`` and ``_settle_py`` in shared_buckets.py are the reference,
+ * and tests/apirouter/test_shared_buckets.py holds both, and this module, to the pure model
+ * of apirouter/limits.py (same floating-point operations in the same order, so the same
+ * doubles). Budget ledgers stay in Python: they are rarer and their rules richer.
+ *
+ * Layout (see shared_buckets.py): a 32-byte header, then slots of five 8-byte words
+ * (key u64, expires f64, tokens f64, at f64, unused) grouped by stripe, ``ways`` slots a
+ * stripe. A stripe is locked with an exclusive POSIX record lock on byte ``stripe`` of the
+ * segment's file, as Python's fcntl.lockf does, so Python and C users of one segment exclude
+ * each other; stripes are locked in ascending order. A lock is first tried without blocking;
+ * only when it is held elsewhere does the call wait, with the GIL released.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define HEADER_SIZE 32
+#define SLOT_WORDS 5
+#define SLOT_SIZE (SLOT_WORDS * 8)
+#define MAX_RECORDS 64 /* buckets of one request (the Python path takes more) */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *buf; /* the segment's memory: a buffer is taken from it per call, not held, so
+                      its owner can release and unmap it whenever it closes */
+    int fd; /* -1: private memory, nothing to lock */
+    Py_ssize_t stripes;
+    Py_ssize_t ways;
+} Core;
+
+/* The stripes one call locks: sorted, unique. Locals of each call (the GIL is let go while
+ * a lock is awaited: nothing of a call may live in the shared object). */
+typedef struct {
+    Py_ssize_t *v;
+    Py_ssize_t n;
+} Stripes;
+
+static PyObject *s_name, *s_capacity, *s_per_minute, *s_cost;
+
+typedef struct {
+    uint64_t key;
+    Py_ssize_t stripe;
+    double cap;
+    double rate;
+    double amount; /* cost (take) or delta (settle) */
+    Py_ssize_t off;
+    int live;
+} Rec;
+
+/* -- locks ------------------------------------------------------------------------------- */
+
+static int lock_one(int fd, Py_ssize_t stripe, short type)
+{
+    struct flock fl;
+    memset(&fl, 0, sizeof fl);
+    fl.l_type = type;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = (off_t)stripe;
+    fl.l_len = 1;
+    if (type == F_UNLCK)
+        return fcntl(fd, F_SETLK, &fl);
+    if (fcntl(fd, F_SETLK, &fl) == 0)
+        return 0;
+    if (errno != EAGAIN && errno != EACCES)
+        return -1;
+    for (;;) { /* held by another process: wait for it without holding the GIL */
+        int rc, err;
+        Py_BEGIN_ALLOW_THREADS
+        rc = fcntl(fd, F_SETLKW, &fl);
+        err = errno;
+        Py_END_ALLOW_THREADS
+        if (rc == 0)
+            return 0;
+        if (err != EINTR) {
+            errno = err;
+            return -1;
+        }
+        if (PyErr_CheckSignals() < 0)
+            return -2; /* a signal handler raised */
+    }
+}
+
+static void add_stripe(Stripes *st, Py_ssize_t stripe)
+{
+    Py_ssize_t i = st->n;
+    while (i > 0 && st->v[i - 1] > stripe)
+        i--;
+    if (i > 0 && st->v[i - 1] == stripe)
+        return;
+    memmove(st->v + i + 1, st->v + i, sizeof(Py_ssize_t) * (size_t)(st->n - i));
+    st->v[i] = stripe;
+    st->n++;
+}
+
+static void unlock_stripes(int fd, const Stripes *st, Py_ssize_t count)
+{
+    if (fd < 0)
+        return;
+    for (Py_ssize_t i = count - 1; i >= 0; i--)
+        lock_one(fd, st->v[i], F_UNLCK);
+}
+
+/* Lock every stripe, ascending (no deadlock between processes); on failure unlock what was
+ * taken and set the exception. */
+static int lock_stripes(int fd, const Stripes *st)
+{
+    if (fd < 0)
+        return 0;
+    for (Py_ssize_t i = 0; i < st->n; i++) {
+        int rc = lock_one(fd, st->v[i], F_WRLCK);
+        if (rc != 0) {
+            int err = errno;
+            unlock_stripes(fd, st, i);
+            if (rc == -1) {
+                errno = err;
+                PyErr_SetFromErrno(PyExc_OSError);
+            }
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* -- slots -------------------------------------------------------------------------------- */
+
+static inline uint64_t load_u64(const char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline double load_f64(const char *p) { double v; memcpy(&v, p, 8); return v; }
+
+/* The slot of ``key`` in its stripe (live: its record has not expired), else one to put it
+ * in that no other record of this operation took: a never-used or expired slot, else the
+ * live record full again soonest (evicted). As BucketTable._slot. */
+static Py_ssize_t find_slot(const Core *self, const char *base, uint64_t key,
+                            Py_ssize_t stripe, double now, const Py_ssize_t *taken, int ntaken,
+                            int *live, int *evicted)
+{
+    Py_ssize_t first = HEADER_SIZE + stripe * self->ways * SLOT_SIZE;
+    Py_ssize_t free_off = -1, victim = -1;
+    double soonest = INFINITY;
+    for (Py_ssize_t way = 0; way < self->ways; way++) {
+        Py_ssize_t off = first + way * SLOT_SIZE;
+        int skip = 0;
+        for (int t = 0; t < ntaken; t++)
+            if (taken[t] == off) { skip = 1; break; }
+        if (skip)
+            continue;
+        uint64_t k = load_u64(base + off);
+        double expires = load_f64(base + off + 8);
+        if (k == key) {
+            *live = expires > now;
+            return off;
+        }
+        if (free_off < 0 && (k == 0 || expires <= now))
+            free_off = off;
+        else if (victim < 0 || expires < soonest) { /* (a bucket that never refills: inf) */
+            soonest = expires;
+            victim = off;
+        }
+    }
+    *live = 0;
+    if (free_off < 0 && victim >= 0) {
+        *evicted += 1;
+        free_off = victim;
+    }
+    return free_off; /* -1: every way is taken by this operation's other records */
+}
+
+/* limits.level on a slot: what it holds, refilled since it was written, capped; a dead slot
+ * is a full bucket. Python's min(cap, x) is x only when x < cap; max(0.0, d) is d only when
+ * d > 0.0. */
+static inline double level_of(const char *base, const Rec *r, double now)
+{
+    if (!r->live)
+        return r->cap;
+    const char *p = base + r->off;
+    double tokens = load_f64(p + 16), at = load_f64(p + 24);
+    double since = now - at;
+    double x = tokens + (since > 0.0 ? since : 0.0) * r->rate;
+    return x < r->cap ? x : r->cap;
+}
+
+/* A bucket's slot, written whole: its level as of now and when it is full again. */
+static inline void put(char *base, const Rec *r, double left, double now)
+{
+    double words[SLOT_WORDS];
+    uint64_t key = r->key;
+    memcpy(&words[0], &key, 8);
+    words[1] = r->rate > 0 ? now + (r->cap - left) / r->rate : INFINITY;
+    words[2] = left;
+    words[3] = now;
+    words[4] = 0.0;
+    memcpy(base + r->off, words, SLOT_SIZE);
+}
+
+/* Fill ``r`` from a BucketSpec: key and stripe from the name cache (``keys``: name -> (key,
+ * stripe)), capacity and rate from the spec. 1: filled; 0: the name is not in the cache;
+ * 2: a cost beyond 2**53 (the caller takes the Python path); -1: error. */
+static int read_spec(const Core *self, PyObject *spec, PyObject *keys, const char *amount_attr,
+                     Rec *r)
+{
+    PyObject *name = PyObject_GetAttr(spec, s_name);
+    if (name == NULL)
+        return -1;
+    PyObject *found = PyDict_GetItemWithError(keys, name);
+    Py_DECREF(name);
+    if (found == NULL)
+        return PyErr_Occurred() ? -1 : 0;
+    if (!PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 2) {
+        PyErr_SetString(PyExc_TypeError, "the name cache holds (key, stripe) tuples");
+        return -1;
+    }
+    r->key = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(found, 0));
+    r->stripe = PyLong_AsSsize_t(PyTuple_GET_ITEM(found, 1));
+    if (PyErr_Occurred())
+        return -1;
+    if (r->stripe < 0 || r->stripe >= self->stripes) {
+        PyErr_SetString(PyExc_ValueError, "stripe out of range");
+        return -1;
+    }
+    PyObject *v = PyObject_GetAttr(spec, s_capacity);
+    if (v == NULL)
+        return -1;
+    r->cap = PyLong_AsDouble(v);
+    Py_DECREF(v);
+    v = PyObject_GetAttr(spec, s_per_minute);
+    if (v == NULL)
+        return -1;
+    r->rate = PyLong_AsDouble(v) / 60000.0;
+    Py_DECREF(v);
+    if (amount_attr != NULL) {
+        v = PyObject_GetAttr(spec, s_cost);
+        if (v == NULL)
+            return -1;
+        r->amount = PyLong_AsDouble(v);
+        Py_DECREF(v);
+        /* Python compares a float with an int exactly; a double holds every int up to 2**53
+         * (costs are bounded far below: max_tokens and the body size are) */
+        if (!PyErr_Occurred() && fabs(r->amount) > 9007199254740992.0)
+            return 2;
+    }
+    return PyErr_Occurred() ? -1 : 1;
+}
+
+static PyObject *segment_error; /* apirouter.shm.SegmentError */
+
+static PyObject *no_way(const Core *self)
+{
+    PyErr_Format(segment_error, "one request has more records in a stripe than its %zd ways",
+                 self->ways);
+    return NULL;
+}
+
+/* The segment's memory for one call, checked against the layout. */
+static int get_view(Core *self, Py_buffer *view)
+{
+    if (PyObject_GetBuffer(self->buf, view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0)
+        return -1;
+    if (view->len < HEADER_SIZE + self->stripes * self->ways * SLOT_SIZE) {
+        PyBuffer_Release(view);
+        PyErr_SetString(PyExc_ValueError, "the buffer is smaller than the layout");
+        return -1;
+    }
+    return 0;
+}
+
+/* take(specs, keys, now_ms) -> (index, level, evicted) | None | NotImplemented
+ *
+ * Charge every bucket of ``specs`` its cost, or none. index -1: admitted, ``level`` what is
+ * left in the first bucket; else the index of the first bucket that refused and its level.
+ * None: a name is not in ``keys`` yet; NotImplemented: a cost beyond 2**53 (in both cases
+ * nothing was locked or charged). */
+static PyObject *Core_take(Core *self, PyObject *args)
+{
+    PyObject *specs, *keys;
+    double now;
+    if (!PyArg_ParseTuple(args, "O!O!d", &PyList_Type, &specs, &PyDict_Type, &keys, &now))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(specs);
+    if (n == 0 || n > MAX_RECORDS) {
+        PyErr_SetString(PyExc_ValueError, "take: 1 to 64 buckets");
+        return NULL;
+    }
+    Rec recs[MAX_RECORDS];
+    Py_ssize_t stripe_v[MAX_RECORDS];
+    Stripes st = {stripe_v, 0};
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int rc = read_spec(self, PyList_GET_ITEM(specs, i), keys, "cost", &recs[i]);
+        if (rc != 1) {
+            if (rc < 0)
+                return NULL;
+            return Py_NewRef(rc == 0 ? Py_None : Py_NotImplemented);
+        }
+        add_stripe(&st, recs[i].stripe);
+    }
+    Py_buffer view;
+    if (get_view(self, &view) < 0)
+        return NULL;
+    if (lock_stripes(self->fd, &st) < 0) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    char *base = (char *)view.buf;
+    Py_ssize_t taken[MAX_RECORDS];
+    int evicted = 0;
+    Py_ssize_t refused = -1;
+    double level = 0.0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Rec *r = &recs[i];
+        r->off = find_slot(self, base, r->key, r->stripe, now, taken, (int)i, &r->live,
+                           &evicted);
+        if (r->off < 0) {
+            unlock_stripes(self->fd, &st, st.n);
+            PyBuffer_Release(&view);
+            return no_way(self);
+        }
+        taken[i] = r->off;
+        level = level_of(base, r, now);
+        if (level < r->amount) {
+            refused = i;
+            break;
+        }
+        r->amount = level - r->amount; /* from here on: what is left */
+    }
+    if (refused < 0) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            put(base, &recs[i], recs[i].amount, now);
+        level = recs[0].amount;
+    }
+    unlock_stripes(self->fd, &st, st.n);
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(ndi)", refused, level, evicted);
+}
+
+/* settle(items, keys, now_ms) -> evicted | None
+ *
+ * ``items``: [(specs, delta)]: correct each bucket of each item by ``delta`` tokens (refill,
+ * subtract, cap at capacity, write), all under one round of stripe locks. None: a name is
+ * not in ``keys`` yet (nothing was locked or written). */
+static PyObject *Core_settle(Core *self, PyObject *args)
+{
+    PyObject *items, *keys;
+    double now;
+    if (!PyArg_ParseTuple(args, "O!O!d", &PyList_Type, &items, &PyDict_Type, &keys, &now))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(items), total = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyList_GET_ITEM(items, i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 ||
+                !PyList_Check(PyTuple_GET_ITEM(item, 0))) {
+            PyErr_SetString(PyExc_TypeError, "settle: items are (list of specs, delta)");
+            return NULL;
+        }
+        Py_ssize_t k = PyList_GET_SIZE(PyTuple_GET_ITEM(item, 0));
+        if (k > MAX_RECORDS) {
+            PyErr_SetString(PyExc_ValueError, "settle: at most 64 buckets an item");
+            return NULL;
+        }
+        total += k;
+    }
+    if (total == 0)
+        return PyLong_FromLong(0);
+    Rec *recs = PyMem_Malloc(sizeof(Rec) * (size_t)total);
+    Py_ssize_t *stripe_v = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)total);
+    PyObject *result = NULL;
+    Py_buffer view;
+    int have_view = 0;
+    if (recs == NULL || stripe_v == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Stripes st = {stripe_v, 0};
+    Py_ssize_t at = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyList_GET_ITEM(items, i);
+        PyObject *specs = PyTuple_GET_ITEM(item, 0);
+        double delta = PyFloat_AsDouble(PyTuple_GET_ITEM(item, 1));
+        if (delta == -1.0 && PyErr_Occurred())
+            goto done;
+        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(specs); j++, at++) {
+            int rc = read_spec(self, PyList_GET_ITEM(specs, j), keys, NULL, &recs[at]);
+            if (rc != 1) {
+                if (rc == 0)
+                    result = Py_NewRef(Py_None);
+                goto done;
+            }
+            recs[at].amount = delta;
+            add_stripe(&st, recs[at].stripe);
+        }
+    }
+    if (get_view(self, &view) < 0)
+        goto done;
+    have_view = 1;
+    if (lock_stripes(self->fd, &st) < 0)
+        goto done;
+    char *base = (char *)view.buf;
+    int evicted = 0;
+    at = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Py_ssize_t k = PyList_GET_SIZE(PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0));
+        Py_ssize_t taken[MAX_RECORDS];
+        for (Py_ssize_t j = 0; j < k; j++, at++) {
+            Rec *r = &recs[at];
+            r->off = find_slot(self, base, r->key, r->stripe, now, taken, (int)j, &r->live,
+                               &evicted);
+            if (r->off < 0) { /* what earlier items wrote stays: each item is whole */
+                unlock_stripes(self->fd, &st, st.n);
+                no_way(self);
+                goto done;
+            }
+            taken[j] = r->off;
+            double left = level_of(base, r, now) - r->amount;
+            put(base, r, left < r->cap ? left : r->cap, now);
+        }
+    }
+    unlock_stripes(self->fd, &st, st.n);
+    result = PyLong_FromLong(evicted);
+done:
+    if (have_view)
+        PyBuffer_Release(&view);
+    PyMem_Free(recs);
+    PyMem_Free(stripe_v);
+    return result;
+}
+
+static int Core_init(Core *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"buf", "fd", "stripes", "ways", NULL};
+    PyObject *buf;
+    int fd;
+    Py_ssize_t stripes, ways;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oinn", kwlist, &buf, &fd, &stripes, &ways))
+        return -1;
+    if (stripes <= 0 || ways <= 0) {
+        PyErr_SetString(PyExc_ValueError, "stripes and ways must be positive");
+        return -1;
+    }
+    Py_XSETREF(self->buf, Py_NewRef(buf));
+    self->fd = fd;
+    self->stripes = stripes;
+    self->ways = ways;
+    Py_buffer view; /* checked once here; again at each call (the owner may have closed it) */
+    if (get_view(self, &view) < 0)
+        return -1;
+    PyBuffer_Release(&view);
+    return 0;
+}
+
+static void Core_dealloc(Core *self)
+{
+    Py_XDECREF(self->buf);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Core_methods[] = {
+    {"take", (PyCFunction)Core_take, METH_VARARGS,
+     "take(specs, keys, now_ms) -> (index, level, evicted) | None"},
+    {"settle", (PyCFunction)Core_settle, METH_VARARGS,
+     "settle([(specs, delta)], keys, now_ms) -> evicted | None"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject CoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "apirouter._bucketcore.Core",
+    .tp_basicsize = sizeof(Core),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Core(buf, fd, stripes, ways): token buckets on a bucket segment",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Core_init,
+    .tp_dealloc = (destructor)Core_dealloc,
+    .tp_methods = Core_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "apirouter._bucketcore",
+    .m_doc = "Token buckets of the in-process limiter on the bucket segment (shared_buckets.py).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__bucketcore(void)
+{
+    if (PyType_Ready(&CoreType) < 0)
+        return NULL;
+    s_name = PyUnicode_InternFromString("name");
+    s_capacity = PyUnicode_InternFromString("capacity");
+    s_per_minute = PyUnicode_InternFromString("per_minute");
+    s_cost = PyUnicode_InternFromString("cost");
+    if (!s_name || !s_capacity || !s_per_minute || !s_cost)
+        return NULL;
+    PyObject *shm = PyImport_ImportModule("apirouter.shm");
+    if (shm == NULL)
+        return NULL;
+    segment_error = PyObject_GetAttrString(shm, "SegmentError");
+    Py_DECREF(shm);
+    if (segment_error == NULL)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&CoreType);
+    if (PyModule_AddObject(m, "Core", (PyObject *)&CoreType) < 0) {
+        Py_DECREF(&CoreType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
