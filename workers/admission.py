@@ -30,8 +30,8 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from apirouter.budgets import Budget, Reservation, period_id, period_ttl_ms
@@ -72,12 +72,12 @@ class Ticket:
     specs: list[BucketSpec]
     reserved_tokens: int
     verdict: Verdict
-    budgets: list[Budget] = field(default_factory=list)
+    budgets: Sequence[Budget] = ()  # (shared empty defaults: no two lists a request)
     reservation: Reservation | None = None
     refused_budget: tuple[Budget, str] | None = None  # (budget, "spend"|"tokens"|"requests")
     charged: bool = True  # False when the failure policy admitted it: nothing to settle
     rid: str = ""  # the reservation id on Redis
-    periods: list[str] = field(default_factory=list)  # period id per budget, at admission
+    periods: Sequence[str] = ()  # period id per budget, at admission
 
 
 _DIMENSIONS = ("spend", "tokens", "requests")
