@@ -207,7 +207,11 @@ class Admission:
             if isinstance(loaded, RedisError):
                 raise loaded
             sha = self._sha[name] = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
-        reply = await client.execute("EVALSHA", sha, len(keys), *keys, *args, timeout=None)
+        # On a live connection, straight to its pipeline (the same wait as execute's
+        # timeout=None, two coroutines fewer); execute connects first when there is none.
+        fut = client.submit("EVALSHA", sha, len(keys), *keys, *args)
+        reply = await (fut if fut is not None else
+                       client.execute("EVALSHA", sha, len(keys), *keys, *args, timeout=None))
         if isinstance(reply, RedisError):
             if str(reply).startswith("NOSCRIPT"):
                 self._sha.pop(name, None)

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from apirouter.keys import KeyRecord, Tier
-from apirouter.redis_client import RedisClient, RedisError, RedisUnavailable, encode_command
+from apirouter.redis_client import (
+    RedisClient,
+    RedisError,
+    RedisUnavailable,
+    _NeedMore,
+    encode_command,
+    parse_reply,
+)
 from apirouter.table import Limits
 from tests.harness import RedisServer
 from workers.admission import Admission
@@ -63,6 +73,58 @@ async def test_unreachable_redis_fails_fast() -> None:
 
 def test_encoding() -> None:
     assert encode_command("SET", b"k", 1) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n1\r\n"
+
+
+def _reference_bulk(a: bytes | str | int | float) -> bytes:
+    b = (a if isinstance(a, bytes) else a.encode() if isinstance(a, str) else
+         repr(a).encode() if isinstance(a, float) else str(a).encode())
+    return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
+class _Color(str, enum.Enum):  # noqa: UP042 - str() is "_Color.RED", not its value
+    RED = "red"
+
+
+_ARGS = st.one_of(st.binary(max_size=40), st.text(max_size=20), st.integers(),
+                  st.floats(allow_nan=False), st.booleans(), st.sampled_from([_Color.RED]),
+                  st.sampled_from(["EVALSHA", "rl:{acme}:key:k1:rpm", 1, 1.0, True, 0, -1]))
+
+
+@given(st.lists(st.lists(_ARGS, min_size=1, max_size=12), min_size=1, max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_encoding_matches_the_reference_whatever_the_cache_holds(
+        commands: list[list[bytes | str | int | float]]) -> None:
+    # the encoder keeps encodings by value; 1, 1.0 and True are equal keys and must not mix
+    for args in commands + commands:
+        want = b"*%d\r\n" % len(args) + b"".join(_reference_bulk(a) for a in args)
+        assert encode_command(*args) == want
+
+
+_RESP = st.recursive(
+    st.one_of(st.integers(-2**63, 2**63 - 1).map(lambda i: (b":%d\r\n" % i, i)),
+              st.binary(max_size=30).map(lambda b: (b"$%d\r\n%s\r\n" % (len(b), b), b)),
+              st.just((b"$-1\r\n", None)), st.just((b"*-1\r\n", None)),
+              st.from_regex(r"[a-zA-Z0-9 ]{0,12}", fullmatch=True).map(
+                  lambda t: (b"+%s\r\n" % t.encode(), t))),
+    lambda inner: st.lists(inner, max_size=6).map(
+        lambda xs: (b"*%d\r\n" % len(xs) + b"".join(x[0] for x in xs), [x[1] for x in xs])),
+    max_leaves=20)
+
+
+@given(st.lists(_RESP, min_size=1, max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_replies_parse_whole_and_every_partial_prefix_asks_for_more(
+        replies: list[tuple[bytes, object]]) -> None:
+    buf = b"".join(r[0] for r in replies)
+    pos = 0
+    for raw, value in replies:
+        got, nxt = parse_reply(buf, pos)
+        assert got == value and nxt == pos + len(raw)
+        pos = nxt
+    first = replies[0][0]
+    for cut in range(len(first)):
+        with pytest.raises(_NeedMore):
+            parse_reply(first[:cut], 0)
 
 
 async def test_admission_script_is_exact(redis_server: RedisServer) -> None:
