@@ -78,8 +78,9 @@ class _Reject(Exception):
         self.error = error
 
 
-_Item = tuple[Endpoint, TableView, bytes | None, bytes, bool, bool, str | None, Signed,
-              bytes | None] | Reply
+_Request = tuple[Endpoint, TableView, bytes | None, bytes, bool, bool, str | None, Signed,
+                 bytes | None]
+_Item = _Request | Reply
 _SIGNATURE_HEADERS = {b"x-signature-timestamp": 0, b"x-signature-nonce": 1, b"x-signature": 2}
 
 
@@ -153,7 +154,10 @@ class FastProtocol(asyncio.Protocol):
         self.writing_paused = False
         self.pending_handoff = False
         self.failed = False
-        self.task: asyncio.Task[None] | None = None  # the request being answered
+        # The connection's task: it answers the requests one after the other, and between them
+        # waits on ``idle`` for the next one (one task per connection, not one per request).
+        self.task: asyncio.Task[None] | None = None
+        self.idle: asyncio.Future[_Request] | None = None
         self.drained: asyncio.Future[None] | None = None
         self.last_active = server.loop.time()
         # Raw bytes since the start of the message being parsed, for a hand-off replay.
@@ -198,16 +202,19 @@ class FastProtocol(asyncio.Protocol):
         self.server.connections.discard(self)
         self.transport = None
         self.queue.clear()
-        # The client is gone: cancel the request it was waiting for. The pipeline accounts for
-        # it, and the upstream client closes that backend connection rather than pooling it.
-        if self.task is not None:
-            self.task.cancel()
-            self.task = None
+        # The client is gone: cancel the request it was waiting for (_release). The pipeline
+        # accounts for it, and the upstream client closes that backend connection rather than
+        # pooling it.
         self._release()
 
     def _release(self) -> None:
-        """Drop the buffers, and the parser (it refers back to this protocol), now rather than
-        whenever the cycle collector runs."""
+        """End the connection's task (the request it is answering, or its wait for the next
+        one), and drop the buffers and the parser (it refers back to this protocol) now rather
+        than whenever the cycle collector runs."""
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        self.idle = None
         self.chunks = []
         self.body = []
         self.queue.clear()
@@ -379,6 +386,20 @@ class FastProtocol(asyncio.Protocol):
     # -- answering ------------------------------------------------------------------------------
 
     def _next(self) -> None:
+        """Answer the next queued request, if any (called when not busy)."""
+        item = self._take()
+        if item is None:
+            return
+        idle = self.idle
+        if idle is not None and not idle.done():  # the connection's task waits for it
+            self.idle = None
+            idle.set_result(item)
+        else:
+            self.task = self.server.loop.create_task(self._serve_all(item))
+
+    def _take(self) -> _Request | None:
+        """The next request to answer (the refusals queued before it are written first); None
+        when there is none: the connection is idle, and what waited for that goes ahead."""
         while self.queue:
             item = self.queue.popleft()
             if isinstance(item, Reply):  # a rejection: the connection ends with it
@@ -387,8 +408,7 @@ class FastProtocol(asyncio.Protocol):
             self.busy = True
             if self.reading_paused and not self.writing_paused and len(self.queue) < MAX_PIPELINE:
                 self._resume_reading()
-            self.task = self.server.loop.create_task(self._serve(*item))
-            return
+            return item
         self.busy = False
         if self.continue_pending and self.in_message:
             self._write_continue()
@@ -396,6 +416,21 @@ class FastProtocol(asyncio.Protocol):
             self._handoff()
         elif self.closing and not self.in_message and not self.lingering:
             self._close()
+        return None
+
+    async def _serve_all(self, item: _Request) -> None:
+        """The connection's task: answer its requests in order, waiting between them. A task
+        per request cost ~0.6 µs more (its creation and the all-tasks registry); this one ends
+        when the connection does (``_release`` cancels it)."""
+        while True:
+            await self._serve(*item)
+            nxt = self._take()
+            if nxt is None:
+                if self.transport is None:  # closed or handed off meanwhile
+                    return
+                idle = self.idle = self.server.loop.create_future()
+                nxt = await idle
+            item = nxt
 
     async def _serve(self, endpoint: Endpoint, view: TableView, request_id: bytes | None,
                      body: bytes, keep_alive: bool, chunked: bool, cred: str | None,
@@ -409,7 +444,6 @@ class FastProtocol(asyncio.Protocol):
                                    traceparent.decode("latin-1") if traceparent else None)
             ctx.sink = sink = _Stream(self, keep_alive, chunked)
             reply = await pipeline.run(ctx)
-            self.task = None
             if reply is not None:
                 # When closing, the connection ends with the last queued answer, not this one.
                 self._write(reply, keep_alive and (not self.closing or bool(self.queue)))
@@ -417,7 +451,6 @@ class FastProtocol(asyncio.Protocol):
                 self._close()
         finally:
             writes.serving -= 1
-        self._next()
 
     async def drain(self) -> None:
         """Wait until the client's socket takes writes again (write back-pressure)."""

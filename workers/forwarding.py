@@ -113,7 +113,7 @@ async def forward(view: TableView, route: Route, path: str, body: bytes, request
         error: RouterError | None = None
         try:  # awaited here, not through a coroutine of its own: ~0.5 µs a request
             if attempt is None:  # buffered: the complete response
-                resp = await target.pool.request(data, until)
+                resp = (await target.pool.exchange(data, until))[0]
             else:
                 resp, held = await attempt(target, data, until)
         except (UpstreamTimeout, UpstreamConnectError, UpstreamProtocolError) as e:
