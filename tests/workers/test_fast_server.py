@@ -152,6 +152,28 @@ def test_other_paths_are_handed_to_aiohttp_mid_connection(router: Router) -> Non
         assert status == 200 and headers["x-request-id"] == "after"
 
 
+def test_a_connection_task_ends_with_its_connection(router: Router) -> None:
+    """One task answers a connection's requests (workers.fast_server): handed off to aiohttp,
+    or closed while it waits for the next request, the connection ends it. A task left
+    waiting would be collected pending (asyncio logs that) and hold its connection's state."""
+    for _ in range(5):
+        with connect(router) as s:
+            r = Reader(s)
+            s.sendall(post())
+            assert r.response()[0] == 200
+            s.sendall(b"GET /v1/status/nope HTTP/1.1\r\nHost: x\r\n\r\n")  # handed off
+            assert r.response()[0] == 404
+        with connect(router) as s:  # the client closes while its task waits
+            r = Reader(s)
+            s.sendall(post())
+            assert r.response()[0] == 200
+    # The worker's sweep collects the young generations once a second: let it run twice.
+    time.sleep(2.5)
+    with open(router.log_path, encoding="utf-8", errors="replace") as f:
+        log = f.read()
+    assert "Task was destroyed but it is pending" not in log
+
+
 def test_unknown_path_and_wrong_method_through_the_hand_off(router: Router) -> None:
     with connect(router) as s:
         r = Reader(s)
