@@ -48,7 +48,8 @@ from workers.admission_scripts import (
     BUDGET_SETTLE_LUA,
     RELEASE_LUA,
     RESERVATION_TTL_MS,
-    SETTLE_LUA,
+    SETTLE_MANY_LUA,
+    SETTLE_MANY_MAX,
     bucket_key,
     budget_key,
     nonce_key,
@@ -377,13 +378,17 @@ class Admission:
             self.table.settle_many(items, time.monotonic() * 1000)
 
     async def _settle_redis(self, limits: Limits) -> None:
-        """Settle on Redis everything queued in one event-loop turn: every script call is sent
-        at once (one write, no task per request), then the replies are read in order."""
+        """Settle on Redis everything queued in one event-loop turn: the token buckets of each
+        org in one script call (SETTLE_MANY_LUA, in order: as one call per bucket would), each
+        budget ledger in one of its own; every call is sent at once (one write, no task per
+        request), then the replies are read in order. One call per bucket was a script run,
+        an encoding and a reply per request."""
         items, self._redis_settlements = self._redis_settlements, []
         client = self.client_for(limits)
         if client is None:
             return
         calls: list[tuple[str, str, str, list[str], list[str | int | float]]] = []
+        buckets: dict[str, tuple[list[str], list[str | int | float]]] = {}  # by org
         for ticket, specs, delta, budget_delta in items:
             org = ticket.key.org
             if budget_delta is not None:
@@ -392,10 +397,17 @@ class Admission:
                 for b, period in zip(ticket.budgets, ticket.periods, strict=True):
                     calls.append((f"budget {b.scope}", "budget_settle", BUDGET_SETTLE_LUA,
                                   [budget_key(org, b.scope, period)], list(budget_delta)))
-            for s in specs:
-                calls.append((f"{s.name} for key {ticket.key.key_id}", "settle", SETTLE_LUA,
-                              [bucket_key(org, s.name)],
-                              [s.capacity, repr(s.refill_per_ms), delta, BUCKET_TTL_MS]))
+            if specs:
+                keys, args = buckets.get(org) or buckets.setdefault(org, ([], [BUCKET_TTL_MS]))
+                for s in specs:
+                    keys.append(bucket_key(org, s.name))
+                    args += (s.capacity, repr(s.refill_per_ms), delta)
+        for org, (keys, args) in buckets.items():
+            for start in range(0, len(keys), SETTLE_MANY_MAX):
+                end = start + SETTLE_MANY_MAX
+                calls.append((f"{len(keys[start:end])} token buckets of org {org}",
+                              "settle_many", SETTLE_MANY_LUA, keys[start:end],
+                              [args[0], *args[1 + 3 * start:1 + 3 * end]]))
         sent = [(sha, client.submit("EVALSHA", sha, len(keys), *keys, *args))
                 if (sha := self._sha.get(name)) is not None else (None, None)
                 for _, name, _, keys, args in calls]

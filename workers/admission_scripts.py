@@ -130,6 +130,8 @@ redis.call('HINCRBY', KEYS[1], 'requests', ARGV[3])
 return 1
 """
 
+# One bucket's settlement: the reference SETTLE_MANY_LUA is held to (tests), and what it does
+# for each of its keys.
 SETTLE_LUA = _LEVEL + """
 local cap, rate, delta = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local tokens = math.min(cap, level(KEYS[1], cap, rate, now) - delta)
@@ -137,6 +139,21 @@ redis.call('HSET', KEYS[1], 't', string.format('%.6f', tokens), 'ts', now)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 """
+
+# The token-bucket settlements of one event-loop turn (one org: its keys share a cluster slot)
+# in one call, applied in order as that many SETTLE calls would be, at one ``now``.
+#     ARGV 1 the bucket keys' ttl ms, then per key: capacity, refill per ms, delta
+SETTLE_MANY_LUA = _LEVEL + """
+for i = 1, #KEYS do
+  local j = 2 + (i - 1) * 3
+  local cap, rate, delta = tonumber(ARGV[j]), tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2])
+  local tokens = math.min(cap, level(KEYS[i], cap, rate, now) - delta)
+  redis.call('HSET', KEYS[i], 't', string.format('%.6f', tokens), 'ts', now)
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+end
+return #KEYS
+"""
+SETTLE_MANY_MAX = 128  # buckets a call: a script blocks Redis while it runs
 
 
 def bucket_key(org: str, bucket: str) -> str:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import random
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apirouter.keys import KeyRecord, Tier
+from apirouter.limits import BucketSpec, Verdict
 from apirouter.redis_client import (
     RedisClient,
     RedisError,
@@ -20,7 +22,8 @@ from apirouter.redis_client import (
 )
 from apirouter.table import Limits
 from tests.harness import RedisServer
-from workers.admission import Admission
+from workers.admission import Admission, Ticket, finish_pending
+from workers.admission_scripts import BUCKET_TTL_MS, SETTLE_LUA, bucket_key
 
 
 def limits(url: str, policy: str = "open") -> Limits:
@@ -153,3 +156,42 @@ async def test_replayed_nonce_is_refused(redis_server: RedisServer) -> None:
     with pytest.raises(RouterError) as e:
         await admission.admit(lim, key, "m", 1, None, None, "n-1", 60_000)
     assert e.value.code == "INVALID_REQUEST" and "replay" in e.value.message
+
+
+async def test_one_turns_settlements_go_in_one_call_as_if_one_by_one(
+        redis_server: RedisServer) -> None:
+    """A turn's token-bucket settlements (here 305, over 3 calls of SETTLE_MANY_MAX) land
+    exactly as the one-bucket script run once per settlement, in order, leaves them: charges
+    going negative, refunds clamped at capacity (the last five refund past it). 40 buckets, ~8
+    settlements each, so that every settlement shows in some bucket's end value; rate 0 keeps
+    that value independent of time."""
+    rng = random.Random(1129)
+    specs = [BucketSpec(f"key:s{i}:tpm", rng.randint(10, 1000), 0, 0) for i in range(40)]
+    settlements = [(rng.randrange(40), rng.randint(-300, 300)) for _ in range(300)]
+    settlements += [(i, -5000) for i in range(5)]
+    lim = limits(redis_server.url)
+    client = RedisClient(redis_server.url, stall_timeout=5)
+    start = [rng.randint(-500, s.capacity) for s in specs]
+    for org in ("rc-seq", "rc-many"):
+        for s, t in zip(specs, start, strict=True):
+            await client.execute("HSET", bucket_key(org, s.name), "t", t, "ts", 0, timeout=5)
+    sha = await client.execute("SCRIPT", "LOAD", SETTLE_LUA, timeout=5)
+    for i, delta in settlements:  # the reference: one call per settlement
+        s = specs[i]
+        assert await client.execute("EVALSHA", sha, 1, bucket_key("rc-seq", s.name),
+                                    s.capacity, repr(s.refill_per_ms), delta, BUCKET_TTL_MS,
+                                    timeout=5) == 1
+    admission = Admission()
+    key = KeyRecord("rc-many", "d" * 64, "rc-many", "", frozenset({"inference"}), "t",
+                    Tier(0, 0, 0, 0), False)
+    for i, delta in settlements:  # one turn: queued together, sent as SETTLE_MANY calls
+        ticket = Ticket(key, [specs[i]], 1000, Verdict(True, None, 0, 0, 0))
+        admission.settle_soon(lim, ticket, 1000 + delta, None)
+    await finish_pending(admission, 10)
+    for s in specs:
+        seq = await client.execute("HGET", bucket_key("rc-seq", s.name), "t", timeout=5)
+        many = await client.execute("HGET", bucket_key("rc-many", s.name), "t", timeout=5)
+        assert seq == many, s.name
+    client.close()
+    if admission.redis is not None:
+        admission.redis.close()
