@@ -72,7 +72,7 @@ class Accounting:
         return encode_record(
             "request", ctx.request_id, ctx.t0, time.time(), ctx.endpoint.path,
             key.key_id if key else None, key.org if key else None, ctx.request.model,
-            fwd.backend_id if fwd else None, fwd.decision.value if fwd else None,
+            fwd.backend_id if fwd else None, fwd.decision_type if fwd else None,
             fwd.attempts if fwd else 0, status, outcome.error_code,
             used[0] if used else None, used[1] if used else None,
             ctx.cost_micro if used else 0, fwd.backend_s if fwd else 0.0,
@@ -94,7 +94,7 @@ class Accounting:
         assert outcome is not None and ctx.request is not None
         if fwd is not None:
             backend_status = fwd.response.status if fwd.response is not None else 0
-            self.metrics.routed(fwd.backend_id, fwd.decision.value, outcome.success,
+            self.metrics.routed(fwd.backend_id, fwd.decision_type, outcome.success,
                                 ctx.request.model, backend_status, fwd.backend_s,
                                 max(0.0, ctx.total_s - fwd.backend_s))
         ticket = ctx.ticket

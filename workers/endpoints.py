@@ -89,7 +89,7 @@ def shape_inference(ctx: RequestContext, resp: UpstreamResponse) -> Reply:
         "router": {
             "request_id": ctx.request_id,
             "backend_id": fwd.backend_id,
-            "decision_type": fwd.decision.value,
+            "decision_type": fwd.decision_type,
             "attempts": fwd.attempts,
             "table_generation": ctx.view.generation,
             "router_overhead_ms": round((total - fwd.backend_s) * 1000, 3),

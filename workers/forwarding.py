@@ -44,6 +44,7 @@ class Forwarded:
     attempts: int
     outcome: Outcome
     exchange: Any = None  # a held stream (workers.streaming), when the attempt streams
+    decision_type: str = ""  # decision.value, read once (an enum's value is a property)
 
 
 # One attempt: (target, request bytes, deadline) -> (response, held stream or None).
@@ -137,13 +138,13 @@ async def forward(view: TableView, route: Route, path: str, body: bytes, request
         if (not outcome.failover or len(tried) >= table.limits.max_attempts
                 or loop.time() >= deadline):
             return Forwarded(backend_id, decision, resp, error, total_s, len(tried), outcome,
-                             held)
+                             held, decision.value)
         if order is None:
             order = failover_order(table, route, tried)
         nxt = next(((b, m) for b, m in order if b not in tried), None)
         if nxt is None:
             return Forwarded(backend_id, decision, resp, error, total_s, len(tried), outcome,
-                             held)
+                             held, decision.value)
         reason = error.code if error is not None else f"status_{resp.status if resp else 0}"
         FAILOVERS.labels(route.model, backend_id, reason).inc()
         backend_id, model = nxt

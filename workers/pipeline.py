@@ -114,7 +114,7 @@ class Pipeline:
         finally:
             fwd, outcome = ctx.fwd, ctx.outcome
             t.finish(span, status, fwd.backend_id if fwd else None,
-                     fwd.decision.value if fwd else None, fwd.attempts if fwd else 0,
+                     fwd.decision_type if fwd else None, fwd.attempts if fwd else 0,
                      ctx.route.model if ctx.route else None, ctx.used,
                      outcome.error_code if outcome is not None and not outcome.success
                      else None, ctx.ttft_s)
@@ -210,7 +210,7 @@ class Pipeline:
             raise self.accounts.failed(ctx, err)
         reply.headers = [("X-Request-ID", ctx.request_id),
                          ("X-Router-Backend", fwd.backend_id),
-                         ("X-Router-Decision", fwd.decision.value),
+                         ("X-Router-Decision", fwd.decision_type),
                          ("X-Router-Latency-Ms", ms(ctx.total_s)),
                          *self.accounts.account(ctx, reply.status)]
         return reply

@@ -129,7 +129,7 @@ async def relay(p: Pipeline, ctx: RequestContext, held: Held) -> None:
     interruption: str | None = None
     ticket = ctx.ticket
     headers = [("X-Request-ID", ctx.request_id), ("X-Router-Backend", fwd.backend_id),
-               ("X-Router-Decision", fwd.decision.value),
+               ("X-Router-Decision", fwd.decision_type),
                ("X-Router-Latency-Ms", ms(time.perf_counter() - ctx.started)),
                ("Cache-Control", "no-cache")]
     if ticket is not None:
