@@ -376,6 +376,9 @@ class FastProtocol(asyncio.Protocol):
                            self.parser.get_http_version() != "1.0", cred, signed,
                            self.traceparent))
         self._reset_message()
+        # The raw bytes are kept for a hand-off replay of the message being parsed; this one
+        # is complete (and one beginning later in this read cannot be handed off).
+        self.chunks = []
         self.completed_in_feed = True
         self.last_active = self.server.loop.time()
         if len(self.queue) >= MAX_PIPELINE:
@@ -441,6 +444,9 @@ class FastProtocol(asyncio.Protocol):
                     self._close()
             finally:
                 writes.serving -= 1
+            # Nothing of this request outlives it: an idle connection would otherwise hold its
+            # body, context and reply for as long as the client keeps it open.
+            del item, body, ctx, sink, reply, view, cred, signed
             nxt = self._take()
             if nxt is None:
                 if self.transport is None:  # closed or handed off meanwhile
