@@ -259,7 +259,13 @@ class BackendPool:
                     continue
                 raise
             except BaseException:
-                self._release(conn)
+                if conn.stream is not None:
+                    # Cancelled just as a stream's head arrived: its body is still coming on
+                    # this connection, which must not go back to the pool (the next request
+                    # would read the rest of this one). Closing the unread stream closes it.
+                    conn.stream.close()
+                else:
+                    self._release(conn)
                 raise
             body = conn.stream
             if body is None:
