@@ -316,7 +316,9 @@ class Admission:
         while self._releases:
             wait = self.open_until - time.monotonic()
             await asyncio.sleep(max(0.0, wait))
-            client = self.client_for(limits)
+            # The current client: a reload that moved the worker to another Redis (or off
+            # Redis) emptied _releases, so what is left was decided on this one.
+            client = self.redis
             if client is None:
                 self._releases.clear()
                 return
@@ -351,15 +353,22 @@ class Admission:
             failed = actual_tokens == 0
             budget_delta = ((actual_spend_micro or 0) - r.spend_micro,
                             actual_tokens - r.tokens, -r.requests if failed else 0)
-        if self.client_for(limits) is None:
+        if not limits.redis_url:  # admitted in-process
             if specs or budget_delta is not None:
                 self._settle_local((specs, delta, list(zip(ticket.budgets, ticket.periods,
                                                            strict=True)), budget_delta))
             return
-        if specs or budget_delta is not None:
+        if (specs or budget_delta is not None) and self._settles_on(limits):
             if not self._redis_settlements:  # one task settles everything of this turn
                 spawn(self._settle_redis(limits))
             self._redis_settlements.append((ticket, specs, delta, budget_delta))
+
+    def _settles_on(self, limits: Limits) -> bool:
+        """Whether what was admitted on ``limits``' Redis can still be settled there: not when a
+        reload has moved this worker to another Redis since (its reservation stays on the old
+        one). Switching the client back for it (client_for) would close the new one and fail
+        the admissions waiting on it."""
+        return not self._redis_url or limits.redis_url == self._redis_url
 
     def _settle_local(self, item: Settlement) -> None:
         """Queue an in-process settlement: those of one event-loop turn are applied together,
@@ -384,7 +393,7 @@ class Admission:
         request), then the replies are read in order. One call per bucket was a script run,
         an encoding and a reply per request."""
         items, self._redis_settlements = self._redis_settlements, []
-        client = self.client_for(limits)
+        client = self.client_for(limits) if self._settles_on(limits) else None
         if client is None:
             return
         calls: list[tuple[str, str, str, list[str], list[str | int | float]]] = []
