@@ -283,8 +283,10 @@ def _server(raw: Any, env: Mapping[str, str], overrides: Mapping[str, Any]) -> S
 
 def _backend(bid: Any, raw: Any) -> BackendConfig:
     where = f"backends.{bid}"
-    if not isinstance(bid, str) or not bid or len(bid) > 64 or not bid.replace("-", "").replace(
-            "_", "").replace(".", "").isalnum():
+    # ASCII only: an id goes into the X-Router-Backend response header (and metric labels);
+    # str.isalnum alone also takes 東京.
+    if not isinstance(bid, str) or not bid or len(bid) > 64 or not bid.isascii() or \
+            not bid.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise ConfigError(f"{where}: backend ids are 1-64 chars of letters, digits, - _ .")
     if isinstance(raw, str):
         raw = {"url": raw}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from apirouter.keys import KeyRecord, Tier
 
@@ -139,6 +140,21 @@ def rate_limit_headers(spec: BucketSpec, v: Verdict, now: float) -> list[tuple[s
             ("X-RateLimit-Remaining", str(remaining)),
             ("X-RateLimit-Reset", str(math.ceil(now + v.reset_ms / 1000))),
             ("X-RateLimit-Policy", f"{spec.capacity};w=60;rate={spec.per_minute}")]
+
+
+# A backend that reports more tokens than this for one request is broken: its count is treated
+# as not reported (the reservation stands) rather than settled (a delta that would lock the key
+# out) or recorded (orjson refuses integers beyond 64 bits: the client would get a 500).
+MAX_REPORTED_TOKENS = 1_000_000_000
+
+
+def reported_count(value: Any) -> int | None:
+    """A token count as a backend reported it, if it is one: an int (not a bool) from 0 to
+    MAX_REPORTED_TOKENS."""
+    if isinstance(value, int) and not isinstance(value, bool) and \
+            0 <= value <= MAX_REPORTED_TOKENS:
+        return value
+    return None
 
 
 def estimate_tokens(prompt_bytes: int, max_tokens: int | None, default_completion: int) -> int:

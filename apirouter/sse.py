@@ -39,7 +39,7 @@ from typing import Any
 import orjson
 
 from apirouter.errors import RouterError, openai_body
-from apirouter.limits import estimate_tokens
+from apirouter.limits import estimate_tokens, reported_count
 
 DEFAULT_MAX_EVENT_BYTES = 1 << 20
 
@@ -296,9 +296,7 @@ def _content_bytes(data: bytes) -> int:
 
 
 
-def _count(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
-        else None
+_count = reported_count
 
 
 class StreamUsage:

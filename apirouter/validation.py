@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from apirouter.errors import RouterError
+from apirouter.limits import reported_count
 
 _ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 MAX_TOKENS = 1_000_000  # the largest max_tokens accepted (apirouter/openapi.yaml says the same)
@@ -241,13 +242,12 @@ def _int_after(body: bytes, key: bytes) -> int | None:
 
 def usage_total_tokens(body: bytes) -> int | None:
     """total_tokens of an OpenAI-shaped response, if it says; for settling token buckets."""
-    total = _int_after(body, b'"total_tokens":')
+    total = reported_count(_int_after(body, b'"total_tokens":'))
     if total is not None:
         return total
     try:
         usage = orjson.loads(body).get("usage") or {}
-        total = usage.get("total_tokens")
-        return int(total) if total is not None else None
+        return reported_count(usage.get("total_tokens"))
     except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
         return None
 
@@ -255,13 +255,17 @@ def usage_total_tokens(body: bytes) -> int | None:
 def usage_counts(body: bytes) -> tuple[int, int] | None:
     """(prompt_tokens, completion_tokens) of an OpenAI-shaped response, if it reports them.
     Searched from the end first: a 50 KB completion costs ~50 µs to parse in full."""
-    prompt = _int_after(body, b'"prompt_tokens":')
-    completion = _int_after(body, b'"completion_tokens":')
+    prompt = reported_count(_int_after(body, b'"prompt_tokens":'))
+    completion = reported_count(_int_after(body, b'"completion_tokens":'))
     if prompt is not None and completion is not None:
         return prompt, completion
     try:
         usage = orjson.loads(body).get("usage") or {}
-        return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+        prompt = reported_count(usage["prompt_tokens"])
+        completion = reported_count(usage["completion_tokens"])
+        if prompt is None or completion is None:
+            raise ValueError("not token counts")
+        return prompt, completion
     except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
         total = usage_total_tokens(body)
         return None if total is None else (total, 0)

@@ -368,7 +368,7 @@ class Admission:
         reload has moved this worker to another Redis since (its reservation stays on the old
         one). Switching the client back for it (client_for) would close the new one and fail
         the admissions waiting on it."""
-        return not self._redis_url or limits.redis_url == self._redis_url
+        return limits.redis_url == self._redis_url
 
     def _settle_local(self, item: Settlement) -> None:
         """Queue an in-process settlement: those of one event-loop turn are applied together,

@@ -84,7 +84,8 @@ def router() -> Iterator[Router]:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_token_count_beyond_64_bits_does_not_cost_the_client_its_answer(router: Router, stream: bool) -> None:
+def test_a_token_count_beyond_64_bits_does_not_cost_the_client_its_answer(router: Router,
+                                                                         stream: bool) -> None:
     chat = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
                        "stream": stream}).encode()
     with RawHttp(router.port, timeout=5) as c:
