@@ -182,6 +182,7 @@ async def test_one_turns_settlements_go_in_one_call_as_if_one_by_one(
                                     s.capacity, repr(s.refill_per_ms), delta, BUCKET_TTL_MS,
                                     timeout=5) == 1
     admission = Admission()
+    admission.client_for(lim)  # as the admissions of these tickets did
     key = KeyRecord("rc-many", "d" * 64, "rc-many", "", frozenset({"inference"}), "t",
                     Tier(0, 0, 0, 0), False)
     for i, delta in settlements:  # one turn: queued together, sent as SETTLE_MANY calls
