@@ -15,14 +15,17 @@ Byte layout (little endian, 8-byte words)::
                            full again, a ledger past its period): the slot may be reused
       words 2-4        a bucket: tokens, at (monotonic ms), unused
                        a ledger: spend (micro), tokens, requests used in its period
+    lock of stripe s at L + s * 64, L the end of the slots rounded up to 64 bytes: a
+      process-shared, robust pthread mutex (apirouter/_bucketcore.c makes and takes them)
 
 A record lives in the stripe of its scope (its name up to the last ``:`` — ``key:{id}``,
 ``org:{org}``, ``key:{id}:model:{m}``, ``ledger:{scope}``), in any of its W ways: a key's rpm
 and tpm buckets share a stripe, so a request without org or model limits or budgets takes one
-lock, not one per bucket (each ``lockf`` is a system call, and they were a fifth of
-admission's cost). Every read-modify-write of a stripe happens under an exclusive ``lockf`` on
-byte ``s`` of the segment's file in /dev/shm: the kernel drops the lock when its holder dies,
-so a killed worker never leaves a stripe locked. A request locks the stripes of all its
+lock, not one per bucket. Every read-modify-write of a stripe happens under the stripe's mutex
+in the segment: uncontended it costs two atomic instructions (the ``lockf`` record locks it
+replaced were two system calls each), and it is robust: when its holder dies, the next taker
+gets it and goes on, so a killed worker never leaves a stripe locked. A request locks the
+stripes of all its
 records in ascending order (no deadlock), decides with the pure functions of
 apirouter/limits.py and apirouter/budgets.py, and writes each slot back as one whole-slice
 write. CLOCK_MONOTONIC is the same clock in every process.
@@ -32,28 +35,25 @@ warning: the segment is too small for the live keys).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import math
 import mmap
-import os
 import struct
 from multiprocessing import resource_tracker, shared_memory
 
+# The stripe locks and the bucket arithmetic in C (apirouter/_bucketcore.c, built by setup.py:
+# `pip install -e .`, or `python setup.py build_ext --inplace` in a source tree).
+from apirouter._bucketcore import Core, init_locks
+from apirouter._bucketcore import size as segment_size
 from apirouter.budgets import Budget, Reservation, period_ttl_ms, refused
 from apirouter.limits import BucketSpec, BucketState, Verdict, take_all
 from apirouter.shm import SegmentError, open_segment
 
-try:  # the bucket arithmetic in C (apirouter/_bucketcore.c, built by setup.py)
-    from apirouter._bucketcore import Core as _Core
-except ImportError:  # a source tree nobody built: the Python reference below does the work
-    _Core = None  # type: ignore[assignment, misc]
-
 log = logging.getLogger("apirouter.limits")
 
 MAGIC = b"APIRBKT\x01"
-LAYOUT_VERSION = 2  # 2: records striped by scope
+LAYOUT_VERSION = 3  # 2: records striped by scope; 3: a mutex per stripe in the segment
 _HEADER = struct.Struct("<8sIII")
 _HEADER_SIZE = 32
 _SLOT = struct.Struct("<Qdddd")
@@ -66,12 +66,9 @@ _DIMENSIONS = ("spend", "tokens", "requests")
 Settlement = tuple[list[BucketSpec], int, list[tuple[Budget, str]], tuple[int, int, int] | None]
 
 
-def segment_size(stripes: int = STRIPES, ways: int = WAYS) -> int:
-    return _HEADER_SIZE + stripes * ways * _SLOT.size
-
-
 def _init(buf: memoryview, stripes: int, ways: int) -> None:
     buf[:segment_size(stripes, ways)] = bytes(segment_size(stripes, ways))
+    init_locks(buf, stripes, ways)
     buf[:_HEADER.size] = _HEADER.pack(MAGIC, LAYOUT_VERSION, stripes, ways)
 
 
@@ -93,18 +90,20 @@ def create_buckets_segment(name: str, stripes: int = STRIPES, ways: int = WAYS
 class BucketTable:
     """One process's handle on the bucket records (shared, or private to the process)."""
 
-    def __init__(self, buf: memoryview, lock_fd: int, keep: object = None) -> None:
+    def __init__(self, buf: memoryview, shared: bool, keep: object = None) -> None:
         magic, layout, self.stripes, self.ways = _HEADER.unpack_from(buf, 0)
         if magic != MAGIC or layout != LAYOUT_VERSION:
             raise SegmentError(f"not a bucket segment of layout {LAYOUT_VERSION}")
         self._buf = buf
-        self._fd = lock_fd  # -1: private to this process, nothing to lock
+        self.shared = shared  # False: private to this process, nothing to lock
         self._keep = keep  # what owns the memory
         self._keys: dict[str, tuple[int, int]] = {}  # name -> (key, stripe)
         self._hint: dict[int, int] = {}  # key -> slot offset where it was last found
+        self._locks = Core(buf, shared, self.stripes, self.ways)
         # Token buckets without ledgers (every request of the in-process limiter) go through
-        # the C core: the same arithmetic on the same slots under the same locks, ~4x cheaper.
-        self._core = _Core(buf, lock_fd, self.stripes, self.ways) if _Core is not None else None
+        # the C core: the same arithmetic on the same slots under the same locks, ~4x cheaper
+        # (None: the Python reference does it, for the tests that hold the two to each other).
+        self._core: Core | None = self._locks
 
     @classmethod
     def attach(cls, name: str) -> BucketTable:
@@ -113,9 +112,8 @@ class BucketTable:
         except FileNotFoundError:
             raise SegmentError(f"no shared-memory segment {name!r}") from None
         resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-        fd = os.open(os.path.join("/dev/shm", name.lstrip("/")), os.O_RDWR)
         assert shm.buf is not None
-        return cls(shm.buf, fd, shm)
+        return cls(shm.buf, True, shm)
 
     @classmethod
     def private(cls, stripes: int = 64, ways: int = WAYS) -> BucketTable:
@@ -123,11 +121,7 @@ class BucketTable:
         mem = mmap.mmap(-1, segment_size(stripes, ways))
         view = memoryview(mem)
         _init(view, stripes, ways)
-        return cls(view, -1, mem)
-
-    @property
-    def shared(self) -> bool:
-        return self._fd >= 0
+        return cls(view, False, mem)
 
     # -- records --------------------------------------------------------------------------------
 
@@ -190,14 +184,13 @@ class BucketTable:
         return out
 
     def _lock(self, stripes: list[int]) -> None:
-        if self._fd >= 0:
-            for s in stripes:
-                fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, s)
+        """Lock these stripes (ascending), as the C core does, through it."""
+        if self.shared:
+            self._locks.lock(stripes)
 
     def _unlock(self, stripes: list[int]) -> None:
-        if self._fd >= 0:
-            for s in reversed(stripes):
-                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, s)
+        if self.shared:
+            self._locks.unlock(stripes)
 
     def _stripes(self, names: list[str]) -> list[int]:
         return sorted({self._key(n)[1] for n in names})
@@ -407,8 +400,6 @@ class BucketTable:
         self._buf.release()
         if isinstance(self._keep, shared_memory.SharedMemory):
             self._keep.close()
-        if self._fd >= 0:
-            os.close(self._fd)
 
 
 def _level(buf: memoryview, off: int, live: bool, cap: float, rate: float,

@@ -177,6 +177,51 @@ def test_a_killed_lock_holder_blocks_no_one(segment: str) -> None:
     assert len(got) == 1 and got[0].allowed and got[0].remaining == 1
 
 
+def test_a_stripe_lock_taken_twice_by_its_holder_is_an_error_not_a_hang(segment: str) -> None:
+    table = BucketTable.attach(segment)
+    table._lock([3, 5])
+    try:
+        with pytest.raises(OSError):  # EDEADLK: the mutexes check their owner
+            table._lock([5])
+    finally:
+        table._unlock([3, 5])
+    table._lock([5])  # released: free again
+    table._unlock([5])
+
+
+def _settle_everywhere(name: str, rounds: int, q: multiprocessing.Queue) -> None:
+    """Each round: one settlement of a ledger in every stripe, under one round of locks (more
+    stripes than a request's records: the Python path's lock call has no such bound)."""
+    table = BucketTable.attach(name)
+    budgets = [Budget(f"org:{i}", "day", -1, -1, 10**6) for i in range(300)]
+    for _ in range(rounds):
+        table.settle_many([([], 0, [(b, "2026-11-29")], (0, 0, 1)) for b in budgets],
+                          time.monotonic() * 1000)
+    q.put(len({table._key(f"ledger:{b.scope}:2026-11-29")[1] for b in budgets}))
+
+
+def test_settlements_over_many_stripes_from_several_processes_all_land() -> None:
+    shm = create_buckets_segment(f"apirouter-test-{uuid.uuid4().hex[:8]}-buckets", 256, 16)
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        q: multiprocessing.Queue[int] = ctx.Queue()
+        procs = [ctx.Process(target=_settle_everywhere, args=(shm.name, 50, q))
+                 for _ in range(3)]
+        for p in procs:
+            p.start()
+        stripes = [q.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(10)
+        assert stripes[0] > 64  # each round locks this many stripes at once
+        table = BucketTable.attach(shm.name)
+        now = time.monotonic() * 1000
+        assert [table.used(Budget(f"org:{i}", "day", -1, -1, 10**6), "2026-11-29",
+                           now)["requests"] for i in range(300)] == [150] * 300
+    finally:
+        shm.close()
+        unlink(shm.name)
+
+
 @given(st.floats(0, 86_399.999), st.floats(0, 7200), st.integers(0, 5000))
 @settings(max_examples=100, deadline=None)
 def test_settlement_goes_to_the_period_of_the_reservation(
