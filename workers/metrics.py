@@ -124,8 +124,8 @@ class RequestMetrics:
     """Cached label children: `labels()` costs microseconds, a dict hit costs nanoseconds."""
 
     def __init__(self) -> None:
-        self._requests: dict[tuple[str, str, str], Counter] = {}
-        self._by_backend: dict[tuple[str, str, int], Counter] = {}
+        self._requests: dict[tuple[str, str, str], Callable[[float], None]] = {}
+        self._by_backend: dict[tuple[str, str, int], Callable[[float], None]] = {}
         self._latency: dict[str, Callable[[float], None]] = {}
         self._errors: dict[str, Counter] = {}
         self._overhead = metric_values.observer(OVERHEAD)
@@ -133,15 +133,16 @@ class RequestMetrics:
     def routed(self, backend_id: str, decision: str, success: bool, model: str, status: int,
                backend_s: float, overhead_s: float) -> None:
         key = (backend_id, decision, "true" if success else "false")
-        c = self._requests.get(key)
-        if c is None:
-            c = self._requests[key] = REQUESTS.labels(*key)
-        c.inc()
+        inc = self._requests.get(key)
+        if inc is None:
+            inc = self._requests[key] = metric_values.incrementer(REQUESTS.labels(*key))
+        inc(1)
         bkey = (backend_id, model, status)
-        b = self._by_backend.get(bkey)
-        if b is None:
-            b = self._by_backend[bkey] = REQUESTS_BY_BACKEND.labels(backend_id, model, str(status))
-        b.inc()
+        inc = self._by_backend.get(bkey)
+        if inc is None:
+            inc = self._by_backend[bkey] = metric_values.incrementer(
+                REQUESTS_BY_BACKEND.labels(backend_id, model, str(status)))
+        inc(1)
         observe = self._latency.get(backend_id)
         if observe is None:
             observe = self._latency[backend_id] = metric_values.observer(
