@@ -93,7 +93,8 @@ SETTINGS: tuple[Setting, ...] = (
             "how long an idle client connection is kept open (takes effect on restart)",
             _positive, "must be > 0"),
     Setting("client_timeout_s", float, 30.0,
-            "how long a client may take to send one complete request", _positive, "must be > 0"),
+            "how long a client may take to send one complete request, or leave a response "
+            "unread with its socket full (then it is disconnected)", _positive, "must be > 0"),
     Setting("graceful_timeout_s", float, 30.0, "how long a drain waits for in-flight requests",
             _positive, "must be > 0"),
     Setting("max_attempts", int, 3, "backends one request may try (failover included)",

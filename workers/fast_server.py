@@ -12,9 +12,12 @@ order, at most MAX_PIPELINE queued before reading pauses), chunked request bodie
 ``Expect: 100-continue`` (sent only once the responses before it are out), header size and
 count limits, body size limits, idle and slow-request timeouts, write back-pressure, and a
 graceful shutdown that lets in-flight requests finish. ``Upgrade`` is ignored (RFC 9110 7.8:
-the router speaks HTTP/1.1 only), so such a request is answered once, like any other.
+the router speaks HTTP/1.1 only), so such a request is answered once, like any other. A client
+that leaves its socket full (reads nothing) for the client timeout is disconnected, its request
+cancelled and accounted as a client disconnect.
 
-One response per request, and nothing kept after it: a request refused before its body or
+One response per request, even when answering fails (our bug: the catalog's 500, or a close
+if the head was already out), and nothing kept after it: a request refused before its body or
 headers have all arrived is answered, then the connection is half-closed and what the client
 still sends is read and discarded (up to LINGER_BYTES or LINGER_S), so the answer is not lost
 to a reset. A closed connection drops its buffers and parser at once (the parser and the
@@ -28,6 +31,7 @@ import asyncio
 import gc
 import logging
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
@@ -152,6 +156,7 @@ class FastProtocol(asyncio.Protocol):
         self.closing = False
         self.reading_paused = False
         self.writing_paused = False
+        self.paused_at = 0.0  # when writing last paused (the client stopped reading)
         self.pending_handoff = False
         self.failed = False
         # The connection's task: it answers the requests one after the other, and between them
@@ -222,8 +227,10 @@ class FastProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client is not reading its responses: stop reading its requests (and a stream
-        # being relayed waits in drain()).
+        # being relayed waits in drain()). If it reads nothing more for client_timeout_s,
+        # check_timeouts disconnects it.
         self.writing_paused = True
+        self.paused_at = self.server.loop.time()
         self._pause_reading()
 
     def resume_writing(self) -> None:
@@ -430,18 +437,25 @@ class FastProtocol(asyncio.Protocol):
         writes = self.server.writes
         while True:
             endpoint, view, request_id, body, keep_alive, chunked, cred, signed, traceparent = item
+            sink = _Stream(self, keep_alive, chunked)
             writes.serving += 1  # how many requests could share a turn's writes
             try:
                 rid = pipeline.ids.accept(request_id.decode("latin-1") if request_id else None)
                 ctx = pipeline.context(endpoint, view, rid, body, cred, signed, None,
                                        traceparent.decode("latin-1") if traceparent else None)
-                ctx.sink = sink = _Stream(self, keep_alive, chunked)
+                ctx.sink = sink
                 reply = await pipeline.run(ctx)
-                if reply is not None:
+                if reply is None:
+                    if not sink.keep_alive:
+                        self._close()
+                elif not sink.started:
                     # When closing, the connection ends with the last queued answer, not this.
                     self._write(reply, keep_alive and (not self.closing or bool(self.queue)))
-                elif not sink.keep_alive:
-                    self._close()
+                else:  # the pipeline's own error, after the stream's head went out
+                    self._unanswerable(None, endpoint)
+            except Exception as e:  # answering failed (the head did not encode, ...): bounded
+                ctx = reply = None  # type: ignore[assignment]  # (for the del below)
+                self._unanswered(e, sink, endpoint, request_id, keep_alive)
             finally:
                 writes.serving -= 1
             # Nothing of this request outlives it: an idle connection would otherwise hold its
@@ -454,6 +468,32 @@ class FastProtocol(asyncio.Protocol):
                 idle = self.idle = self.server.loop.create_future()
                 nxt = await idle
             item = nxt
+
+    def _unanswered(self, e: Exception, sink: _Stream, endpoint: Endpoint,
+                    request_id: bytes | None, keep_alive: bool) -> None:
+        """Building or writing a request's answer raised. Nothing of it written yet: the client
+        gets the catalog's 500 instead (the connection goes on); else the connection closes,
+        as the client cannot tell a cut answer from a whole one otherwise."""
+        if sink.started:
+            self._unanswerable(e, endpoint)
+            return
+        _log_failure("could not answer a request", e, endpoint)
+        try:
+            rid = self.server.pipeline.ids.accept(
+                request_id.decode("latin-1") if request_id else None)
+            self._write(self.server.pipeline.error_reply(
+                RouterError("INTERNAL_ERROR"), rid, endpoint.openai),
+                keep_alive and (not self.closing or bool(self.queue)))
+        except Exception as again:
+            _log_failure("could not answer a request with its error either", again, endpoint)
+            self.abort()
+
+    def _unanswerable(self, e: Exception | None, endpoint: Endpoint) -> None:
+        """A streamed answer failed after its head went out: the client cannot be told in
+        band; closing (after what was queued) ends the cut chunked body for it."""
+        _log_failure("a streamed answer failed after its head; closing the connection", e,
+                     endpoint)
+        self._close()
 
     async def drain(self) -> None:
         """Wait until the client's socket takes writes again (write back-pressure)."""
@@ -590,7 +630,15 @@ class FastProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     def check_timeouts(self, now: float, client_timeout: float) -> None:
-        if self.lingering:
+        if self.writing_paused and now - self.paused_at > client_timeout:
+            # The client has read nothing for that long with its socket full (a stream it
+            # never reads, a response it leaves there): disconnect it. Its request, if still
+            # being answered, is cancelled and accounted as a client disconnect, and the
+            # backend connection is closed, not pooled (connection_lost). abort(): a close
+            # would wait for the unread bytes to drain, which they never do.
+            log.info("a client read nothing for %g s: disconnecting it", client_timeout)
+            self.abort()
+        elif self.lingering:
             if now - self.lingering > LINGER_S:
                 self._close()
         elif self.in_message:
@@ -649,6 +697,17 @@ def _without_upgrade(request: bytes) -> bytes:
     return b"\r\n".join(kept) + request[end:]
 
 
+def _log_failure(what: str, e: BaseException | None, endpoint: Endpoint) -> None:
+    """Our failure, logged with its type and where it happened: never its message, which
+    may quote what it failed on (a header value, a body)."""
+    if e is None:
+        log.error("%s (%s %s)", what, endpoint.method, endpoint.path)
+        return
+    where = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
+    log.error("%s (%s %s): %s at %s", what, endpoint.method, endpoint.path, type(e).__name__,
+              ", ".join(f"{f.filename}:{f.lineno} in {f.name}" for f in where) or "?")
+
+
 def _headers_too_large() -> RouterError:
     return RouterError("INVALID_REQUEST", "the request headers are too large",
                        details=f"the limit is {MAX_HEADER_BYTES} bytes")
@@ -667,18 +726,20 @@ _SPENT: httptools.HttpRequestParser = _Spent()  # type: ignore[assignment]
 class _Stream:
     """The lean server's Sink for a streamed response (workers.context.Sink)."""
 
-    __slots__ = ("proto", "keep_alive", "chunked")
+    __slots__ = ("proto", "keep_alive", "chunked", "started")
 
     def __init__(self, proto: FastProtocol, keep_alive: bool, chunked: bool) -> None:
         self.proto = proto
         self.keep_alive = keep_alive and chunked  # HTTP/1.0: the end of the body is the close
         self.chunked = chunked
+        self.started = False  # the head is out: the request can no longer get another answer
 
     async def start(self, status: int, headers: list[tuple[str, str]],
                     content_type: str) -> None:
         p = self.proto
         self.keep_alive = self.keep_alive and not (p.closing and not p.queue)
         p.write_head(status, headers, content_type, self.keep_alive, self.chunked)
+        self.started = True
 
     async def write(self, data: bytes) -> None:
         p = self.proto

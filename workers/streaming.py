@@ -18,7 +18,8 @@ Where a stream is held and released:
    the client with an in-band error event (OpenAI's error shape: the openai SDK raises
    APIError) and is accounted as STREAM_INTERRUPTED, against the backend. A client that hangs
    up cancels the relay: the backend connection is closed (not pooled) and what was streamed
-   so far is settled.
+   so far is settled. So does a client that never reads: the lean server disconnects it
+   once its socket stayed full for the client timeout (workers.fast_server).
 
 Usage: the backend is always asked for its usage chunk (apirouter.validation); the chunk is
 passed on only if the client asked; without one, usage is estimated from what was streamed
