@@ -72,6 +72,22 @@ def _bulk_of(a: bytes | str | int | float) -> bytes:
     return enc
 
 
+_SMALL_INTS = tuple(b"$%d\r\n%d\r\n" % (len(b"%d" % i), i) for i in range(1024))
+
+
+def bulk_int(i: int) -> bytes:
+    """An int's RESP bulk string (those of 0-1023 kept; nothing else is: per-request counts
+    would only crowd the kept encodings out)."""
+    if 0 <= i < 1024:
+        return _SMALL_INTS[i]
+    return b"$%d\r\n%d\r\n" % (len(b"%d" % i), i)
+
+
+def bulk_str(s: str) -> bytes:
+    """A str's RESP bulk string, not kept (for values that do not repeat: ids, nonces)."""
+    return _bulk(s.encode())
+
+
 def encode_command(*args: bytes | str | int | float) -> bytes:
     """A command as a RESP array of bulk strings (floats by repr, other values by str)."""
     out = [b"*%d\r\n" % len(args)]
@@ -324,20 +340,28 @@ class RedisClient:
                       timeout: float | None) -> RespValue:
         """Run one command; RedisError replies are returned, not raised (scripts need them).
         ``timeout=None``: wait for the reply while the connection lives (``stall_timeout``)."""
+        return await self.execute_encoded(encode_command(*args), timeout)
+
+    async def execute_encoded(self, data: bytes, timeout: float | None) -> RespValue:
+        """``execute`` for one command the caller encoded itself (encode_command's bytes)."""
         proto = self._proto
         if proto is None:
             proto = await self._connection(self._connect_deadline(timeout))
-        return await self._send(proto, encode_command(*args),
+        return await self._send(proto, data,
                                 None if timeout is None else self._loop.time() + timeout)
 
     def submit(self, *args: bytes | str | int | float) -> asyncio.Future[RespValue] | None:
         """Queue one command on the live connection; the future of its reply, bounded by the
         connection's liveness (``stall_timeout``) only. None when not connected (use
         ``execute``, which connects)."""
+        return self.submit_encoded(encode_command(*args))
+
+    def submit_encoded(self, data: bytes) -> asyncio.Future[RespValue] | None:
+        """``submit`` for one command the caller encoded itself."""
         proto = self._proto
         if proto is None or proto.transport is None:
             return None
-        return proto.request(encode_command(*args))
+        return proto.request(data)
 
     async def pipeline(self, commands: list[tuple[bytes | str | int | float, ...]],
                        timeout: float) -> list[RespValue]:

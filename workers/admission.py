@@ -30,7 +30,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +38,7 @@ from apirouter.budgets import Budget, Reservation, period_id, period_ttl_ms
 from apirouter.errors import RouterError
 from apirouter.keys import KeyRecord, Tier
 from apirouter.limits import BucketSpec, BucketState, Verdict, buckets_for, rate_limit_headers
-from apirouter.redis_client import RedisClient, RedisError, RedisUnavailable
+from apirouter.redis_client import RedisClient, RedisError, RedisUnavailable, encode_command
 from apirouter.shared_buckets import BUCKETS_SEGMENT_ENV, BucketTable, Settlement
 from apirouter.shm import SegmentError
 from apirouter.table import Limits
@@ -50,6 +50,7 @@ from workers.admission_scripts import (
     RESERVATION_TTL_MS,
     SETTLE_MANY_LUA,
     SETTLE_MANY_MAX,
+    AdmitEncoder,
     bucket_key,
     budget_key,
     nonce_key,
@@ -98,6 +99,7 @@ class Admission:
         self.redis: RedisClient | None = None
         self._redis_url = ""
         self._sha: dict[str, str] = {}
+        self._commands = AdmitEncoder()
         self.table = _bucket_table()
         self.failures = 0
         self.open_until = 0.0
@@ -167,7 +169,8 @@ class Admission:
         ticket = Ticket(key, specs, tokens, _UNDECIDED, budgets, reservation,
                         rid=f"{self._rid_prefix}{self._rid_next:x}", periods=periods)
         started = time.perf_counter()
-        ticket.verdict = await self._admit_redis(client, limits, ticket, nonce, nonce_ttl_ms)
+        ticket.verdict = await self._admit_redis(client, limits, ticket, nonce, nonce_ttl_ms,
+                                                 model, org, model_limits)
         self._decisions += 1
         if not self._decisions & 7:  # a sampled histogram: 1 in 8 decisions
             ADMISSION_LATENCY.observe(time.perf_counter() - started)
@@ -202,6 +205,12 @@ class Admission:
                       keys: list[str], args: list[str | int | float]) -> object:
         """Run a script; with no deadline of its own: Redis's reply is awaited while the
         connection lives (RedisClient.stall_timeout)."""
+        return await self._run(client, name, source, lambda sha: encode_command(
+            "EVALSHA", sha, len(keys), *keys, *args))
+
+    async def _run(self, client: RedisClient, name: str, source: str,
+                   encode: Callable[[str], bytes]) -> object:
+        """``_script`` for a command ``encode(sha)`` makes (EVALSHA, the script's sha, ...)."""
         sha = self._sha.get(name)
         if sha is None:
             loaded = await client.execute("SCRIPT", "LOAD", source, timeout=None)
@@ -210,13 +219,13 @@ class Admission:
             sha = self._sha[name] = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
         # On a live connection, straight to its pipeline (the same wait as execute's
         # timeout=None, two coroutines fewer); execute connects first when there is none.
-        fut = client.submit("EVALSHA", sha, len(keys), *keys, *args)
-        reply = await (fut if fut is not None else
-                       client.execute("EVALSHA", sha, len(keys), *keys, *args, timeout=None))
+        data = encode(sha)
+        fut = client.submit_encoded(data)
+        reply = await (fut if fut is not None else client.execute_encoded(data, timeout=None))
         if isinstance(reply, RedisError):
             if str(reply).startswith("NOSCRIPT"):
                 self._sha.pop(name, None)
-                return await self._script(client, name, source, keys, args)
+                return await self._run(client, name, source, encode)
             raise reply
         return reply
 
@@ -243,13 +252,33 @@ class Admission:
         return keys, args
 
     async def _admit_redis(self, client: RedisClient, limits: Limits, ticket: Ticket,
-                           nonce: str | None, nonce_ttl_ms: int) -> Verdict:
+                           nonce: str | None, nonce_ttl_ms: int, model: str,
+                           org: Tier | None, model_limits: Tier | None) -> Verdict:
         if self.open_until > time.monotonic():
             ticket.charged = False
             return self._on_failure(limits, None)
-        keys, args = self._script_args(ticket, nonce, nonce_ttl_ms)
         try:
-            reply = await self._script(client, "admit", ADMIT_LUA, keys, args)
+            # The script loaded and a live connection: its command, from kept fragments,
+            # straight into the connection's pipeline. Otherwise (and on NOSCRIPT) _run
+            # loads the script and connects.
+            sha = self._sha.get("admit")
+            fut = None if sha is None else client.submit_encoded(self._commands.command(
+                sha, ticket.key, model, org, model_limits, ticket.specs, ticket.rid, nonce,
+                nonce_ttl_ms, ticket.budgets, ticket.periods, ticket.reservation))
+            if fut is not None:
+                reply = await fut
+                if isinstance(reply, RedisError):
+                    if not str(reply).startswith("NOSCRIPT"):
+                        raise reply
+                    if self._sha.get("admit") is sha:
+                        self._sha.pop("admit", None)
+                    fut = None
+            if fut is None:
+                reply = await self._run(client, "admit", ADMIT_LUA, lambda sha: (
+                    self._commands.command(sha, ticket.key, model, org, model_limits,
+                                           ticket.specs, ticket.rid, nonce, nonce_ttl_ms,
+                                           ticket.budgets, ticket.periods,
+                                           ticket.reservation)))
         except (RedisUnavailable, RedisError, OSError) as e:
             # The script may still run (or have run) inside Redis: release it there.
             ticket.charged = False
@@ -265,10 +294,10 @@ class Admission:
             return self._on_failure(limits, RedisError(f"unexpected reply {reply!r}"))
         self.failures = 0
         self.last_error = None
-        code, index, remaining, retry, reset = (int(x) for x in reply)
+        code, index, remaining, retry, reset = map(int, reply)
         specs = ticket.specs
         if code == 1:
-            return Verdict(True, None, int(remaining), 0, int(reset))
+            return Verdict(True, None, remaining, 0, reset)
         if code == -1:
             raise RouterError("INVALID_REQUEST", "this request's nonce was already used "
                                                  "(a replay)", field="X-Signature-Nonce")

@@ -1,0 +1,58 @@
+"""ADMIT's EVALSHA built from kept fragments is byte for byte the argument-by-argument one."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from apirouter.budgets import Budget, Reservation
+from apirouter.keys import KeyRecord, Tier
+from apirouter.limits import Verdict, buckets_for
+from apirouter.redis_client import encode_command
+from workers.admission import Admission, Ticket
+from workers.admission_scripts import AdmitEncoder
+
+_NAMES = st.text(min_size=1, max_size=12)
+_LIMIT = st.one_of(st.just(0), st.integers(1, 2**40))
+_TIERS = st.lists(st.builds(Tier, _LIMIT, _LIMIT, _LIMIT, _LIMIT), min_size=3, max_size=3)
+_BUDGETS = st.lists(st.builds(Budget, _NAMES, st.sampled_from(["day", "month"]),
+                              st.integers(-1, 2**40), st.integers(-1, 2**40),
+                              st.integers(-1, 2**40)), max_size=3)
+_REQUEST = st.tuples(
+    st.integers(0, 2),  # key (of three, so that kept fragments are reused and replaced)
+    st.integers(0, 2),  # org tier: none, or one of two
+    st.integers(0, 2),  # model tier: none, or one of two
+    st.sampled_from(["m", "gpt-x", "modèle"]),
+    st.one_of(st.just(0), st.integers(1, 5000), st.integers(0, 2**40)),  # tokens
+    st.text(max_size=20),  # reservation id
+    st.one_of(st.none(), st.just(""), st.text(max_size=30)),  # nonce
+    st.sampled_from([0, 1, 600_000, 2**31]),  # nonce ttl
+    _BUDGETS,
+    st.one_of(st.none(), st.builds(Reservation, st.integers(0, 2**40), st.integers(0, 2**40),
+                                   st.integers(0, 3))),
+    st.sampled_from(["a" * 40, "0123456789abcdef0123456789abcdef01234567"]))
+
+
+@given(_NAMES, _NAMES, _TIERS, st.lists(_REQUEST, min_size=1, max_size=25))
+@settings(max_examples=300, deadline=None)
+def test_fragment_built_command_is_the_reference_encoding(
+        key_id: str, org: str, tiers: list[Tier], requests: list[tuple]) -> None:  # type: ignore[type-arg]
+    encoder = AdmitEncoder()
+    admission = Admission()
+    keys = [KeyRecord(f"{key_id}{i}", "0" * 64, org if i < 2 else f"{org}2", "", frozenset(),
+                      "t", tiers[i], False) for i in range(3)]
+    org_tiers = [None, tiers[1], Tier(5, 6, 7, 8)]
+    model_tiers = [None, tiers[2], Tier(1, 1, 0, 0)]
+    for (k, o, m, model, tokens, rid, nonce, nonce_ttl, budgets, r,
+         sha) in requests + requests:
+        key = keys[k]
+        budgets = budgets if r is not None else []  # as the pipeline: a reservation with them
+        specs = buckets_for(key, model, tokens, org_tiers[o], model_tiers[m])
+        periods = [f"2026-11-{i:02d}" for i in range(len(budgets))]
+        ticket = Ticket(key, specs, tokens, Verdict(True, None, 0, 0, 0), budgets, r, rid=rid,
+                        periods=periods)
+        ks, args = admission._script_args(ticket, nonce, nonce_ttl)
+        want = encode_command("EVALSHA", sha, len(ks), *ks, *args)
+        got = encoder.command(sha, key, model, org_tiers[o], model_tiers[m], specs, rid, nonce,
+                              nonce_ttl, budgets, periods, r)
+        assert got == want
