@@ -20,6 +20,7 @@ there mean the event loop, not Redis, was late, and the connection lives on.
 from __future__ import annotations
 
 import asyncio
+import re
 import select
 from collections import deque
 from typing import Any
@@ -107,8 +108,16 @@ class _NeedMore(Exception):
 _COLON, _PLUS, _MINUS, _DOLLAR, _STAR = b":+-$*"
 
 
+# An array of five integers: the reply of every admission (the admission script's). One regex
+# match reads it whole: ~1.5 -> ~1.0 µs a reply.
+_FIVE_INTS = re.compile(rb"\*5\r\n" + rb":(-?\d+)\r\n" * 5).match
+
+
 def parse_reply(buf: bytes, pos: int) -> tuple[RespValue, int]:
     """One RESP2 value from ``buf`` at ``pos``: (value, next position); _NeedMore if partial."""
+    m = _FIVE_INTS(buf, pos)
+    if m is not None:
+        return [*map(int, m.groups())], m.end()
     end = buf.find(b"\r\n", pos)
     if end < 0:
         raise _NeedMore

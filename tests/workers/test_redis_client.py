@@ -108,7 +108,10 @@ _RESP = st.recursive(
               st.binary(max_size=30).map(lambda b: (b"$%d\r\n%s\r\n" % (len(b), b), b)),
               st.just((b"$-1\r\n", None)), st.just((b"*-1\r\n", None)),
               st.from_regex(r"[a-zA-Z0-9 ]{0,12}", fullmatch=True).map(
-                  lambda t: (b"+%s\r\n" % t.encode(), t))),
+                  lambda t: (b"+%s\r\n" % t.encode(), t)),
+              # an admission's reply (five integers: parsed by a fast path of its own)
+              st.lists(st.integers(-2**63, 2**63 - 1), min_size=5, max_size=5).map(
+                  lambda xs: (b"*5\r\n" + b"".join(b":%d\r\n" % x for x in xs), xs))),
     lambda inner: st.lists(inner, max_size=6).map(
         lambda xs: (b"*%d\r\n" % len(xs) + b"".join(x[0] for x in xs), [x[1] for x in xs])),
     max_leaves=20)
