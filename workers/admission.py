@@ -32,25 +32,31 @@ import os
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from apirouter.budgets import Budget, Reservation, period_id, period_ttl_ms
 from apirouter.errors import RouterError
 from apirouter.keys import KeyRecord, Tier
 from apirouter.limits import BucketSpec, BucketState, Verdict, buckets_for, rate_limit_headers
-from apirouter.redis_client import RedisClient, RedisError, RedisUnavailable, encode_command
+from apirouter.redis_client import (
+    RedisClient,
+    RedisError,
+    RedisUnavailable,
+    bulk_int,
+    encode_command,
+)
 from apirouter.shared_buckets import BUCKETS_SEGMENT_ENV, BucketTable, Settlement
 from apirouter.shm import SegmentError
 from apirouter.table import Limits
 from workers.admission_scripts import (
     ADMIT_LUA,
-    BUCKET_TTL_MS,
     BUDGET_SETTLE_LUA,
     RELEASE_LUA,
     RESERVATION_TTL_MS,
     SETTLE_MANY_LUA,
     SETTLE_MANY_MAX,
-    AdmitEncoder,
+    ScriptCommands,
     bucket_key,
     budget_key,
     nonce_key,
@@ -99,7 +105,7 @@ class Admission:
         self.redis: RedisClient | None = None
         self._redis_url = ""
         self._sha: dict[str, str] = {}
-        self._commands = AdmitEncoder()
+        self._commands = ScriptCommands()
         self.table = _bucket_table()
         self.failures = 0
         self.open_until = 0.0
@@ -388,8 +394,8 @@ class Admission:
                                                            strict=True)), budget_delta))
             return
         if (specs or budget_delta is not None) and self._settles_on(limits):
-            if not self._redis_settlements:  # one task settles everything of this turn
-                spawn(self._settle_redis(limits))
+            if not self._redis_settlements:  # sent together after this turn
+                asyncio.get_running_loop().call_soon(self._settle_redis, limits)
             self._redis_settlements.append((ticket, specs, delta, budget_delta))
 
     def _settles_on(self, limits: Limits) -> bool:
@@ -415,18 +421,19 @@ class Admission:
         if items:
             self.table.settle_many(items, time.monotonic() * 1000)
 
-    async def _settle_redis(self, limits: Limits) -> None:
+    def _settle_redis(self, limits: Limits) -> None:
         """Settle on Redis everything queued in one event-loop turn: the token buckets of each
         org in one script call (SETTLE_MANY_LUA, in order: as one call per bucket would), each
         budget ledger in one of its own; every call is sent at once (one write, no task per
-        request), then the replies are read in order. One call per bucket was a script run,
-        an encoding and a reply per request."""
+        request or turn: the replies are looked at when the last one is in). One call per
+        bucket was a script run, an encoding and a reply per request."""
         items, self._redis_settlements = self._redis_settlements, []
         client = self.client_for(limits) if self._settles_on(limits) else None
         if client is None:
             return
-        calls: list[tuple[str, str, str, list[str], list[str | int | float]]] = []
-        buckets: dict[str, tuple[list[str], list[str | int | float]]] = {}  # by org
+        commands = self._commands
+        calls: list[tuple[str, str, str, Callable[[str], bytes]]] = []
+        buckets: dict[str, tuple[list[bytes], list[bytes]]] = {}  # by org
         for ticket, specs, delta, budget_delta in items:
             org = ticket.key.org
             if budget_delta is not None:
@@ -434,36 +441,68 @@ class Admission:
                 # midnight.
                 for b, period in zip(ticket.budgets, ticket.periods, strict=True):
                     calls.append((f"budget {b.scope}", "budget_settle", BUDGET_SETTLE_LUA,
-                                  [budget_key(org, b.scope, period)], list(budget_delta)))
+                                  partial(_evalsha, [budget_key(org, b.scope, period)],
+                                          list(budget_delta))))
             if specs:
-                keys, args = buckets.get(org) or buckets.setdefault(org, ([], [BUCKET_TTL_MS]))
+                keys, args = buckets.get(org) or buckets.setdefault(org, ([], []))
+                d = bulk_int(delta)
                 for s in specs:
-                    keys.append(bucket_key(org, s.name))
-                    args += (s.capacity, repr(s.refill_per_ms), delta)
+                    k, fixed = commands.bucket(org, s)
+                    keys.append(k)
+                    args.append(fixed + d)
         for org, (keys, args) in buckets.items():
             for start in range(0, len(keys), SETTLE_MANY_MAX):
                 end = start + SETTLE_MANY_MAX
                 calls.append((f"{len(keys[start:end])} token buckets of org {org}",
-                              "settle_many", SETTLE_MANY_LUA, keys[start:end],
-                              [args[0], *args[1 + 3 * start:1 + 3 * end]]))
-        sent = [(sha, client.submit("EVALSHA", sha, len(keys), *keys, *args))
-                if (sha := self._sha.get(name)) is not None else (None, None)
-                for _, name, _, keys, args in calls]
-        for (what, name, source, keys, args), (sha, fut) in zip(calls, sent, strict=True):
+                              "settle_many", SETTLE_MANY_LUA,
+                              partial(commands.settle_many, keys=keys[start:end],
+                                      args=args[start:end])))
+        sent: list[asyncio.Future[Any] | None] = [
+            None if (sha := self._sha.get(name)) is None else client.submit_encoded(encode(sha))
+            for _, name, _, encode in calls]
+        last = sent[-1] if sent else None
+        if last is None or None in sent:  # not loaded yet, or not connected: _run does both
+            spawn(self._settle_slowly(client, calls, sent))
+            return
+        _pending.add(last)  # (finish_pending waits for it)
+        last.add_done_callback(lambda _: self._settled(client, calls, sent, last))
+
+    def _settled(self, client: RedisClient, calls: list[tuple[str, str, str,
+                                                               Callable[[str], bytes]]],
+                 sent: list[asyncio.Future[Any] | None], last: asyncio.Future[Any]
+                 ) -> None:
+        """The replies of one turn's settlements are in (in order: the last one means all):
+        errors are logged; a script Redis no longer has is loaded and run again."""
+        _pending.discard(last)
+        if any(f is not None and (f.cancelled() or f.exception() is not None or
+                                  isinstance(f.result(), RedisError)) for f in sent):
+            spawn(self._settle_slowly(client, calls, sent))
+
+    async def _settle_slowly(self, client: RedisClient,
+                             calls: list[tuple[str, str, str, Callable[[str], bytes]]],
+                             sent: list[asyncio.Future[Any] | None]) -> None:
+        """The settlement calls of one turn that were not sent, or came back with an error:
+        run through _run (which loads the script and connects), or logged."""
+        reloaded: set[str] = set()
+        for (what, name, source, encode), fut in zip(calls, sent, strict=True):
             try:
-                if fut is None:  # not loaded yet, or not connected: _script does both
-                    await self._script(client, name, source, keys, args)
+                if fut is None:
+                    await self._run(client, name, source, encode)
                     continue
                 reply = await fut
                 if isinstance(reply, RedisError) and str(reply).startswith("NOSCRIPT"):
-                    # Reload once per batch: a retry before this one may have reloaded it.
-                    if self._sha.get(name) == sha:
+                    if name not in reloaded:  # once a batch: the calls after find it loaded
+                        reloaded.add(name)
                         self._sha.pop(name, None)
-                    await self._script(client, name, source, keys, args)
+                    await self._run(client, name, source, encode)
                 elif isinstance(reply, RedisError):
                     raise reply
             except (RedisUnavailable, RedisError, OSError) as e:
                 log.warning("could not settle %s: %s", what, e)
+
+
+def _evalsha(keys: list[str], args: list[str | int | float], sha: str) -> bytes:
+    return encode_command("EVALSHA", sha, len(keys), *keys, *args)
 
 
 def _bucket_table() -> BucketTable:
@@ -483,6 +522,7 @@ async def finish_pending(admission: Admission, timeout: float) -> None:
     settlements and releases still running, so a draining worker's last refunds and charges
     are not dropped."""
     admission.apply_settlements()
+    await asyncio.sleep(0)  # this turn's Redis settlements go out (call_soon), into _pending
     if _pending:
         await asyncio.wait(set(_pending), timeout=timeout)
 
@@ -495,7 +535,7 @@ def spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
     return task
 
 
-_pending: set[asyncio.Future[None]] = set()
+_pending: set[asyncio.Future[Any]] = set()
 
 
 async def budget_usage(admission: Admission, limits: Limits, budgets: list[Budget],

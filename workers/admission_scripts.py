@@ -187,6 +187,7 @@ def nonce_key(org: str, key_id: str, nonce: str) -> str:
 _EVALSHA = bulk_str("EVALSHA")
 _ZERO = bulk_int(0)
 _RES_TTL = bulk_int(RESERVATION_TTL_MS)
+_BUCKET_TTL = bulk_int(BUCKET_TTL_MS)
 
 
 @dataclass(slots=True)
@@ -205,7 +206,7 @@ class _Fragments:
     res_prefix: str
 
 
-class AdmitEncoder:
+class ScriptCommands:
     """ADMIT's EVALSHA as RESP bytes, identical to ``encode_command("EVALSHA", sha, len(keys),
     *keys, *args)`` over the layout above, built from fragments kept per key, org, model and
     bucket count (valid while the same tier objects are in force: a table reload makes new
@@ -217,6 +218,27 @@ class AdmitEncoder:
 
     def __init__(self) -> None:
         self._plans: dict[tuple[str, str, str, int], _Fragments] = {}
+        # (org, bucket) -> (capacity, per minute, key, capacity and refill per ms)
+        self._buckets: dict[tuple[str, str], tuple[int, int, bytes, bytes]] = {}
+
+    def bucket(self, org: str, s: BucketSpec) -> tuple[bytes, bytes]:
+        """A token bucket's key, and its capacity and refill per ms, as SETTLE_MANY takes
+        them (kept per org and bucket while its limits stay the same)."""
+        k = self._buckets.get((org, s.name))
+        if k is None or k[0] != s.capacity or k[1] != s.per_minute:
+            if len(self._buckets) >= self.MAX_PLANS:
+                self._buckets.clear()
+            k = self._buckets[(org, s.name)] = (
+                s.capacity, s.per_minute, bulk_str(bucket_key(org, s.name)),
+                bulk_int(s.capacity) + bulk_str(repr(s.refill_per_ms)))
+        return k[2], k[3]
+
+    @staticmethod
+    def settle_many(sha: str, keys: list[bytes], args: list[bytes]) -> bytes:
+        """SETTLE_MANY's EVALSHA over ``keys`` (``bucket``'s) and, per key, ``bucket``'s
+        capacity and refill followed by the delta's bulk string."""
+        return b"".join((b"*%d\r\n" % (4 + 4 * len(keys)), _EVALSHA, bulk_str(sha),
+                         bulk_int(len(keys)), *keys, _BUCKET_TTL, *args))
 
     def _fragments(self, sha: str, key: KeyRecord, model: str, org: Tier | None,
                    model_limits: Tier | None, specs: list[BucketSpec]) -> _Fragments:

@@ -7,10 +7,10 @@ from hypothesis import strategies as st
 
 from apirouter.budgets import Budget, Reservation
 from apirouter.keys import KeyRecord, Tier
-from apirouter.limits import Verdict, buckets_for
-from apirouter.redis_client import encode_command
+from apirouter.limits import BucketSpec, Verdict, buckets_for
+from apirouter.redis_client import bulk_int, encode_command
 from workers.admission import Admission, Ticket
-from workers.admission_scripts import AdmitEncoder
+from workers.admission_scripts import BUCKET_TTL_MS, ScriptCommands, bucket_key
 
 _NAMES = st.text(min_size=1, max_size=12)
 _LIMIT = st.one_of(st.just(0), st.integers(1, 2**40))
@@ -37,7 +37,7 @@ _REQUEST = st.tuples(
 @settings(max_examples=300, deadline=None)
 def test_fragment_built_command_is_the_reference_encoding(
         key_id: str, org: str, tiers: list[Tier], requests: list[tuple]) -> None:  # type: ignore[type-arg]
-    encoder = AdmitEncoder()
+    encoder = ScriptCommands()
     admission = Admission()
     keys = [KeyRecord(f"{key_id}{i}", "0" * 64, org if i < 2 else f"{org}2", "", frozenset(),
                       "t", tiers[i], False) for i in range(3)]
@@ -56,3 +56,25 @@ def test_fragment_built_command_is_the_reference_encoding(
         got = encoder.command(sha, key, model, org_tiers[o], model_tiers[m], specs, rid, nonce,
                               nonce_ttl, budgets, periods, r)
         assert got == want
+
+
+_SPECS = st.builds(BucketSpec, st.sampled_from(["key:a:tpm", "org:b:tpm", "key:é:model:m:tpm"]),
+                   st.integers(0, 2**40), st.integers(0, 2**40), st.just(0))
+
+
+@given(st.lists(st.tuples(st.sampled_from(["o1", "o2", "{o}"]), _SPECS,
+                          st.integers(-2**40, 2**40)), min_size=1, max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_fragment_built_settlement_is_the_reference_encoding(
+        settlements: list[tuple[str, BucketSpec, int]]) -> None:
+    commands = ScriptCommands()
+    for batch in (settlements, settlements[::-1], settlements):
+        keys, args, want_keys, want_args = [], [], [], []
+        for org, spec, delta in batch:
+            k, fixed = commands.bucket(org, spec)
+            keys.append(k)
+            args.append(fixed + bulk_int(delta))
+            want_keys.append(bucket_key(org, spec.name))
+            want_args += [spec.capacity, repr(spec.refill_per_ms), delta]
+        assert commands.settle_many("f" * 40, keys, args) == encode_command(
+            "EVALSHA", "f" * 40, len(want_keys), *want_keys, BUCKET_TTL_MS, *want_args)
