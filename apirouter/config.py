@@ -95,6 +95,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("client_timeout_s", float, 30.0,
             "how long a client may take to send one complete request, or leave a response "
             "unread with its socket full (then it is disconnected)", _positive, "must be > 0"),
+    Setting("client_eof_policy", str, "cancel",
+            "a client's EOF before its answer: cancel (it hung up: the request is cancelled and "
+            "recorded as 499, as nginx does) or answer (it half-closed: what it sent completely "
+            "is answered, then the connection closes; a client that really closed is then "
+            "noticed only when its answer is written)",
+            lambda v: v in ("cancel", "answer"), "must be cancel or answer"),
     Setting("graceful_timeout_s", float, 30.0, "how long a drain waits for in-flight requests",
             _positive, "must be > 0"),
     Setting("max_attempts", int, 3, "backends one request may try (failover included)",
@@ -177,6 +183,7 @@ class ServerConfig:
     max_connections_per_backend: int
     keepalive_s: float
     client_timeout_s: float
+    client_eof_policy: str
     graceful_timeout_s: float
     max_attempts: int
     health_interval_s: float

@@ -87,6 +87,7 @@ class Limits:
     workers: int = 1
     stream_first_event_timeout_s: float = 30.0
     stream_idle_timeout_s: float = 30.0
+    client_eof_policy: str = "cancel"
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +184,7 @@ def compile_table(cfg: RouterConfig, *, source: str, now: float | None = None,
                     s.max_connections_per_backend, s.client_timeout_s, s.max_attempts,
                     s.redis_url, s.redis_timeout_ms, s.redis_failure_policy,
                     s.default_completion_tokens, s.workers, s.stream_first_event_timeout_s,
-                    s.stream_idle_timeout_s)
+                    s.stream_idle_timeout_s, s.client_eof_policy)
     return RoutingTable(now, source, limits, backends, routes,
                         {k: v for k, v in states.items() if v != HEALTHY},
                         s.admin_token_sha256, s.auth_required,
@@ -209,7 +210,7 @@ def encode_table(t: RoutingTable) -> bytes:
                    lim.max_connections_per_backend, lim.client_timeout_s, lim.max_attempts,
                    lim.redis_url, lim.redis_timeout_ms, lim.redis_failure_policy,
                    lim.default_completion_tokens, lim.workers, lim.stream_first_event_timeout_s,
-                   lim.stream_idle_timeout_s],
+                   lim.stream_idle_timeout_s, lim.client_eof_policy],
         "backends": [[b.id, b.scheme, b.host, b.port, b.base_path, b.timeout_s, b.index,
                       b.health_path, b.first_event_timeout_s, b.idle_timeout_s]
                      for b in t.backends.values()],
@@ -238,7 +239,7 @@ def decode_table(data: bytes | memoryview) -> RoutingTable:
         d: Any = orjson.loads(data)
         if d.get("v") != CODEC_VERSION:
             raise TableDecodeError(f"codec version {d.get('v')!r}, expected {CODEC_VERSION}")
-        mb, rt, ct, mc, cl, ma, ru, rto, rp, dct, wk, sft, sit = d["limits"]
+        mb, rt, ct, mc, cl, ma, ru, rto, rp, dct, wk, sft, sit, ceof = d["limits"]
         keys = {doc["sha256"]: KeyRecord.from_doc(key_id, doc) for key_id, doc in d["keys"]}
         backends = {
             bid: Backend(bid, scheme, host, int(port), base, _seconds(to), int(index), hp,
@@ -251,7 +252,7 @@ def decode_table(data: bytes | memoryview) -> RoutingTable:
         return RoutingTable(float(d["compiled_at"]), d["source"],
                             Limits(int(mb), float(rt), float(ct), int(mc), float(cl), int(ma),
                                    str(ru), float(rto), str(rp), int(dct), int(wk), float(sft),
-                                   float(sit)),
+                                   float(sit), str(ceof)),
                             backends, routes, dict(d.get("health") or {}), str(d["admin"]),
                             bool(d["auth"]), keys,
                             {o: Tier(*v) for o, v in d["orgs"].items()},

@@ -12,9 +12,11 @@ order, at most MAX_PIPELINE queued before reading pauses), chunked request bodie
 ``Expect: 100-continue`` (sent only once the responses before it are out), header size and
 count limits, body size limits, idle and slow-request timeouts, write back-pressure, and a
 graceful shutdown that lets in-flight requests finish. ``Upgrade`` is ignored (RFC 9110 7.8:
-the router speaks HTTP/1.1 only), so such a request is answered once, like any other. A client
-that leaves its socket full (reads nothing) for the client timeout is disconnected, its request
-cancelled and accounted as a client disconnect.
+the router speaks HTTP/1.1 only), so such a request is answered once, like any other. A client's
+EOF cancels the request being answered (it hung up), or with ``client_eof_policy: answer``
+(it half-closed) what it sent completely is answered, then the connection closes (here and
+on handed-off connections). A client that leaves its socket full (reads nothing) for the
+client timeout is disconnected, its request cancelled and accounted as a client disconnect.
 
 One response per request, even when answering fails (our bug: the catalog's 500, or a close
 if the head was already out), and nothing kept after it: a request refused before its body or
@@ -39,6 +41,7 @@ from typing import Any
 
 import httptools
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 
 from apirouter.errors import RouterError
 from apirouter.keys import credential
@@ -159,6 +162,7 @@ class FastProtocol(asyncio.Protocol):
         self.paused_at = 0.0  # when writing last paused (the client stopped reading)
         self.pending_handoff = False
         self.failed = False
+        self.half_closed = False  # the client sent its EOF: answer what it sent, then close
         # The connection's task: it answers the requests one after the other, and between them
         # waits on ``idle`` for the next one (one task per connection, not one per request).
         self.task: asyncio.Task[None] | None = None
@@ -239,6 +243,21 @@ class FastProtocol(asyncio.Protocol):
             self.drained.set_result(None)
         if len(self.queue) < MAX_PIPELINE:
             self._resume_reading()
+
+    def eof_received(self) -> bool:
+        """The client's EOF (FIN). It hung up, or it only half-closed (``shutdown(SHUT_WR)``,
+        as ``printf ... | nc -q`` does) and still reads: a FIN cannot tell which, so
+        ``client_eof_policy`` decides. cancel: the transport closes, which cancels the request
+        being answered (499), as nginx does. answer: the requests it sent completely are
+        answered, then the connection closes (``closing``: the last answer says so); a client
+        that really closed is noticed when its answer is written. False closes the transport;
+        so with nothing to answer, or an EOF inside a request (head or body cut short)."""
+        if self.in_message or self.lingering or not (self.busy or self.queue) or \
+                self.server.pipeline.tables.current().table.limits.client_eof_policy != "answer":
+            return False
+        self.half_closed = True
+        self.closing = True
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self.failed:  # the connection is ending: discard what the client still sends
@@ -511,7 +530,7 @@ class FastProtocol(asyncio.Protocol):
             f"Content-Length: {len(reply.body)}\r\n", reply.headers, keep_alive) + reply.body)
         self.last_active = self.server.loop.time()
         if not keep_alive:
-            if self.failed:
+            if self.failed and not self.half_closed:  # a half-closed client sends no more
                 self._linger(t)
             else:
                 self._close()
@@ -584,6 +603,9 @@ class FastProtocol(asyncio.Protocol):
             replay = _without_upgrade(replay)
         self._release()
         proto = self.server.handoff()
+        if type(proto) is RequestHandler and \
+                self.server.pipeline.tables.current().table.limits.client_eof_policy == "answer":
+            proto.__class__ = _HandedOff  # a half-closed client is answered there too
         t.set_protocol(proto)
         proto.connection_made(t)
         proto.data_received(replay)
@@ -675,6 +697,24 @@ class _ClientErrorsQuiet(logging.LoggerAdapter[logging.Logger]):
                               exc_info.message[:200])
             return
         self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
+class _HandedOff(RequestHandler):
+    """aiohttp's protocol on a connection handed to it with ``client_eof_policy: answer``,
+    answering a client that half-closes as the lean server does (FastProtocol.eof_received):
+    aiohttp ignores the EOF, so the transport closes under the request in progress and its
+    handler is cancelled (the cancel policy, and aiohttp's own behaviour). With a
+    request received (queued, or taken and being answered: its task is then not waiting for
+    the next one), the connection now closes after that answer (aiohttp's ``close``: requests
+    pipelined behind it are not answered); else at once."""
+
+    __slots__ = ()
+
+    def eof_received(self) -> bool:  # type: ignore[override]  # asyncio's: bool | None
+        if not self._messages and self._waiter is not None:  # waiting for a next request
+            return False
+        self.close()
+        return True
 
 
 def handoff_server_args() -> dict[str, Any]:

@@ -5,6 +5,11 @@
   today (backend ids are ASCII since the config refuses others), so the router's worker is
   started with a ``sitecustomize`` that makes the head of any reply from backend ``boom``
   carry a non-latin-1 value: the real encode fails, as it did for ``gpu-東京``.
+- With ``client_eof_policy: answer``, a client that sends its requests and then half-closes
+  (``shutdown(SHUT_WR)``, what ``printf ... | nc -q`` does) gets every request it sent
+  completely answered, then a close; on a handed-off connection (aiohttp) too. An EOF inside
+  a request just closes. (The default, cancel, takes the EOF as a hang-up: tests/e2e/
+  test_client_disconnect.py and test_streaming.py hold that.)
 - A client that never reads its stream: the stream cannot be held forever. After
   ``client_timeout_s`` with its socket full the client is disconnected, the backend
   connection closed (not pooled), and the request recorded as a client disconnect.
@@ -51,7 +56,7 @@ def router() -> Iterator[Router]:
     with open(os.path.join(patch_dir, "sitecustomize.py"), "w") as f:
         f.write(_SITECUSTOMIZE)
     cfg = router_config({"a": mock.url, "boom": mock.url}, {"m": {"a": 1}, "boom": {"boom": 1}},
-                        client_timeout_s=1.5)
+                        client_timeout_s=1.5, client_eof_policy="answer")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", patch_dir)
         r = Router(cfg, workers=1)
@@ -99,7 +104,70 @@ def test_a_stream_whose_head_cannot_be_encoded_gets_a_500(router: Router) -> Non
         assert got[1].body.rstrip().endswith(b"data: [DONE]")
 
 
-# -- 2. a client that never reads its stream ---------------------------------------------------
+# -- 2. half-closed clients -------------------------------------------------------------------
+
+
+def _half_close(c: RawHttp) -> None:
+    c.sock.shutdown(socket.SHUT_WR)
+
+
+def test_a_half_closed_client_gets_its_answer_then_a_close(router: Router) -> None:
+    with RawHttp(router.port) as c:
+        c.send(chat(rid="h-1", mock={"latency_ms": 200}))  # answered after the EOF came
+        _half_close(c)
+        got = c.read(1)
+        assert [r.status for r in got] == [200], got
+        assert got[0].headers["x-request-id"] == "h-1"
+        c.pump(5)
+        assert c.closed and not c.reset
+
+
+def test_pipelined_requests_then_a_half_close_are_all_answered(router: Router) -> None:
+    with RawHttp(router.port) as c:
+        c.send(b"".join(chat(rid=f"hp-{i}") for i in range(4)))
+        _half_close(c)
+        got = c.read(4)
+        assert [r.headers.get("x-request-id") for r in got] == [f"hp-{i}" for i in range(4)]
+        assert {r.status for r in got} == {200}
+        assert got[-1].headers["connection"] == "close"
+        c.pump(5)
+        assert c.closed and not c.reset and len(c.responses) == 4
+
+
+def test_a_half_closed_client_gets_its_whole_stream(router: Router) -> None:
+    with RawHttp(router.port) as c:
+        c.send(chat(rid="hs", stream=True, mock={"reply_tokens": 50, "event_interval_ms": 2}))
+        _half_close(c)
+        got = c.read(1)
+        assert [r.status for r in got] == [200], got
+        assert got[0].body.rstrip().endswith(b"data: [DONE]")
+        c.pump(5)
+        assert c.closed and not c.reset
+
+
+def test_a_half_closed_client_of_a_handed_off_path_gets_its_answer(router: Router) -> None:
+    with RawHttp(router.port) as c:
+        c.send(raw_request("GET", "/v1/nope", headers={"X-Request-ID": "ho"}))
+        _half_close(c)
+        got = c.read(1)
+        assert [r.status for r in got] == [404], got
+        c.pump(5)
+        assert c.closed and not c.reset
+
+
+def test_an_eof_inside_a_request_just_closes(router: Router) -> None:
+    body = json.dumps({"model": "m", "messages": USER}).encode()
+    for partial in (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le",
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                    b"%d\r\n\r\n%s" % (len(body), body[:10])):
+        with RawHttp(router.port) as c:
+            c.send(partial)
+            _half_close(c)
+            c.pump(5)
+            assert c.closed and c.responses == []
+
+
+# -- 3. a client that never reads its stream ---------------------------------------------------
 
 
 def test_a_client_that_never_reads_its_stream_is_disconnected_and_accounted(
