@@ -34,6 +34,7 @@ from typing import Any
 
 from apirouter.keys import hash_key
 from bench.procs import MockBackend, Nginx, RedisServer, Router, process_tree_cpu
+from bench.report import interpreter
 from bench.slo import Slo, Verdict, evaluate_one
 
 # A ~300-byte chat request, the size the design brief's measurements used.
@@ -278,14 +279,16 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nrouter overhead, {args.endpoint}, {args.workers} worker(s), {args.duration:g}s "
           f"per run, body {len(body)} bytes, {os.cpu_count()} cores, auth on, admission "
-          f"{admission}; nginx 1 worker, keep-alive upstream")
+          f"{admission}; nginx 1 worker, keep-alive upstream; Python "
+          f"{interpreter()['version']} at {interpreter()['executable']}")
     print(render(rows))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"overhead-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
         json.dump({"endpoint": args.endpoint, "workers": args.workers, "admission": admission,
                    "duration_s": args.duration, "cores": os.cpu_count(),
-                   "nginx": {"workers": 1, "upstream_keepalive": NGINX_KEEPALIVE}, "results": rows},
+                   "nginx": {"workers": 1, "upstream_keepalive": NGINX_KEEPALIVE},
+                   "interpreter": interpreter(), "results": rows},
                   f, indent=2)
     print(f"\nwritten to {path}")
     failed = sum(row[t]["errors"] for row in rows for t in TARGETS)

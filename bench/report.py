@@ -173,7 +173,24 @@ def machine() -> dict[str, Any]:
         mem = None
     return {"hostname": platform.node(), "platform": platform.platform(),
             "cpus": os.cpu_count(), "cpu_model": cpu_model, "memory_bytes": mem,
-            "load_average": list(os.getloadavg()), "python": sys.version.split()[0]}
+            "load_average": list(os.getloadavg()), "python": sys.version.split()[0],
+            "interpreter": interpreter()}
+
+
+def interpreter() -> dict[str, Any]:
+    """Which Python build ran the router (the benchmark starts it with its own interpreter).
+    It matters: on the 2-core VM, Debian's python3.11 (statically linked, built with PGO and
+    LTO, as the python:3.11 image the Dockerfile uses is) runs the router ~10% cheaper than a
+    plain ``./configure --enable-shared`` build of the same version (tools/setup.sh)."""
+    libpython = None
+    try:
+        with open("/proc/self/maps") as f:
+            libpython = next((ln.split()[-1] for ln in f if "/libpython3" in ln), None)
+    except OSError:
+        pass
+    return {"executable": os.path.realpath(sys.executable), "version": sys.version.split()[0],
+            "libpython": libpython,  # None: the interpreter is linked statically
+            "compiler": platform.python_compiler()}
 
 
 def _tool_version(cmd: list[str]) -> str | None:
