@@ -492,8 +492,15 @@ static PyObject *Core_lock(Core *self, PyObject *list)
     Py_buffer view;
     PyObject *result = NULL;
     if (stripes_arg(self, list, &st) == 0 && get_view(self, &view) == 0) {
-        if (lock_stripes(self, (char *)view.buf, &st) == 0)
-            result = Py_NewRef(Py_None);
+        if (lock_stripes(self, (char *)view.buf, &st) == 0) {
+            /* A signal that came while waiting has its handler run here, not right after
+             * this call returns, before the caller's ``try``: a handler that raises there
+             * would leave the stripes locked by a live thread for good. */
+            if (PyErr_CheckSignals() < 0)
+                unlock_stripes(self, (char *)view.buf, &st, st.n);
+            else
+                result = Py_NewRef(Py_None);
+        }
         PyBuffer_Release(&view);
     }
     PyMem_Free(st.v);

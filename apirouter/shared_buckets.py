@@ -48,7 +48,7 @@ from apirouter._bucketcore import Core, init_locks
 from apirouter._bucketcore import size as segment_size
 from apirouter.budgets import Budget, Reservation, period_ttl_ms, refused
 from apirouter.limits import BucketSpec, BucketState, Verdict, take_all
-from apirouter.shm import SegmentError, open_segment
+from apirouter.shm import SegmentError, open_segment, unlink
 
 log = logging.getLogger("apirouter.limits")
 
@@ -72,18 +72,38 @@ def _init(buf: memoryview, stripes: int, ways: int) -> None:
     buf[:_HEADER.size] = _HEADER.pack(MAGIC, LAYOUT_VERSION, stripes, ways)
 
 
-def create_buckets_segment(name: str, stripes: int = STRIPES, ways: int = WAYS
-                           ) -> shared_memory.SharedMemory:
+def create_buckets_segment(name: str, stripes: int = STRIPES, ways: int = WAYS, *,
+                           replace_foreign: bool = False) -> shared_memory.SharedMemory:
     """The supervisor's part: create the zeroed segment, or take over the one a previous
-    supervisor of this instance left (its workers may still be admitting on it). Untracked:
-    the supervisor unlinks it when it stops."""
-    shm, created = open_segment(name, segment_size(stripes, ways))
+    supervisor of this instance left (its workers may still be admitting on it). One of
+    another layout (a previous version's) is replaced when ``replace_foreign`` (none of its
+    workers is alive: nobody uses it), its records carried over when only the locks differ
+    (layout 2: the same slots). Untracked: the supervisor unlinks it when it stops."""
+    size = segment_size(stripes, ways)
+    shm, created = open_segment(name, size)
     assert shm.buf is not None
     if created:
         _init(shm.buf, stripes, ways)
-    elif _HEADER.unpack_from(shm.buf, 0) != (MAGIC, LAYOUT_VERSION, stripes, ways):
+        return shm
+    found = _HEADER.unpack_from(shm.buf, 0) if shm.size >= _HEADER.size else None
+    if found == (MAGIC, LAYOUT_VERSION, stripes, ways) and shm.size >= size:
+        return shm
+    if not replace_foreign:
         shm.close()
-        raise SegmentError(f"segment {name!r} exists with another layout")
+        raise SegmentError(f"segment {name!r} exists with another layout ({found!r}) and "
+                           f"workers of the router that made it still run: stop them first")
+    slots_end = _HEADER_SIZE + stripes * ways * _SLOT.size
+    slots = (bytes(shm.buf[_HEADER_SIZE:slots_end])
+             if found == (MAGIC, 2, stripes, ways) and shm.size >= slots_end else None)
+    shm.close()
+    unlink(name)
+    shm, _ = open_segment(name, size)
+    assert shm.buf is not None
+    _init(shm.buf, stripes, ways)
+    if slots is not None:
+        shm.buf[_HEADER_SIZE:slots_end] = slots
+    log.warning("bucket segment %s was of another layout (%r): replaced%s", name, found,
+                ", its records kept" if slots is not None else "")
     return shm
 
 

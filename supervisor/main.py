@@ -97,7 +97,8 @@ class Supervisor:
                                               STATS_BACKENDS)
         self.monitor = HealthMonitor(StatsReader(self.stats_shm), self.republish)
         # The in-process limiter's buckets, shared by the workers (apirouter/shared_buckets).
-        self.buckets_shm = create_buckets_segment(segment_name(self.instance, "buckets"))
+        self.buckets_shm = create_buckets_segment(segment_name(self.instance, "buckets"),
+                                                  replace_foreign=not self.run_dir.orphans)
         self.indices: dict[str, int] = {}
         self.overrides = RecordStore("overrides", self.cache.directory, None)
         self.keys = RecordStore("keys", self.cache.directory, None)
