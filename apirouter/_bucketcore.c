@@ -16,7 +16,10 @@
  * instructions in user space; the POSIX record locks (fcntl) they replace were two system
  * calls each (~0.8 µs a request's pair, measured). Robust: when a holder dies (SIGKILL
  * included) the kernel hands the mutex to the next taker with EOWNERDEAD, which marks it
- * consistent and goes on, as the kernel dropped a dead holder's record lock. Python's paths
+ * consistent and goes on, as the kernel dropped a dead holder's record lock (robust futexes:
+ * Linux >= 5.5 closes the exit race of that hand-over). A mutex records its owner by thread
+ * id, so every process using one segment must be in one PID namespace (one pod, one host):
+ * two namespaces' thread ids can collide. Python's paths
  * lock through ``Core.lock``/``unlock``, so every user of a segment takes the same locks, in
  * ascending stripe order (no deadlock). A lock is first tried without blocking; only when it
  * is held elsewhere does the call wait, with the GIL released.
@@ -35,6 +38,7 @@
 #define SLOT_SIZE (SLOT_WORDS * 8)
 #define MAX_RECORDS 64 /* buckets of one request (the Python path takes more) */
 #define LOCK_CELL 64 /* bytes a stripe's mutex takes: one cache line, so stripes share none */
+_Static_assert(sizeof(pthread_mutex_t) <= LOCK_CELL, "a stripe's mutex must fit its cell");
 
 typedef struct {
     PyObject_HEAD
