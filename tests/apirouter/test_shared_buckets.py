@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import example, given, settings
@@ -92,8 +92,8 @@ def test_the_c_core_writes_what_the_python_reference_writes(
             assert bytes(fast._buf) == bytes(ref._buf)
 
 
-def _hammer(name: str, spec: BucketSpec, budget: Budget | None, n: int,
-            q: multiprocessing.Queue, core: bool = True) -> None:
+def _hammer(name: str, spec: BucketSpec, budget: Budget | None, n: int, core: bool,
+            q: multiprocessing.Queue) -> None:
     table = BucketTable.attach(name)
     if not core:
         table._core = None
@@ -116,17 +116,23 @@ def segment() -> Iterator[str]:
     unlink(shm.name)
 
 
-def test_processes_sharing_the_segment_admit_exactly(segment: str) -> None:
+def _in_processes(target: Callable[..., None], args: list[tuple[object, ...]]) -> list[int]:
+    """Run ``target(*a, q)`` in a spawned process per ``a``; what each puts on ``q``."""
     ctx = multiprocessing.get_context("spawn")
     q: multiprocessing.Queue[int] = ctx.Queue()
-    rpm = BucketSpec("key:p:rpm", 300, 1, 1)
-    quota = Budget("org:p", "day", -1, -1, 250)
-    procs = [ctx.Process(target=_hammer, args=(segment, rpm, quota, 200, q)) for _ in range(4)]
+    procs = [ctx.Process(target=target, args=(*a, q)) for a in args]
     for p in procs:
         p.start()
-    total = sum(q.get(timeout=60) for _ in procs)
+    got = [q.get(timeout=60) for _ in procs]
     for p in procs:
         p.join(10)
+    return got
+
+
+def test_processes_sharing_the_segment_admit_exactly(segment: str) -> None:
+    rpm = BucketSpec("key:p:rpm", 300, 1, 1)
+    quota = Budget("org:p", "day", -1, -1, 250)
+    total = sum(_in_processes(_hammer, [(segment, rpm, quota, 200, True)] * 4))
     assert total == 250  # the quota, not 4 x 200 requests nor the bucket's 300
     table = BucketTable.attach(segment)
     assert table.used(quota, "2026-11-29", time.monotonic() * 1000)["requests"] == 250
@@ -135,16 +141,9 @@ def test_processes_sharing_the_segment_admit_exactly(segment: str) -> None:
 def test_the_c_core_and_the_python_path_share_one_segment_exactly(segment: str) -> None:
     """Four processes on one bucket, two through the C core and two through the Python path:
     the bucket's capacity is admitted, not a request more (both lock the same stripes)."""
-    ctx = multiprocessing.get_context("spawn")
-    q: multiprocessing.Queue[int] = ctx.Queue()
     rpm = BucketSpec("key:c:rpm", 300, 1, 1)
-    procs = [ctx.Process(target=_hammer, args=(segment, rpm, None, 200, q, i % 2 == 0))
-             for i in range(4)]
-    for p in procs:
-        p.start()
-    total = sum(q.get(timeout=60) for _ in procs)
-    for p in procs:
-        p.join(10)
+    total = sum(_in_processes(_hammer, [(segment, rpm, None, 200, i % 2 == 0)
+                                        for i in range(4)]))
     assert total == 300
 
 
@@ -203,15 +202,7 @@ def _settle_everywhere(name: str, rounds: int, q: multiprocessing.Queue) -> None
 def test_settlements_over_many_stripes_from_several_processes_all_land() -> None:
     shm = create_buckets_segment(f"apirouter-test-{uuid.uuid4().hex[:8]}-buckets", 256, 16)
     try:
-        ctx = multiprocessing.get_context("spawn")
-        q: multiprocessing.Queue[int] = ctx.Queue()
-        procs = [ctx.Process(target=_settle_everywhere, args=(shm.name, 50, q))
-                 for _ in range(3)]
-        for p in procs:
-            p.start()
-        stripes = [q.get(timeout=60) for _ in procs]
-        for p in procs:
-            p.join(10)
+        stripes = _in_processes(_settle_everywhere, [(shm.name, 50)] * 3)
         assert stripes[0] > 64  # each round locks this many stripes at once
         table = BucketTable.attach(shm.name)
         now = time.monotonic() * 1000
