@@ -23,6 +23,7 @@ import asyncio
 import re
 import select
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -174,8 +175,11 @@ class _Protocol(asyncio.Protocol):
         wait); while replies are outstanding, everything queued in one event-loop turn goes out
         in one write at the end of the turn (one system call for the admissions and
         settlements of many requests instead of one each; the wait is the rest of the turn's
-        callbacks, shorter than the replies already awaited)."""
-        if self.idle and not self.out and self.transport is not None:
+        callbacks, shorter than the replies already awaited). When the client's ``lone()``
+        says other requests are being served (others could join this write), an idle
+        connection's command waits for the end of the turn too: one write a turn, not two."""
+        if self.idle and not self.out and self.transport is not None and (
+                self.client.lone is None or self.client.lone()):
             self.transport.write(data)
             return
         if not self.out:
@@ -281,7 +285,8 @@ class _Protocol(asyncio.Protocol):
 
 
 class RedisClient:
-    def __init__(self, url: str, stall_timeout: float | None = None) -> None:
+    def __init__(self, url: str, stall_timeout: float | None = None,
+                 lone: Callable[[], bool] | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme != "redis":
             raise ValueError(f"unsupported Redis URL {url!r} (redis://host:port/db)")
@@ -293,6 +298,9 @@ class RedisClient:
         self._connecting: asyncio.Future[_Protocol] | None = None
         self._loop = asyncio.get_running_loop()
         self.stall_timeout = stall_timeout  # seconds; None: only per-call deadlines
+        # Whether the caller is alone (no other request could join a command's write this
+        # turn); None: always (an idle connection's command goes out at once)
+        self.lone = lone
 
     async def _connection(self, deadline: float) -> _Protocol:
         if self._proto is not None:

@@ -63,6 +63,7 @@ from workers.admission_scripts import (
     reservation_key,
 )
 from workers.metrics import ADMISSION_DEGRADED, ADMISSION_LATENCY
+from workers.turn_writes import turn_writes
 
 log = logging.getLogger("apirouter.admission")
 
@@ -127,7 +128,8 @@ class Admission:
         if limits.redis_url != self._redis_url:
             if self.redis is not None:
                 self.redis.close()
-            self.redis = RedisClient(limits.redis_url) if limits.redis_url else None
+            self.redis = RedisClient(limits.redis_url, lone=_lone(
+                asyncio.get_running_loop())) if limits.redis_url else None
             self._redis_url = limits.redis_url
             self._sha.clear()
             self._releases.clear()
@@ -503,6 +505,16 @@ class Admission:
 
 def _evalsha(keys: list[str], args: list[str | int | float], sha: str) -> bytes:
     return encode_command("EVALSHA", sha, len(keys), *keys, *args)
+
+
+def _lone(loop: asyncio.AbstractEventLoop) -> Callable[[], bool]:
+    """Whether the request admitting now is the only one the server is answering: an idle
+    Redis connection's command goes out at once for it, else at the end of the loop turn
+    with the others' (workers.turn_writes decides its writes the same way). At c=32 (python -m
+    bench.overhead --redis --connections 32, 3 runs each) one write a turn instead of two cut
+    router CPU per request 90.8 -> 89.1 µs."""
+    writes = turn_writes(loop)
+    return lambda: writes.serving <= 1
 
 
 def _bucket_table() -> BucketTable:

@@ -64,6 +64,15 @@ async def test_commands_of_one_loop_turn_go_out_in_one_write(redis_server: Redis
     assert sorted(results) == list(range(1, 101))  # every reply, in order
     # The first found the connection idle and went at once; the 99 behind it, one write.
     assert [w.count(b"INCR") for w in writes] == [1, 99]
+    # Not alone (other requests are being served): the first waits for the others' write too.
+    client.lone = lambda: False
+    writes.clear()
+    await client.execute("PING", timeout=1)
+    writes.clear()
+    results = await asyncio.gather(*(client.execute("INCR", "rc:turn", timeout=1)
+                                     for _ in range(100)))
+    assert sorted(results) == list(range(101, 201))
+    assert [w.count(b"INCR") for w in writes] == [100]
     proto.transport = real
     client.close()
 
