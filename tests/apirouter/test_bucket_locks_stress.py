@@ -25,6 +25,7 @@ STRIPES, WAYS = 4, 8
 CAP = 3000  # a bucket that never refills (per_minute 0): admitted once each, CAP at most
 QUOTA = 1000
 PERIOD = "2026-11-29"
+STOP, GO = 0, 1  # the admitters' shared flags
 OWNER_DIED = 0x40000000
 
 
@@ -35,8 +36,7 @@ def _specs(i: int) -> list[BucketSpec]:
 
 
 def _admitter(name: str, counts: multiprocessing.Array, progress: multiprocessing.Array,
-              slot: int, stop: multiprocessing.Event, go: multiprocessing.Event,
-              python: bool) -> None:
+              slot: int, flags: multiprocessing.Array, python: bool) -> None:
     """Admissions on the C path and the Python path (a budget ledger), settlements over
     every stripe; each admission counted in shared memory right after it is decided."""
     table = BucketTable.attach(name)
@@ -45,11 +45,15 @@ def _admitter(name: str, counts: multiprocessing.Array, progress: multiprocessin
     quota = Budget("org:q", "day", -1, -1, QUOTA)
     n = 0
     deadline = time.monotonic() + 60
-    while not (n % 64 == 0 and (stop.is_set() or time.monotonic() > deadline)):
+    # flags: [stop, go]. Plain shared words, not multiprocessing Events: an Event takes a lock
+    # to be read, and a victim killed inside is_set() held it for good (the others hung).
+    while not (n % 64 == 0 and (flags[STOP] or time.monotonic() > deadline)):
         n += 1
         progress[slot] = n
         if slot < 2:
-            go.wait(10)  # the test parks the steady ones to see what a killed one left
+            parked = time.monotonic()  # the test parks the steady ones to see what a killed
+            while not flags[GO] and time.monotonic() - parked < 10:  # one left
+                time.sleep(0.0005)
         now = time.monotonic() * 1000
         specs = _specs(n)
         if n % 2:
@@ -88,9 +92,9 @@ def test_processes_admit_exactly_while_one_is_killed_again_and_again(segment: st
     kills = 150
     counts = ctx.Array("q", 2 * (kills + 3), lock=False)
     progress = ctx.Array("q", kills + 3, lock=False)
-    stop, go = ctx.Event(), ctx.Event()
-    go.set()
-    steady = [ctx.Process(target=_admitter, args=(segment, counts, progress, i, stop, go, i == 1))
+    flags = ctx.Array("q", 2, lock=False)
+    flags[GO] = 1
+    steady = [ctx.Process(target=_admitter, args=(segment, counts, progress, i, flags, i == 1))
               for i in range(2)]
     for p in steady:
         p.start()
@@ -99,11 +103,11 @@ def test_processes_admit_exactly_while_one_is_killed_again_and_again(segment: st
     try:
         for k in range(kills):
             if k % 2:
-                go.clear()
+                flags[GO] = 0
             else:
-                go.set()
+                flags[GO] = 1
             victim = ctx.Process(target=_admitter,
-                                 args=(segment, counts, progress, 2 + k, stop, go, k % 2))
+                                 args=(segment, counts, progress, 2 + k, flags, k % 2))
             victim.start()
             started = time.monotonic()
             while progress[2 + k] == 0 and time.monotonic() - started < 10:
@@ -115,8 +119,8 @@ def test_processes_admit_exactly_while_one_is_killed_again_and_again(segment: st
             if k % 2:
                 time.sleep(0.002)
                 died_holding += any(w & OWNER_DIED for w in _lock_words(segment))
-        stop.set()
-        go.set()
+        flags[STOP] = 1
+        flags[GO] = 1
         for p in steady:
             p.join(90)
         hung = [p.pid for p in steady if p.is_alive()]
