@@ -32,6 +32,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #define HEADER_SIZE 32
 #define SLOT_WORDS 5
@@ -82,14 +83,30 @@ static inline pthread_mutex_t *mutex_of(const Core *self, char *base, Py_ssize_t
     return (pthread_mutex_t *)(base + locks_at(self->stripes, self->ways) + stripe * LOCK_CELL);
 }
 
-/* 0, or -1 with the exception set. */
+/* A waiter re-checks its stripe this often. A wake-up can be lost: the holder's unlock wakes
+ * one sleeper, and if that one is killed before it takes the mutex, the word is left free
+ * with nobody told, and the other sleepers would wait for the next contention on the stripe
+ * (seconds, or for ever on a quiet one; a worker's whole event loop waits with it). The
+ * kernel's record locks had no such gap. A slice also lets signal handlers run while waiting. */
+#define WAIT_SLICE_NS 2000000L
+
+/* 0, or -1 with the exception set (OSError, or what a signal handler raised). */
 static int lock_one(pthread_mutex_t *m)
 {
     int rc = pthread_mutex_trylock(m);
-    if (rc == EBUSY) { /* held by another process: wait for it without holding the GIL */
+    while (rc == EBUSY || rc == ETIMEDOUT) { /* held elsewhere: wait without the GIL */
+        struct timespec until;
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        until.tv_nsec += WAIT_SLICE_NS;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec += 1;
+            until.tv_nsec -= 1000000000L;
+        }
         Py_BEGIN_ALLOW_THREADS
-        rc = pthread_mutex_lock(m);
+        rc = pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &until);
         Py_END_ALLOW_THREADS
+        if (rc == ETIMEDOUT && PyErr_CheckSignals() < 0)
+            return -1;
     }
     if (rc == EOWNERDEAD) /* its holder died holding it: what it guarded is whole slots */
         rc = pthread_mutex_consistent(m);

@@ -94,8 +94,9 @@ def test_processes_admit_exactly_while_one_is_killed_again_and_again(segment: st
     progress = ctx.Array("q", kills + 3, lock=False)
     flags = ctx.Array("q", 2, lock=False)
     flags[GO] = 1
-    steady = [ctx.Process(target=_admitter, args=(segment, counts, progress, i, flags, i == 1))
-              for i in range(2)]
+    # daemon: a failing run must not leave the suite's exit waiting on its children
+    steady = [ctx.Process(target=_admitter, args=(segment, counts, progress, i, flags, i == 1),
+                          daemon=True) for i in range(2)]
     for p in steady:
         p.start()
     rng = random.Random(4)
@@ -107,7 +108,8 @@ def test_processes_admit_exactly_while_one_is_killed_again_and_again(segment: st
             else:
                 flags[GO] = 1
             victim = ctx.Process(target=_admitter,
-                                 args=(segment, counts, progress, 2 + k, flags, k % 2))
+                                 args=(segment, counts, progress, 2 + k, flags, k % 2),
+                                 daemon=True)
             victim.start()
             started = time.monotonic()
             while progress[2 + k] == 0 and time.monotonic() - started < 10:
