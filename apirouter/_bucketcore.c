@@ -19,9 +19,8 @@
  * consistent and goes on, as the kernel dropped a dead holder's record lock (robust futexes:
  * Linux >= 5.5 closes the exit race of that hand-over). A mutex records its owner by thread
  * id, so every process using one segment must be in one PID namespace (one pod, one host):
- * two namespaces' thread ids can collide. Python's paths
- * lock through ``Core.lock``/``unlock``, so every user of a segment takes the same locks, in
- * ascending stripe order (no deadlock). A lock is first tried without blocking; only when it
+ * two namespaces' thread ids can collide. Python's paths lock through ``Core.lock``/``unlock``,
+ * so every user of a segment takes the same locks, in ascending stripe order (no deadlock). A lock is first tried without blocking; only when it
  * is held elsewhere does the call wait, with the GIL released.
  */
 

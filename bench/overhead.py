@@ -277,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
             proc.cleanup()
         os.unlink(script.name)
 
+    python = interpreter()
     print(f"\nrouter overhead, {args.endpoint}, {args.workers} worker(s), {args.duration:g}s "
           f"per run, body {len(body)} bytes, {os.cpu_count()} cores, auth on, admission "
           f"{admission}; nginx 1 worker, keep-alive upstream; Python "
-          f"{interpreter()['version']} at {interpreter()['executable']}")
+          f"{python['version']} at {python['executable']}")
     print(render(rows))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"overhead-{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump({"endpoint": args.endpoint, "workers": args.workers, "admission": admission,
                    "duration_s": args.duration, "cores": os.cpu_count(),
                    "nginx": {"workers": 1, "upstream_keepalive": NGINX_KEEPALIVE},
-                   "interpreter": interpreter(), "results": rows},
+                   "interpreter": python, "results": rows},
                   f, indent=2)
     print(f"\nwritten to {path}")
     failed = sum(row[t]["errors"] for row in rows for t in TARGETS)
