@@ -32,6 +32,8 @@ python=${python:-python3}
   || { echo "apirouter needs Python >= 3.11 (set PYTHON=...)" >&2; exit 1; }
 
 if [ "$mode" = test ]; then
+  # the limiter's C core (apirouter/_bucketcore.c) is compiled by pip install
+  command -v cc >/dev/null || missing+=(gcc libc6-dev)
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v wrk >/dev/null || missing+=(wrk)
   command -v promtool >/dev/null || missing+=(prometheus)  # promtool: alert rules and PromQL
