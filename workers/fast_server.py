@@ -42,6 +42,7 @@ from typing import Any
 import httptools
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
+from gunicorn_h1c import parse_request_fast as parse_whole
 
 from apirouter.errors import RouterError
 from apirouter.keys import credential
@@ -148,6 +149,10 @@ class FastServer:
 
 
 class FastProtocol(asyncio.Protocol):
+    # Requests that arrive whole in the common form skip httptools (_take_whole); the
+    # differential test turns this off to compare the two parsers on the same bytes.
+    whole_requests = True
+
     def __init__(self, server: FastServer) -> None:
         self.server = server
         self.parser = httptools.HttpRequestParser(self)
@@ -162,6 +167,7 @@ class FastProtocol(asyncio.Protocol):
         self.paused_at = 0.0  # when writing last paused (the client stopped reading)
         self.pending_handoff = False
         self.failed = False
+        self.ended = False  # a request that closes the connection was read: nothing may follow
         self.half_closed = False  # the client sent its EOF: answer what it sent, then close
         # The connection's task: it answers the requests one after the other, and between them
         # waits on ``idle`` for the next one (one task per connection, not one per request).
@@ -265,13 +271,23 @@ class FastProtocol(asyncio.Protocol):
             if self.discarded > LINGER_BYTES:
                 self._close()
             return
+        self.completed_in_feed = False
+        if self.ended:  # data after a request that closes: refused, as httptools does
+            self._fail(_data_after_close())
+            return
+        if not self.in_message and self.whole_requests and not self.closing:
+            taken = self._take_whole(data)
+            if taken:
+                if taken == len(data):
+                    return
+                data = data[taken:]  # the rest is httptools': a request begins there
+                self.completed_in_feed = True
         # A head still incomplete after a whole earlier read: all of this read belongs to it.
         head_pending = self.in_message and not self.head_done
         if self.in_message:
             self.chunks.append(data)
         else:
             self.chunks = [data]
-        self.completed_in_feed = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:
@@ -292,6 +308,79 @@ class FastProtocol(asyncio.Protocol):
             self.head_bytes += len(data) if head_pending else 0
             if self.head_bytes > MAX_HEADER_BYTES:
                 self._fail(_headers_too_large())
+
+    def _take_whole(self, data: bytes) -> int:
+        """The fast path: the requests at the start of ``data`` that arrived whole and in the
+        common form, each parsed in one call (gunicorn_h1c's picohttpparser: its validation of
+        the request line, header names and values, and of the framing headers - repeated
+        Content-Length, Transfer-Encoding - and a header lookup in C). Returns the bytes taken.
+        Anything else is left to httptools, which handles every case and refuses what must
+        be refused: an incomplete head or body, anything the parser rejects, Transfer-Encoding,
+        Expect, Upgrade, a Connection header other than close or keep-alive, a path that is
+        not a hot endpoint's, a body over the limit, the header limits. So this path never
+        refuses anything; it only answers sooner what httptools would take the same way (a
+        differential test feeds both the same bytes). Measured: ~1 µs a request here against
+        ~4.3 µs through httptools' per-header callbacks (wrk's 4 headers; ~7.7 µs for an SDK
+        client's 15)."""
+        server = self.server
+        routes = server.routes
+        taken = 0
+        end = len(data)
+        while taken < end and not self.closing:
+            try:
+                req = parse_whole(data if not taken else memoryview(data)[taken:])
+            except Exception:  # incomplete, or malformed: httptools' to take or refuse
+                return taken
+            head = req.consumed
+            if head > MAX_HEADER_BYTES or req.header_count > MAX_HEADERS:
+                return taken
+            url = req.path
+            q = url.find(b"?")
+            method = req.method
+            endpoint = routes.get((method, url if q < 0 else url[:q]))
+            if endpoint is None:
+                return taken
+            get = req.get_header
+            if get("transfer-encoding") is not None or get("expect") is not None or \
+                    get("upgrade") is not None:
+                return taken
+            http11 = req.minor_version == 1
+            connection = get("connection")
+            if connection is None:
+                keep_alive = http11
+            else:
+                connection = connection.lower()
+                if connection == b"close":
+                    keep_alive = False
+                elif connection == b"keep-alive":
+                    keep_alive = True
+                else:
+                    return taken
+                # More than one (httptools weighs them all; the lookup sees the first).
+                if data[taken:taken + head].lower().count(b"\nconnection:") != 1:
+                    return taken
+            view = server.pipeline.tables.current()
+            length = req.content_length  # -1: none (a request without one has no body)
+            if length > 0:
+                if method != b"POST" or length > view.table.limits.max_body_bytes:
+                    return taken
+                stop = taken + head + length
+                if stop > end:  # the body is still coming: httptools collects it
+                    return taken
+                body = data[taken + head:stop]
+            else:
+                stop = taken + head
+                body = b""
+            taken = stop
+            self._enqueue(endpoint, view, url, get("x-request-id"), body, keep_alive, http11,
+                          get("authorization"), get("x-api-key"), get("x-signature-timestamp"),
+                          get("x-signature-nonce"), get("x-signature"), get("traceparent"))
+            if not keep_alive:  # nothing may follow it (httptools refuses what does)
+                self.ended = True
+                if taken < end:
+                    self._fail(_data_after_close())
+                return end
+        return taken
 
     def _callback_failed(self, cause: BaseException | None) -> None:
         if isinstance(cause, _Handoff):
@@ -328,24 +417,31 @@ class FastProtocol(asyncio.Protocol):
             raise _Reject(RouterError("INVALID_REQUEST", "the request has too many headers",
                                       details=f"the limit is {MAX_HEADERS}"))
         n = name.lower()
+        value = value.rstrip(b" \t")  # trailing whitespace is not part of a value (RFC 9110 5.5)
+        # A repeated header: its first value counts (as in Go's Header.Get and nginx's
+        # $http_ variables; the fast path's lookup agrees).
         if n == b"content-length":
             self.content_length = int(value) if value.isdigit() else -1
         elif n == b"x-request-id":
-            self.request_id = value
+            if self.request_id is None:
+                self.request_id = value
         elif n == b"authorization":
-            self.authorization = value
+            if self.authorization is None:
+                self.authorization = value
         elif n == b"x-api-key":
-            self.api_key = value
+            if self.api_key is None:
+                self.api_key = value
         elif n.startswith(b"x-signature"):
             slot = _SIGNATURE_HEADERS.get(n)
-            if slot is not None:
+            if slot is not None and self.signature[slot] is None:
                 self.signature[slot] = value
         elif n == b"expect":
             self.expect_continue = value.lower() == b"100-continue"
         elif n == b"transfer-encoding":
             self.chunked = True
         elif n == b"traceparent":
-            self.traceparent = value
+            if self.traceparent is None:
+                self.traceparent = value
 
     def on_headers_complete(self) -> None:
         self.head_done = True
@@ -389,23 +485,32 @@ class FastProtocol(asyncio.Protocol):
         if self.upgrade:  # answered once parsed again without the upgrade
             return
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-        auth, api_key = self.authorization, self.api_key
-        cred = credential(auth.decode("latin-1") if auth else None,
-                          api_key.decode("latin-1") if api_key else None)
         ts, nonce, sig = self.signature
-        signed = Signed(self.endpoint.method, self.url.decode("latin-1"),
-                        None if ts is None else ts.decode("latin-1"),
-                        None if nonce is None else nonce.decode("latin-1"),
-                        None if sig is None else sig.decode("latin-1"))
-        self.queue.append((self.endpoint, self.view, self.request_id, body,
-                           self.parser.should_keep_alive(),
-                           self.parser.get_http_version() != "1.0", cred, signed,
-                           self.traceparent))
+        keep_alive = self.parser.should_keep_alive()
+        request = (self.endpoint, self.view, self.url, self.request_id, body, keep_alive,
+                   self.parser.get_http_version() != "1.0", self.authorization, self.api_key,
+                   ts, nonce, sig, self.traceparent)
+        self.ended = not keep_alive  # what follows is refused (the fast path must not take it)
         self._reset_message()
         # The raw bytes are kept for a hand-off replay of the message being parsed; this one
         # is complete (and one beginning later in this read cannot be handed off).
         self.chunks = []
         self.completed_in_feed = True
+        self._enqueue(*request)
+
+    def _enqueue(self, endpoint: Endpoint, view: TableView, url: bytes,
+                 request_id: bytes | None, body: bytes, keep_alive: bool, http11: bool,
+                 auth: bytes | None, api_key: bytes | None, ts: bytes | None,
+                 nonce: bytes | None, sig: bytes | None, traceparent: bytes | None) -> None:
+        """Queue a request parsed whole (by either parser) to be answered in turn."""
+        cred = credential(auth.decode("latin-1") if auth else None,
+                          api_key.decode("latin-1") if api_key else None)
+        signed = Signed(endpoint.method, url.decode("latin-1"),
+                        None if ts is None else ts.decode("latin-1"),
+                        None if nonce is None else nonce.decode("latin-1"),
+                        None if sig is None else sig.decode("latin-1"))
+        self.queue.append((endpoint, view, request_id, body, keep_alive, http11, cred, signed,
+                           traceparent))
         self.last_active = self.server.loop.time()
         if len(self.queue) >= MAX_PIPELINE:
             self._pause_reading()
@@ -746,6 +851,11 @@ def _log_failure(what: str, e: BaseException | None, endpoint: Endpoint) -> None
     where = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
     log.error("%s (%s %s): %s at %s", what, endpoint.method, endpoint.path, type(e).__name__,
               ", ".join(f"{f.filename}:{f.lineno} in {f.name}" for f in where) or "?")
+
+
+def _data_after_close() -> RouterError:
+    return RouterError("INVALID_REQUEST", "malformed HTTP request",
+                       details="Data after `Connection: close`")  # httptools' words
 
 
 def _headers_too_large() -> RouterError:
