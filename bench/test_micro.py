@@ -231,3 +231,38 @@ def test_upstream_stream_read(benchmark: BenchmarkFixture) -> None:
         stream._timer.cancel()
 
     asyncio.run(run())
+
+
+_WRK_HEAD = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+             b"Content-Length: %d\r\nContent-Type: application/json\r\n"
+             b"Authorization: Bearer sk-bench-0123456789abcdef\r\n\r\n")
+_SDK_HEAD = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.example.com\r\n"
+             b"Accept-Encoding: gzip, deflate\r\nConnection: keep-alive\r\n"
+             b"Accept: application/json\r\nContent-Type: application/json\r\n"
+             b"User-Agent: OpenAI/Python 1.52.0\r\nX-Stainless-Lang: python\r\n"
+             b"X-Stainless-Package-Version: 1.52.0\r\nX-Stainless-OS: Linux\r\n"
+             b"X-Stainless-Arch: x64\r\nX-Stainless-Runtime: CPython\r\n"
+             b"X-Stainless-Runtime-Version: 3.11.2\r\n"
+             b"Authorization: Bearer sk-bench-0123456789abcdef\r\n"
+             b"X-Stainless-Async: false\r\nContent-Length: %d\r\n\r\n")
+
+
+@pytest.mark.parametrize("head", [_WRK_HEAD, _SDK_HEAD], ids=["wrk-4-headers", "sdk-15-headers"])
+@pytest.mark.parametrize("whole", [True, False], ids=["one-call", "httptools"])
+def test_lean_server_request_parse(benchmark: BenchmarkFixture, head: bytes,
+                                   whole: bool) -> None:
+    """A whole request read → queued to be answered: the one-call path (gunicorn_h1c) against
+    httptools' per-header callbacks (workers.fast_server._take_whole)."""
+    from tests.workers.test_fast_server_whole import _feed, _Slow
+    from workers.fast_server import FastProtocol
+
+    data = head % len(CHAT) + CHAT
+    p = _feed(FastProtocol if whole else _Slow, [])
+
+    def parse() -> None:
+        p.data_received(data)
+        p.queue.clear()
+
+    benchmark(parse)
+    p.data_received(data)
+    assert len(p.queue) == 1 and not p.failed
