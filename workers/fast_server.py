@@ -86,8 +86,8 @@ class _Reject(Exception):
         self.error = error
 
 
-_Request = tuple[Endpoint, TableView, bytes | None, bytes, bool, bool, str | None, Signed,
-                 bytes | None]
+_Request = tuple[Endpoint, TableView, bytes | None, bytes, bool, bool, str | None,
+                 Signed | None, bytes | None]
 _Item = _Request | Reply
 _SIGNATURE_HEADERS = {b"x-signature-timestamp": 0, b"x-signature-nonce": 1, b"x-signature": 2}
 
@@ -505,10 +505,11 @@ class FastProtocol(asyncio.Protocol):
         """Queue a request parsed whole (by either parser) to be answered in turn."""
         cred = credential(auth.decode("latin-1") if auth else None,
                           api_key.decode("latin-1") if api_key else None)
-        signed = Signed(endpoint.method, url.decode("latin-1"),
-                        None if ts is None else ts.decode("latin-1"),
-                        None if nonce is None else nonce.decode("latin-1"),
-                        None if sig is None else sig.decode("latin-1"))
+        # Built only when a signature header came (most requests carry none: ~0.2 µs).
+        signed = None if ts is None and nonce is None and sig is None else Signed(
+            endpoint.method, url.decode("latin-1"), None if ts is None else ts.decode("latin-1"),
+            None if nonce is None else nonce.decode("latin-1"),
+            None if sig is None else sig.decode("latin-1"))
         self.queue.append((endpoint, view, request_id, body, keep_alive, http11, cred, signed,
                            traceparent))
         self.last_active = self.server.loop.time()

@@ -48,6 +48,16 @@ def test_signed_requests_replays_and_clock_skew(
     status, body = signed_post(r2, tampered, BODY.replace(b"hello", b"bye"))
     assert status == 401 and "does not match" in body["error"]["message"]
 
-    status, body = signed_post(r2, {})
+    status, body = signed_post(r2, {})  # no signature header: says which ones to send
     assert status == 401 and body["error"]["error_code"] == "UNAUTHORIZED"
+    assert "X-Signature-Timestamp" in body["error"]["message"]
+    # ... on the lean server's endpoints too (it builds no signature fields when none came).
+    chat = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    status, _, raw = request(f"{r2.url}/v1/chat/completions", "POST", chat,
+                             {"Authorization": f"Bearer {KEY}"})
+    assert status == 401 and "X-Signature-Timestamp" in json.loads(raw)["error"]["message"]
+    signed_chat = sign(KEY, "POST", "/v1/chat/completions", chat)
+    status, _, raw = request(f"{r2.url}/v1/chat/completions", "POST", chat,
+                             {"Authorization": f"Bearer {KEY}", **signed_chat})
+    assert status == 200, raw
     assert KEY not in r1.output() + r2.output()
