@@ -158,10 +158,7 @@ class Admission:
                     reservation: Reservation | None = None) -> Ticket:
         client = self.client_for(limits)
         if client is None and not budgets and nonce is None:
-            # In-process, buckets only (the common case): straight to the shared buckets.
-            specs = buckets_for(key, model, tokens, org, model_limits)
-            return Ticket(key, specs, tokens,
-                          self.table.admit(specs, [], None, time.monotonic() * 1000)[0])
+            return self.admit_buckets(key, model, tokens, org, model_limits)
         budgets = budgets or []
         now = time.time()
         periods = [period_id(b.period, now) for b in budgets]
@@ -183,6 +180,22 @@ class Admission:
         if not self._decisions & 7:  # a sampled histogram: 1 in 8 decisions
             ADMISSION_LATENCY.observe(time.perf_counter() - started)
         return ticket
+
+    def admit_now(self, limits: Limits, key: KeyRecord, model: str, tokens: int,
+                  org: Tier | None, model_limits: Tier | None) -> Ticket | None:
+        """The common decision without a coroutine (in-process, buckets only: the caller has
+        no budget and no nonce), or None when ``admit`` must take it (Redis). Each coroutine
+        level between the pipeline and the decision cost ~0.3 µs a request."""
+        if self.client_for(limits) is not None:
+            return None
+        return self.admit_buckets(key, model, tokens, org, model_limits)
+
+    def admit_buckets(self, key: KeyRecord, model: str, tokens: int, org: Tier | None,
+                      model_limits: Tier | None) -> Ticket:
+        """In-process, buckets only: straight to the shared buckets."""
+        specs = buckets_for(key, model, tokens, org, model_limits)
+        return Ticket(key, specs, tokens,
+                      self.table.admit(specs, [], None, time.monotonic() * 1000)[0])
 
     def local_bucket(self, name: str) -> BucketState | None:
         """The in-process limiter's state of one bucket (None: never charged, so full)."""

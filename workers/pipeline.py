@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import time
+from enum import Enum
 
 import orjson
 
@@ -43,6 +44,13 @@ audit = logging.getLogger("apirouter.audit")
 SIGNATURE_WINDOW_S = 300.0  # signed requests: allowed clock difference, either way
 _OPENAI_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/embeddings", "/v1/models")
 _UNSIGNED = Signed("", "", None, None, None)
+
+
+class _Decision(Enum):
+    LATER = 0  # admit_now: the decision needs admit (a coroutine)
+
+
+_LATER = _Decision.LATER
 
 
 class Pipeline:
@@ -152,7 +160,8 @@ class Pipeline:
             self.tracing.parsed(ctx.span, ep.path, req.model, req.max_tokens,
                                 bool(getattr(req, "stream", False)))
         route = ctx.route = resolve_route(ctx.view, req.model)
-        ctx.ticket = await self.admit(ctx)
+        ticket = self.admit_now(ctx)
+        ctx.ticket = ticket if ticket is not _LATER else await self.admit(ctx)
         try:
             fwd = ctx.fwd = await forward(
                 ctx.view, route, ep.upstream,
@@ -215,6 +224,26 @@ class Pipeline:
                          *self.accounts.account(ctx, reply.status)]
         return reply
 
+    def admit_now(self, ctx: RequestContext) -> Ticket | None | _Decision:
+        """The admission decision when it can be taken at once (no caller to admit, or the
+        in-process buckets alone decide: no Redis, budget, nonce or trace span), else _LATER:
+        ``admit`` takes it."""
+        caller, route, req = ctx.caller, ctx.route, ctx.request
+        if caller is None:
+            return None
+        assert route is not None and req is not None
+        key = caller.key
+        table = ctx.view.table
+        if caller.nonce is not None or ctx.span is not None or (
+                table.budgets and applicable(table.budgets, key.org, key.key_id)):
+            return _LATER
+        limits = table.limits
+        ticket = self.admission.admit_now(
+            limits, key, route.model,
+            estimate_tokens(len(ctx.body), req.max_tokens, limits.default_completion_tokens),
+            table.orgs.get(key.org), route.limits)
+        return _LATER if ticket is None else self._admitted(ctx, ticket)
+
     async def admit(self, ctx: RequestContext) -> Ticket | None:
         caller, route, req = ctx.caller, ctx.route, ctx.request
         if caller is None:
@@ -237,9 +266,16 @@ class Pipeline:
         finally:
             if span is not None:
                 span.end()
+        return self._admitted(ctx, ticket)
+
+    def _admitted(self, ctx: RequestContext, ticket: Ticket) -> Ticket:
+        """The ticket of an admitted request; a refusal raises its catalog error."""
         v = ticket.verdict
         if v.allowed:
             return ticket
+        caller, route = ctx.caller, ctx.route
+        assert caller is not None and route is not None
+        key = caller.key
         if ticket.refused_budget is not None:
             budget, dimension = ticket.refused_budget
             code = "BUDGET_EXCEEDED" if dimension == "spend" else "QUOTA_EXCEEDED"
