@@ -244,17 +244,13 @@ class Pipeline:
             table.orgs.get(key.org), route.limits)
         return _LATER if ticket is None else self._admitted(ctx, ticket)
 
-    async def admit(self, ctx: RequestContext) -> Ticket | None:
-        caller, route, req = ctx.caller, ctx.route, ctx.request
-        if caller is None:
-            return None
-        assert route is not None and req is not None
-        key = caller.key
-        table = ctx.view.table
-        max_tokens = req.max_tokens
-        completion = max_tokens or table.limits.default_completion_tokens
-        tokens = estimate_tokens(len(ctx.body), max_tokens,
-                                 table.limits.default_completion_tokens)
+    async def admit(self, ctx: RequestContext) -> Ticket:
+        """The decision admit_now leaves: through Redis, with budgets or a nonce, or traced."""
+        caller, route, req, table = ctx.caller, ctx.route, ctx.request, ctx.view.table
+        assert caller is not None and route is not None and req is not None
+        key, default_completion = caller.key, table.limits.default_completion_tokens
+        completion = req.max_tokens or default_completion
+        tokens = estimate_tokens(len(ctx.body), req.max_tokens, default_completion)
         budgets = applicable(table.budgets, key.org, key.key_id)
         span = (self.tracing.child(ctx.span, "admission")
                 if self.tracing is not None and ctx.span is not None else None)
