@@ -2,6 +2,7 @@
 
     python -m bench.usage_export --records 100000
     python -m bench.usage_export --audit 300      # plus audit availability through a router
+    python -m bench.usage_export --records 0 --steps 60   # the embedded drain, step by step
 
 Part 1 fills worker rings (64 slots) with encoded records, then times the supervisor's drainer
 handing them to each sink: Kafka (a real tansu broker on loopback, acks=all, gzip, idempotence
@@ -11,7 +12,10 @@ by its replay into Kafka. Reports records/s and supervisor CPU µs per record.
 Part 2 (``--audit N``) runs a real router (2 workers, embedded mode and, with ``--redis``, the
 Redis audit store) and, for N sequential requests, measures the time from the response to the
 first successful GET /v1/audit/requests/{id} (polled every 5 ms): the issue's 2 s p99.
-Everything binds to 127.0.0.1; loops are bounded by the counts given.
+``--steps N`` times the embedded mode's drain one step at a time, N batches of 1,000 fresh
+records (thread CPU, median µs per record): the ring peek, the index read, the JSONL append
+with its fsync, the local audit store's write. Everything binds to 127.0.0.1; loops are
+bounded by the counts given.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ import tempfile
 import time
 
 from apirouter.shm import segment_name
-from apirouter.usage import usage_record
-from apirouter.usage_ring import RingProducer, create_usage_segment, unlink_segment
+from apirouter.usage import read_items, usage_record
+from apirouter.usage_ring import RingConsumer, RingProducer, create_usage_segment, unlink_segment
 from supervisor.audit_writer import AuditWriter
 from supervisor.usage_drain import Sink, UsageDrainer
 from supervisor.usage_jsonl import JsonlSink
@@ -117,6 +121,44 @@ async def export(n: int) -> None:
         broker.cleanup()
 
 
+def steps(batches: int, size: int = 1000) -> None:
+    """The embedded drain's steps over ``batches`` batches of ``size`` fresh records."""
+    shm = create_usage_segment(segment_name(str(os.getpid()), f"steps{time.monotonic_ns()}"),
+                               1, 1 << 20)
+    prod, ring = RingProducer(shm, 0), RingConsumer(shm, 0)
+    tmp = tempfile.mkdtemp(prefix="apirouter-bench-")
+    sink = JsonlSink(os.path.join(tmp, "spool"))
+    audit = AuditWriter(f"local:{os.path.join(tmp, 'spool', 'audit')}", 3600)
+    took: dict[str, list[float]] = {"peek": [], "read_items": [], "jsonl append + fsync": [],
+                                    "audit write": []}
+    try:
+        for b in range(batches):
+            for raw in _records(size):
+                assert prod.put(raw.replace(b'"bench-', f'"b{b}-'.encode(), 1))
+            t0 = time.thread_time_ns()
+            raws, position = ring.peek()
+            t1 = time.thread_time_ns()
+            items, _ = read_items(raws)
+            t2 = time.thread_time_ns()
+            sink._append(items, None)
+            t3 = time.thread_time_ns()
+            audit._put_local(items)
+            t4 = time.thread_time_ns()
+            ring.commit(position)
+            for name, ns in zip(took, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                took[name].append(ns / size / 1000)
+    finally:
+        asyncio.run(audit.close())
+        ring.release()
+        prod.release()
+        shm.close()
+        unlink_segment(shm)
+    print(f"embedded drain, {batches} batches of {size} records (median µs CPU/record):")
+    for name, values in took.items():
+        print(f"  {name:<22} {statistics.median(values):6.3f}")
+    print(f"  {'total':<22} {sum(statistics.median(v) for v in took.values()):6.3f}")
+
+
 def audit_latency(n: int, redis: bool) -> None:
     mock = MockBackend("a")
     server = RedisServer() if redis else None
@@ -159,7 +201,10 @@ def main() -> None:
     p.add_argument("--records", type=int, default=100_000)
     p.add_argument("--audit", type=int, default=0, help="requests for the audit latency part")
     p.add_argument("--redis", action="store_true", help="audit store in a redis-server")
+    p.add_argument("--steps", type=int, default=0, help="batches for the step-by-step part")
     args = p.parse_args()
+    if args.steps:
+        steps(args.steps)
     if args.records:
         asyncio.run(export(min(args.records, 120_000)))
     if args.audit:
