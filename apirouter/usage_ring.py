@@ -219,43 +219,47 @@ class RingConsumer(_Ring):
             raise RingCorrupt(f"usage ring {self.slot}: indices are inconsistent (head {head}, "
                               f"tail {tail}, capacity {cap})", tail, head)
         out: list[bytes] = []
+        add = out.append
         taken = 0
         limit = max_record(cap)
         unpack = _FRAME.unpack_from
         crc32 = _fast_crc32
+        hdr = _FRAME.size
         while tail < head and taken < max_bytes:
             pos = tail % cap
-            if cap - pos < _FRAME.size:
+            if cap - pos < hdr:
                 tail += cap - pos
                 continue
             # Frames never straddle the end of the data area (the producer wraps them), so
             # this span holds whole frames up to the end or to head.
             span = bytes(self._data[pos:min(cap, pos + head - tail)])
-            at = 0
-            while at + _FRAME.size <= len(span) and taken < max_bytes:
+            size = len(span)
+            at = 0  # tail is pos + at in the span: advanced once the span is done with
+            while at + hdr <= size and taken < max_bytes:
                 n, crc = unpack(span, at)
                 if n == WRAP:
                     break
-                start = at + _FRAME.size
-                record = span[start:start + n] if n <= limit else b""
-                if n > limit or len(record) != n or crc32(record) != crc:
+                end = at + hdr + n
+                record = span[at + hdr:end]
+                if n > limit or end > size or crc32(record) != crc:
+                    tail += at
                     if out:
                         return out, tail
                     raise RingCorrupt(f"usage ring {self.slot}: bad frame at {tail} (length "
                                       f"{n}, {head - tail} bytes unread)", tail, head)
-                out.append(record)
-                at = start + n
-                tail += _FRAME.size + n
+                add(record)
+                at = end
                 taken += n
             else:
-                if at < len(span) and taken < max_bytes and pos + len(span) < cap:
+                tail += at
+                if at < size and taken < max_bytes and pos + size < cap:
                     # Fewer bytes than a frame header before head: a frame the indices cut.
                     if out:
                         return out, tail
                     raise RingCorrupt(f"usage ring {self.slot}: bad frame at {tail} (a "
-                                      f"{len(span) - at}-byte stub before head)", tail, head)
+                                      f"{size - at}-byte stub before head)", tail, head)
                 continue  # at head, at the end of the data area, or max_bytes taken
-            tail += cap - pos - at  # WRAP: the rest of the data area is skipped
+            tail += cap - pos  # WRAP: the rest of the data area is skipped
         return out, tail
 
     def unread(self, tail: int, head: int) -> bytes:
