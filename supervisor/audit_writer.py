@@ -167,11 +167,16 @@ class AuditWriter:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             offset = os.fstat(fd).st_size
-            params: list[str | int] = []
-            for i in items:  # the rows' values, one flat list
-                params += (i.request_id, i.org or "", hour, offset, len(i.raw))
-                offset += len(i.raw) + 1
-            os.write(fd, b"\n".join(i.raw for i in items) + b"\n")
+            params: list[str | int] = []  # the rows' values, one flat list
+            raws: list[bytes] = []
+            add = raws.append
+            for raw, request_id, org, _ in items:
+                n = len(raw)
+                params += (request_id, org or "", hour, offset, n)
+                offset += n + 1
+                add(raw)
+            add(b"")  # the last line's newline, joined in (not a copy of the batch)
+            os.write(fd, b"\n".join(raws))
         finally:
             os.close(fd)
         full = len(params) - len(params) % _CHUNK_PARAMS

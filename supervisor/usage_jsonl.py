@@ -29,14 +29,19 @@ class JsonlSink:
         return os.path.join(self.directory, time.strftime("usage-%Y%m%d.jsonl", time.gmtime(when)))
 
     def _append(self, items: list[UsageItem], then: Callable[[], None] | None) -> None:
-        by_day: dict[int, list[bytes]] = {}
-        for item in items:  # integer days: strftime per record cost ~1 µs
-            by_day.setdefault(int(item.ts_end // 86400), []).append(item.raw)
+        by_day: dict[int, list[bytes]] = {}  # integer days: strftime per record cost ~1 µs
+        ends = [item.ts_end for item in items]
+        if ends and int(min(ends) // 86400) == int(max(ends) // 86400):  # the usual batch
+            by_day[int(ends[0] // 86400)] = [item.raw for item in items]
+        else:
+            for item in items:
+                by_day.setdefault(int(item.ts_end // 86400), []).append(item.raw)
         for day, raws in by_day.items():
+            raws.append(b"")  # the last line's newline, joined in (not a copy of the batch)
             fd = os.open(self.path_for(day * 86400), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                          0o600)
             try:
-                os.write(fd, b"\n".join(raws) + b"\n")
+                os.write(fd, b"\n".join(raws))
                 os.fdatasync(fd)  # the data and the new size; not the mtime
             finally:
                 os.close(fd)
