@@ -2,7 +2,8 @@
 
 Each batch is appended and fsync'd before ``accept`` returns, so the drainer only consumes
 records from the worker rings once they are on disk. Files are ``usage-YYYYMMDD.jsonl``, one
-record per line, exactly the bytes the worker encoded.
+record per line, exactly the bytes the worker encoded, in the file of the record's UTC day
+(of its ``ts_end``; one the calendar cannot name: the day it is written).
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ from typing import Any
 
 from apirouter.usage import UsageItem
 from supervisor import metrics
+
+# End times a day file can be named after (years 1 to 9999). A record whose end time is
+# outside (a parsable but absurd number: JSON has no limit) is filed under the day it is
+# written: time.gmtime would raise on it, and the batch, retried forever, would hold every
+# ring's records back.
+FIRST_TS = -62135596800.0
+END_TS = 253402300800.0
 
 
 class JsonlSink:
@@ -31,11 +39,15 @@ class JsonlSink:
     def _append(self, items: list[UsageItem], then: Callable[[], None] | None) -> None:
         by_day: dict[int, list[bytes]] = {}  # integer days: strftime per record cost ~1 µs
         ends = [item.ts_end for item in items]
-        if ends and int(min(ends) // 86400) == int(max(ends) // 86400):  # the usual batch
+        if (ends and FIRST_TS <= min(ends) and max(ends) < END_TS
+                and int(min(ends) // 86400) == int(max(ends) // 86400)):  # the usual batch
             by_day[int(ends[0] // 86400)] = [item.raw for item in items]
         else:
+            today = int(time.time() // 86400)
             for item in items:
-                by_day.setdefault(int(item.ts_end // 86400), []).append(item.raw)
+                ts = item.ts_end
+                day = int(ts // 86400) if FIRST_TS <= ts < END_TS else today
+                by_day.setdefault(day, []).append(item.raw)
         for day, raws in by_day.items():
             raws.append(b"")  # the last line's newline, joined in (not a copy of the batch)
             fd = os.open(self.path_for(day * 86400), os.O_WRONLY | os.O_CREAT | os.O_APPEND,

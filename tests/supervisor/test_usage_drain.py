@@ -147,6 +147,36 @@ async def test_the_jsonl_sink_files_each_record_by_its_own_utc_day(tmp_path) -> 
     assert after.read_bytes() == b"\n".join([raws[2], raws[3]]) + b"\n"
 
 
+async def test_a_record_whose_end_time_no_calendar_names_does_not_stall_the_export(
+        tmp_path) -> None:
+    """A sound record with an absurd ts_end (1e300: valid JSON, no UTC day) is filed under
+    the day it is written; the batch around it goes to its days and the rings drain (it
+    used to raise in the sink on every retry, holding every ring's records back)."""
+    from apirouter.usage_ring import RingProducer
+
+    shm = create_usage_segment(segment_name(str(os.getpid()), f"t{time.monotonic_ns()}"), 2, 65536)
+    try:
+        prod = RingProducer(shm, 0)
+        absurd = _record(1).replace(b'"ts_end":', b'"ts_end":1e300,"was":', 1)
+        raws = [_record(0), absurd, _record(2)]
+        for raw in raws:
+            assert prod.put(raw)
+        sink = JsonlSink(str(tmp_path / "spool"))
+        drainer = UsageDrainer(shm, str(tmp_path), sink, None)
+        days = {time.strftime("usage-%Y%m%d.jsonl", time.gmtime())}
+        assert await drainer.drain_once() == 3
+        days.add(time.strftime("usage-%Y%m%d.jsonl", time.gmtime()))  # across midnight
+        assert drainer.empty()
+        (written,) = os.listdir(tmp_path / "spool")
+        assert written in days
+        assert (tmp_path / "spool" / written).read_bytes() == b"\n".join(raws) + b"\n"
+        drainer.close()
+        prod.release()
+    finally:
+        shm.close()
+        unlink_segment(shm)
+
+
 class _Embedded:
     """A drainer over a 2-ring segment into the JSONL sink and the local audit store."""
 
