@@ -75,8 +75,8 @@ class _Transport:
 
 
 def _observed(p: FastProtocol) -> tuple[Any, ...]:
-    queued = [item if isinstance(item, tuple) and item and item[0] == "refused" else
-              (item[0].path, *item[2:]) for item in p.queue]
+    items: list[Any] = list(p.queue)  # requests, or the stub's ("refused", code, status)
+    queued = [item if item[0] == "refused" else (item[0].path, *item[2:]) for item in items]
     return (queued, p.failed, p.pending_handoff, p.in_message, p.closing)
 
 
@@ -218,7 +218,7 @@ def test_a_repeated_credential_header_counts_once_first_value_first() -> None:
     data = _post(b"Authorization: Bearer second\r\nX-Request-ID: a\r\nX-Request-ID: b\r\n")
     fast, _ = _both([data])
     (item,) = fast.queue
-    assert item[2] == b"a" and item[6] == "sk-test-1"
+    assert isinstance(item, tuple) and item[2] == b"a" and item[6] == "sk-test-1"
 
 
 def test_what_the_fast_path_leaves_to_httptools() -> None:
