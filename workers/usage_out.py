@@ -51,7 +51,7 @@ class UsageOut:
             os.rename(fresh, self._open_path)
             log.warning("usage ring full (%d bytes in use): writing records to %s",
                         self.ring.fill(), self._open_path)
-        # orjson never emits a raw newline, so one line is one record.
+        # JSON encoders escape newlines in strings, so one line is one record (a test holds it).
         os.write(self._fd, record + b"\n")
         USAGE_OVERFLOW.inc()
 
