@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from workers.endpoints import ENDPOINTS
 from workers.fast_server import MAX_HEADERS, FastProtocol
 
-LIMIT = 4096  # the stub table's max_body_bytes
+LIMIT = 4096  # max_body_bytes of the table the protocols under test read
 CHAT = b"/v1/chat/completions"
 
 
@@ -32,6 +32,9 @@ class _Slow(FastProtocol):
 
 
 def _server() -> Any:
+    """What a FastProtocol reads of its server: the hot routes, a table's limits, request ids,
+    the catalog's refusal (here as a comparable tuple) and the turn's writes. The parsers are
+    the real ones; no socket is needed to compare what they queue."""
     limits = types.SimpleNamespace(max_body_bytes=LIMIT, client_eof_policy="cancel",
                                    client_timeout_s=30.0)
     view = types.SimpleNamespace(table=types.SimpleNamespace(limits=limits))
@@ -75,7 +78,7 @@ class _Transport:
 
 
 def _observed(p: FastProtocol) -> tuple[Any, ...]:
-    items: list[Any] = list(p.queue)  # requests, or the stub's ("refused", code, status)
+    items: list[Any] = list(p.queue)  # requests, or ("refused", code, status) from _server()
     queued = [item if item[0] == "refused" else (item[0].path, *item[2:]) for item in items]
     return (queued, p.failed, p.pending_handoff, p.in_message, p.closing)
 
