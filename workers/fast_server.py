@@ -277,7 +277,8 @@ class FastProtocol(asyncio.Protocol):
             return
         self.completed_in_feed = False
         if self.ended:  # data after a request that closes: refused, as httptools does
-            self._fail(_data_after_close())
+            if data.strip(b"\r\n"):  # (which skips bare line ends there)
+                self._fail(_data_after_close())
             return
         if not self.in_message and self.whole_requests and not self.closing:
             taken = self._take_whole(data)
@@ -339,6 +340,8 @@ class FastProtocol(asyncio.Protocol):
             if head > MAX_HEADER_BYTES or req.header_count > MAX_HEADERS:
                 return taken
             url = req.path
+            if not url.isascii():  # picohttpparser takes obs-text in the target; llhttp not
+                return taken
             q = url.find(b"?")
             method = req.method
             endpoint = routes.get((method, url if q < 0 else url[:q]))
@@ -346,8 +349,8 @@ class FastProtocol(asyncio.Protocol):
                 return taken
             get = req.get_header
             if get("transfer-encoding") is not None or get("expect") is not None or \
-                    get("upgrade") is not None:
-                return taken
+                    get("upgrade") is not None or get("proxy-connection") is not None:
+                return taken  # (llhttp reads Proxy-Connection as Connection)
             http11 = req.minor_version == 1
             connection = get("connection")
             if connection is None:
@@ -379,9 +382,9 @@ class FastProtocol(asyncio.Protocol):
             self._enqueue(endpoint, view, url, get("x-request-id"), body, keep_alive, http11,
                           get("authorization"), get("x-api-key"), get("x-signature-timestamp"),
                           get("x-signature-nonce"), get("x-signature"), get("traceparent"))
-            if not keep_alive:  # nothing may follow it (httptools refuses what does)
-                self.ended = True
-                if taken < end:
+            if not keep_alive:  # nothing may follow it (httptools refuses what does, but
+                self.ended = True  # skips bare line ends)
+                if taken < end and data[taken:].strip(b"\r\n"):
                     self._fail(_data_after_close())
                 return end
         return taken

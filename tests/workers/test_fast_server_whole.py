@@ -107,7 +107,7 @@ _NAMES = [b"Host", b"Content-Length", b"content-length", b"Authorization", b"aut
           b"X-API-Key", b"X-Request-ID", b"X-Signature", b"X-Signature-Nonce",
           b"X-Signature-Timestamp", b"traceparent", b"Connection", b"Expect",
           b"Transfer-Encoding", b"Upgrade", b"Content-Type", b"Bad Name", b"X:Colon", b"",
-          b"X-\xffName", b"Keep-Alive"]
+          b"X-\xffName", b"Keep-Alive", b"Proxy-Connection"]
 _VALUES = [b"close", b"keep-alive", b"Keep-Alive", b"upgrade", b"close, keep-alive",
            b"100-continue", b"chunked", b"gzip, chunked", b"identity", b"Bearer k-1",
            b"  spaced  ", b"a\x00b", b"a\x7fb", b"\xff\xfe", b"12", b"0", b"-1", b"1 2", b"+5",
@@ -148,7 +148,7 @@ def _request(draw: st.DrawFn) -> bytes:
             CHAT, CHAT + b"?x=1", b"/v1/completions", b"/v1/models", b"/v1/status/healthz",
             b"/v1/status/readyz", b"/v1/models/a/b", b"/metrics", b"/admin/keys", b"*",
             b"http://h" + CHAT, CHAT + b"#f", b"/v1/chat/\x01completions", CHAT + b"\xff", b"",
-            b"/v1/chat/completions/"]))
+            b"/v1/chat/completions/", CHAT + b"?q=\xff", CHAT + b"?a#\xe9"]))
         version = draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.2", b"HTTP/2.0",
                                         b"HTTP/1.1 ", b"http/1.1", b"HTTP/0.9"]))
         eol = draw(st.sampled_from([b"\r\n", b"\r\n", b"\n", b"\r"]))
@@ -163,7 +163,8 @@ def _request(draw: st.DrawFn) -> bytes:
                 line += b"\r\n folded"
             headers.insert(draw(st.integers(0, len(headers))), line)
     head = b"%s %s %s" % (method, target, version)
-    return eol.join([head, *headers]) + eol + eol + body
+    tail = draw(st.sampled_from([b""] * 6 + [b"\r\n", b"\n", b"\r\n\r\n"]))  # stray line ends
+    return eol.join([head, *headers]) + eol + eol + body + tail
 
 
 @st.composite
@@ -238,6 +239,8 @@ def test_what_the_fast_path_leaves_to_httptools() -> None:
         b"GET /v1/chat/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\nab",  # GET body
         _post(b"".join(b"X-H%d: v\r\n" % i for i in range(MAX_HEADERS + 1))),
         _post(b"X-Big: " + b"v" * 40_000 + b"\r\n"),
+        _post(target=CHAT + b"?q=\xff"),  # llhttp refuses obs-text in a target
+        _post(b"Proxy-Connection: close\r\n"),  # llhttp reads it as Connection
     ]
     for data in left:
         p = FastProtocol(_server())
@@ -251,3 +254,17 @@ def test_what_the_fast_path_leaves_to_httptools() -> None:
     assert p._take_whole(data) == len(_post())
     fast, _ = _both([data])
     assert len(fast.queue) == 2
+
+
+def test_line_ends_after_a_request_that_closes_are_skipped_as_httptools_does() -> None:
+    closing = _post(b"Connection: close\r\n")
+    for pieces in ([closing + b"\r\n"], [closing, b"\r\n"], [closing + b"\n\r\n"]):
+        fast, _ = _both(pieces)
+        assert len(fast.queue) == 1 and not fast.failed
+    for pieces in ([closing + b"\r\nX"], [closing, b"GET / HTTP/1.1\r\n\r\n"]):
+        fast, _ = _both(pieces)
+        assert fast.failed  # anything else after it is refused
+    # Proxy-Connection closes like Connection (llhttp), so what follows is refused there too.
+    fast, _ = _both([_post(b"Proxy-Connection: close\r\n") +
+                     b"GET /v1/models HTTP/1.1\r\n\r\n"])
+    assert fast.failed
