@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from apirouter.errors import RouterError
@@ -185,3 +186,54 @@ def test_usage_counts_from_the_tail_agrees_with_a_full_parse(
     body = orjson.dumps(doc, option=orjson.OPT_INDENT_2 if indent else 0)
     assert usage_counts(body) == (prompt, completion)
     assert usage_counts(b'{"choices": []}') is None
+
+
+# What a chat request's fields may hold, the awkward cases among valid ones: integral floats,
+# bools where integers go, bounds, nulls, absent and present-but-null max_completion_tokens.
+_token_values = st.sampled_from([None, 0, 1, 9, 5.0, 2.5, True, False, "9", 1_000_000, 1_000_001,
+                                 2**70, -1, []]) | st.integers(-3, 2**40)
+_roles = st.sampled_from(["system", "user", "assistant", "tool", "developer", "function",
+                          "wizard", "", "User", None, 1, True, ["user"], {}])
+_message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system"])},
+                                 optional={"content": json_values})
+_odd_message = st.sampled_from([None, "x", 1, []]) | st.fixed_dictionaries(
+    {}, optional={"role": _roles, "content": json_values})
+_chat_fields = {
+    "model": st.sampled_from(["m", "model-x", "", None, 3, ["m"]]),
+    "messages": st.lists(_message, min_size=1, max_size=3)
+    | st.sampled_from([[], None, "x", {}]) | st.lists(_odd_message, min_size=1, max_size=3),
+    "max_tokens": _token_values,
+    "max_completion_tokens": _token_values,
+    "stream": st.sampled_from([None, True, False, 0, 1, "yes"]),
+    "stream_options": st.sampled_from([None, {}, {"include_usage": True},
+                                       {"include_usage": False}, {"include_usage": None},
+                                       {"include_usage": "x"}, [], "x", {"other": 1}]),
+    "temperature": json_values,
+}
+_VALID_CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _outcome(parse: Any, body: bytes) -> Any:
+    try:
+        return parse(body)
+    except RouterError as e:
+        return (e.code, e.message, e.field)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.fixed_dictionaries({}, optional=_chat_fields), st.booleans())
+@example({"max_completion_tokens": None, "max_tokens": 5}, True)
+@example({"max_completion_tokens": 7, "max_tokens": 5}, True)
+@example({"max_completion_tokens": 5.0}, True)
+@example({"max_tokens": 1_000_000, "stream": True, "stream_options": {"include_usage": True}},
+         True)
+def test_chat_fast_check_agrees_with_the_field_by_field_checks(
+        fields: dict[str, Any], on_valid: bool) -> None:
+    """parse_chat lets msgspec check the common case in C; whatever the document, the result
+    (or the error, its message and field) is the one the Python checks give."""
+    from apirouter.validation import _chat_doc, _openai_request, parse_chat
+
+    doc = {**_VALID_CHAT, **fields} if on_valid else fields
+    body = json.dumps(doc).encode()  # (orjson cannot write integers past 64 bits)
+    assert _outcome(parse_chat, body) == _outcome(
+        lambda b: _openai_request(_chat_doc(b)), body)
