@@ -6,6 +6,7 @@ INVALID_REQUEST or MISSING_FIELD, so a malformed request can only ever produce a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
@@ -229,6 +230,10 @@ def with_model(body: bytes, model: str) -> bytes:
     return orjson.dumps(doc)
 
 
+# Spaces, then up to 25 digits ending where a JSON value ends.
+_INT_VALUE = re.compile(rb" *([0-9]{1,25})[,} \n\r]")
+
+
 def _int_after(body: bytes, key: bytes) -> int | None:
     """The integer after the last ``"key":`` in a JSON document. The usage block comes last,
     so a search from the end avoids a full parse; the pattern cannot come from inside a
@@ -236,13 +241,8 @@ def _int_after(body: bytes, key: bytes) -> int | None:
     at = body.rfind(key)
     if at < 0:
         return None
-    digits = body[at + len(key):at + len(key) + 25].lstrip(b" ")
-    end = 0
-    while end < len(digits) and 48 <= digits[end] <= 57:
-        end += 1
-    if end and digits[end:end + 1] in (b",", b"}", b" ", b"\n", b"\r"):
-        return int(digits[:end])
-    return None
+    m = _INT_VALUE.match(body, at + len(key))
+    return int(m[1]) if m is not None else None
 
 
 def usage_total_tokens(body: bytes) -> int | None:
