@@ -22,7 +22,7 @@ from apirouter.outcomes import Outcome
 from apirouter.usage import encode_record, usage_record
 from workers.admission import Admission, ticket_headers
 from workers.context import RequestContext
-from workers.metrics import USAGE_LOST, RequestMetrics
+from workers.metrics import USAGE_LOST, RequestMetrics, Routed
 from workers.usage_out import UsageOut
 
 log = logging.getLogger("apirouter.worker")
@@ -83,20 +83,27 @@ class Accounting:
         """Count and settle every queued request (idempotent; the worker calls it before it
         stops)."""
         due, self._due = self._due, []
+        routed: list[Routed] = []
         for ctx in due:
             try:
-                self._count_and_settle(ctx)
+                self._settle(ctx, routed)
             except Exception:  # a bug of ours must not cost the other requests' settlement
                 log.exception("accounting of request %s failed", ctx.request_id)
+        if routed:
+            try:
+                self.metrics.routed_together(routed)
+            except Exception:
+                log.exception("the metrics of %d requests were not counted", len(routed))
 
-    def _count_and_settle(self, ctx: RequestContext) -> None:
+    def _settle(self, ctx: RequestContext, routed: list[Routed]) -> None:
+        """Settle the request's reservation; add what the metrics count of it to ``routed``."""
         fwd, outcome = ctx.fwd, ctx.outcome
         assert outcome is not None and ctx.request is not None
         if fwd is not None:
-            backend_status = fwd.response.status if fwd.response is not None else 0
-            self.metrics.routed(fwd.backend_id, fwd.decision_type, outcome.success,
-                                ctx.request.model, backend_status, fwd.backend_s,
-                                max(0.0, ctx.total_s - fwd.backend_s))
+            routed.append((fwd.backend_id, fwd.decision_type, outcome.success,
+                           ctx.request.model,
+                           fwd.response.status if fwd.response is not None else 0,
+                           fwd.backend_s, max(0.0, ctx.total_s - fwd.backend_s)))
         ticket = ctx.ticket
         if ticket is None:
             return

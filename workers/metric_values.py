@@ -12,8 +12,9 @@ torn float: see prometheus_client.mmap_dict).
 
 ``install()`` must run before the first metric is created (workers.metrics calls it at import);
 outside multiprocess mode it does nothing. ``observer()`` is the same for a histogram child's
-``observe``: one bisect instead of a Python loop over the buckets; ``incrementer()`` for a
-counter child's ``inc``: its value's write, without two more Python calls around it.
+``observe``: one bisect instead of a Python loop over the buckets (``many_observer()``: a list
+of observations, each series written once); ``incrementer()`` for a counter child's ``inc``:
+its value's write, without two more Python calls around it.
 
 These use prometheus_client internals (``_file``, ``_key``, ``_value``, ``_positions``, ``_m``,
 ``_upper_bounds``, ``_buckets``, ``_sum``): tests/workers/test_metric_values.py fails if a
@@ -74,6 +75,26 @@ def incrementer(child: Any) -> Callable[[float], None]:
     """``child.inc`` of a counter (labelled child or unlabelled counter) without the library's
     per-call checks (observability, sign): the value's own ``inc``, for amounts known >= 0."""
     return child._value.inc
+
+
+def many_observer(child: Any) -> Callable[[list[float]], None]:
+    """``observer`` for a list of observations at once: the sum written once, and each bucket
+    once with how many fell in it."""
+    bounds = list(child._upper_bounds)
+    buckets = child._buckets
+    total = child._sum
+    find = bisect.bisect_left
+
+    def observe_all(amounts: list[float]) -> None:
+        total.inc(sum(amounts))
+        counts: dict[int, int] = {}
+        for amount in amounts:
+            i = find(bounds, amount)
+            counts[i] = counts.get(i, 0) + 1
+        for i, n in counts.items():
+            buckets[i].inc(n)
+
+    return observe_all
 
 
 def observer(child: Any) -> Callable[[float], None]:

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 _SCRIPT = r"""
@@ -21,8 +23,13 @@ from workers import metrics
 assert values.ValueClass._fast, values.ValueClass
 m = metrics.RequestMetrics()
 samples = [0.0, 0.003, 0.005, 0.0051, 0.7, 1.0, 45.0, 500.0]
-for s in samples:
-    m.routed("b1", "primary", True, "m", 200, s, s / 1000)
+rows = [("b1", "primary", True, "m", 200, s, s / 1000) for s in samples]
+if os.environ["HOW"] == "one by one":
+    for row in rows:
+        m.routed(*row)
+else:  # as the requests of event-loop turns: together, in turns of 1 to 5
+    for turn in ([rows[0]], rows[1:6], rows[6:]):
+        m.routed_together(turn)
 metrics.ERRORS.labels("RATE_LIMIT_EXCEEDED").inc(2)
 pid = os.fork()
 if pid == 0:  # a forked worker writes to its own file
@@ -40,8 +47,9 @@ print(json.dumps(out))
 """
 
 
-def _collect(tmp_path: Path) -> dict[str, float]:
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+def _collect(tmp_path: Path, how: str) -> dict[str, float]:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(ROOT),
+           "HOW": how}
     done = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
@@ -49,8 +57,10 @@ def _collect(tmp_path: Path) -> dict[str, float]:
     return result
 
 
-def test_fast_values_total_across_a_fork_and_fill_the_right_buckets(tmp_path: Path) -> None:
-    got = _collect(tmp_path)
+@pytest.mark.parametrize("how", ["one by one", "together"])
+def test_fast_values_total_across_a_fork_and_fill_the_right_buckets(tmp_path: Path,
+                                                                    how: str) -> None:
+    got = _collect(tmp_path, how)
     lbl = '{"backend_id": "b1", "decision_type": "primary", "success": "true"}'
     assert got["router_requests_total" + lbl] == 9
     assert got['router_requests_by_backend_total{"backend_id": "b1", "model": "m", '
