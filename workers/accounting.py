@@ -30,7 +30,8 @@ log = logging.getLogger("apirouter.worker")
 
 class Accounting:
     def __init__(self, admission: Admission, metrics: RequestMetrics, usage: UsageOut | None,
-                 pid: int) -> None:
+                 pid: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop  # held: asking for the running loop costs a getpid system call
         self.admission = admission
         self.metrics = metrics
         self.usage = usage
@@ -57,10 +58,7 @@ class Accounting:
             self.emit(ctx.request_id, self._record(ctx, status, outcome))
         self._due.append(ctx)
         if len(self._due) == 1:
-            try:
-                asyncio.get_running_loop().call_soon(self.flush)
-            except RuntimeError:  # no event loop (a direct call): at once
-                self.flush()
+            self.loop.call_soon(self.flush)
         ticket = ctx.ticket
         return ticket_headers(ticket) if ticket is not None else []
 

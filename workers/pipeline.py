@@ -61,12 +61,12 @@ class Pipeline:
         self.tables = tables
         self.stats = stats
         self.usage = usage
-        self.admission = Admission()
+        self.loop = asyncio.get_running_loop()
+        self.admission = Admission(self.loop)
         self.ids = RequestIds()
         self.metrics = RequestMetrics()
         self.pid = os.getpid()
-        self.loop = asyncio.get_running_loop()
-        self.accounts = Accounting(self.admission, self.metrics, usage, self.pid)
+        self.accounts = Accounting(self.admission, self.metrics, usage, self.pid, self.loop)
         self.all = ENDPOINTS
         self.by_path = {e.path: e for e in self.all}
         self.tracing = tracing_from_env()  # None unless OTEL_* asks (after the fork: per worker)
