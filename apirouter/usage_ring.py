@@ -38,6 +38,7 @@ import _posixshmem
 import struct
 import zlib
 from multiprocessing import resource_tracker, shared_memory
+from operator import sub
 
 from apirouter.shm import SegmentError, open_segment
 
@@ -278,3 +279,37 @@ def fill_levels(rings: list[RingConsumer]) -> list[int]:
     """Every ring's fill (``head - tail``) in one pass: the drainer checks all of them (one per
     worker slot, 128) every poll, and ``fill()`` through the properties costs ~0.9 µs a ring."""
     return [i[0] - i[_TAIL_OFFSET // 8] for i in [r._idx for r in rings]]
+
+
+class RingFills:
+    """The fill of every ring of a segment (``fill_levels`` of all its slots, in slot order),
+    for the drainer's check of all of them every poll.
+
+    All heads, then all tails, are read through two strided slices of one view of the segment
+    as 8-byte words, each element one aligned 8-byte load as the rings' own indices are (a
+    head only grows; the tail is the consumer's own): ~4.5 µs for 128 rings where the loop
+    over the rings costs ~21. A capacity that is not a multiple of 8 leaves the slots off the
+    words' grid: then it reads ring by ring."""
+
+    def __init__(self, shm: shared_memory.SharedMemory, rings: list[RingConsumer]) -> None:
+        slots, capacity = read_header(shm)
+        if [r.slot for r in rings] != list(range(slots)):
+            raise ValueError("RingFills needs the segment's rings, in slot order")
+        self._rings = rings
+        self._views: list[memoryview] = []
+        stride = _SLOT_META + capacity
+        if stride % 8 == 0:
+            words = _buf(shm)[:segment_size(slots, capacity)].cast("Q")
+            step, first = stride // 8, _HEADER_SIZE // 8
+            self._views = [words, words[first::step], words[first + _TAIL_OFFSET // 8::step]]
+
+    def levels(self) -> list[int]:
+        if not self._views:
+            return fill_levels(self._rings)
+        _, heads, tails = self._views
+        return list(map(sub, heads.tolist(), tails.tolist()))
+
+    def release(self) -> None:
+        for view in reversed(self._views):
+            view.release()
+        self._views = []

@@ -13,9 +13,10 @@ Part 2 (``--audit N``) runs a real router (2 workers, embedded mode and, with ``
 Redis audit store) and, for N sequential requests, measures the time from the response to the
 first successful GET /v1/audit/requests/{id} (polled every 5 ms): the issue's 2 s p99.
 ``--steps N`` times the embedded mode's drain one step at a time, N batches of 1,000 fresh
-records (thread CPU, median µs per record): the ring peek, the index read, the JSONL append
-with its fsync, the local audit store's write. Everything binds to 127.0.0.1; loops are
-bounded by the counts given.
+records (thread CPU, median µs per record): the scan of every ring's fill (the supervisor's
+128 slots), the ring peek, the index read, the JSONL append with its fsync, the local audit
+store's write (run by the JSONL sink after its fsync, as the drain runs it). Everything binds
+to 127.0.0.1; loops are bounded by the counts given.
 """
 
 from __future__ import annotations
@@ -29,11 +30,20 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 from apirouter.shm import segment_name
 from apirouter.usage import read_items, usage_record
-from apirouter.usage_ring import RingConsumer, RingProducer, create_usage_segment, unlink_segment
+from apirouter.usage_ring import (
+    RingConsumer,
+    RingFills,
+    RingProducer,
+    create_usage_segment,
+    unlink_segment,
+)
 from supervisor.audit_writer import AuditWriter
+from supervisor.main import STATS_SLOTS
 from supervisor.usage_drain import Sink, UsageDrainer
 from supervisor.usage_jsonl import JsonlSink
 from supervisor.usage_kafka import KafkaSink
@@ -121,36 +131,60 @@ async def export(n: int) -> None:
         broker.cleanup()
 
 
+class _Timed:
+    """A sink's ``then`` (the audit store's write) that keeps the thread CPU it took."""
+
+    def __init__(self, job: Callable[..., None]) -> None:
+        self.job = job
+        self.ns = 0
+
+    def __call__(self, *args: Any) -> None:
+        t0 = time.thread_time_ns()
+        self.job(*args)
+        self.ns = time.thread_time_ns() - t0
+
+
 def steps(batches: int, size: int = 1000) -> None:
-    """The embedded drain's steps over ``batches`` batches of ``size`` fresh records."""
+    """The embedded drain's steps over ``batches`` batches of ``size`` fresh records, in a
+    segment of the supervisor's STATS_SLOTS rings (records in the first)."""
     shm = create_usage_segment(segment_name(str(os.getpid()), f"steps{time.monotonic_ns()}"),
-                               1, 1 << 20)
+                               STATS_SLOTS, 1 << 20)
     prod, ring = RingProducer(shm, 0), RingConsumer(shm, 0)
+    rings = [ring] + [RingConsumer(shm, i) for i in range(1, STATS_SLOTS)]
+    fills = RingFills(shm, rings)
     tmp = tempfile.mkdtemp(prefix="apirouter-bench-")
     sink = JsonlSink(os.path.join(tmp, "spool"))
     audit = AuditWriter(f"local:{os.path.join(tmp, 'spool', 'audit')}", 3600)
-    took: dict[str, list[float]] = {"peek": [], "read_items": [], "jsonl append + fsync": [],
+    took: dict[str, list[float]] = {f"fill scan ({STATS_SLOTS} rings)": [], "peek": [],
+                                    "read_items": [], "jsonl append + fsync": [],
                                     "audit write": []}
+    tt = time.thread_time_ns
     try:
         for b in range(batches):
             for raw in _records(size):
                 assert prod.put(raw.replace(b'"bench-', f'"b{b}-'.encode(), 1))
-            t0 = time.thread_time_ns()
+            t0 = tt()
+            fills.levels()
+            t1 = tt()
             raws, position = ring.peek()
-            t1 = time.thread_time_ns()
+            t2 = tt()
             items, _ = read_items(raws)
-            t2 = time.thread_time_ns()
-            sink._append(items, None)
-            t3 = time.thread_time_ns()
-            audit._put_local(items)
-            t4 = time.thread_time_ns()
+            t3 = tt()
+            job = audit.local_put(items)
+            assert job is not None
+            timed = _Timed(job)
+            sink._append(items, timed)  # as the drain runs it: the audit write after the fsync
+            t4 = tt()
+            assert job.done and job.error is None
             ring.commit(position)
-            for name, ns in zip(took, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            spent = (t1 - t0, t2 - t1, t3 - t2, t4 - t3 - timed.ns, timed.ns)
+            for name, ns in zip(took, spent, strict=True):
                 took[name].append(ns / size / 1000)
     finally:
         asyncio.run(audit.close())
-        ring.release()
-        prod.release()
+        fills.release()
+        for r in rings + [prod]:
+            r.release()
         shm.close()
         unlink_segment(shm)
     print(f"embedded drain, {batches} batches of {size} records (median µs CPU/record):")

@@ -26,6 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from itertools import compress
 from multiprocessing import shared_memory
 from typing import Any, Protocol
 
@@ -35,7 +36,7 @@ from apirouter.usage_ring import (
     OVERFLOW_DIR,
     RingConsumer,
     RingCorrupt,
-    fill_levels,
+    RingFills,
     read_header,
 )
 from supervisor import metrics
@@ -100,6 +101,7 @@ class UsageDrainer:
                  audit: Audit | None) -> None:
         slots, self.capacity = read_header(shm)
         self.rings = [RingConsumer(shm, i) for i in range(slots)]
+        self._fills = RingFills(shm, self.rings)
         self.run_dir = run_dir
         self.overflow_dir = os.path.join(run_dir, OVERFLOW_DIR)
         self._strikes: dict[int, tuple[int, int]] = {}  # slot -> (bad position, times seen)
@@ -111,15 +113,19 @@ class UsageDrainer:
         self._failing = False
         self._flushed_at = 0.0
 
-    def _due(self) -> bool:
-        if time.monotonic() - self._flushed_at >= FLUSH_INTERVAL_S:
-            return True
-        return max(fill_levels(self.rings), default=0) * FLUSH_FILL > self.capacity
+    def _due(self) -> list[int] | None:
+        """Every ring's fill if a drain is due (a drain reads them once, here), else None."""
+        levels = self._fills.levels()
+        if (time.monotonic() - self._flushed_at >= FLUSH_INTERVAL_S
+                or max(levels, default=0) * FLUSH_FILL > self.capacity):
+            return levels
+        return None
 
     async def run(self) -> None:
         while True:
             try:
-                n = await self.drain_once() if self._due() else 0
+                levels = self._due()
+                n = await self.drain_once(levels=levels) if levels is not None else 0
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -130,19 +136,18 @@ class UsageDrainer:
             if now - self._gauges_at > GAUGE_REFRESH_S:
                 self._gauges_at = now
                 metrics.USAGE_RING_FILL.set(
-                    max(fill_levels(self.rings), default=0) / self.capacity)
+                    max(self._fills.levels(), default=0) / self.capacity)
                 metrics.HEARTBEAT.set(time.time())
                 await self.sink.refresh_gauges()
             if n == 0:
                 await asyncio.sleep(POLL_INTERVAL_S)
 
-    async def drain_once(self, final: bool = False) -> int:
-        """One pass over every ring (and, now and then, the overflow files)."""
+    async def drain_once(self, final: bool = False, levels: list[int] | None = None) -> int:
+        """One pass over every ring that holds records (and, now and then, the overflow
+        files); ``levels``: the rings' fills, if the caller has just read them."""
         raws: list[bytes] = []
         commits: list[tuple[RingConsumer, int]] = []
-        for ring, fill in zip(self.rings, fill_levels(self.rings), strict=True):
-            if not fill:
-                continue
+        for ring in compress(self.rings, self._fills.levels() if levels is None else levels):
             try:
                 records, position = ring.peek(BATCH_BYTES)
             except RingCorrupt as e:
@@ -220,8 +225,9 @@ class UsageDrainer:
                 return
 
     def empty(self) -> bool:
-        return not any(fill_levels(self.rings))
+        return not any(self._fills.levels())
 
     def close(self) -> None:
+        self._fills.release()
         for ring in self.rings:
             ring.release()

@@ -16,6 +16,7 @@ from apirouter.usage_ring import (
     WRAP,
     RingConsumer,
     RingCorrupt,
+    RingFills,
     RingProducer,
     attach_usage_segment,
     create_usage_segment,
@@ -234,6 +235,28 @@ def test_fill_levels_reads_every_ring(segment) -> None:
     assert fill_levels(rings) == [0, 18, 0, 0]
     for r in rings + prods:
         r.release()
+
+
+@pytest.mark.parametrize("capacity", [4096, 4100])  # on the 8-byte grid, and off it
+def test_ring_fills_reads_what_fill_levels_reads(capacity) -> None:
+    shm = create_usage_segment(_name(), 5, capacity)
+    rings = [RingConsumer(shm, i) for i in range(5)]
+    prods = [RingProducer(shm, i) for i in range(5)]
+    fills = RingFills(shm, rings)
+    assert fills.levels() == [0] * 5
+    assert prods[0].put(b"a") and prods[2].put(b"x" * 10) and prods[4].put(b"y" * 30)
+    assert fills.levels() == fill_levels(rings) == [9, 0, 18, 0, 38]
+    rings[2].commit(rings[2].peek()[1])
+    while prods[4].put(b"z" * 200):
+        pass
+    assert fills.levels() == fill_levels(rings) == [9, 0, 0, 0, rings[4].fill()]
+    with pytest.raises(ValueError):
+        RingFills(shm, rings[1:])
+    fills.release()
+    for r in rings + prods:
+        r.release()
+    shm.close()  # no view of the segment is left behind
+    unlink_segment(shm)
 
 
 @settings(max_examples=200, deadline=None)
