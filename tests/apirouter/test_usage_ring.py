@@ -172,7 +172,7 @@ def _reference_peek(cons: RingConsumer, max_bytes: int) -> tuple[list[bytes], in
             raise RingCorrupt("frame", tail, head)
         out.append(record)
         tail += _FRAME.size + n
-        taken += n
+        taken += _FRAME.size + n  # max_bytes bounds the frames, headers included
     return out, tail
 
 
