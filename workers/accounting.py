@@ -20,7 +20,7 @@ import time
 from apirouter.errors import RouterError
 from apirouter.outcomes import Outcome
 from apirouter.usage import encode_record, usage_record
-from workers.admission import Admission, ticket_headers
+from workers.admission import Admission
 from workers.context import RequestContext
 from workers.metrics import USAGE_LOST, RequestMetrics, Routed
 from workers.usage_out import UsageOut
@@ -60,7 +60,7 @@ class Accounting:
         if len(self._due) == 1:
             self.loop.call_soon(self.flush)
         ticket = ctx.ticket
-        return ticket_headers(ticket) if ticket is not None else []
+        return ticket.rate_limit_headers() if ticket is not None else []
 
     def _record(self, ctx: RequestContext, status: int, outcome: Outcome) -> bytes:
         fwd = ctx.fwd

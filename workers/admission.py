@@ -87,6 +87,15 @@ class Ticket:
     charged: bool = True  # False when the failure policy admitted it: nothing to settle
     rid: str = ""  # the reservation id on Redis
     periods: Sequence[str] = ()  # period id per budget, at admission
+    headers: list[tuple[str, str]] | None = None  # ticket_headers, once made
+
+    def rate_limit_headers(self) -> list[tuple[str, str]]:
+        """ticket_headers(self), made once: the pipeline has them made while the backend
+        works, so that the response does not wait for them."""
+        headers = self.headers
+        if headers is None:
+            headers = self.headers = ticket_headers(self)
+        return headers
 
 
 _DIMENSIONS = ("spend", "tokens", "requests")

@@ -76,9 +76,10 @@ def _attempt_error(e: UpstreamConnectError | UpstreamTimeout | UpstreamProtocolE
 
 async def forward(view: TableView, route: Route, path: str, body: bytes, request_id: str,
                   loop: asyncio.AbstractEventLoop, stats: WorkerStats | None,
-                  attempt: Attempt | None = None, trace: tuple[Any, Any] | None = None
-                  ) -> Forwarded:
-    """``trace``: (workers.tracing.Tracing, the request's span) when tracing is on."""
+                  attempt: Attempt | None = None, trace: tuple[Any, Any] | None = None,
+                  meanwhile: Callable[[], object] | None = None) -> Forwarded:
+    """``trace``: (workers.tracing.Tracing, the request's span) when tracing is on.
+    ``meanwhile``: work for the wait on the backend (BackendPool.exchange), first attempt."""
     table = view.table
     deadline = loop.time() + table.limits.request_timeout_s
     decided = time.perf_counter()
@@ -114,7 +115,8 @@ async def forward(view: TableView, route: Route, path: str, body: bytes, request
         error: RouterError | None = None
         try:  # awaited here, not through a coroutine of its own: ~0.5 µs a request
             if attempt is None:  # buffered: the complete response
-                resp = (await target.pool.exchange(data, until))[0]
+                resp = (await target.pool.exchange(data, until, False, meanwhile))[0]
+                meanwhile = None
             else:
                 resp, held = await attempt(target, data, until)
         except (UpstreamTimeout, UpstreamConnectError, UpstreamProtocolError) as e:

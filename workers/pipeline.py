@@ -167,7 +167,8 @@ class Pipeline:
                 ctx.view, route, ep.upstream,
                 req.upstream_body if req.upstream_body is not None else ctx.body,
                 ctx.request_id, self.loop, self.stats, hold if req.stream else None,
-                trace=(self.tracing, ctx.span) if ctx.span is not None else None)
+                trace=(self.tracing, ctx.span) if ctx.span is not None else None,
+                meanwhile=None if ctx.ticket is None else ctx.ticket.rate_limit_headers)
         except RouterError as e:  # nothing could be tried (no backend)
             ctx.outcome = classify_failure(e.code)
             ctx.total_s = time.perf_counter() - ctx.started

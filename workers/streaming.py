@@ -44,7 +44,6 @@ from apirouter.sse import (
     block_events,
     error_event,
 )
-from workers.admission import ticket_headers
 from workers.context import RequestContext
 from workers.endpoints import ms
 from workers.metrics import STREAMS_INTERRUPTED, TIME_TO_FIRST_TOKEN
@@ -134,7 +133,7 @@ async def relay(p: Pipeline, ctx: RequestContext, held: Held) -> None:
                ("X-Router-Latency-Ms", ms(time.perf_counter() - ctx.started)),
                ("Cache-Control", "no-cache")]
     if ticket is not None:
-        headers += ticket_headers(ticket)
+        headers += ticket.rate_limit_headers()
     try:
         try:
             await sink.start(200, headers, EVENT_STREAM)

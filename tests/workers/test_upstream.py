@@ -213,6 +213,42 @@ async def test_stale_keep_alive_connection_is_retried_once() -> None:
     server.close()
 
 
+async def test_meanwhile_runs_once_while_the_backend_works_even_when_retried() -> None:
+    """``meanwhile`` (work the response would otherwise wait for) runs once an exchange, with
+    the request already written (a lone request's goes out at once) and its answer not in
+    yet - also when a stale pooled connection makes the exchange start over."""
+    seen: list[tuple[int, int]] = []  # (requests the backend has answered, bytes unwritten)
+    served = 0
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal served
+        await read_request(r)
+        await asyncio.sleep(0.01)
+        served += 1
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await w.drain()
+        w.close()  # closes after answering, without saying Connection: close
+
+    server, port = await raw_server(handler)  # type: ignore[arg-type]
+    pool = BackendPool("http", HOST, port, 4, 1.0)
+    for i in range(4):
+        if i % 2:
+            await asyncio.sleep(0.05)  # the close arrives first: a fresh connection
+        # otherwise the closed connection may be taken from the pool: a retried exchange
+
+        def meanwhile() -> None:
+            conn = next(iter(pool._inflight))
+            assert conn.transport is not None
+            seen.append((served, conn.transport.get_write_buffer_size()))
+
+        resp, _ = await pool.exchange(chat_request(port), deadline(2), False, meanwhile)
+        assert resp.body == b"ok"
+        assert seen == [(k, 0) for k in range(i + 1)]
+    assert served == 4
+    pool.close()
+    server.close()
+
+
 async def test_garbage_and_hang_ups_are_protocol_errors() -> None:
     async def garbage(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await read_request(r)
