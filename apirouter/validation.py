@@ -117,9 +117,8 @@ def _chat_doc_checked(doc: dict[str, Any]) -> dict[str, Any]:
 
 def parse_chat_request(body: bytes) -> tuple[str, int | None]:
     """Validate an OpenAI chat-completions body; return (model, max_tokens)."""
-    doc = _chat_doc(body)
-    _stream(doc)
-    return doc["model"], _max_tokens(doc)
+    req = parse_chat(body)
+    return req.model, req.max_tokens
 
 
 @dataclass(frozen=True, slots=True)

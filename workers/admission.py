@@ -435,7 +435,8 @@ class Admission:
     def _settle_local(self, item: Settlement) -> None:
         """Queue an in-process settlement: those of one event-loop turn are applied together,
         under one round of stripe locks, right after the turn's callbacks (before the loop
-        waits for I/O again). Outside an event loop: at once."""
+        waits for I/O again). Outside an event loop (none held, none running, or the held
+        one closed): at once."""
         self._settlements.append(item)
         if len(self._settlements) == 1:
             try:

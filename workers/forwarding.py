@@ -79,7 +79,8 @@ async def forward(view: TableView, route: Route, path: str, body: bytes, request
                   attempt: Attempt | None = None, trace: tuple[Any, Any] | None = None,
                   meanwhile: Callable[[], object] | None = None) -> Forwarded:
     """``trace``: (workers.tracing.Tracing, the request's span) when tracing is on.
-    ``meanwhile``: work for the wait on the backend (BackendPool.exchange), first attempt."""
+    ``meanwhile``: work for the wait on the backend (BackendPool.exchange), first attempt
+    only."""
     table = view.table
     deadline = loop.time() + table.limits.request_timeout_s
     decided = time.perf_counter()
@@ -115,8 +116,8 @@ async def forward(view: TableView, route: Route, path: str, body: bytes, request
         error: RouterError | None = None
         try:  # awaited here, not through a coroutine of its own: ~0.5 µs a request
             if attempt is None:  # buffered: the complete response
-                resp = (await target.pool.exchange(data, until, False, meanwhile))[0]
-                meanwhile = None
+                work, meanwhile = meanwhile, None
+                resp = (await target.pool.exchange(data, until, False, work))[0]
             else:
                 resp, held = await attempt(target, data, until)
         except (UpstreamTimeout, UpstreamConnectError, UpstreamProtocolError) as e:

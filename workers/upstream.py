@@ -20,6 +20,7 @@ on a fresh one: the backend had closed the idle connection, and never saw the re
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl as ssl_module
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 import httptools
 
 from workers.turn_writes import turn_writes
+
+log = logging.getLogger("apirouter.worker")
 
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 STREAM_HIGH_WATER = 256 * 1024  # stream bytes waiting for the reader before reading pauses
@@ -245,9 +248,11 @@ class BackendPool:
         answer. One coroutine, awaiting the response itself: each level of coroutines between
         the pipeline and the response cost ~0.3 µs a request.
 
-        ``meanwhile`` is called once the request is on its way (a lone request's is written by
-        then), before the wait: work the response would otherwise wait for, done while the
-        backend works (with one request at a time, the worker is idle then)."""
+        ``meanwhile`` is called once, when the request is on its way (a lone request's is
+        written by then; under load it goes out with the turn's other writes), before the
+        wait: work the response would otherwise wait for, done while the backend works (with
+        one request at a time, the worker is idle then). It must be work the caller would do
+        later anyway: a failure of it is logged, not raised."""
         for attempt in (0, 1):
             conn = self._take_idle()  # the common case, without awaiting a coroutine
             if conn is None:
@@ -257,8 +262,11 @@ class BackendPool:
                 fut = conn.send(data, deadline, stream)
                 try:
                     if meanwhile is not None:
-                        meanwhile()
-                        meanwhile = None
+                        work, meanwhile = meanwhile, None
+                        try:
+                            work()
+                        except Exception:  # work ahead only: the caller does it again later
+                            log.exception("work done while a backend answers failed")
                     resp = await fut
                 finally:
                     conn.finished(fut)

@@ -220,6 +220,30 @@ def _outcome(parse: Any, body: bytes) -> Any:
         return (e.code, e.message, e.field)
 
 
+def _one_field_off(name: str) -> Any:
+    return st.tuples(st.just(name), _chat_fields[name])
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.sampled_from(sorted(_chat_fields)).flatmap(_one_field_off))
+@example(("messages", [{"role": "wizard"}]))
+@example(("messages", [{"role": "user"}, {"role": "User"}]))
+@example(("messages", []))
+@example(("model", ""))
+@example(("max_tokens", 1_000_001))
+@example(("max_completion_tokens", 0))
+@example(("stream_options", {"include_usage": None}))
+def test_chat_fast_check_agrees_on_valid_documents_with_one_field_off(
+        field: tuple[str, Any]) -> None:
+    """As below, on a valid document with one field set to something awkward: where the two
+    checks part, it is nearly always over one field."""
+    from apirouter.validation import _chat_doc, _openai_request, parse_chat
+
+    body = json.dumps({**_VALID_CHAT, field[0]: field[1]}).encode()
+    assert _outcome(parse_chat, body) == _outcome(
+        lambda b: _openai_request(_chat_doc(b)), body)
+
+
 @settings(max_examples=1500, deadline=None)
 @given(st.fixed_dictionaries({}, optional=_chat_fields), st.booleans())
 @example({"max_completion_tokens": None, "max_tokens": 5}, True)

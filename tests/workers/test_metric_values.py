@@ -47,10 +47,36 @@ print(json.dumps(out))
 """
 
 
-def _collect(tmp_path: Path, how: str) -> dict[str, float]:
+# Many label sets in one turn: backends, decisions, outcomes, models, statuses, latencies.
+_MIXED = r"""
+import json, os, random
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
+from workers import metrics
+
+m = metrics.RequestMetrics()
+rnd = random.Random(7)
+rows = [(rnd.choice(["b1", "b2", "b3"]), rnd.choice(["primary", "fallback", "failover"]),
+         rnd.random() < 0.8, rnd.choice(["m", "n"]), rnd.choice([200, 429, 500, 0]),
+         rnd.choice([0.0, 0.004, 0.01, 0.3, 2.0, 200.0]), rnd.choice([0.00005, 0.0003, 0.2]))
+        for _ in range(400)]
+if os.environ["HOW"] == "one by one":
+    for row in rows:
+        m.routed(*row)
+else:
+    for i in range(0, len(rows), 37):
+        m.routed_together(rows[i:i + 37])
+registry = CollectorRegistry()
+MultiProcessCollector(registry)
+print(json.dumps({s.name + json.dumps(s.labels, sort_keys=True): s.value
+                  for family in registry.collect() for s in family.samples}))
+"""
+
+
+def _collect(tmp_path: Path, how: str, script: str = _SCRIPT) -> dict[str, float]:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(ROOT),
            "HOW": how}
-    done = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     result: dict[str, float] = json.loads(done.stdout)
@@ -84,3 +110,14 @@ def test_fast_values_total_across_a_fork_and_fill_the_right_buckets(tmp_path: Pa
     # 0, 3e-6, 5e-6, 5.1e-6 and the child's 2e-5
     assert got['router_overhead_seconds_bucket{"le": "0.0001"}'] == 5
     assert got['router_overhead_seconds_count{}'] == 9
+
+
+def test_a_turn_of_many_label_sets_counts_as_one_request_at_a_time(tmp_path: Path) -> None:
+    (tmp_path / "one").mkdir()
+    (tmp_path / "together").mkdir()
+    one = _collect(tmp_path / "one", "one by one", _MIXED)
+    together = _collect(tmp_path / "together", "together", _MIXED)
+    assert one.keys() == together.keys()
+    for name, value in one.items():  # sums: the same additions in another order
+        assert together[name] == pytest.approx(value, rel=1e-12), name
+    assert sum(v for k, v in one.items() if k.startswith("router_requests_total")) == 400

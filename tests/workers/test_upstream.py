@@ -249,6 +249,21 @@ async def test_meanwhile_runs_once_while_the_backend_works_even_when_retried() -
     server.close()
 
 
+async def test_a_failing_meanwhile_is_logged_and_the_exchange_goes_on(
+        mock: tuple[int, MockState], caplog: pytest.LogCaptureFixture) -> None:
+    port, _ = mock
+    pool = BackendPool("http", HOST, port, 2, 1.0)
+
+    def meanwhile() -> None:
+        raise ValueError("work ahead broke")
+
+    resp, _ = await pool.exchange(chat_request(port), deadline(5), False, meanwhile)
+    assert resp.status == 200
+    assert "work done while a backend answers failed" in caplog.text
+    assert pool.open_connections == 1 and len(pool._idle) == 1  # back in the pool
+    pool.close()
+
+
 async def test_garbage_and_hang_ups_are_protocol_errors() -> None:
     async def garbage(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await read_request(r)
