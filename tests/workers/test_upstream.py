@@ -191,24 +191,33 @@ async def read_request(r: asyncio.StreamReader) -> None:
     await r.readexactly(length)
 
 
-async def test_stale_keep_alive_connection_is_retried_once() -> None:
-    served = 0
+class ClosingBackend:
+    """Answers "ok" after ``delay_s`` and closes, without saying Connection: close: a pooled
+    connection to it is stale once the close arrives."""
 
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        nonlocal served
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.served = 0
+
+    async def handler(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await read_request(r)
-        served += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        self.served += 1
         w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
         await w.drain()
-        w.close()  # closes after answering, without saying Connection: close
+        w.close()
 
-    server, port = await raw_server(handler)  # type: ignore[arg-type]
+
+async def test_stale_keep_alive_connection_is_retried_once() -> None:
+    backend = ClosingBackend()
+    server, port = await raw_server(backend.handler)  # type: ignore[arg-type]
     pool = BackendPool("http", HOST, port, 4, 1.0)
     for _ in range(3):
         await asyncio.sleep(0.02)  # let the close arrive, or not: both must work
         resp = await pool.request(chat_request(port), deadline(2))
         assert resp.body == b"ok"
-    assert served == 3
+    assert backend.served == 3
     pool.close()
     server.close()
 
@@ -218,18 +227,8 @@ async def test_meanwhile_runs_once_while_the_backend_works_even_when_retried() -
     the request already written (a lone request's goes out at once) and its answer not in
     yet - also when a stale pooled connection makes the exchange start over."""
     seen: list[tuple[int, int]] = []  # (requests the backend has answered, bytes unwritten)
-    served = 0
-
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        nonlocal served
-        await read_request(r)
-        await asyncio.sleep(0.01)
-        served += 1
-        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await w.drain()
-        w.close()  # closes after answering, without saying Connection: close
-
-    server, port = await raw_server(handler)  # type: ignore[arg-type]
+    backend = ClosingBackend(0.01)
+    server, port = await raw_server(backend.handler)  # type: ignore[arg-type]
     pool = BackendPool("http", HOST, port, 4, 1.0)
     for i in range(4):
         if i % 2:
@@ -239,12 +238,12 @@ async def test_meanwhile_runs_once_while_the_backend_works_even_when_retried() -
         def meanwhile() -> None:
             conn = next(iter(pool._inflight))
             assert conn.transport is not None
-            seen.append((served, conn.transport.get_write_buffer_size()))
+            seen.append((backend.served, conn.transport.get_write_buffer_size()))
 
         resp, _ = await pool.exchange(chat_request(port), deadline(2), False, meanwhile)
         assert resp.body == b"ok"
         assert seen == [(k, 0) for k in range(i + 1)]
-    assert served == 4
+    assert backend.served == 4
     pool.close()
     server.close()
 
