@@ -15,6 +15,14 @@ keep-alive proxy to the same mock with one worker process. Then the ratios issue
 line per concurrency against the issue's targets (reported, never asserted). Load comes from
 wrk (Debian package) on loopback only, bounded by --duration. Results are printed and written
 as JSON under bench/results/.
+
+    python -m bench.overhead --rounds 5 --duration 5   # each leg 5 times, interleaved
+
+With ``--rounds N`` each concurrency runs its three legs N times, one after the other in turn
+(direct, nginx, router, direct, ...), against the same processes; every figure is then the
+median over the rounds (requests, errors and CPU seconds summed), and each round's ratios are
+listed. On a shared 2-core machine one leg can be a few percent off: nginx's CPU per request
+moved ±4% from run to run, which is more than most changes to the router's.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -155,6 +164,31 @@ def measure(url: str, target: str, connections: int, duration: float, script: st
                       r["p99_ms"], cpu, own if target == "router" else None, cpu_s, per_core)
 
 
+def median_result(runs: list[LoadResult]) -> LoadResult:
+    """One target's rounds as one result: the median of each rate, latency and cost per
+    request; requests, errors and CPU seconds summed. A single round is itself."""
+    if len(runs) == 1:
+        return runs[0]
+
+    def median(name: str) -> Any:
+        values = [getattr(r, name) for r in runs]
+        return None if None in values else statistics.median(values)
+
+    cpu_s = [r.cpu_s for r in runs]
+    first = runs[0]
+    return LoadResult(first.target, first.connections, sum(r.requests for r in runs),
+                      sum(r.errors for r in runs), median("rps"), median("p50_ms"),
+                      median("p99_ms"), median("cpu_us_per_req"),
+                      median("supervisor_cpu_us_per_req"),
+                      None if None in cpu_s else sum(c for c in cpu_s if c is not None),
+                      median("rps_per_core"))
+
+
+# What each round of a --rounds run lists (the row itself holds the medians).
+ROUND_FIELDS = ("added_p50_ms", "added_p99_ms", "router_cpu_us_per_req",
+                "nginx_cpu_us_per_req", "cpu_ratio", "throughput_per_core_ratio")
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -217,6 +251,14 @@ def render(rows: list[dict[str, Any]]) -> str:
                 f"{r['rps_per_core'] or 0:>10.0f} {r['errors']:>6}")
     lines.append("")
     for row in rows:
+        rounds = row.get("rounds")
+        if rounds:
+            lines.append(
+                f"c={row['connections']} per round, router vs nginx: CPU per request "
+                + " ".join(f"{r['cpu_ratio'] or 0:.2f}x" for r in rounds)
+                + "; added p50 " + " ".join(f"{r['added_p50_ms']:.3f}" for r in rounds)
+                + " ms")
+    for row in rows:
         cpu, tput = row["cpu_ratio"], row["throughput_per_core_ratio"]
         lines.append(
             f"c={row['connections']} router vs nginx: CPU per request "
@@ -236,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--endpoint", default="/v1/chat/completions",
                    choices=("/v1/chat/completions", "/v1/inference"))
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per target")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the three legs this many times, interleaved; report medians")
     p.add_argument("--redis", action="store_true",
                    help="admit through a real redis-server (default: the in-process limiter)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -269,8 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         for url, _ in urls.values():
             run_wrk(url, max(levels), args.warmup, script.name)
         for c in levels:
-            rows.append(compare({t: measure(url, t, c, args.duration, script.name, pid)
-                                 for t, (url, pid) in urls.items()}, admission))
+            rounds = [{t: measure(url, t, c, args.duration, script.name, pid)
+                       for t, (url, pid) in urls.items()} for _ in range(max(1, args.rounds))]
+            row = compare({t: median_result([r[t] for r in rounds]) for t in TARGETS},
+                          admission)
+            if len(rounds) > 1:
+                row["rounds"] = [{k: v for k, v in compare(r, admission).items()
+                                  if k in ROUND_FIELDS} for r in rounds]
+            rows.append(row)
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -278,16 +328,18 @@ def main(argv: list[str] | None = None) -> int:
         os.unlink(script.name)
 
     python = interpreter()
+    medians = f", medians of {args.rounds} rounds" if args.rounds > 1 else ""
     print(f"\nrouter overhead, {args.endpoint}, {args.workers} worker(s), {args.duration:g}s "
-          f"per run, body {len(body)} bytes, {os.cpu_count()} cores, auth on, admission "
-          f"{admission}; nginx 1 worker, keep-alive upstream; Python "
+          f"per run{medians}, body {len(body)} bytes, {os.cpu_count()} cores, auth on, "
+          f"admission {admission}; nginx 1 worker, keep-alive upstream; Python "
           f"{python['version']} at {python['executable']}")
     print(render(rows))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"overhead-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
         json.dump({"endpoint": args.endpoint, "workers": args.workers, "admission": admission,
-                   "duration_s": args.duration, "cores": os.cpu_count(),
+                   "duration_s": args.duration, "rounds": max(1, args.rounds),
+                   "cores": os.cpu_count(),
                    "nginx": {"workers": 1, "upstream_keepalive": NGINX_KEEPALIVE},
                    "interpreter": python, "results": rows},
                   f, indent=2)

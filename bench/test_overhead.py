@@ -4,6 +4,7 @@ run (router, nginx and the mock on loopback, wrk) and from made-up numbers."""
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +76,35 @@ def test_a_real_run_reports_nginx_and_the_ratios(tmp_path: Path,
             assert v["measured"] == row[v["metric"]] and v["passed"] in (True, False)
         assert row["verdict_line"] in output
     assert output.count("issue-14 verdict") == 2 and "router vs nginx" in output
+
+
+def test_rounds_are_summarised_by_their_medians() -> None:
+    from bench.overhead import median_result
+
+    runs = [_result("nginx", 32, rps, p50, p99, cpu)
+            for rps, p50, p99, cpu in ((30000, 0.8, 2.0, 18.0), (32000, 0.7, 2.4, 19.5),
+                                       (29000, 0.9, 1.9, 17.5))]
+    m = median_result(runs)
+    assert (m.rps, m.p50_ms, m.p99_ms, m.cpu_us_per_req) == (30000, 0.8, 2.0, 18.0)
+    assert m.requests == sum(r.requests for r in runs)
+    assert m.cpu_s == pytest.approx(sum(r.cpu_s or 0 for r in runs))
+    assert m.rps_per_core == pytest.approx(statistics.median(r.rps_per_core or 0 for r in runs))
+    assert median_result(runs[:1]) is runs[0]
+
+
+def test_a_run_of_rounds_lists_each_round_and_reports_the_medians(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["--duration", "1", "--warmup", "1", "--connections", "32", "--rounds", "2",
+                 "--out", str(tmp_path)])
+    output = capsys.readouterr().out
+    assert code == 0, output
+    [path] = tmp_path.glob("overhead-*.json")
+    report: dict[str, Any] = json.loads(path.read_text())
+    [row] = report["results"]
+    assert report["rounds"] == 2 and len(row["rounds"]) == 2
+    cpus = [r["router_cpu_us_per_req"] for r in row["rounds"]]
+    assert row["router_cpu_us_per_req"] == pytest.approx(statistics.median(cpus))
+    assert all(r["cpu_ratio"] == pytest.approx(r["router_cpu_us_per_req"]
+                                                / r["nginx_cpu_us_per_req"])
+               for r in row["rounds"])
+    assert "medians of 2 rounds" in output and "c=32 per round" in output
