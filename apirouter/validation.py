@@ -103,11 +103,8 @@ def _max_tokens(doc: dict[str, Any]) -> int | None:
     return v
 
 
-def _chat_doc(body: bytes) -> dict[str, Any]:
-    return _chat_doc_checked(decode_json_object(body))
-
-
-def _chat_doc_checked(doc: dict[str, Any]) -> dict[str, Any]:
+def _chat_doc(doc: dict[str, Any]) -> dict[str, Any]:
+    """The field-by-field checks of a chat request (model, messages, roles)."""
     _model(doc)
     if "messages" not in doc:
         raise RouterError("MISSING_FIELD", "'messages' is required", field="messages")
@@ -329,7 +326,7 @@ def parse_chat(body: bytes) -> ProxyRequest:
     try:
         chat = msgspec.convert(doc, _Chat)
     except msgspec.ValidationError:
-        return _openai_request(_chat_doc_checked(doc))
+        return _openai_request(_chat_doc(doc))
     if chat.stream:
         return _openai_request(doc)
     mct = chat.max_completion_tokens

@@ -237,11 +237,11 @@ def test_chat_fast_check_agrees_on_valid_documents_with_one_field_off(
         field: tuple[str, Any]) -> None:
     """As below, on a valid document with one field set to something awkward: where the two
     checks part, it is nearly always over one field."""
-    from apirouter.validation import _chat_doc, _openai_request, parse_chat
+    from apirouter.validation import _chat_doc, _openai_request, decode_json_object, parse_chat
 
     body = json.dumps({**_VALID_CHAT, field[0]: field[1]}).encode()
     assert _outcome(parse_chat, body) == _outcome(
-        lambda b: _openai_request(_chat_doc(b)), body)
+        lambda b: _openai_request(_chat_doc(decode_json_object(b))), body)
 
 
 @settings(max_examples=1500, deadline=None)
@@ -255,9 +255,9 @@ def test_chat_fast_check_agrees_with_the_field_by_field_checks(
         fields: dict[str, Any], on_valid: bool) -> None:
     """parse_chat lets msgspec check the common case in C; whatever the document, the result
     (or the error, its message and field) is the one the Python checks give."""
-    from apirouter.validation import _chat_doc, _openai_request, parse_chat
+    from apirouter.validation import _chat_doc, _openai_request, decode_json_object, parse_chat
 
     doc = {**_VALID_CHAT, **fields} if on_valid else fields
     body = json.dumps(doc).encode()  # (orjson cannot write integers past 64 bits)
     assert _outcome(parse_chat, body) == _outcome(
-        lambda b: _openai_request(_chat_doc(b)), body)
+        lambda b: _openai_request(_chat_doc(decode_json_object(b))), body)
