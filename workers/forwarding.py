@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +25,14 @@ from apirouter.validation import with_model
 from workers.metrics import DECISION_LATENCY, FAILOVERS
 from workers.table_view import BackendTarget, TableView
 from workers.upstream import (
+    PendingExchange,
     UpstreamConnectError,
+    UpstreamError,
     UpstreamProtocolError,
     UpstreamResponse,
+    UpstreamStale,
     UpstreamTimeout,
+    do_meanwhile,
 )
 
 
@@ -48,7 +52,7 @@ class Forwarded:
 
 
 # One attempt: (target, request bytes, deadline) -> (response, held stream or None).
-Attempt = Callable[[BackendTarget, bytes, float], Awaitable[tuple[UpstreamResponse, Any]]]
+Attempt = Callable[[BackendTarget, bytes, float], Coroutine[Any, Any, tuple[UpstreamResponse, Any]]]
 
 
 def resolve_route(view: TableView, model: str) -> Route:
@@ -74,81 +78,226 @@ def _attempt_error(e: UpstreamConnectError | UpstreamTimeout | UpstreamProtocolE
     return RouterError(code, details=f"backend {backend_id}: {e}")
 
 
+class Forwarding:
+    """One request's attempts, driven by callbacks: the chosen backend, then the failover
+    candidates, until an attempt ends the request; then ``then(forwarded, None)``, or
+    ``then(None, error)`` for a failure of ours. ``then`` is called once, unless ``cancel``
+    came first.
+
+    A buffered attempt on an idle keep-alive connection runs on the connection's callbacks
+    (BackendPool.start): no future, no task, no coroutine. Measured against the coroutines
+    it replaces (forward -> exchange -> a future, and the connection task woken twice a
+    request), with ``python -m bench.overhead --connections 32``: see the commit. Any other
+    attempt — a stream (``attempt``: workers.streaming.hold), no idle connection (the pool
+    waits for one or connects), a reused connection found closed (retried once on a fresh
+    one) — runs as a task whose end continues the same way.
+    """
+
+    __slots__ = ("view", "route", "path", "body", "request_id", "loop", "stats", "then",
+                 "attempt", "trace", "meanwhile", "deadline", "backend_id", "decision",
+                 "model", "tried", "order", "total_s", "target", "data", "until", "started",
+                 "span", "conn", "task", "retried", "ended")
+
+    def __init__(self, view: TableView, route: Route, path: str, body: bytes, request_id: str,
+                 loop: asyncio.AbstractEventLoop, stats: WorkerStats | None,
+                 then: Callable[[Forwarded | None, BaseException | None], None],
+                 attempt: Attempt | None = None, trace: tuple[Any, Any] | None = None,
+                 meanwhile: Callable[[], object] | None = None) -> None:
+        """``trace``: (workers.tracing.Tracing, the request's span) when tracing is on.
+        ``meanwhile``: work for the wait on the backend, first attempt only (see
+        BackendPool.exchange)."""
+        self.view = view
+        self.route = route
+        self.path = path
+        self.body = body
+        self.request_id = request_id
+        self.loop = loop
+        self.stats = stats
+        self.then = then
+        self.attempt = attempt
+        self.trace = trace
+        self.meanwhile = meanwhile
+        self.model = route.model
+        self.tried: list[str] = []
+        self.order: list[tuple[str, str]] | None = None
+        self.total_s = 0.0
+        self.span: Any = None
+        self.conn: PendingExchange | None = None
+        self.task: asyncio.Task[tuple[UpstreamResponse, Any]] | None = None
+        self.retried = False
+        self.ended = False
+
+    def start(self) -> None:
+        """Choose the backend and send the first attempt. Raises NO_BACKEND_AVAILABLE when
+        nothing can be tried (then is not called)."""
+        table = self.view.table
+        self.deadline = self.loop.time() + table.limits.request_timeout_s
+        stats = self.stats
+        decided = time.perf_counter()
+        try:
+            self.backend_id, self.decision = choose(
+                table, self.route, random.random(), stats.inflight if stats else None,
+                stats.latency_ms if stats else None)
+        except NoBackend:
+            raise RouterError("NO_BACKEND_AVAILABLE",
+                              f"no backend may serve model '{self.route.model}' now") from None
+        if not int(decided * 1e6) & 7:  # a sampled histogram: about 1 decision in 8
+            DECISION_LATENCY.observe(time.perf_counter() - decided)
+        self._send()
+
+    def cancel(self) -> bool:
+        """The client hung up: end the attempt in flight (its connection closes, as its answer
+        will never be read), with no verdict on the backend; ``then`` is not called. False if
+        it had ended already."""
+        if self.ended:
+            return False
+        self.ended = True
+        conn, task = self.conn, self.task
+        self.conn = self.task = None
+        if conn is not None:
+            self.target.pool.cancel(conn)
+        if task is not None:
+            task.cancel()
+        if self.stats:
+            self.stats.abandon(self.target.backend.index)
+        if self.trace is not None:
+            self.trace[0].attempt_done(self.span, None, "CLIENT_DISCONNECTED")
+        return True
+
+    # -- one attempt ---------------------------------------------------------------------------
+
+    def _send(self) -> None:
+        backend_id, model, route = self.backend_id, self.model, self.route
+        target = self.target = self.view.targets[backend_id]
+        send = self.body if model == route.model else with_model(self.body, model)
+        if self.stats:
+            self.stats.begin(target.backend.index)
+        extra = b""
+        if self.trace is not None:
+            tracing, parent = self.trace
+            b = target.backend
+            self.span, extra = tracing.attempt(parent, self.path, backend_id, b.host, b.port,
+                                               model)
+        self.started = time.perf_counter()
+        data = self.data = request_bytes(target, self.path, send, self.request_id, extra)
+        until = self.until = min(self.deadline, self.loop.time() + target.timeout_s)
+        work, self.meanwhile = self.meanwhile, None
+        if self.attempt is None:
+            conn = self.conn = target.pool.start(data, until, self._exchanged)
+            if conn is not None:
+                if work is not None:
+                    do_meanwhile(work)
+                return
+            self._run(target.pool.exchange(data, until, False, work))
+        else:
+            self._run(self.attempt(target, data, until))
+
+    def _run(self, attempt: Coroutine[Any, Any, tuple[UpstreamResponse, Any]]) -> None:
+        task = self.task = self.loop.create_task(attempt)
+        task.add_done_callback(self._ran)
+
+    def _ran(self, task: asyncio.Task[tuple[UpstreamResponse, Any]]) -> None:
+        if task is not self.task:  # cancelled meanwhile (the client hung up)
+            if not task.cancelled() and task.exception() is None:
+                held = task.result()[1]
+                if held is not None:  # a stream's head came as we were cancelled
+                    held.body.close()
+            return
+        self.task = None
+        if task.cancelled():  # not by us: the worker is stopping
+            self._end(None, RuntimeError("the backend attempt was cancelled"))
+            return
+        exc = task.exception()
+        if exc is None:
+            resp, held = task.result()
+            self._attempted(resp, held, None)
+        else:
+            self._attempted(None, None, exc)
+
+    def _exchanged(self, resp: UpstreamResponse | None, exc: UpstreamError | None) -> None:
+        """The end of a buffered attempt on an idle connection (BackendPool.start)."""
+        self.conn = None
+        if isinstance(exc, UpstreamStale) and not self.retried:
+            # The backend had closed the idle connection and never saw the request: once more,
+            # on a fresh connection (the pool connects in a task).
+            self.retried = True
+            self._run(self.target.pool.exchange(self.data, self.until, False, None, False))
+            return
+        self._attempted(resp, None, exc)
+
+    def _attempted(self, resp: UpstreamResponse | None, held: Any,
+                   exc: BaseException | None) -> None:
+        """An attempt ended: return the request's outcome, or try the next candidate."""
+        try:
+            error: RouterError | None = None
+            if exc is not None:
+                if not isinstance(exc, (UpstreamTimeout, UpstreamConnectError,
+                                        UpstreamProtocolError)):
+                    raise exc  # a failure of ours
+                error = _attempt_error(exc, self.backend_id)
+            took = time.perf_counter() - self.started
+            self.total_s += took
+            outcome = classify_failure(error.code) if error is not None else (
+                classify_status(resp.status) if resp is not None
+                else classify_failure("BACKEND_ERROR"))
+            if self.trace is not None:
+                self.trace[0].attempt_done(self.span, resp.status if resp is not None else None,
+                                           None if outcome.success else outcome.error_code)
+            if self.stats and held is None:  # a held stream ends its attempt when relayed
+                self.stats.end(self.target.backend.index, not outcome.backend_fault,
+                               took * 1000)
+            tried = self.tried
+            tried.append(self.backend_id)
+            table = self.view.table
+            nxt = None
+            if (outcome.failover and len(tried) < table.limits.max_attempts
+                    and self.loop.time() < self.deadline):
+                if self.order is None:
+                    self.order = failover_order(table, self.route, tried)
+                nxt = next(((b, m) for b, m in self.order if b not in tried), None)
+            if nxt is None:
+                ended = Forwarded(self.backend_id, self.decision, resp, error, self.total_s,
+                                  len(tried), outcome, held, self.decision.value)
+            else:
+                reason = error.code if error is not None else \
+                    f"status_{resp.status if resp else 0}"
+                FAILOVERS.labels(self.route.model, self.backend_id, reason).inc()
+                self.backend_id, self.model = nxt
+                self.decision = Decision.FAILOVER
+                self._send()
+                return
+        except Exception as e:
+            self._end(None, e)
+            return
+        self._end(ended, None)
+
+    def _end(self, fwd: Forwarded | None, exc: BaseException | None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.then(fwd, exc)
+
+
 async def forward(view: TableView, route: Route, path: str, body: bytes, request_id: str,
                   loop: asyncio.AbstractEventLoop, stats: WorkerStats | None,
                   attempt: Attempt | None = None, trace: tuple[Any, Any] | None = None,
                   meanwhile: Callable[[], object] | None = None) -> Forwarded:
-    """``trace``: (workers.tracing.Tracing, the request's span) when tracing is on.
-    ``meanwhile``: work for the wait on the backend (BackendPool.exchange), first attempt
-    only."""
-    table = view.table
-    deadline = loop.time() + table.limits.request_timeout_s
-    decided = time.perf_counter()
-    try:
-        backend_id, decision = choose(table, route, random.random(),
-                                      stats.inflight if stats else None,
-                                      stats.latency_ms if stats else None)
-    except NoBackend:
-        raise RouterError("NO_BACKEND_AVAILABLE",
-                          f"no backend may serve model '{route.model}' now") from None
-    if not int(decided * 1e6) & 7:  # a sampled histogram: about 1 decision in 8
-        DECISION_LATENCY.observe(time.perf_counter() - decided)
-    model = route.model
-    tried: list[str] = []
-    order: list[tuple[str, str]] | None = None
-    total_s = 0.0
-    while True:
-        target = view.targets[backend_id]
-        index = target.backend.index
-        send = body if model == route.model else with_model(body, model)
-        if stats:
-            stats.begin(index)
-        extra, span, tracing = b"", None, None
-        if trace is not None:
-            tracing, parent = trace
-            b = target.backend
-            span, extra = tracing.attempt(parent, path, backend_id, b.host, b.port, model)
-        started = time.perf_counter()
-        data = request_bytes(target, path, send, request_id, extra)
-        until = min(deadline, loop.time() + target.timeout_s)
-        resp: UpstreamResponse | None = None
-        held: Any = None
-        error: RouterError | None = None
-        try:  # awaited here, not through a coroutine of its own: ~0.5 µs a request
-            if attempt is None:  # buffered: the complete response
-                work, meanwhile = meanwhile, None
-                resp = (await target.pool.exchange(data, until, False, work))[0]
+    """Forwarding, awaited (the pipeline's coroutine path: Redis admission, streams, traced
+    requests, the aiohttp server); cancelling the caller cancels the attempt in flight."""
+    done: asyncio.Future[Forwarded] = loop.create_future()
+
+    def then(fwd: Forwarded | None, exc: BaseException | None) -> None:
+        if not done.done():
+            if exc is not None:
+                done.set_exception(exc)
             else:
-                resp, held = await attempt(target, data, until)
-        except (UpstreamTimeout, UpstreamConnectError, UpstreamProtocolError) as e:
-            error = _attempt_error(e, backend_id)
-        except asyncio.CancelledError:  # the client hung up: no verdict on the backend
-            if stats:
-                stats.abandon(index)
-            if tracing is not None:
-                tracing.attempt_done(span, None, "CLIENT_DISCONNECTED")
-            raise
-        took = time.perf_counter() - started
-        total_s += took
-        outcome = classify_failure(error.code) if error is not None else (
-            classify_status(resp.status) if resp is not None else classify_failure("BACKEND_ERROR"))
-        if tracing is not None:
-            tracing.attempt_done(span, resp.status if resp is not None else None,
-                                 None if outcome.success else outcome.error_code)
-        if stats and held is None:  # a held stream ends its attempt when it is relayed
-            stats.end(index, not outcome.backend_fault, took * 1000)
-        tried.append(backend_id)
-        if (not outcome.failover or len(tried) >= table.limits.max_attempts
-                or loop.time() >= deadline):
-            return Forwarded(backend_id, decision, resp, error, total_s, len(tried), outcome,
-                             held, decision.value)
-        if order is None:
-            order = failover_order(table, route, tried)
-        nxt = next(((b, m) for b, m in order if b not in tried), None)
-        if nxt is None:
-            return Forwarded(backend_id, decision, resp, error, total_s, len(tried), outcome,
-                             held, decision.value)
-        reason = error.code if error is not None else f"status_{resp.status if resp else 0}"
-        FAILOVERS.labels(route.model, backend_id, reason).inc()
-        backend_id, model = nxt
-        decision = Decision.FAILOVER
+                done.set_result(fwd)  # type: ignore[arg-type]
+
+    forwarding = Forwarding(view, route, path, body, request_id, loop, stats, then, attempt,
+                            trace, meanwhile)
+    forwarding.start()
+    try:
+        return await done
+    except asyncio.CancelledError:
+        forwarding.cancel()
+        raise

@@ -58,6 +58,16 @@ class _Dropped(UpstreamProtocolError):
         self.got_data = got_data
 
 
+class UpstreamStale(UpstreamProtocolError):
+    """A reused keep-alive connection turned out closed before any answer: the backend had
+    closed it while idle and never saw the request, which may go again on a fresh connection
+    (``exchange`` does that itself; a ``start`` caller is told with this)."""
+
+
+# The callback of an exchange started by BackendPool.start: (response, None) or (None, error).
+Answered = Callable[["UpstreamResponse | None", "UpstreamError | None"], None]
+
+
 @dataclass(slots=True)
 class UpstreamResponse:
     status: int
@@ -79,7 +89,9 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.used = False
+        self.reused = False  # the exchange in flight is not the connection's first
         self._waiter: asyncio.Future[UpstreamResponse] | None = None
+        self._then: Answered | None = None  # instead of _waiter: an exchange of ``start``
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
         self._size = 0
@@ -151,13 +163,23 @@ class _Connection(asyncio.Protocol):
         self._headers = []
         self._body = []
         self._size = 0
+        then = self._then
+        if then is not None:
+            self._then = None
+            self._pool._answered(self, then, resp, None)
+            return
         w = self._waiter
         self._waiter = None
         if w is not None and not w.done():
             w.set_result(resp)
 
     # used by the pool
-    def _fail(self, exc: Exception) -> None:
+    def _fail(self, exc: UpstreamError) -> None:
+        then = self._then
+        if then is not None:
+            self._then = None
+            self._pool._answered(self, then, None, exc)
+            return
         w = self._waiter
         self._waiter = None
         if w is not None and not w.done():
@@ -172,18 +194,22 @@ class _Connection(asyncio.Protocol):
              ) -> asyncio.Future[UpstreamResponse]:
         """Start an exchange: the request goes out at the end of the turn; the future gets the
         response (the head, for a stream). The pool awaits it, then calls ``finished``."""
-        pool = self._pool
-        fut: asyncio.Future[UpstreamResponse] = pool._loop.create_future()
+        fut: asyncio.Future[UpstreamResponse] = self._pool._loop.create_future()
         self._waiter = fut
+        self._send(data, deadline, stream)
+        return fut
+
+    def _send(self, data: bytes, deadline: float, stream: bool) -> None:
+        pool = self._pool
         self._got_data = False
         self._want_stream = stream
         self.stream = None
+        self.reused = self.used
         self.used = True
         self.deadline = deadline
         pool._watch(self, deadline)
         assert self.transport is not None
         pool.writes.write(self.transport, data)  # at the end of the turn
-        return fut
 
     def finished(self, fut: asyncio.Future[UpstreamResponse]) -> None:
         """The exchange started by ``send`` is over, however it ended."""
@@ -195,11 +221,31 @@ class _Connection(asyncio.Protocol):
 
     def _expire(self) -> None:
         """The deadline of the exchange in flight passed (the pool's deadline watch)."""
+        then = self._then
+        if then is not None:
+            self._then = None
+            self.abort()
+            self._pool._answered(self, then, None, UpstreamTimeout(
+                "the backend did not answer before the deadline"))
+            return
         fut = self._waiter
         if fut is not None and not fut.done():
             self._waiter = None
             fut.set_exception(UpstreamTimeout("the backend did not answer before the deadline"))
             self.abort()
+
+
+def do_meanwhile(work: Callable[[], object]) -> None:
+    """Run work done while a backend answers (``meanwhile``): a failure is logged, not raised,
+    since it is only work ahead (the caller does it again when it needs its result)."""
+    try:
+        work()
+    except Exception:
+        log.exception("work done while a backend answers failed")
+
+
+# What BackendPool.start returns: the exchange's connection, a handle for BackendPool.cancel.
+PendingExchange = _Connection
 
 
 class BackendPool:
@@ -239,8 +285,48 @@ class BackendPool:
         must close() the BodyStream."""
         return await self.exchange(data, deadline, True)
 
+    def start(self, data: bytes, deadline: float, then: Answered) -> PendingExchange | None:
+        """A buffered exchange on an idle keep-alive connection, driven by the connection's
+        callbacks: ``then(response, None)`` or ``then(None, error)`` once, the connection back
+        in the pool (or closed) by then; no future and no task woken by it (see
+        workers.forwarding). None when no connection is idle: the caller awaits ``exchange``,
+        which waits for one or opens one. A reused connection found closed before any answer
+        fails with UpstreamStale (``exchange`` retries that itself). ``cancel`` ends it early.
+        """
+        conn = self._take_idle()
+        if conn is not None:
+            conn._then = then
+            conn._send(data, deadline, False)
+        return conn
+
+    def cancel(self, conn: PendingExchange) -> None:
+        """End an exchange of ``start`` before its answer (the client hung up): the answer
+        would never be read, so the connection closes; ``then`` is not called."""
+        if conn._then is not None:
+            conn._then = None
+            self._inflight.discard(conn)
+            conn.abort()
+
+    def _answered(self, conn: _Connection, then: Answered, resp: UpstreamResponse | None,
+                  exc: UpstreamError | None) -> None:
+        """An exchange of ``start`` ended: the connection to the pool (or closed), then
+        ``then``, which must not raise: it runs inside the connection's parser callbacks, and
+        the connection may already serve another exchange."""
+        self._inflight.discard(conn)
+        if exc is None:
+            self._release(conn)
+        else:
+            if not conn.closed:
+                conn.abort()
+            if isinstance(exc, _Dropped) and conn.reused and not exc.got_data:
+                exc = UpstreamStale(str(exc))
+        try:
+            then(resp, exc)
+        except Exception:
+            log.exception("the end of a backend exchange was not handled")
+
     async def exchange(self, data: bytes, deadline: float, stream: bool = False,
-                       meanwhile: Callable[[], object] | None = None
+                       meanwhile: Callable[[], object] | None = None, retry: bool = True
                        ) -> tuple[UpstreamResponse, BodyStream | None]:
         """One exchange on a pooled connection: the response, and the BodyStream of a streamed
         one (the connection is the stream's until it is closed; otherwise back in the pool).
@@ -252,8 +338,9 @@ class BackendPool:
         written by then; under load it goes out with the turn's other writes), before the
         wait: work the response would otherwise wait for, done while the backend works (with
         one request at a time, the worker is idle then). It must be work the caller would do
-        later anyway: a failure of it is logged, not raised."""
-        for attempt in (0, 1):
+        later anyway: a failure of it is logged, not raised. ``retry``: False when this is
+        already the retry (of a ``start`` that failed with UpstreamStale)."""
+        for attempt in (0, 1) if retry else (1,):
             conn = self._take_idle()  # the common case, without awaiting a coroutine
             if conn is None:
                 conn = await self._acquire(deadline)
@@ -263,10 +350,7 @@ class BackendPool:
                 try:
                     if meanwhile is not None:
                         work, meanwhile = meanwhile, None
-                        try:
-                            work()
-                        except Exception:  # work ahead only: the caller does it again later
-                            log.exception("work done while a backend answers failed")
+                        do_meanwhile(work)
                     resp = await fut
                 finally:
                     conn.finished(fut)
@@ -362,15 +446,14 @@ class BackendPool:
         # rounds a timer to the millisecond and fires up to half of one early. Without this the
         # watch re-armed for the same deadline until the clock caught up (hundreds of runs).
         now = max(self._loop.time(), self._watch_at)
-        soonest = float("inf")
-        for conn in list(self._inflight):
-            if conn.deadline <= now:
-                self._inflight.discard(conn)
-                conn._expire()
-            elif conn.deadline < soonest:
-                soonest = conn.deadline
+        expired = [conn for conn in self._inflight if conn.deadline <= now]
+        self._inflight.difference_update(expired)
         if self._inflight:
-            self._arm_watch(soonest)
+            self._arm_watch(min(conn.deadline for conn in self._inflight))
+        # Expired after the watch is re-armed: an expiry's callback may start another exchange
+        # (a failover, on callbacks), whose _watch must not be undone by this re-arming.
+        for conn in expired:
+            conn._expire()
 
     def _release(self, conn: _Connection) -> None:
         if conn.closed or not conn.keep_alive or self.closed:
