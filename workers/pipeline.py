@@ -14,7 +14,9 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable, Coroutine
 from enum import Enum
+from typing import Any
 
 import orjson
 
@@ -30,7 +32,7 @@ from workers.accounting import Accounting
 from workers.admission import Admission, Ticket
 from workers.context import Caller, Reply, RequestContext, Signed
 from workers.endpoints import ENDPOINTS, Endpoint, ms
-from workers.forwarding import forward, resolve_route
+from workers.forwarding import Forwarded, Forwarding, forward, resolve_route
 from workers.metrics import RequestMetrics
 from workers.streaming import hold, relay
 from workers.table_view import TableCache, TableView
@@ -51,6 +53,38 @@ class _Decision(Enum):
 
 
 _LATER = _Decision.LATER
+
+
+class InFlight:
+    """A request being forwarded on callbacks (Pipeline.serve): its server's handle."""
+
+    __slots__ = ("pipeline", "ctx", "answer", "forwarding")
+
+    def __init__(self, pipeline: Pipeline, ctx: RequestContext,
+                 answer: Callable[[Reply | None], None]) -> None:
+        self.pipeline = pipeline
+        self.ctx = ctx
+        self.answer = answer
+        self.forwarding: Forwarding | None = None
+
+    def forwarded(self, fwd: Forwarded | None, exc: BaseException | None) -> None:
+        p, ctx = self.pipeline, self.ctx
+        self.forwarding = None  # (a reference cycle otherwise: its ``then`` is bound to us)
+        try:
+            if exc is not None:
+                raise exc
+            assert fwd is not None
+            reply = p.finish(ctx, fwd)
+        except Exception as e:
+            reply = p.failure(ctx, e)
+        self.answer(reply)
+
+    def cancel(self) -> None:
+        """The client hung up: the attempt in flight ends, the request is accounted as gone,
+        and nothing is answered."""
+        f, self.forwarding = self.forwarding, None
+        if f is not None and f.cancel():
+            self.pipeline.client_gone(self.ctx)
 
 
 class Pipeline:
@@ -95,20 +129,86 @@ class Pipeline:
                 reply.headers.insert(0, ("X-Request-ID", ctx.request_id))
                 return reply
             return await self.proxy(ctx)
-        except RouterError as e:
+        except Exception as e:
+            return self.failure(ctx, e)
+
+    def serve(self, ctx: RequestContext, answer: Callable[[Reply | None], None]
+              ) -> Reply | InFlight | asyncio.Task[Reply | None]:
+        """``run`` for a server that takes its answer in a callback (workers.fast_server): the
+        reply at once when the request ended without waiting (a refusal), else a handle whose
+        ``cancel()`` says the client hung up, and ``answer(reply)`` once it is ready (None: it
+        was streamed through ``ctx.sink``), unless cancelled first.
+
+        The common request (buffered, admitted in-process, not traced) is forwarded on
+        callbacks to its end (workers.forwarding.Forwarding): no task, no future. One that
+        must wait — on Redis, a budget, a nonce, a stream — goes on in a task from there;
+        traced requests and local endpoints run in one from the start."""
+        ep = ctx.endpoint
+        if ep.local is not None or self.tracing is not None:
+            return self._in_task(self.run(ctx), ctx, answer)
+        try:
+            if ep.scope is not None:
+                ctx.caller = self.authenticate(ctx, ep.scope)
+            ticket = self.prepare(ctx)
+            req = ctx.request
+            assert req is not None and ctx.route is not None
+            if ticket is _LATER or req.stream:
+                return self._in_task(self._go_on(ctx, ticket), ctx, answer)
+            ctx.ticket = ticket
+            inflight = InFlight(self, ctx, answer)
+            forwarding = inflight.forwarding = Forwarding(
+                ctx.view, ctx.route, ep.upstream,
+                req.upstream_body if req.upstream_body is not None else ctx.body,
+                ctx.request_id, self.loop, self.stats, inflight.forwarded,
+                meanwhile=None if ticket is None else ticket.rate_limit_headers)
+            try:
+                forwarding.start()
+            except Exception as e:
+                inflight.forwarding = None
+                if isinstance(e, RouterError):  # nothing could be tried (no backend)
+                    raise self._unforwarded(ctx, e) from None
+                raise
+            return inflight
+        except Exception as e:
+            return self.failure(ctx, e)
+
+    def _in_task(self, coro: Coroutine[Any, Any, Reply | None], ctx: RequestContext,
+                 answer: Callable[[Reply | None], None]) -> asyncio.Task[Reply | None]:
+        task = self.loop.create_task(coro)
+
+        def done(t: asyncio.Task[Reply | None]) -> None:
+            if t.cancelled():  # the client hung up: nothing to answer
+                return
+            exc = t.exception()
+            answer(t.result() if exc is None else self.failure(ctx, exc))
+
+        task.add_done_callback(done)
+        return task
+
+    async def _go_on(self, ctx: RequestContext, ticket: Ticket | None | _Decision
+                     ) -> Reply | None:
+        try:
+            return await self.proxy_admitted(ctx, ticket)
+        except Exception as e:
+            return self.failure(ctx, e)
+
+    def failure(self, ctx: RequestContext, e: BaseException) -> Reply:
+        """The reply to a request that raised ``e``: its catalog error, or INTERNAL_ERROR for
+        a failure of ours (logged, and accounted if the request was admitted)."""
+        ep = ctx.endpoint
+        if isinstance(e, RouterError):
             return self.error_reply(e, ctx.request_id, ep.openai)
-        except Exception:
-            # The traceback names our code only; request bodies never reach the log.
-            log.exception("unhandled error serving %s %s (request %s)", ep.method, ep.path,
-                          ctx.request_id)
-            err = RouterError("INTERNAL_ERROR")
-            if ctx.ticket is not None and not ctx.accounted:
-                # Admitted, then our own failure: record it and release the reservation, as
-                # for any failed request (the client is not charged for our bug).
-                ctx.outcome = classify_failure(err.code)
-                ctx.total_s = time.perf_counter() - ctx.started
-                err = self.accounts.failed(ctx, err)
-            return self.error_reply(err, ctx.request_id, ep.openai)
+        # The traceback names our code only; request bodies never reach the log.
+        log.error("unhandled error serving %s %s (request %s)", ep.method, ep.path,
+                  ctx.request_id, exc_info=e)
+        err = RouterError("INTERNAL_ERROR")
+        if ctx.ticket is not None and not ctx.accounted:
+            # Admitted, then our own failure: record it and release the reservation, as for
+            # any failed request (the client is not charged for our bug).
+            ctx.outcome = classify_failure(err.code)
+            ctx.total_s = time.perf_counter() - ctx.started
+            err = self.accounts.failed(ctx, err)
+        return self.error_reply(err, ctx.request_id, ep.openai)
 
     async def _traced(self, t: Tracing, ctx: RequestContext) -> Reply | None:
         """``run`` inside the request's span (tracing on, proxied endpoints); a stream's span
@@ -152,6 +252,10 @@ class Pipeline:
             raise
 
     async def proxy(self, ctx: RequestContext) -> Reply | None:
+        return await self.proxy_admitted(ctx, self.prepare(ctx))
+
+    def prepare(self, ctx: RequestContext) -> Ticket | None | _Decision:
+        """Parse, route, and take the admission decision if it can be taken at once."""
         ep = ctx.endpoint
         assert ep.parse is not None
         req = ctx.request = ep.parse(ctx.body)
@@ -159,8 +263,14 @@ class Pipeline:
             assert self.tracing is not None
             self.tracing.parsed(ctx.span, ep.path, req.model, req.max_tokens,
                                 bool(getattr(req, "stream", False)))
-        route = ctx.route = resolve_route(ctx.view, req.model)
-        ticket = self.admit_now(ctx)
+        ctx.route = resolve_route(ctx.view, req.model)
+        return self.admit_now(ctx)
+
+    async def proxy_admitted(self, ctx: RequestContext, ticket: Ticket | None | _Decision
+                             ) -> Reply | None:
+        """The rest of ``proxy`` after ``prepare``, awaited."""
+        ep, req, route = ctx.endpoint, ctx.request, ctx.route
+        assert req is not None and route is not None
         ctx.ticket = ticket if ticket is not _LATER else await self.admit(ctx)
         try:
             fwd = ctx.fwd = await forward(
@@ -170,23 +280,40 @@ class Pipeline:
                 trace=(self.tracing, ctx.span) if ctx.span is not None else None,
                 meanwhile=None if ctx.ticket is None else ctx.ticket.rate_limit_headers)
         except RouterError as e:  # nothing could be tried (no backend)
-            ctx.outcome = classify_failure(e.code)
-            ctx.total_s = time.perf_counter() - ctx.started
-            raise self.accounts.failed(ctx, e) from None
+            raise self._unforwarded(ctx, e) from None
         except asyncio.CancelledError:
-            # The client hung up (its server cancelled us): the upstream client has closed the
-            # backend connection; nothing reached the client, so nothing is billed.
-            ctx.outcome = CLIENT_GONE
-            ctx.used = (0, 0)
-            ctx.total_s = time.perf_counter() - ctx.started
-            self.accounts.account(ctx, CATALOG["CLIENT_DISCONNECTED"].status)
+            self.client_gone(ctx)
             raise
+        if fwd.exchange is not None:  # a held stream: commit it to the client
+            ctx.outcome = fwd.outcome
+            ctx.total_s = time.perf_counter() - ctx.started
+            await relay(self, ctx, fwd.exchange)
+            return None
+        return self.finish(ctx, fwd)
+
+    def _unforwarded(self, ctx: RequestContext, e: RouterError) -> RouterError:
+        """Account a request that no backend could be tried for; return its error."""
+        ctx.outcome = classify_failure(e.code)
+        ctx.total_s = time.perf_counter() - ctx.started
+        return self.accounts.failed(ctx, e)
+
+    def client_gone(self, ctx: RequestContext) -> None:
+        """The client hung up while the backend worked (its server cancelled the request): the
+        backend connection is closed; nothing reached the client, so nothing is billed."""
+        ctx.outcome = CLIENT_GONE
+        ctx.used = (0, 0)
+        ctx.total_s = time.perf_counter() - ctx.started
+        self.accounts.account(ctx, CATALOG["CLIENT_DISCONNECTED"].status)
+
+    def finish(self, ctx: RequestContext, fwd: Forwarded) -> Reply:
+        """The reply to a buffered request from its last attempt; accounted. A failure raises
+        its catalog error (accounted too)."""
+        ep, route = ctx.endpoint, ctx.route
+        assert route is not None
+        ctx.fwd = fwd
         outcome = ctx.outcome = fwd.outcome
         resp = fwd.response
         ctx.total_s = time.perf_counter() - ctx.started
-        if fwd.exchange is not None:  # a held stream: commit it to the client
-            await relay(self, ctx, fwd.exchange)
-            return None
         if outcome.success:
             assert resp is not None
             ctx.used = used = ep.usage(resp.body)

@@ -91,3 +91,44 @@ def test_a_client_that_hangs_up_frees_the_backend_slot_and_its_reservation(
     # A stream settles to what was produced before the hang-up, and says why it ended.
     assert all(d["interruption"] == "client_disconnected" and d["completion_tokens"] < 1000
                for d in mid_stream)
+
+
+def test_a_hang_up_on_the_callback_path_frees_the_slot_and_its_tokens(
+        mock_backend: Callable[..., MockBackend], router: Callable[..., Router]) -> None:
+    """The common request — in-process token buckets, no budget, buffered — is forwarded on
+    callbacks, without a task to cancel (workers.forwarding.Forwarding): a hang-up must still
+    close the backend connection, leave the in-flight count, give back the tokens reserved,
+    and be accounted once as CLIENT_DISCONNECTED."""
+    a, b = mock_backend("a"), mock_backend("b")
+    cfg = {
+        "backends": {"a": {"url": a.url}, "b": {"url": b.url}},
+        "tiers": {"small": {"rpm": 1000, "tpm": 2500}},
+        "models": {"only-a": {"backends": ["a"]},
+                   "m": {"backends": ["a", "b"], "strategy": "least_inflight"}},
+        "keys": {"k1": {"sha256": hash_key("ar-d2"), "org": "acme", "tier": "small"}},
+    }
+    r = router(cfg, workers=1)
+    # max_tokens 2000 reserves ~2,000 of the 2,500 tokens a minute: one at a time fits
+    slow = {"model": "only-a", "messages": USER, "max_tokens": 2000,
+            "mock": {"latency_ms": 5000}}
+    for n in range(1, 4):
+        s = _hang_up_after_sending(r.port, slow, "ar-d2")
+        wait_for(lambda n=n: a.stats()["requests"] >= n, 5, "the backend got the request")
+        s.close()
+        wait_for(lambda n=n: a.stats()["aborted_by_peer"] >= n, 2,
+                 "the router closed its backend connection")
+    # Each hang-up gave its reservation back: a request of the same size is admitted again.
+    status, _, _ = post_json(f"{r.url}/v1/chat/completions",
+                             {"model": "only-a", "messages": USER, "max_tokens": 2000},
+                             {"Authorization": "Bearer ar-d2"})
+    assert status == 200
+    for _ in range(5):  # the abandoned attempts left a's in-flight count: ties still go to a
+        status, headers, _ = post_json(f"{r.url}/v1/chat/completions",
+                                       {"model": "m", "messages": USER, "max_tokens": 4},
+                                       {"Authorization": "Bearer ar-d2"})
+        assert status == 200 and headers["X-Router-Backend"] == "a", headers
+    wait_for(lambda: len(_usage_records(r.run_dir)) >= 9, 10, "usage records exported")
+    gone = [d for d in _usage_records(r.run_dir) if d["status"] == 499]
+    assert len(gone) == 3
+    assert {d["error_code"] for d in gone} == {"CLIENT_DISCONNECTED"}
+    assert all(d["completion_tokens"] == 0 and d["cost_micro"] == 0 for d in gone)

@@ -1,10 +1,10 @@
 """Review (issue 14 hot path): an idle keep-alive connection keeps nothing of its last request.
 
-The lean server answers a connection's requests in one task (workers/fast_server.py
-``_serve_all``); between requests it waits for the next one. Whatever that wait keeps alive
-stays allocated for as long as the client holds the connection open, which clients with
-connection pools (SDKs, proxies) do for minutes: per idle connection it must not be the last
-request's body, its context or its reply.
+The lean server answers a connection's requests one at a time (workers/fast_server.py); once
+one is answered the connection waits for the next. Whatever it keeps from the last stays
+allocated for as long as the client holds the connection open, which clients with connection
+pools (SDKs, proxies) do for minutes: per idle connection it must not be the last request's
+body, its context or its reply.
 """
 
 from __future__ import annotations

@@ -1,0 +1,151 @@
+"""Pipeline.serve, the lean server's entry, in-process against the mock backend: the common
+request runs on callbacks to its reply, a hang-up is accounted, and nothing of a request is
+left in a reference cycle (the worker raises the collector's thresholds for the hot path)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import orjson
+import pytest
+
+from apirouter.config import parse_config
+from apirouter.keys import hash_key
+from apirouter.outcomes import CLIENT_GONE
+from apirouter.shm import TableReader, TableWriter
+from apirouter.table import compile_table, encode_table
+from tools.mock_backend import Behaviour, MockState, start_mock
+from workers.context import Reply, RequestContext
+from workers.pipeline import InFlight, Pipeline
+from workers.table_view import TableCache
+
+HOST = "127.0.0.1"
+KEY = "ar-serve-test"
+BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                     "max_tokens": 8})
+
+
+@pytest.fixture
+async def mock() -> AsyncIterator[tuple[int, MockState]]:
+    server, state = await start_mock(HOST, 0, name="serve")
+    yield server.sockets[0].getsockname()[1], state
+    server.close()
+
+
+@pytest.fixture
+def table_segment() -> Iterator[TableWriter]:
+    writer = TableWriter(f"apirouter-test-serve-{os.getpid()}", 1 << 16)
+    yield writer
+    writer.close()
+
+
+@pytest.fixture
+async def pipeline(mock: tuple[int, MockState], table_segment: TableWriter
+                   ) -> AsyncIterator[Pipeline]:
+    port, _ = mock
+    cfg = parse_config({
+        "backends": {"a": f"http://{HOST}:{port}"},
+        "models": {"m": {"backends": ["a"]}},
+        "tiers": {"t": {"rpm": 100000, "tpm": 10000000}},
+        "keys": {"k": {"sha256": hash_key(KEY), "org": "acme", "tier": "t"}}})
+    table_segment.publish(encode_table(compile_table(cfg, source="t")))
+    p = Pipeline(TableCache(TableReader(table_segment.name)))
+    yield p
+    p.tables.close()
+
+
+class Answers:
+    def __init__(self) -> None:
+        self.got: list[Reply | None] = []
+        self.event = asyncio.Event()
+
+    def __call__(self, reply: Reply | None) -> None:
+        self.got.append(reply)
+        self.event.set()
+
+
+def chat(p: Pipeline, n: int = 0) -> RequestContext:
+    return p.context(p.by_path["/v1/chat/completions"], p.tables.current(), f"req-{n}", BODY,
+                     KEY, None)
+
+
+async def served(p: Pipeline, n: int = 0) -> Reply:
+    answers = Answers()
+    p.serve(chat(p, n), answers)
+    await asyncio.wait_for(answers.event.wait(), 5)
+    (reply,) = answers.got
+    assert reply is not None
+    return reply
+
+
+async def test_the_common_request_runs_on_callbacks_to_its_reply(pipeline: Pipeline) -> None:
+    await served(pipeline)  # the first opens the backend connection (in a task)
+    tasks = len(asyncio.all_tasks())
+    answers = Answers()
+    handle = pipeline.serve(chat(pipeline), answers)
+    assert isinstance(handle, InFlight)
+    assert len(asyncio.all_tasks()) == tasks
+    await asyncio.wait_for(answers.event.wait(), 5)
+    (reply,) = answers.got
+    assert reply is not None and reply.status == 200
+    headers = dict(reply.headers)
+    assert headers["X-Request-ID"] == "req-0" and headers["X-Router-Backend"] == "a"
+    assert headers["X-Router-Decision"] == "PRIMARY"
+    assert "X-RateLimit-Remaining" in headers
+    assert orjson.loads(reply.body)["object"] == "chat.completion"
+
+
+async def test_a_refusal_is_answered_at_once(pipeline: Pipeline) -> None:
+    ctx = pipeline.context(pipeline.by_path["/v1/chat/completions"], pipeline.tables.current(),
+                           "req-x", BODY, "ar-wrong", None)
+    reply = pipeline.serve(ctx, Answers())
+    assert isinstance(reply, Reply) and reply.status == 401
+
+
+async def test_a_hang_up_is_accounted_and_nothing_is_answered(
+        pipeline: Pipeline, mock: tuple[int, MockState]) -> None:
+    _, state = mock
+    await served(pipeline)  # a pooled connection: the next request runs on callbacks
+    state.behaviour = Behaviour(latency_ms=300)
+    answers = Answers()
+    ctx = chat(pipeline, 1)
+    handle = pipeline.serve(ctx, answers)
+    assert isinstance(handle, InFlight)
+    await asyncio.sleep(0.05)
+    handle.cancel()
+    assert ctx.outcome is CLIENT_GONE and ctx.accounted
+    handle.cancel()  # twice: accounted once
+    await asyncio.sleep(0.4)
+    assert answers.got == []
+    pool = pipeline.tables.current().targets["a"].pool
+    assert pool.open_connections == 0 and not pool._inflight  # closed, not pooled
+
+
+async def test_a_failure_of_ours_after_the_backend_answered_is_a_500(
+        pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    await served(pipeline)
+
+    def broken(ctx: RequestContext, fwd: object) -> Reply:
+        raise ValueError("a bug in shaping")
+
+    monkeypatch.setattr(pipeline, "finish", broken)
+    reply = await served(pipeline, 2)
+    assert reply.status == 500 and dict(reply.headers)["X-Request-ID"] == "req-2"
+
+
+async def test_requests_on_callbacks_leave_no_reference_cycle(pipeline: Pipeline) -> None:
+    await served(pipeline)  # warm: a pooled connection, caches filled
+    pipeline.accounts.flush()
+    gc.collect()
+    gc.disable()
+    try:
+        for n in range(20):
+            assert (await served(pipeline, n)).status == 200
+        await asyncio.sleep(0)  # the turn's accounting flush
+        pipeline.accounts.flush()
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
