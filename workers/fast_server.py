@@ -177,7 +177,7 @@ class FastProtocol(asyncio.Protocol):
         # handle on it while it waits for its backend (cancelled when the client hangs up).
         self.current: _Request | None = None
         self.sink: _Stream | None = None
-        self.inflight: InFlight | asyncio.Task[Reply | None] | None = None
+        self.inflight: InFlight | asyncio.Task[None] | None = None
         self.drained: asyncio.Future[None] | None = None
         self.last_active = server.loop.time()
         # Raw bytes since the start of the message being parsed, for a hand-off replay.

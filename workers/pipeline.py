@@ -56,9 +56,10 @@ _LATER = _Decision.LATER
 
 
 class InFlight:
-    """A request being forwarded on callbacks (Pipeline.serve): its server's handle."""
+    """A request being forwarded on callbacks (Pipeline.serve), its admission perhaps awaited
+    first in a task: its server's handle."""
 
-    __slots__ = ("pipeline", "ctx", "answer", "forwarding")
+    __slots__ = ("pipeline", "ctx", "answer", "forwarding", "task")
 
     def __init__(self, pipeline: Pipeline, ctx: RequestContext,
                  answer: Callable[[Reply | None], None]) -> None:
@@ -66,6 +67,7 @@ class InFlight:
         self.ctx = ctx
         self.answer = answer
         self.forwarding: Forwarding | None = None
+        self.task: asyncio.Task[None] | None = None  # while its admission is awaited
 
     def forwarded(self, fwd: Forwarded | None, exc: BaseException | None) -> None:
         p, ctx = self.pipeline, self.ctx
@@ -80,8 +82,11 @@ class InFlight:
         self.answer(reply)
 
     def cancel(self) -> None:
-        """The client hung up: the attempt in flight ends, the request is accounted as gone,
-        and nothing is answered."""
+        """The client hung up: the admission awaited or the attempt in flight ends (the latter
+        accounted as gone), and nothing is answered."""
+        task, self.task = self.task, None
+        if task is not None:
+            task.cancel()
         f, self.forwarding = self.forwarding, None
         if f is not None and f.cancel():
             self.pipeline.client_gone(self.ctx)
@@ -133,16 +138,16 @@ class Pipeline:
             return self.failure(ctx, e)
 
     def serve(self, ctx: RequestContext, answer: Callable[[Reply | None], None]
-              ) -> Reply | InFlight | asyncio.Task[Reply | None]:
+              ) -> Reply | InFlight | asyncio.Task[None]:
         """``run`` for a server that takes its answer in a callback (workers.fast_server): the
         reply at once when the request ended without waiting (a refusal), else a handle whose
         ``cancel()`` says the client hung up, and ``answer(reply)`` once it is ready (None: it
         was streamed through ``ctx.sink``), unless cancelled first.
 
-        The common request (buffered, admitted in-process, not traced) is forwarded on
-        callbacks to its end (workers.forwarding.Forwarding): no task, no future. One that
-        must wait — on Redis, a budget, a nonce, a stream — goes on in a task from there;
-        traced requests and local endpoints run in one from the start."""
+        A buffered request is forwarded on callbacks to its end (workers.forwarding.
+        Forwarding): no task, no future; only an admission that must wait (Redis, a budget, a
+        nonce) is awaited, in a task, first. A stream goes on in a task from its admission;
+        traced requests and local endpoints run ``run`` in one from the start."""
         ep = ctx.endpoint
         if ep.local is not None or self.tracing is not None:
             return self._in_task(self.run(ctx), ctx, answer)
@@ -152,45 +157,60 @@ class Pipeline:
             ticket = self.prepare(ctx)
             req = ctx.request
             assert req is not None and ctx.route is not None
-            if ticket is _LATER or req.stream:
-                return self._in_task(self._go_on(ctx, ticket), ctx, answer)
-            ctx.ticket = ticket
+            if req.stream:
+                return self._in_task(self.proxy_admitted(ctx, ticket), ctx, answer)
             inflight = InFlight(self, ctx, answer)
-            forwarding = inflight.forwarding = Forwarding(
-                ctx.view, ctx.route, ep.upstream,
-                req.upstream_body if req.upstream_body is not None else ctx.body,
-                ctx.request_id, self.loop, self.stats, inflight.forwarded,
-                meanwhile=None if ticket is None else ticket.rate_limit_headers)
-            try:
-                forwarding.start()
-            except Exception as e:
-                inflight.forwarding = None
-                if isinstance(e, RouterError):  # nothing could be tried (no backend)
-                    raise self._unforwarded(ctx, e) from None
-                raise
+            if ticket is _LATER:
+                inflight.task = self.loop.create_task(self._admit_then_forward(inflight))
+            else:
+                ctx.ticket = ticket
+                self._forward(inflight)
             return inflight
         except Exception as e:
             return self.failure(ctx, e)
 
-    def _in_task(self, coro: Coroutine[Any, Any, Reply | None], ctx: RequestContext,
-                 answer: Callable[[Reply | None], None]) -> asyncio.Task[Reply | None]:
-        task = self.loop.create_task(coro)
-
-        def done(t: asyncio.Task[Reply | None]) -> None:
-            if t.cancelled():  # the client hung up: nothing to answer
-                return
-            exc = t.exception()
-            answer(t.result() if exc is None else self.failure(ctx, exc))
-
-        task.add_done_callback(done)
-        return task
-
-    async def _go_on(self, ctx: RequestContext, ticket: Ticket | None | _Decision
-                     ) -> Reply | None:
+    def _forward(self, inflight: InFlight) -> None:
+        """Forward an admitted buffered request on callbacks: InFlight.forwarded continues."""
+        ctx = inflight.ctx
+        req, route, ticket = ctx.request, ctx.route, ctx.ticket
+        assert req is not None and route is not None
+        forwarding = inflight.forwarding = Forwarding(
+            ctx.view, route, ctx.endpoint.upstream,
+            req.upstream_body if req.upstream_body is not None else ctx.body,
+            ctx.request_id, self.loop, self.stats, inflight.forwarded,
+            meanwhile=None if ticket is None else ticket.rate_limit_headers)
         try:
-            return await self.proxy_admitted(ctx, ticket)
+            forwarding.start()
         except Exception as e:
-            return self.failure(ctx, e)
+            inflight.forwarding = None  # (a reference cycle otherwise)
+            if isinstance(e, RouterError):  # nothing could be tried (no backend)
+                raise self._unforwarded(ctx, e) from None
+            raise
+
+    async def _admit_then_forward(self, inflight: InFlight) -> None:
+        """The admission ``admit_now`` could not take, awaited; then on callbacks."""
+        ctx = inflight.ctx
+        try:
+            ctx.ticket = await self.admit(ctx)
+            inflight.task = None
+            self._forward(inflight)
+        except Exception as e:
+            inflight.task = None
+            inflight.answer(self.failure(ctx, e))
+
+    def _in_task(self, coro: Coroutine[Any, Any, Reply | None], ctx: RequestContext,
+                 answer: Callable[[Reply | None], None]) -> asyncio.Task[None]:
+        return self.loop.create_task(self._answering(coro, ctx, answer))
+
+    async def _answering(self, coro: Coroutine[Any, Any, Reply | None], ctx: RequestContext,
+                         answer: Callable[[Reply | None], None]) -> None:
+        """``coro``'s reply to ``answer`` (from the task itself: a done callback would be one
+        more handle on the loop); cancelled (the client hung up), nothing is answered."""
+        try:
+            reply = await coro
+        except Exception as e:
+            reply = self.failure(ctx, e)
+        answer(reply)
 
     def failure(self, ctx: RequestContext, e: BaseException) -> Reply:
         """The reply to a request that raised ``e``: its catalog error, or INTERNAL_ERROR for

@@ -26,6 +26,32 @@ def _hang_up_after_sending(port: int, doc: dict[str, object], key: str) -> None:
     return s  # type: ignore[return-value]
 
 
+def _hang_up_three_times(r: Router, backend: MockBackend, slow: dict[str, object],
+                         key: str) -> None:
+    """Send ``slow`` and hang up once the backend has it, three times over; each time the
+    router must close its backend connection."""
+    for n in range(1, 4):
+        s = _hang_up_after_sending(r.port, slow, key)
+        wait_for(lambda n=n: backend.stats()["requests"] >= n, 5, "the backend got the request")
+        s.close()
+        wait_for(lambda n=n: backend.stats()["aborted_by_peer"] >= n, 2,
+                 "the router closed its backend connection")
+
+
+def _slots_and_reservations_were_released(r: Router, max_tokens: int, key: str) -> None:
+    """Each hang-up released its reservation: a request of the same size fits again; and the
+    abandoned attempts left backend a's in-flight count: ties still go to a."""
+    status, _, _ = post_json(f"{r.url}/v1/chat/completions",
+                             {"model": "only-a", "messages": USER, "max_tokens": max_tokens},
+                             {"Authorization": f"Bearer {key}"})
+    assert status == 200
+    for _ in range(5):
+        status, headers, _ = post_json(f"{r.url}/v1/chat/completions",
+                                       {"model": "m", "messages": USER, "max_tokens": 4},
+                                       {"Authorization": f"Bearer {key}"})
+        assert status == 200 and headers["X-Router-Backend"] == "a", headers
+
+
 def _usage_records(run_dir: str) -> list[dict[str, object]]:
     spool = os.path.join(run_dir, "spool")
     out: list[dict[str, object]] = []
@@ -51,12 +77,7 @@ def test_a_client_that_hangs_up_frees_the_backend_slot_and_its_reservation(
     r = router(cfg, workers=1)
     slow = {"model": "only-a", "messages": USER, "max_tokens": 1000,
             "mock": {"latency_ms": 5000}}
-    for n in range(1, 4):
-        s = _hang_up_after_sending(r.port, slow, "ar-d1")
-        wait_for(lambda n=n: a.stats()["requests"] >= n, 5, "the backend got the request")
-        s.close()
-        wait_for(lambda n=n: a.stats()["aborted_by_peer"] >= n, 2,
-                 "the router closed its backend connection")
+    _hang_up_three_times(r, a, slow, "ar-d1")
 
     # The same mid-stream: the held attempt is released without a verdict on the backend.
     streamed = {"model": "only-a", "messages": USER, "max_tokens": 1000, "stream": True,
@@ -68,17 +89,7 @@ def test_a_client_that_hangs_up_frees_the_backend_slot_and_its_reservation(
         wait_for(lambda n=n: a.stats()["streams_aborted"] >= n, 2,
                  "the router closed the backend stream")
 
-    # Each hang-up released its ~2.0 reservation: a request of the same size fits again.
-    status, _, _ = post_json(f"{r.url}/v1/chat/completions",
-                             {"model": "only-a", "messages": USER, "max_tokens": 1000},
-                             {"Authorization": "Bearer ar-d1"})
-    assert status == 200
-    # The abandoned attempts left backend a's in-flight count: ties still go to a.
-    for _ in range(5):
-        status, headers, _ = post_json(f"{r.url}/v1/chat/completions",
-                                       {"model": "m", "messages": USER, "max_tokens": 4},
-                                       {"Authorization": "Bearer ar-d1"})
-        assert status == 200 and headers["X-Router-Backend"] == "a", headers
+    _slots_and_reservations_were_released(r, 1000, "ar-d1")
 
     wait_for(lambda: len(_usage_records(r.run_dir)) >= 11, 10, "usage records exported")
     gone = [d for d in _usage_records(r.run_dir) if d["status"] == 499]
@@ -111,22 +122,8 @@ def test_a_hang_up_on_the_callback_path_frees_the_slot_and_its_tokens(
     # max_tokens 2000 reserves ~2,000 of the 2,500 tokens a minute: one at a time fits
     slow = {"model": "only-a", "messages": USER, "max_tokens": 2000,
             "mock": {"latency_ms": 5000}}
-    for n in range(1, 4):
-        s = _hang_up_after_sending(r.port, slow, "ar-d2")
-        wait_for(lambda n=n: a.stats()["requests"] >= n, 5, "the backend got the request")
-        s.close()
-        wait_for(lambda n=n: a.stats()["aborted_by_peer"] >= n, 2,
-                 "the router closed its backend connection")
-    # Each hang-up gave its reservation back: a request of the same size is admitted again.
-    status, _, _ = post_json(f"{r.url}/v1/chat/completions",
-                             {"model": "only-a", "messages": USER, "max_tokens": 2000},
-                             {"Authorization": "Bearer ar-d2"})
-    assert status == 200
-    for _ in range(5):  # the abandoned attempts left a's in-flight count: ties still go to a
-        status, headers, _ = post_json(f"{r.url}/v1/chat/completions",
-                                       {"model": "m", "messages": USER, "max_tokens": 4},
-                                       {"Authorization": "Bearer ar-d2"})
-        assert status == 200 and headers["X-Router-Backend"] == "a", headers
+    _hang_up_three_times(r, a, slow, "ar-d2")
+    _slots_and_reservations_were_released(r, 2000, "ar-d2")
     wait_for(lambda: len(_usage_records(r.run_dir)) >= 9, 10, "usage records exported")
     gone = [d for d in _usage_records(r.run_dir) if d["status"] == 499]
     assert len(gone) == 3

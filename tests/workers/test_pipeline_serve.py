@@ -24,6 +24,7 @@ from workers.table_view import TableCache
 
 HOST = "127.0.0.1"
 KEY = "ar-serve-test"
+BUDGETED = "ar-serve-budgeted"
 BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
                      "max_tokens": 8})
 
@@ -48,9 +49,12 @@ async def pipeline(mock: tuple[int, MockState], table_segment: TableWriter
     port, _ = mock
     cfg = parse_config({
         "backends": {"a": f"http://{HOST}:{port}"},
-        "models": {"m": {"backends": ["a"]}},
+        "models": {"m": {"backends": ["a"],
+                         "price": {"prompt_per_1k": 1.0, "completion_per_1k": 2.0}}},
         "tiers": {"t": {"rpm": 100000, "tpm": 10000000}},
-        "keys": {"k": {"sha256": hash_key(KEY), "org": "acme", "tier": "t"}}})
+        "keys": {"k": {"sha256": hash_key(KEY), "org": "acme", "tier": "t"},
+                 "kb": {"sha256": hash_key(BUDGETED), "org": "acme", "tier": "t"}},
+        "budgets": {"key:kb": {"period": "month", "spend": 1000}}})
     table_segment.publish(encode_table(compile_table(cfg, source="t")))
     p = Pipeline(TableCache(TableReader(table_segment.name)))
     yield p
@@ -67,9 +71,9 @@ class Answers:
         self.event.set()
 
 
-def chat(p: Pipeline, n: int = 0) -> RequestContext:
+def chat(p: Pipeline, n: int = 0, key: str = KEY) -> RequestContext:
     return p.context(p.by_path["/v1/chat/completions"], p.tables.current(), f"req-{n}", BODY,
-                     KEY, None)
+                     key, None)
 
 
 async def served(p: Pipeline, n: int = 0) -> Reply:
@@ -149,3 +153,19 @@ async def test_requests_on_callbacks_leave_no_reference_cycle(pipeline: Pipeline
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+async def test_an_admission_that_must_wait_is_awaited_then_forwarded_on_callbacks(
+        pipeline: Pipeline) -> None:
+    """A budget makes the admission a coroutine (admit_now cannot take it): it runs in a task,
+    and the forwarding after it on callbacks, as for any request."""
+    await served(pipeline)
+    answers = Answers()
+    ctx = chat(pipeline, 3, BUDGETED)
+    handle = pipeline.serve(ctx, answers)
+    assert isinstance(handle, InFlight) and handle.task is not None
+    await asyncio.wait_for(answers.event.wait(), 5)
+    (reply,) = answers.got
+    assert reply is not None and reply.status == 200
+    assert handle.task is None and handle.forwarding is None
+    assert ctx.ticket is not None and ctx.ticket.budgets  # the budget was reserved
