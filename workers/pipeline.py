@@ -85,8 +85,10 @@ class InFlight:
         """The client hung up: the admission awaited or the attempt in flight ends (the latter
         accounted as gone), and nothing is answered."""
         task, self.task = self.task, None
-        if task is not None:
+        if task is not None:  # its admission releases what it may have reserved
             task.cancel()
+            self.pipeline.client_gone(self.ctx)
+            return
         f, self.forwarding = self.forwarding, None
         if f is not None and f.cancel():
             self.pipeline.client_gone(self.ctx)
@@ -291,7 +293,13 @@ class Pipeline:
         """The rest of ``proxy`` after ``prepare``, awaited."""
         ep, req, route = ctx.endpoint, ctx.request, ctx.route
         assert req is not None and route is not None
-        ctx.ticket = ticket if ticket is not _LATER else await self.admit(ctx)
+        if ticket is _LATER:
+            try:
+                ticket = await self.admit(ctx)
+            except asyncio.CancelledError:  # the client hung up while Redis decided
+                self.client_gone(ctx)
+                raise
+        ctx.ticket = ticket
         try:
             fwd = ctx.fwd = await forward(
                 ctx.view, route, ep.upstream,
@@ -318,8 +326,9 @@ class Pipeline:
         return self.accounts.failed(ctx, e)
 
     def client_gone(self, ctx: RequestContext) -> None:
-        """The client hung up while the backend worked (its server cancelled the request): the
-        backend connection is closed; nothing reached the client, so nothing is billed."""
+        """The client hung up while its admission was decided or the backend worked (its server
+        cancelled the request): the backend connection is closed, a reservation released;
+        nothing reached the client, so nothing is billed."""
         ctx.outcome = CLIENT_GONE
         ctx.used = (0, 0)
         ctx.total_s = time.perf_counter() - ctx.started

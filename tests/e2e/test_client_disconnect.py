@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Callable
 
 from apirouter.keys import hash_key
 from tests.e2e.conftest import post_json
-from tests.harness import HOST, MockBackend, Router, wait_for
+from tests.harness import HOST, MockBackend, RedisServer, Router, wait_for
 
 USER = [{"role": "user", "content": "hello there"}]
 PRICE = {"prompt_per_1k": 1.0, "completion_per_1k": 2.0}
@@ -129,3 +130,40 @@ def test_a_hang_up_on_the_callback_path_frees_the_slot_and_its_tokens(
     assert len(gone) == 3
     assert {d["error_code"] for d in gone} == {"CLIENT_DISCONNECTED"}
     assert all(d["completion_tokens"] == 0 and d["cost_micro"] == 0 for d in gone)
+
+
+def test_a_hang_up_while_redis_decides_is_accounted_and_released(
+        mock_backend: Callable[..., MockBackend], router: Callable[..., Router],
+        redis_server: RedisServer) -> None:
+    """Redis answers late (paused 400 ms, under the 500 ms liveness bound: the decision is
+    still Redis's) and the client hangs up meanwhile: the request never reaches the backend,
+    is accounted once as CLIENT_DISCONNECTED, and its reservation is released on Redis."""
+    a = mock_backend("a")
+    cfg = {
+        "server": {"redis_url": redis_server.url},
+        "backends": {"a": {"url": a.url}},
+        "tiers": {"small": {"rpm": 1000, "tpm": 2500}},
+        "models": {"m": {"backends": ["a"]}},
+        "keys": {"k1": {"sha256": hash_key("ar-d3"), "org": "acme", "tier": "small"}},
+    }
+    r = router(cfg, workers=1)
+    big = {"model": "m", "messages": USER, "max_tokens": 2000}  # one at a time fits
+    status, _, _ = post_json(f"{r.url}/v1/chat/completions", big,
+                             {"Authorization": "Bearer ar-d3"})  # connected, script loaded
+    assert status == 200
+    with socket.create_connection((HOST, redis_server.port), timeout=5) as redis:
+        redis.sendall(b"*4\r\n$6\r\nCLIENT\r\n$5\r\nPAUSE\r\n$3\r\n400\r\n$3\r\nALL\r\n")
+        assert redis.recv(64).startswith(b"+OK")
+        s = _hang_up_after_sending(r.port, big, "ar-d3")
+        time.sleep(0.1)  # the admission is on its way to Redis, which holds it
+        s.close()
+    wait_for(lambda: any(d["status"] == 499 for d in _usage_records(r.run_dir)), 10,
+             "the hang-up's usage record")
+    gone = [d for d in _usage_records(r.run_dir) if d["status"] == 499]
+    assert len(gone) == 1 and gone[0]["error_code"] == "CLIENT_DISCONNECTED"
+    assert gone[0]["completion_tokens"] == 0 and gone[0]["backend_id"] is None
+    assert a.stats()["requests"] == 1  # the backend never saw it
+    # Its reservation was released: the same request fits again within the minute.
+    wait_for(lambda: post_json(f"{r.url}/v1/chat/completions", big,
+                               {"Authorization": "Bearer ar-d3"})[0] == 200, 5,
+             "the reservation released")
