@@ -567,13 +567,13 @@ class FastProtocol(asyncio.Protocol):
         self.inflight = got  # type: ignore[assignment]
         return False
 
-    def _answered(self, reply: Reply | None) -> None:
+    def _answered(self, reply: Reply | None, failed: BaseException | None) -> None:
         """The pipeline's answer to the request in flight; then the next one."""
         self.inflight = None
-        self._answer(reply, None)
+        self._answer(reply, failed)
         self._next()
 
-    def _answer(self, reply: Reply | None, failed: Exception | None) -> None:
+    def _answer(self, reply: Reply | None, failed: BaseException | None) -> None:
         item, sink = self.current, self.sink
         if item is None or sink is None:  # the connection was released meanwhile
             return

@@ -180,6 +180,7 @@ class Forwarding:
             self.span, extra = tracing.attempt(parent, self.path, backend_id, b.host, b.port,
                                                model)
         self.started = time.perf_counter()
+        self.retried = False  # each attempt's connection may be stale once
         data = self.data = request_bytes(target, self.path, send, self.request_id, extra)
         until = self.until = min(self.deadline, self.loop.time() + target.timeout_s)
         work, self.meanwhile = self.meanwhile, None
@@ -300,5 +301,12 @@ async def forward(view: TableView, route: Route, path: str, body: bytes, request
     try:
         return await done
     except asyncio.CancelledError:
-        forwarding.cancel()
+        if not forwarding.cancel() and not done.cancelled() and done.exception() is None:
+            # Cancelled after the attempts ended, before this task woke up to take the
+            # result: a stream held for the client nobody will relay to now.
+            held = done.result().exchange
+            if held is not None:
+                held.body.close()  # not complete: its connection closes
+                if stats:
+                    stats.abandon(held.target.backend.index)
         raise

@@ -28,6 +28,7 @@ from apirouter.outcomes import CLIENT_GONE, classify_failure
 from apirouter.request_ids import RequestIds
 from apirouter.signing import verify
 from apirouter.stats import WorkerStats
+from apirouter.validation import ProxyRequest
 from workers.accounting import Accounting
 from workers.admission import Admission, Ticket
 from workers.context import Caller, Reply, RequestContext, Signed
@@ -53,6 +54,9 @@ class _Decision(Enum):
 
 
 _LATER = _Decision.LATER
+# How a server takes a request's answer: (reply, None) — None for a streamed one — or, when
+# even the failure reply could not be made, (None, the error).
+Answer = Callable[["Reply | None", "BaseException | None"], None]
 
 
 class InFlight:
@@ -61,8 +65,7 @@ class InFlight:
 
     __slots__ = ("pipeline", "ctx", "answer", "forwarding", "task")
 
-    def __init__(self, pipeline: Pipeline, ctx: RequestContext,
-                 answer: Callable[[Reply | None], None]) -> None:
+    def __init__(self, pipeline: Pipeline, ctx: RequestContext, answer: Answer) -> None:
         self.pipeline = pipeline
         self.ctx = ctx
         self.answer = answer
@@ -78,8 +81,9 @@ class InFlight:
             assert fwd is not None
             reply = p.finish(ctx, fwd)
         except Exception as e:
-            reply = p.failure(ctx, e)
-        self.answer(reply)
+            p.answer_failure(ctx, e, self.answer)
+            return
+        self.answer(reply, None)
 
     def cancel(self) -> None:
         """The client hung up: the admission awaited or the attempt in flight ends (the latter
@@ -139,12 +143,12 @@ class Pipeline:
         except Exception as e:
             return self.failure(ctx, e)
 
-    def serve(self, ctx: RequestContext, answer: Callable[[Reply | None], None]
-              ) -> Reply | InFlight | asyncio.Task[None]:
+    def serve(self, ctx: RequestContext, answer: Answer) -> Reply | InFlight | asyncio.Task[None]:
         """``run`` for a server that takes its answer in a callback (workers.fast_server): the
         reply at once when the request ended without waiting (a refusal), else a handle whose
-        ``cancel()`` says the client hung up, and ``answer(reply)`` once it is ready (None: it
-        was streamed through ``ctx.sink``), unless cancelled first.
+        ``cancel()`` says the client hung up, and ``answer(reply, None)`` once it is ready
+        (None: it was streamed through ``ctx.sink``), unless cancelled first;
+        ``answer(None, error)`` if even the failure reply could not be made (a bug of ours).
 
         A buffered request is forwarded on callbacks to its end (workers.forwarding.
         Forwarding): no task, no future; only an admission that must wait (Redis, a budget, a
@@ -152,16 +156,15 @@ class Pipeline:
         traced requests and local endpoints run ``run`` in one from the start."""
         ep = ctx.endpoint
         if ep.local is not None or self.tracing is not None:
-            return self._in_task(self.run(ctx), ctx, answer)
+            return self._in_task(self.run, ctx, answer)
         try:
             if ep.scope is not None:
                 ctx.caller = self.authenticate(ctx, ep.scope)
-            ticket = self.prepare(ctx)
-            req = ctx.request
-            assert req is not None and ctx.route is not None
-            if req.stream:
-                return self._in_task(self.proxy_admitted(ctx, ticket), ctx, answer)
+            req = self.parse_route(ctx)
+            if req.stream:  # (admitted in its task: a task cancelled unstarted holds nothing)
+                return self._in_task(self._stream, ctx, answer)
             inflight = InFlight(self, ctx, answer)
+            ticket = self.admit_now(ctx)
             if ticket is _LATER:
                 inflight.task = self.loop.create_task(self._admit_then_forward(inflight))
             else:
@@ -198,21 +201,40 @@ class Pipeline:
             self._forward(inflight)
         except Exception as e:
             inflight.task = None
-            inflight.answer(self.failure(ctx, e))
+            self.answer_failure(ctx, e, inflight.answer)
 
-    def _in_task(self, coro: Coroutine[Any, Any, Reply | None], ctx: RequestContext,
-                 answer: Callable[[Reply | None], None]) -> asyncio.Task[None]:
-        return self.loop.create_task(self._answering(coro, ctx, answer))
+    async def _stream(self, ctx: RequestContext) -> Reply | None:
+        return await self.proxy_admitted(ctx, self.admit_now(ctx))
 
-    async def _answering(self, coro: Coroutine[Any, Any, Reply | None], ctx: RequestContext,
-                         answer: Callable[[Reply | None], None]) -> None:
-        """``coro``'s reply to ``answer`` (from the task itself: a done callback would be one
-        more handle on the loop); cancelled (the client hung up), nothing is answered."""
+    def _in_task(self, step: Callable[[RequestContext], Coroutine[Any, Any, Reply | None]],
+                 ctx: RequestContext, answer: Answer) -> asyncio.Task[None]:
+        return self.loop.create_task(self._answering(step, ctx, answer))
+
+    async def _answering(self, step: Callable[[RequestContext], Coroutine[Any, Any, Reply | None]],
+                         ctx: RequestContext, answer: Answer) -> None:
+        """``step(ctx)``'s reply to ``answer`` (from the task itself: a done callback would be
+        one more handle on the loop); cancelled (the client hung up), nothing is answered."""
         try:
-            reply = await coro
+            reply = await step(ctx)
         except Exception as e:
+            self.answer_failure(ctx, e, answer)
+            return
+        answer(reply, None)
+
+    def answer_failure(self, ctx: RequestContext, e: Exception, answer: Answer) -> None:
+        """Answer a request that raised ``e`` (on callbacks or in a task) with its failure
+        reply; if even that raises (a bug of ours), hand the server the error, so the request
+        still gets its one answer. The traceback goes once the reply is made: it refers to
+        the frames of the callbacks that ran the request, which would otherwise stay alive in
+        a cycle (exception, traceback, frame) until a collection."""
+        try:
             reply = self.failure(ctx, e)
-        answer(reply)
+        except Exception as again:
+            answer(None, again)
+            return
+        finally:
+            e.__traceback__ = None
+        answer(reply, None)
 
     def failure(self, ctx: RequestContext, e: BaseException) -> Reply:
         """The reply to a request that raised ``e``: its catalog error, or INTERNAL_ERROR for
@@ -278,6 +300,10 @@ class Pipeline:
 
     def prepare(self, ctx: RequestContext) -> Ticket | None | _Decision:
         """Parse, route, and take the admission decision if it can be taken at once."""
+        self.parse_route(ctx)
+        return self.admit_now(ctx)
+
+    def parse_route(self, ctx: RequestContext) -> ProxyRequest:
         ep = ctx.endpoint
         assert ep.parse is not None
         req = ctx.request = ep.parse(ctx.body)
@@ -286,7 +312,7 @@ class Pipeline:
             self.tracing.parsed(ctx.span, ep.path, req.model, req.max_tokens,
                                 bool(getattr(req, "stream", False)))
         ctx.route = resolve_route(ctx.view, req.model)
-        return self.admit_now(ctx)
+        return req
 
     async def proxy_admitted(self, ctx: RequestContext, ticket: Ticket | None | _Decision
                              ) -> Reply | None:

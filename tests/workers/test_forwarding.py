@@ -273,3 +273,73 @@ async def test_a_request_on_callbacks_leaves_no_reference_cycle(
     finally:
         gc.enable()
     view.targets["a"].pool.close()
+
+
+async def test_each_attempt_retries_its_own_stale_connection() -> None:
+    """Backend a's pooled connection is stale (retried, then a 503: fail over), and so is b's:
+    b's attempt must get its own retry on a fresh connection, as each exchange did before."""
+    statuses = iter([b"200", b"200", b"503", b"200", b"200"])  # a, b warm; a retried: 503
+
+    async def second_request_closes(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        n = 0
+        while True:
+            try:
+                await read_request(r)
+            except Exception:
+                return
+            n += 1
+            if n == 2:  # the pooled connection's next request: closed unanswered
+                w.close()
+                return
+            w.write(b"HTTP/1.1 " + next(statuses) + b" X\r\nContent-Length: 2\r\n\r\nok")
+            await w.drain()
+
+    sa, pa = await raw_server(second_request_closes)  # type: ignore[arg-type]
+    sb, pb = await raw_server(second_request_closes)  # type: ignore[arg-type]
+    view = view_of({"a": f"http://{HOST}:{pa}", "b": f"http://{HOST}:{pb}"},
+                   {"m": {"backends": ["a", "b"]}})
+    for backend, port in (("a", pa), ("b", pb)):
+        pool = view.targets[backend].pool
+        assert (await pool.request(chat_request(port), deadline(2))).status == 200
+    loop = asyncio.get_running_loop()
+    fwd = await forward(view, view.table.routes["m"], "/v1/chat/completions", CHAT_BODY, "r",
+                        loop, None)
+    assert fwd.attempts == 2 and fwd.outcome.success, (fwd.attempts, fwd.error)
+    for target in view.targets.values():
+        target.pool.close()
+    sa.close()
+    sb.close()
+
+
+async def test_a_stream_held_as_its_caller_is_cancelled_is_closed(
+        mock: tuple[int, MockState]) -> None:
+    """forward()'s caller cancelled after the attempts ended but before it woke up to take
+    the result: the held stream nobody will relay must be closed (its backend connection, its
+    in-flight count), not dropped."""
+    port, _ = mock
+    view = view_of({"a": f"http://{HOST}:{port}"}, {"m": {"backends": ["a"]}})
+    loop = asyncio.get_running_loop()
+    closed: list[bool] = []
+
+    class Body:
+        def close(self) -> None:
+            closed.append(True)
+
+    class Held:
+        body = Body()
+        target = view.targets["a"]
+
+    caller: asyncio.Future[Forwarded] | None = None
+
+    async def attempt(target: object, data: bytes, until: float) -> tuple[UpstreamResponse, Held]:
+        # Two turns from now: after the attempt's task has ended and forward()'s future has
+        # its result, before the caller has run again.
+        loop.call_soon(lambda: loop.call_soon(caller.cancel))  # type: ignore[union-attr]
+        return UpstreamResponse(200, [], b""), Held()
+
+    caller = asyncio.ensure_future(forward(view, view.table.routes["m"], "/v1/chat/completions",
+                                           CHAT_BODY, "r", loop, None, attempt))  # type: ignore[arg-type]
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert closed == [True]
+    view.targets["a"].pool.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import warnings
 from collections.abc import AsyncIterator, Iterator
 
 import orjson
@@ -64,10 +65,13 @@ async def pipeline(mock: tuple[int, MockState], table_segment: TableWriter
 class Answers:
     def __init__(self) -> None:
         self.got: list[Reply | None] = []
+        self.errors: list[BaseException] = []
         self.event = asyncio.Event()
 
-    def __call__(self, reply: Reply | None) -> None:
+    def __call__(self, reply: Reply | None, failed: BaseException | None) -> None:
         self.got.append(reply)
+        if failed is not None:
+            self.errors.append(failed)
         self.event.set()
 
 
@@ -140,19 +144,25 @@ async def test_a_failure_of_ours_after_the_backend_answered_is_a_500(
     assert reply.status == 500 and dict(reply.headers)["X-Request-ID"] == "req-2"
 
 
-async def test_requests_on_callbacks_leave_no_reference_cycle(pipeline: Pipeline) -> None:
-    await served(pipeline)  # warm: a pooled connection, caches filled
+async def cycles_left_by(pipeline: Pipeline, requests: int, status: int) -> int:
+    """Objects in reference cycles after ``requests`` requests answered ``status`` (a warm-up
+    request first: a pooled connection, caches filled)."""
+    assert (await served(pipeline)).status == status
     pipeline.accounts.flush()
     gc.collect()
     gc.disable()
     try:
-        for n in range(20):
-            assert (await served(pipeline, n)).status == 200
+        for n in range(requests):
+            assert (await served(pipeline, n)).status == status
         await asyncio.sleep(0)  # the turn's accounting flush
         pipeline.accounts.flush()
-        assert gc.collect() == 0
+        return gc.collect()
     finally:
         gc.enable()
+
+
+async def test_requests_on_callbacks_leave_no_reference_cycle(pipeline: Pipeline) -> None:
+    assert await cycles_left_by(pipeline, 20, 200) == 0
 
 
 async def test_an_admission_that_must_wait_is_awaited_then_forwarded_on_callbacks(
@@ -169,3 +179,57 @@ async def test_an_admission_that_must_wait_is_awaited_then_forwarded_on_callback
     assert reply is not None and reply.status == 200
     assert handle.task is None and handle.forwarding is None
     assert ctx.ticket is not None and ctx.ticket.budgets  # the budget was reserved
+
+
+async def test_if_even_the_failure_reply_fails_the_server_is_told(
+        pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in the error path itself (failure() raising) on callbacks: the request must still
+    get its one answer; the server is handed the error (its own 500, or a close)."""
+    await served(pipeline)
+
+    def broken(*args: object) -> Reply:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(pipeline, "finish", broken)
+    monkeypatch.setattr(pipeline, "failure", broken)
+    answers = Answers()
+    pipeline.serve(chat(pipeline, 6), answers)
+    await asyncio.wait_for(answers.event.wait(), 5)
+    assert answers.got == [None] and isinstance(answers.errors[0], ValueError)
+
+
+async def test_a_failed_request_leaves_no_reference_cycle(
+        pipeline: Pipeline, mock: tuple[int, MockState]) -> None:
+    """A backend 500 ends in a catalog error raised through the callbacks that ran the
+    request: its traceback must not keep their frames (and the read buffers in them) alive."""
+    _, state = mock
+    await served(pipeline)  # the backend connection, before the backend starts failing
+    state.behaviour = Behaviour(error_rate=1.0, error_status=500)
+    assert await cycles_left_by(pipeline, 10, 502) == 0
+
+
+STREAM = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 8, "stream": True})
+
+
+async def test_a_stream_cancelled_before_its_task_ran_holds_nothing(
+        pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream runs in a task; a client gone before that task's first step (its
+    connection_lost already queued) must leave no reservation behind and no coroutine
+    never awaited."""
+    await served(pipeline)
+    reserved: list[object] = []
+    admit_now = pipeline.admission.admit_now
+    monkeypatch.setattr(pipeline.admission, "admit_now",
+                        lambda *a: reserved.append(a) or admit_now(*a))
+    ctx = pipeline.context(pipeline.by_path["/v1/chat/completions"], pipeline.tables.current(),
+                           "req-s", STREAM, KEY, None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle = pipeline.serve(ctx, Answers())
+        assert isinstance(handle, asyncio.Task)
+        handle.cancel()
+        await asyncio.sleep(0.05)
+        gc.collect()
+    assert reserved == [] and ctx.ticket is None
+    assert not [w for w in caught if "never awaited" in str(w.message)]
