@@ -162,7 +162,7 @@ class Pipeline:
                 ctx.caller = self.authenticate(ctx, ep.scope)
             req = self.parse_route(ctx)
             if req.stream:  # (admitted in its task: a task cancelled unstarted holds nothing)
-                return self._in_task(self._stream, ctx, answer)
+                return self._in_task(self.admit_and_forward, ctx, answer)
             inflight = InFlight(self, ctx, answer)
             ticket = self.admit_now(ctx)
             if ticket is _LATER:
@@ -202,9 +202,6 @@ class Pipeline:
         except Exception as e:
             inflight.task = None
             self.answer_failure(ctx, e, inflight.answer)
-
-    async def _stream(self, ctx: RequestContext) -> Reply | None:
-        return await self.proxy_admitted(ctx, self.admit_now(ctx))
 
     def _in_task(self, step: Callable[[RequestContext], Coroutine[Any, Any, Reply | None]],
                  ctx: RequestContext, answer: Answer) -> asyncio.Task[None]:
@@ -296,12 +293,12 @@ class Pipeline:
             raise
 
     async def proxy(self, ctx: RequestContext) -> Reply | None:
-        return await self.proxy_admitted(ctx, self.prepare(ctx))
-
-    def prepare(self, ctx: RequestContext) -> Ticket | None | _Decision:
-        """Parse, route, and take the admission decision if it can be taken at once."""
         self.parse_route(ctx)
-        return self.admit_now(ctx)
+        return await self.admit_and_forward(ctx)
+
+    async def admit_and_forward(self, ctx: RequestContext) -> Reply | None:
+        """``proxy`` after ``parse_route``: admit, forward, reply (streams are relayed)."""
+        return await self.proxy_admitted(ctx, self.admit_now(ctx))
 
     def parse_route(self, ctx: RequestContext) -> ProxyRequest:
         ep = ctx.endpoint
@@ -316,7 +313,7 @@ class Pipeline:
 
     async def proxy_admitted(self, ctx: RequestContext, ticket: Ticket | None | _Decision
                              ) -> Reply | None:
-        """The rest of ``proxy`` after ``prepare``, awaited."""
+        """The rest of ``proxy`` once ``admit_now`` has decided or left it to ``admit``."""
         ep, req, route = ctx.endpoint, ctx.request, ctx.route
         assert req is not None and route is not None
         if ticket is _LATER:

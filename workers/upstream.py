@@ -235,6 +235,12 @@ class _Connection(asyncio.Protocol):
             self.abort()
 
 
+def _stale(conn: _Connection, exc: BaseException) -> bool:
+    """Whether ``exc`` ended ``conn``'s exchange before the backend saw the request: a reused
+    keep-alive connection it had closed while idle, dropped before any answer."""
+    return isinstance(exc, _Dropped) and conn.reused and not exc.got_data
+
+
 def do_meanwhile(work: Callable[[], object]) -> None:
     """Run work done while a backend answers (``meanwhile``): a failure is logged, not raised,
     since it is only work ahead (the caller does it again when it needs its result)."""
@@ -318,7 +324,7 @@ class BackendPool:
         else:
             if not conn.closed:
                 conn.abort()
-            if isinstance(exc, _Dropped) and conn.reused and not exc.got_data:
+            if _stale(conn, exc):
                 exc = UpstreamStale(str(exc))
         try:
             then(resp, exc)
@@ -344,7 +350,6 @@ class BackendPool:
             conn = self._take_idle()  # the common case, without awaiting a coroutine
             if conn is None:
                 conn = await self._acquire(deadline)
-            reused = conn.used
             try:
                 fut = conn.send(data, deadline, stream)
                 try:
@@ -356,7 +361,7 @@ class BackendPool:
                     conn.finished(fut)
             except _Dropped as e:
                 self._release(conn)
-                if reused and not e.got_data and attempt == 0:
+                if attempt == 0 and _stale(conn, e):
                     continue
                 raise
             except BaseException:
