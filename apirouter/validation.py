@@ -14,7 +14,7 @@ import msgspec
 import orjson
 
 from apirouter.errors import RouterError
-from apirouter.limits import reported_count
+from apirouter.limits import MAX_REPORTED_TOKENS, reported_count
 
 _Role = Literal["system", "user", "assistant", "tool", "developer", "function"]
 _ROLES = frozenset(get_args(_Role))
@@ -253,9 +253,24 @@ def usage_total_tokens(body: bytes) -> int | None:
         return None
 
 
+# The usual usage block: the two counts side by side, prompt first (OpenAI, the mock).
+_PROMPT_THEN_COMPLETION = re.compile(
+    rb'"prompt_tokens": *([0-9]{1,10}) *, *"completion_tokens": *([0-9]{1,10})[,} \n\r]')
+
+
 def usage_counts(body: bytes) -> tuple[int, int] | None:
     """(prompt_tokens, completion_tokens) of an OpenAI-shaped response, if it reports them.
-    Searched from the end first: a 50 KB completion costs ~50 µs to parse in full."""
+    Searched from the end first: a 50 KB completion costs ~50 µs to parse in full. The usual
+    block (the counts side by side after the last ``"prompt_tokens":``) is read by one match:
+    ~0.6 µs against ~1.0 for a search per count."""
+    at = body.rfind(b'"prompt_tokens":')
+    if at >= 0:
+        m = _PROMPT_THEN_COMPLETION.match(body, at)
+        # (and no later completion count: the last of each is the one, as below)
+        if m is not None and body.find(b'"completion_tokens":', m.end()) < 0:
+            pair = int(m[1]), int(m[2])
+            if pair[0] <= MAX_REPORTED_TOKENS and pair[1] <= MAX_REPORTED_TOKENS:
+                return pair
     prompt = reported_count(_int_after(body, b'"prompt_tokens":'))
     completion = reported_count(_int_after(body, b'"completion_tokens":'))
     if prompt is not None and completion is not None:

@@ -48,11 +48,15 @@ class Forwarded:
     attempts: int
     outcome: Outcome
     exchange: Any = None  # a held stream (workers.streaming), when the attempt streams
-    decision_type: str = ""  # decision.value, read once (an enum's value is a property)
+    decision_type: str = ""  # decision.value (_DECISION_TYPE: an enum's value is a property)
 
 
 # One attempt: (target, request bytes, deadline) -> (response, held stream or None).
 Attempt = Callable[[BackendTarget, bytes, float], Coroutine[Any, Any, tuple[UpstreamResponse, Any]]]
+
+
+# decision -> decision.value: an enum's value is a property (~0.15 µs); a str-keyed lookup ~0.02.
+_DECISION_TYPE = {d: d.value for d in Decision}
 
 
 def resolve_route(view: TableView, model: str) -> Route:
@@ -259,7 +263,7 @@ class Forwarding:
                 nxt = next(((b, m) for b, m in self.order if b not in tried), None)
             if nxt is None:
                 ended = Forwarded(self.backend_id, self.decision, resp, error, self.total_s,
-                                  len(tried), outcome, held, self.decision.value)
+                                  len(tried), outcome, held, _DECISION_TYPE[self.decision])
             else:
                 reason = error.code if error is not None else \
                     f"status_{resp.status if resp else 0}"

@@ -261,3 +261,14 @@ def test_chat_fast_check_agrees_with_the_field_by_field_checks(
     body = json.dumps(doc).encode()  # (orjson cannot write integers past 64 bits)
     assert _outcome(parse_chat, body) == _outcome(
         lambda b: _openai_request(_chat_doc(decode_json_object(b))), body)
+
+
+def test_usage_counts_takes_the_last_count_of_each_as_the_tail_search_does() -> None:
+    from apirouter.validation import usage_counts
+
+    # The one-match path (the counts side by side) steps aside when a later count follows.
+    later = b'{"usage":{"prompt_tokens":1,"completion_tokens":2},"x":{"completion_tokens":5}}'
+    assert usage_counts(later) == (1, 5)
+    assert usage_counts(b'{"usage":{"prompt_tokens":1, "completion_tokens":2}}') == (1, 2)
+    # Beyond MAX_REPORTED_TOKENS a count is not one: the full parse gives up on it too.
+    assert usage_counts(b'{"usage":{"prompt_tokens":1,"completion_tokens":9999999999}}') is None
