@@ -200,10 +200,16 @@ def credential(authorization: str | None, x_api_key: str | None) -> str | None:
 
 def authenticate(keys: Mapping[str, KeyRecord], key: str | None, scope: str) -> KeyRecord:
     """The record of a valid key holding ``scope``; UNAUTHORIZED/INVALID_API_KEY/FORBIDDEN."""
-    if key is None:
+    return authenticate_hashed(keys, None if key is None else hash_key(key), scope)
+
+
+def authenticate_hashed(keys: Mapping[str, KeyRecord], digest: str | None, scope: str
+                        ) -> KeyRecord:
+    """``authenticate`` of the key whose SHA-256 (hex) is ``digest``: the servers hash the key
+    where it arrives, so the request's context never holds the key itself."""
+    if digest is None:
         raise RouterError("UNAUTHORIZED", "send an API key as 'Authorization: Bearer KEY' or "
                                           "'X-API-Key: KEY'")
-    digest = hash_key(key)
     record = keys.get(digest)
     # The lookup is by hash; the comparison is constant-time all the same.
     if record is None or not hmac.compare_digest(record.sha256, digest):

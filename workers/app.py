@@ -18,7 +18,7 @@ from aiohttp import web
 
 from apirouter.audit import AUDIT_STORE_ENV, AUDIT_TTL_ENV
 from apirouter.errors import RouterError
-from apirouter.keys import credential
+from apirouter.keys import credential, hash_key
 from apirouter.shm import TABLE_SEGMENT_ENV, TableReader
 from apirouter.signing import NONCE, SIGNATURE, TIMESTAMP
 from apirouter.stats import RUN_DIR_ENV, STATS_SEGMENT_ENV, WorkerStats
@@ -59,9 +59,10 @@ def _adapt(pipeline: Pipeline, ep: Endpoint) -> AioHandler:
             return to_response(pipeline.error_reply(e, request_id, ep.openai))
         h = request.headers
         cred = credential(h.get("Authorization"), h.get("X-API-Key"))
+        digest = None if cred is None else hash_key(cred)
         signed = Signed(request.method, request.path_qs, h.get(TIMESTAMP), h.get(NONCE),
                         h.get(SIGNATURE))
-        ctx = pipeline.context(ep, view, request_id, body, cred, signed,
+        ctx = pipeline.context(ep, view, request_id, body, digest, signed,
                                dict(request.match_info) or None, h.get("traceparent"))
         ctx.sink = sink = _Stream(request)
         reply = await pipeline.run(ctx)

@@ -76,7 +76,7 @@ class RequestContext:
     endpoint: Endpoint
     view: TableView  # taken once, by the adapter, before the body was read
     body: bytes
-    credential: str | None
+    key_sha256: str | None  # of the API key sent (apirouter.keys.hash_key); never the key
     signed: Signed | None
     t0: float  # wall clock at the start (records)
     started: float  # perf_counter at the start (latencies)

@@ -36,6 +36,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
+from hmac import compare_digest
 from http import HTTPStatus
 from typing import Any
 
@@ -45,7 +46,7 @@ from aiohttp.web_protocol import RequestHandler
 from gunicorn_h1c import parse_request_fast as parse_whole
 
 from apirouter.errors import RouterError
-from apirouter.keys import credential
+from apirouter.keys import credential, hash_key
 from workers.context import Reply, Signed
 from workers.endpoints import Endpoint
 from workers.pipeline import InFlight, Pipeline
@@ -183,6 +184,9 @@ class FastProtocol(asyncio.Protocol):
         # Raw bytes since the start of the message being parsed, for a hand-off replay.
         self.chunks: list[bytes] = []
         self.completed_in_feed = False
+        # The last Authorization header and its key's hash (_key_sha256).
+        self.auth_seen = b""
+        self.auth_sha256: str | None = None
         self._reset_message()
 
     def _reset_message(self) -> None:
@@ -241,6 +245,7 @@ class FastProtocol(asyncio.Protocol):
         self.body = []
         self.queue.clear()
         self.parser = _SPENT
+        self.auth_seen = b""
 
     def pause_writing(self) -> None:
         # The client is not reading its responses: stop reading its requests (and a stream
@@ -514,20 +519,34 @@ class FastProtocol(asyncio.Protocol):
                  auth: bytes | None, api_key: bytes | None, ts: bytes | None,
                  nonce: bytes | None, sig: bytes | None, traceparent: bytes | None) -> None:
         """Queue a request parsed whole (by either parser) to be answered in turn."""
-        cred = credential(auth.decode("latin-1") if auth else None,
-                          api_key.decode("latin-1") if api_key else None)
+        if api_key is None and auth is not None and compare_digest(auth, self.auth_seen):
+            digest = self.auth_sha256  # the key of the connection's previous request
+        else:
+            digest = self._key_sha256(auth, api_key)
         # Built only when a signature header came (most requests carry none: ~0.2 µs).
         signed = None if ts is None and nonce is None and sig is None else Signed(
             endpoint.method, url.decode("latin-1"), None if ts is None else ts.decode("latin-1"),
             None if nonce is None else nonce.decode("latin-1"),
             None if sig is None else sig.decode("latin-1"))
-        self.queue.append((endpoint, view, request_id, body, keep_alive, http11, cred, signed,
+        self.queue.append((endpoint, view, request_id, body, keep_alive, http11, digest, signed,
                            traceparent))
         self.last_active = self.server.loop.time()
         if len(self.queue) >= MAX_PIPELINE:
             self._pause_reading()
         if not self.busy:
             self._next()
+
+    def _key_sha256(self, auth: bytes | None, api_key: bytes | None) -> str | None:
+        """The SHA-256 of the API key a request carries (None: it carries none). A client sends
+        the same ``Authorization`` header on every request of a connection: its key's hash is
+        kept for the next one, which then costs a constant-time comparison of the header
+        instead of a decode and a hash (~0.45 µs a request)."""
+        cred = credential(auth.decode("latin-1") if auth else None,
+                          api_key.decode("latin-1") if api_key else None)
+        digest = None if cred is None else hash_key(cred)
+        if api_key is None and auth is not None:
+            self.auth_seen, self.auth_sha256 = auth, digest
+        return digest
 
     # -- answering ------------------------------------------------------------------------------
 
@@ -547,14 +566,15 @@ class FastProtocol(asyncio.Protocol):
 
     def _serve(self, item: _Request) -> bool:
         """Start answering ``item``; True if it was answered at once."""
-        endpoint, view, request_id, body, keep_alive, chunked, cred, signed, traceparent = item
+        endpoint, view, request_id, body, keep_alive, chunked, key_sha256, signed, traceparent = \
+            item
         pipeline = self.server.pipeline
         self.current = item
         sink = self.sink = _Stream(self, keep_alive, chunked)
         self.server.writes.serving += 1  # how many requests could share a turn's writes
         try:
             rid = pipeline.ids.accept(request_id.decode("latin-1") if request_id else None)
-            ctx = pipeline.context(endpoint, view, rid, body, cred, signed, None,
+            ctx = pipeline.context(endpoint, view, rid, body, key_sha256, signed, None,
                                    traceparent.decode("latin-1") if traceparent else None)
             ctx.sink = sink
             got = pipeline.serve(ctx, self._answered)

@@ -22,7 +22,7 @@ import orjson
 
 from apirouter.budgets import applicable, reservation
 from apirouter.errors import CATALOG, RouterError, native_body, openai_body
-from apirouter.keys import authenticate
+from apirouter.keys import authenticate_hashed
 from apirouter.limits import estimate_tokens, rate_limit_headers
 from apirouter.outcomes import CLIENT_GONE, classify_failure
 from apirouter.request_ids import RequestIds
@@ -121,10 +121,10 @@ class Pipeline:
         return self.tables.current().table.limits.max_body_bytes
 
     def context(self, endpoint: Endpoint, view: TableView, request_id: str, body: bytes,
-                credential: str | None, signed: Signed | None,
+                key_sha256: str | None, signed: Signed | None,
                 path_params: dict[str, str] | None = None,
                 traceparent: str | None = None) -> RequestContext:
-        return RequestContext(request_id, endpoint, view, body, credential, signed, time.time(),
+        return RequestContext(request_id, endpoint, view, body, key_sha256, signed, time.time(),
                               time.perf_counter(), path_params, traceparent=traceparent)
 
     async def run(self, ctx: RequestContext) -> Reply | None:
@@ -277,7 +277,7 @@ class Pipeline:
         if not table.auth_required:
             return None
         try:
-            key = authenticate(table.keys, ctx.credential, scope)
+            key = authenticate_hashed(table.keys, ctx.key_sha256, scope)
             if not key.hmac_required:
                 return Caller(key)
             # None: the request carries no signature header (verify says which to send).

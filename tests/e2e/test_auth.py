@@ -7,12 +7,13 @@ import signal
 from collections.abc import Callable
 
 import openai
+import orjson
 import pytest
 
 from apirouter.keys import hash_key
 from tests.e2e.conftest import post_json, request
 from tests.e2e.test_lifecycle import generations_by_worker
-from tests.harness import MockBackend, Router, router_config, wait_for
+from tests.harness import MockBackend, RawHttp, Router, raw_request, router_config, wait_for
 
 USER = [{"role": "user", "content": "x"}]
 KEYS = {
@@ -115,3 +116,33 @@ def test_keys_created_and_revoked_with_apirouterctl(
     actions = [e["action"] for e in json.loads(ctl(r, "--json", "audit").stdout)]
     assert actions == ["key.create", "key.revoke"]
     assert key not in r.output()
+
+
+def test_a_connection_that_changes_keys_is_judged_by_each_request_s_key(
+        keyed: tuple[Router, MockBackend]) -> None:
+    """The lean server keeps a connection's last Authorization header with its key's hash, so
+    the next request with the same header skips the hash: a client that changes keys (or
+    drops its key) mid-connection is still judged by each request's own."""
+    r, _ = keyed
+    body = orjson.dumps({"model": "m", "messages": USER})
+    sends: list[tuple[dict[str, str], int]] = [
+        ({"Authorization": "Bearer ar-infer"}, 200),
+        ({"Authorization": "Bearer ar-infer"}, 200),
+        ({"Authorization": "Bearer ar-audit"}, 403),  # a valid key without the scope
+        ({"Authorization": "Bearer ar-infer-"}, 401),  # one byte more
+        ({"Authorization": "Bearer ar-infe"}, 401),  # one byte less
+        ({"Authorization": "Bearer ar-infer"}, 200),
+        ({}, 401),  # no key at all
+        ({"Authorization": "Bearer ar-infer", "X-API-Key": "ar-nope"}, 200),  # Bearer wins
+        ({"Authorization": "Basic ar-infer"}, 401),  # not a bearer token
+        ({"X-API-Key": "ar-infer"}, 200),
+        ({"Authorization": "Bearer ar-infer"}, 200),
+    ]
+    with RawHttp(r.port) as c:
+        for i, (headers, _) in enumerate(sends):
+            assert c.send(raw_request("POST", "/v1/chat/completions", body,
+                                      {"Content-Type": "application/json", **headers}))
+            c.read(i + 1)
+        got = [resp.status for resp in c.responses]
+    assert got == [status for _, status in sends]
+    assert not c.closed and not c.reset  # all on the one keep-alive connection

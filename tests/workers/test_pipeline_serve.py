@@ -77,7 +77,7 @@ class Answers:
 
 def chat(p: Pipeline, n: int = 0, key: str = KEY) -> RequestContext:
     return p.context(p.by_path["/v1/chat/completions"], p.tables.current(), f"req-{n}", BODY,
-                     key, None)
+                     hash_key(key), None)
 
 
 async def served(p: Pipeline, n: int = 0) -> Reply:
@@ -108,7 +108,7 @@ async def test_the_common_request_runs_on_callbacks_to_its_reply(pipeline: Pipel
 
 async def test_a_refusal_is_answered_at_once(pipeline: Pipeline) -> None:
     ctx = pipeline.context(pipeline.by_path["/v1/chat/completions"], pipeline.tables.current(),
-                           "req-x", BODY, "ar-wrong", None)
+                           "req-x", BODY, hash_key("ar-wrong"), None)
     reply = pipeline.serve(ctx, Answers())
     assert isinstance(reply, Reply) and reply.status == 401
 
@@ -223,7 +223,7 @@ async def test_a_stream_cancelled_before_its_task_ran_holds_nothing(
     monkeypatch.setattr(pipeline.admission, "admit_now",
                         lambda *a: reserved.append(a) or admit_now(*a))
     ctx = pipeline.context(pipeline.by_path["/v1/chat/completions"], pipeline.tables.current(),
-                           "req-s", STREAM, KEY, None)
+                           "req-s", STREAM, hash_key(KEY), None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         handle = pipeline.serve(ctx, Answers())
