@@ -220,8 +220,13 @@ def parse_chat_completion(body: bytes) -> Completion:
 
 def with_model(body: bytes, model: str) -> bytes:
     """The same request for another model (a fallback). Only on failover, so a re-encode is
-    affordable; the body was validated as a JSON object before."""
-    doc = orjson.loads(body)
+    affordable; the body was validated as a JSON object before (by msgspec, which passes a
+    number orjson refuses: parse_chat)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise RouterError("INVALID_REQUEST", "the request body is not valid JSON",
+                          details=str(e)) from None
     doc["model"] = model
     return orjson.dumps(doc)
 
@@ -335,8 +340,27 @@ class _Chat(msgspec.Struct):
     stream_options: _StreamOptions | None = None
 
 
+_decode_chat = msgspec.json.Decoder(_Chat).decode
+
+
 def parse_chat(body: bytes) -> ProxyRequest:
-    """/v1/chat/completions: validated; forwarded unchanged unless it streams."""
+    """/v1/chat/completions: validated; forwarded unchanged unless it streams.
+
+    An ASCII body that is not a stream is decoded and checked by msgspec in one pass: what
+    the router does not read is skipped, not built (~0.7 µs against ~1.6 for orjson's
+    document and a convert, for the bench's 300-byte body). Skipped strings are checked for
+    escapes and control characters, not for UTF-8, hence ASCII only. Anything it refuses or
+    cannot say goes the full way below, so every error is the same. One difference: a number
+    too large for a double, in a field the router does not read, passes as sent (orjson
+    refuses it; JSON allows either, RFC 8259 section 6)."""
+    if body.isascii():
+        try:
+            chat: _Chat | None = _decode_chat(body)
+        except Exception:  # refused, or too deep to say (RecursionError): the full way
+            chat = None
+        if chat is not None and not chat.stream:
+            mct = chat.max_completion_tokens
+            return ProxyRequest(chat.model, chat.max_tokens if mct is msgspec.UNSET else mct)
     doc = decode_json_object(body)
     try:
         chat = msgspec.convert(doc, _Chat)

@@ -272,3 +272,18 @@ def test_usage_counts_takes_the_last_count_of_each_as_the_tail_search_does() -> 
     assert usage_counts(b'{"usage":{"prompt_tokens":1, "completion_tokens":2}}') == (1, 2)
     # Beyond MAX_REPORTED_TOKENS a count is not one: the full parse gives up on it too.
     assert usage_counts(b'{"usage":{"prompt_tokens":1,"completion_tokens":9999999999}}') is None
+
+
+def test_a_number_past_a_double_passes_where_the_router_does_not_read() -> None:
+    """msgspec decodes chat bodies without building what the router does not read; such a
+    number passes as sent (JSON allows it), and a failover that must re-encode the body for
+    another model refuses it as invalid JSON, a 4xx, rather than failing."""
+    from apirouter.validation import parse_chat, with_model
+
+    body = b'{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":1e999}'
+    assert parse_chat(body).model == "m"
+    assert err(lambda b: with_model(b, "n"), body).code == "INVALID_REQUEST"
+    # Not ASCII: the full way, which refuses it as orjson does.
+    assert err(parse_chat, body.replace(b'"x"', '"é"'.encode())).code == "INVALID_REQUEST"
+    # Invalid UTF-8 in a string the router does not read: refused (msgspec would skip it).
+    assert err(parse_chat, body.replace(b'"x"', b'"\xff"')).code == "INVALID_REQUEST"
