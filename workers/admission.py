@@ -99,6 +99,7 @@ class Ticket:
 
 
 _DIMENSIONS = ("spend", "tokens", "requests")
+_NO_LEDGERS: list[tuple[Budget, str]] = []  # a settlement of token buckets alone (never grown)
 _UNDECIDED = Verdict(True, None, 0, 0, 0)  # a ticket's verdict until admission decides
 
 
@@ -418,7 +419,8 @@ class Admission:
         if not limits.redis_url:  # admitted in-process
             if specs or budget_delta is not None:
                 self._settle_local((specs, delta, list(zip(ticket.budgets, ticket.periods,
-                                                           strict=True)), budget_delta))
+                                                           strict=True))
+                                    if budget_delta is not None else _NO_LEDGERS, budget_delta))
             return
         if (specs or budget_delta is not None) and self._settles_on(limits):
             if not self._redis_settlements:  # sent together after this turn

@@ -39,10 +39,10 @@ import workers.fast_server as fs
 _real_head = fs._head
 
 
-def _head(status, date, content_type, framing, headers, keep_alive):
+def _head(status, date, content_type, framing, headers, keep_alive, body=b""):
     headers = [(k, v + "-\\u6771\\u4eac" if (k, v) == ("X-Router-Backend", "boom") else v)
                for k, v in headers]
-    return _real_head(status, date, content_type, framing, headers, keep_alive)
+    return _real_head(status, date, content_type, framing, headers, keep_alive, body)
 
 
 fs._head = _head
