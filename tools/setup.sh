@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares a fresh Debian machine for apirouter: system packages, a virtualenv, the package.
 #   tools/setup.sh          runtime only (what `tools/demo.sh` needs)
-#   tools/setup.sh test     plus redis-server, wrk, nginx and the test/lint/bench extras
+#   tools/setup.sh test     plus redis-server, wrk, nginx, valgrind and the test/lint/bench extras
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-run}"
@@ -38,6 +38,7 @@ if [ "$mode" = test ]; then
   command -v wrk >/dev/null || missing+=(wrk)
   command -v promtool >/dev/null || missing+=(prometheus)  # promtool: alert rules and PromQL
   command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+  command -v valgrind >/dev/null || missing+=(valgrind)  # bench.instructions counts with it
 fi
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
