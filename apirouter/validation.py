@@ -218,17 +218,25 @@ def parse_chat_completion(body: bytes) -> Completion:
         raise RouterError("BACKEND_ERROR", "the backend returned a malformed completion") from None
 
 
+_decode_members = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
+_encode_json = msgspec.json.Encoder().encode
+
+
 def with_model(body: bytes, model: str) -> bytes:
-    """The same request for another model (a fallback). Only on failover, so a re-encode is
-    affordable; the body was validated as a JSON object before (by msgspec, which passes a
-    number orjson refuses: parse_chat)."""
+    """The same request for another model (a fallback; only on failover). Only ``model`` is
+    rewritten: every other member goes on byte for byte as the client sent it (msgspec's
+    Raw), so what the router never read reaches the other backend unchanged — a number
+    orjson would refuse (parse_chat lets one pass) or turn into a float included. The body
+    was validated as a JSON object before; one nested deeper than msgspec goes (the
+    interpreter's recursion limit; orjson reads 1024 levels but writes only 255) is refused
+    as such, a 4xx, rather than failing the request."""
     try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise RouterError("INVALID_REQUEST", "the request body is not valid JSON",
-                          details=str(e)) from None
-    doc["model"] = model
-    return orjson.dumps(doc)
+        members = _decode_members(body)
+    except Exception:
+        raise RouterError("INVALID_REQUEST", "the request body is nested too deeply to be "
+                                             "sent to a fallback model") from None
+    members["model"] = msgspec.Raw(_encode_json(model))
+    return _encode_json(members)
 
 
 # Spaces, then up to 25 digits ending where a JSON value ends.

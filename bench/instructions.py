@@ -64,19 +64,20 @@ def serve(mock_url: str, port: int, stop_file: str) -> None:
     from workers.usage_out import UsageOut
 
     FastProtocol.whole_requests = False  # see the module's docstring
-    tag = str(os.getpid())
-    table = TableWriter(segment_name(tag, "table"), 1 << 20)
-    table.publish(encode_table(compile_table(parse_config(bench_config(mock_url)),
-                                             source="bench.instructions")))
-    segments = [create_stats_segment(segment_name(tag, "stats"), 4, 4),
-                create_usage_segment(segment_name(tag, "usage"), 4, 32 << 20),
-                create_buckets_segment(segment_name(tag, "buckets"))]
-    os.environ[BUCKETS_SEGMENT_ENV] = segments[2].name
+    names = [segment_name(str(os.getpid()), kind)
+             for kind in ("table", "stats", "usage", "buckets")]
+    os.environ[BUCKETS_SEGMENT_ENV] = names[3]
 
     async def main() -> int:
+        table = TableWriter(names[0], 1 << 20)
+        table.publish(encode_table(compile_table(parse_config(bench_config(mock_url)),
+                                                 source="bench.instructions")))
+        create_stats_segment(names[1], 4, 4)
+        create_usage_segment(names[2], 4, 32 << 20)
+        create_buckets_segment(names[3])
         tables = TableCache(TableReader(table.name))
-        stats = WorkerStats(segments[0].name, run_dir)
-        pipeline = Pipeline(tables, stats, UsageOut(segments[1].name, stats.slot, run_dir))
+        stats = WorkerStats(names[1], run_dir)
+        pipeline = Pipeline(tables, stats, UsageOut(names[2], stats.slot, run_dir))
 
         def no_handoff() -> asyncio.Protocol:
             raise RuntimeError("bench.instructions serves the hot endpoints only")
@@ -97,7 +98,7 @@ def serve(mock_url: str, port: int, stop_file: str) -> None:
     try:
         served = uvloop.run(main())
     finally:  # (unlinked, not closed: the worker's objects still map them; it exits next)
-        for name in (table.name, *(shm.name for shm in segments)):
+        for name in names:
             unlink(name)
         shutil.rmtree(run_dir, ignore_errors=True)
     print("SERVED", served, flush=True)
@@ -108,22 +109,32 @@ def count(mock_url: str, seconds: float, connections: int, script: str) -> tuple
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="apirouter-instructions-") as tmp:
         stop = os.path.join(tmp, "stop")
-        proc = subprocess.Popen(
-            ["valgrind", "--tool=cachegrind", "--cache-sim=no", "--cachegrind-out-file=/dev/null",
-             sys.executable, "-m", "bench.instructions", "--serve", mock_url, str(port), stop],
-            cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()  # valgrind's start-up takes ~10 s
-            if line.strip() != "READY":
-                raise RuntimeError(f"the worker under valgrind did not start: {line!r}")
-            run_wrk(f"http://{HOST}:{port}/v1/chat/completions", connections, seconds, script)
-            Path(stop).touch()
-            out, err = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        # valgrind's report to a file: a pipe nobody reads while wrk runs could fill and stall
+        with open(os.path.join(tmp, "valgrind.txt"), "w+") as report:
+            proc = subprocess.Popen(
+                ["valgrind", "--tool=cachegrind", "--cache-sim=no",
+                 "--cachegrind-out-file=/dev/null", sys.executable, "-m", "bench.instructions",
+                 "--serve", mock_url, str(port), stop],
+                cwd=str(ROOT), stdout=subprocess.PIPE, stderr=report, text=True)
+            try:
+                assert proc.stdout is not None
+                line = proc.stdout.readline()  # valgrind's start-up takes ~10 s
+                if line.strip() != "READY":
+                    raise RuntimeError(f"the worker under valgrind did not start: {line!r}")
+                load = run_wrk(f"http://{HOST}:{port}/v1/chat/completions", connections,
+                               seconds, script)
+                if load["errors"]:
+                    raise RuntimeError(f"{load['errors']} requests failed: the count would "
+                                       "not be of the request path")
+            finally:
+                Path(stop).touch()  # the worker unlinks its segments as it stops
+                try:
+                    out, _ = proc.communicate(timeout=120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    out, _ = proc.communicate()
+            report.seek(0)
+            err = report.read()
     served = re.search(r"SERVED (\d+)", out)
     irefs = _IREFS.search(err)
     if served is None or irefs is None:

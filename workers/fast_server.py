@@ -246,7 +246,7 @@ class FastProtocol(asyncio.Protocol):
         self.body = []
         self.queue.clear()
         self.parser = _SPENT
-        self.auth_seen = b""
+        self.auth_seen, self.auth_sha256 = b"", None
 
     def pause_writing(self) -> None:
         # The client is not reading its responses: stop reading its requests (and a stream

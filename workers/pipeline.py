@@ -77,6 +77,8 @@ class InFlight:
         self.forwarding = None  # (a reference cycle otherwise: its ``then`` is bound to us)
         try:
             if exc is not None:
+                if isinstance(exc, RouterError):  # a failover that could not be sent
+                    exc = p._unforwarded(ctx, exc)  # accounted, as forward()'s caller does
                 raise exc
             assert fwd is not None
             reply = p.finish(ctx, fwd)
@@ -343,7 +345,8 @@ class Pipeline:
         return self.finish(ctx, fwd)
 
     def _unforwarded(self, ctx: RequestContext, e: RouterError) -> RouterError:
-        """Account a request that no backend could be tried for; return its error."""
+        """Account a request that no backend could be tried for (or whose failover could not
+        be sent: with_model); return its error."""
         ctx.outcome = classify_failure(e.code)
         ctx.total_s = time.perf_counter() - ctx.started
         return self.accounts.failed(ctx, e)

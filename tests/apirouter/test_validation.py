@@ -276,13 +276,18 @@ def test_usage_counts_takes_the_last_count_of_each_as_the_tail_search_does() -> 
 
 def test_a_number_past_a_double_passes_where_the_router_does_not_read() -> None:
     """msgspec decodes chat bodies without building what the router does not read; such a
-    number passes as sent (JSON allows it), and a failover that must re-encode the body for
-    another model refuses it as invalid JSON, a 4xx, rather than failing."""
+    number passes as sent (JSON allows it), also to a fallback model's backend: a failover
+    rewrites the model alone and keeps every other member byte for byte."""
     from apirouter.validation import parse_chat, with_model
 
     body = b'{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":1e999}'
     assert parse_chat(body).model == "m"
-    assert err(lambda b: with_model(b, "n"), body).code == "INVALID_REQUEST"
+    assert with_model(body, "n") == body.replace(b'"m"', b'"n"')
+    big = b'{"model":"m","n":123456789012345678901234567890, "s":"\\u00e9"}'
+    assert with_model(big, "a\"b") == b'{"model":"a\\"b","n":123456789012345678901234567890,' \
+        b'"s":"\\u00e9"}'
+    deep = b'{"model":"m","x":' + b"[" * 1020 + b"]" * 1020 + b"}"  # deeper than msgspec goes
+    assert err(lambda b: with_model(b, "n"), deep).code == "INVALID_REQUEST"
     # Not ASCII: the full way, which refuses it as orjson does.
     assert err(parse_chat, body.replace(b'"x"', '"é"'.encode())).code == "INVALID_REQUEST"
     # Invalid UTF-8 in a string the router does not read: refused (msgspec would skip it).

@@ -131,6 +131,38 @@ def test_fallback_model_serves_when_the_model_has_no_backend_left(
     assert native["router"]["decision_type"] == "FAILOVER"
 
 
+def test_a_fallback_model_gets_the_body_as_sent_but_its_model(
+        mock_backend: Callable[..., MockBackend], router: Callable[..., Router]) -> None:
+    """A failover to a fallback model rewrites the model alone (every other member as sent:
+    tests/apirouter/test_validation.py); a body nested too deeply to be rewritten gets one
+    clear 400 (accounted), not a failure of ours (orjson, which re-encoded the body before,
+    writes 255 levels at most: a 500)."""
+    a, b = mock_backend("a"), mock_backend("b")
+    r = router(config({"a": a.url, "b": b.url},
+                      {"big": {"backends": ["a"], "fallbacks": ["small"]},
+                       "small": {"backends": ["b"]}}), workers=1)
+    a.stop()
+    conn = http.client.HTTPConnection(HOST, r.port, timeout=10)
+
+    def post(body: bytes) -> tuple[int, Any]:
+        conn.request("POST", "/v1/chat/completions", body,
+                     {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+
+    huge = b'{"model":"big","messages":[{"role":"user","content":"x"}],"n":1234567890123456789012}'
+    status, body = post(huge)
+    assert status == 200 and body["model"] == "small"
+    deep = (b'{"model":"big","messages":[{"role":"user","content":"x"}],"x":'
+            + b"[" * 1020 + b"]" * 1020 + b"}")
+    status, body = post(deep)
+    assert status == 400 and body["error"]["code"] == "invalid_request"
+    assert "fallback model" in body["error"]["message"]
+    status, body = post(huge)  # the same connection goes on
+    assert status == 200 and body["model"] == "small"
+    conn.close()
+
+
 def test_weights_through_the_real_server_match_the_config(
         mock_backend: Callable[..., MockBackend], router: Callable[..., Router]) -> None:
     a, b = mock_backend("a"), mock_backend("b")
