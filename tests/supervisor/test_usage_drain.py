@@ -293,3 +293,34 @@ async def test_a_sink_that_leaves_the_audit_write_to_the_store(tmp_path) -> None
     assert await e.found(ids) == ids
     await sink.close()
     await e.close()
+
+
+async def test_the_audit_store_is_trickled_unless_the_rings_fill_or_it_is_the_last_drain(
+        tmp_path) -> None:
+    """The drain asks the audit writer to pace a batch (AuditWriter.put) in the ordinary
+    case; not when a ring is fuller than 1/FLUSH_FILL (the pace would fall behind the
+    workers), and not on the last drain at shutdown."""
+    from supervisor.usage_drain import FLUSH_FILL
+
+    e = _Embedded(tmp_path)
+    asked: list[bool] = []
+    put = e.audit.put
+
+    async def recorded(items, ran=None, paced=True) -> None:
+        asked.append(paced)
+        await put(items, ran, paced)
+
+    e.audit.put = recorded  # type: ignore[method-assign]
+    try:
+        e.put(["a0", "a1"])
+        assert await e.drainer.drain_once() == 2
+        record = len(_record(0).replace(b'"r0"', b'"f-00000"')) + 8  # and its frame head
+        n = e.drainer.capacity // FLUSH_FILL // record + 20  # over a quarter of ring 0 ...
+        e.put([f"f-{i:05d}" for i in range(2 * n)])  # (put alternates the two rings)
+        assert await e.drainer.drain_once() == 2 * n
+        e.put(["z0"])
+        await e.drainer.drain_all()
+        assert asked == [True, False, False]
+        assert len(await e.found(["a0", "a1", "f-00000", f"f-{2 * n - 1:05d}", "z0"])) == 5
+    finally:
+        await e.close()
