@@ -51,22 +51,34 @@ REDIS_TIMEOUT_S = 2.0
 # drain, and on a small host the requests then waited for a CPU: their admission calls behind
 # Redis, their other hops behind both. So a batch is trickled: chunks of REDIS_CHUNK records,
 # PACE_GAP_S apart. A chunk costs the supervisor a round trip (~80 µs of CPU), so a batch
-# goes in at most MAX_CHUNKS chunks (no more than 128-record chunks made at c=32), of more
-# records each when it is big; at most (MAX_CHUNKS - 1) * PACE_GAP_S (21 ms) of gaps, well
-# inside the drain's 0.1 s. Measured on 2 cores, python -m bench.overhead --redis, 8 runs
-# each alternating with the old code: c=1 added p99 0.81 -> 0.70 ms, supervisor CPU 8.1 ->
-# 9.4 µs a request; c=32 (4 runs each) router CPU 69.4 / 69.9 µs, added p99 4.17 / 4.16 ms.
+# goes in MAX_CHUNKS chunks at most, of more records each when it is bigger (up to
+# MAX_CHUNK_RECORDS: one pipeline must not hold Redis long either; past 1,024 records, more
+# chunks, as the 128-record chunks before); and the gaps of one batch add up to PACE_BUDGET_S
+# at most, well inside the drain's 0.1 s. Measured on 2 cores, python -m bench.overhead
+# --redis, 8 runs each alternating with the old code: c=1 added p99 0.81 -> 0.70 ms,
+# supervisor CPU 8.1 -> 9.4 µs a request; c=32 (4 runs each) router CPU 69.4 / 69.9 µs,
+# added p99 4.17 / 4.16 ms.
 REDIS_CHUNK = 32
 MAX_CHUNKS = 8
+MAX_CHUNK_RECORDS = 128
 PACE_GAP_S = 0.003
+PACE_BUDGET_S = (MAX_CHUNKS - 1) * PACE_GAP_S  # 21 ms
 PURGE_EVERY_S = 300.0
 PROBE_S = 2.0
 
 
 def chunking(records: int, paced: bool) -> tuple[int, float]:
     """Records a chunk and seconds between chunks, for a batch going into a Redis store."""
-    size = max(REDIS_CHUNK, -(-records // MAX_CHUNKS))
-    return size, PACE_GAP_S if paced and records > size else 0.0
+    size = min(MAX_CHUNK_RECORDS, max(REDIS_CHUNK, -(-records // MAX_CHUNKS)))
+    chunks = -(-records // size)
+    if not paced or chunks < 2:
+        return size, 0.0
+    return size, min(PACE_GAP_S, PACE_BUDGET_S / (chunks - 1))
+
+
+async def _pause(seconds: float) -> None:
+    """The gap between two chunks (one name for tests to watch)."""
+    await asyncio.sleep(seconds)
 
 
 class LocalPut:
@@ -129,7 +141,7 @@ class AuditWriter:
                 size, gap = chunking(len(items), paced)
                 for start in range(0, len(items), size):
                     if start and gap:
-                        await asyncio.sleep(gap)
+                        await _pause(gap)
                     chunk = items[start:start + size]
                     replies = await self._redis.pipeline_encoded(
                         b"".join(self._set_command(i) for i in chunk), 2 * len(chunk),

@@ -114,6 +114,7 @@ class UsageDrainer:
         self._gauges_at = 0.0
         self._failing = False
         self._flushed_at = 0.0
+        self._audit_put: asyncio.Future[None] | None = None
 
     def _due(self) -> list[int] | None:
         """Every ring's fill if a drain is due (a drain reads them once, here), else None."""
@@ -195,7 +196,11 @@ class UsageDrainer:
         self.drained += len(items)
         metrics.USAGE_DRAINED.inc(len(items))
         if self.audit is not None and items:
-            await self.audit.put(items, job, paced)
+            # Shielded: the batch is consumed from the rings by now, so a stop that cancels
+            # the drain (UsageExport.stop) must not cut its audit write short, between two
+            # paced chunks; drain_all waits for it.
+            self._audit_put = asyncio.ensure_future(self.audit.put(items, job, paced))
+            await asyncio.shield(self._audit_put)
         return len(items)
 
     def _corrupt(self, ring: RingConsumer, e: RingCorrupt) -> None:
@@ -226,6 +231,8 @@ class UsageDrainer:
 
     async def drain_all(self) -> None:
         """Everything that is in the rings now (at shutdown, after the workers stopped)."""
+        if self._audit_put is not None:  # the audit write of a drain that was cancelled
+            await self._audit_put
         for _ in range(1000):
             if await self.drain_once(final=True) == 0 and not self._strikes:
                 return

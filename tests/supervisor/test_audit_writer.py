@@ -184,26 +184,42 @@ async def test_a_batch_the_index_refuses_is_counted_and_leaves_no_half_batch(tmp
 
 
 def test_a_batch_goes_in_small_chunks_of_a_bounded_count() -> None:
-    from supervisor.audit_writer import MAX_CHUNKS, PACE_GAP_S, REDIS_CHUNK, chunking
+    """Chunks of REDIS_CHUNK records, MAX_CHUNKS of them at most (bigger chunks then, up to
+    MAX_CHUNK_RECORDS), with gaps that add up to PACE_BUDGET_S at most, and only between two
+    chunks of a paced batch."""
+    from supervisor.audit_writer import (
+        MAX_CHUNK_RECORDS,
+        MAX_CHUNKS,
+        PACE_BUDGET_S,
+        PACE_GAP_S,
+        REDIS_CHUNK,
+        chunking,
+    )
 
-    assert chunking(1, True) == (REDIS_CHUNK, 0.0)  # one chunk: nothing to wait between
-    assert chunking(REDIS_CHUNK, True) == (REDIS_CHUNK, 0.0)
     assert chunking(200, True) == (REDIS_CHUNK, PACE_GAP_S)
     assert chunking(200, False) == (REDIS_CHUNK, 0.0)
-    size, gap = chunking(20_000, True)  # a big batch: more records a chunk, not more chunks
-    assert -(-20_000 // size) == MAX_CHUNKS and gap == PACE_GAP_S
-    assert MAX_CHUNKS * PACE_GAP_S < 0.1  # the gaps fit in the drain's interval
+    assert PACE_BUDGET_S < 0.1  # the gaps fit in the drain's interval
+    for records in range(1, 5001):
+        for paced in (True, False):
+            size, gap = chunking(records, paced)
+            chunks = -(-records // size)
+            assert REDIS_CHUNK <= size <= MAX_CHUNK_RECORDS
+            assert chunks <= MAX_CHUNKS or size == MAX_CHUNK_RECORDS, records
+            if chunks <= MAX_CHUNKS:
+                assert size == max(REDIS_CHUNK, -(-records // MAX_CHUNKS)), records
+            if paced and chunks > 1:
+                assert 0 < gap <= PACE_GAP_S and gap * (chunks - 1) <= PACE_BUDGET_S + 1e-9
+            else:
+                assert gap == 0.0, (records, paced)
 
 
 @pytest.mark.parametrize("paced", [True, False])
 async def test_a_batch_is_trickled_into_redis_and_stored_whole(
         paced: bool, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """A drain's batch reaches Redis as chunks of REDIS_CHUNK records with a pause between
-    them (so the workers' admission calls are not queued behind it); unpaced (the last
+    each two (so the workers' admission calls are not queued behind it); unpaced (the last
     drain, or rings filling faster than the drain's pace) without pauses. Every record is
     stored either way."""
-    import asyncio
-
     from supervisor import audit_writer
     from workers.audit_reader import AuditReader
 
@@ -212,25 +228,28 @@ async def test_a_batch_is_trickled_into_redis_and_stored_whole(
     assert w._redis is not None
     prefix = f"trickle-{paced}-{time.monotonic_ns()}"
     items = [_item(f"{prefix}-{i}") for i in range(200)]  # at most MAX_CHUNKS chunks of 32
-    chunks: list[int] = []
-    pauses: list[float] = []
-    pipeline, sleep = w._redis.pipeline_encoded, asyncio.sleep
+    events: list[str] = []
+    pipeline, pause = w._redis.pipeline_encoded, audit_writer._pause
 
     async def counted(data: bytes, count: int, timeout: float | None):
-        chunks.append(count // 2)  # two SETs a record
+        events.append(f"{count // 2} records")  # two SETs a record
         return await pipeline(data, count, timeout)
 
-    async def timed(delay: float, *args):
-        pauses.append(delay)
-        return await sleep(delay, *args)
+    async def timed(seconds: float) -> None:
+        events.append(f"pause {seconds}")
+        await pause(seconds)
 
     monkeypatch.setattr(w._redis, "pipeline_encoded", counted)
-    monkeypatch.setattr(audit_writer.asyncio, "sleep", timed)
+    monkeypatch.setattr(audit_writer, "_pause", timed)
     await w.put(items, paced=paced)
     monkeypatch.undo()
     assert w.ok
-    assert chunks == [32] * 6 + [8]
-    assert pauses == ([audit_writer.PACE_GAP_S] * 6 if paced else [])
+    chunks = ["32 records"] * 6 + ["8 records"]
+    if paced:
+        gap = f"pause {audit_writer.PACE_GAP_S}"
+        assert events == [e for c in chunks[:-1] for e in (c, gap)] + chunks[-1:]
+    else:
+        assert events == chunks
     reader = AuditReader(spec)
     for item in items[::37] + items[-1:]:
         assert await reader.get(item.request_id, "acme") == item.raw
