@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from apirouter.runstate import live_workers
+
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -178,6 +180,7 @@ class Router(ManagedProcess):
                  etcd: str | None = None, extra: list[str] | None = None,
                  port: int | None = None, run_dir: str | None = None) -> None:
         self.port = port or free_port()
+        self.workers = workers
         self.run_dir = run_dir or tempfile.mkdtemp(prefix="apirouter-run-")
         self.config_path = os.path.join(self.run_dir, "router.yaml")
         if config is not None:
@@ -209,8 +212,12 @@ class Router(ManagedProcess):
             return result
 
     def _ready(self) -> bool:
+        """Ready once readyz answers and every worker holds its slot: the first worker up
+        answers readyz while the others may still be booting, and a test that wants to reach
+        each worker (or a bench that wants them all) must not start before they are."""
         self.ensure_running()
-        return http_get(f"{self.url}/v1/status/readyz", timeout=1)[0] == 200
+        return (http_get(f"{self.url}/v1/status/readyz", timeout=1)[0] == 200
+                and live_workers(self.run_dir) >= self.workers)
 
     def readyz(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(http_get(f"{self.url}/v1/status/readyz")[1])
