@@ -82,11 +82,17 @@ class Accounting:
         stops)."""
         due, self._due = self._due, []
         routed: list[Routed] = []
+        admission = self.admission
+        admission.hold_settlements()  # the turn's settlements go at once, below
         for ctx in due:
             try:
                 self._settle(ctx, routed)
             except Exception:  # a bug of ours must not cost the other requests' settlement
                 log.exception("accounting of request %s failed", ctx.request_id)
+        try:
+            admission.settle_held()
+        except Exception:
+            log.exception("the settlements of %d requests failed", len(due))
         if routed:
             try:
                 self.metrics.routed_together(routed)

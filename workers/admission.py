@@ -134,6 +134,8 @@ class Admission:
         # With Redis: (ticket, token buckets, token delta, ledger delta), sent once a turn
         self._redis_settlements: list[tuple[Ticket, list[BucketSpec], int,
                                             tuple[int, int, int] | None]] = []
+        self._redis_settling: Limits | None = None  # the limits those were admitted on
+        self._held = False  # settle_soon queues without scheduling (hold_settlements)
 
     # -- configuration --------------------------------------------------------------------------
 
@@ -424,8 +426,27 @@ class Admission:
             return
         if (specs or budget_delta is not None) and self._settles_on(limits):
             if not self._redis_settlements:  # sent together after this turn
-                (self.loop or asyncio.get_running_loop()).call_soon(self._settle_redis, limits)
+                self._redis_settling = limits
+                if not self._held:
+                    (self.loop or asyncio.get_running_loop()).call_soon(self._settle_redis,
+                                                                        limits)
             self._redis_settlements.append((ticket, specs, delta, budget_delta))
+
+    def hold_settlements(self) -> None:
+        """Until ``settle_held``, ``settle_soon`` queues without scheduling the settlement for
+        the end of the turn: the caller settles a batch (workers.accounting's turn of
+        requests, itself run at the end of a turn) and then applies it at once. Scheduled
+        from there, the settlement ran one loop iteration later, and that iteration first
+        polled for I/O (a system call, and the loop's own work): at c=1, one poll in three."""
+        self._held = True
+
+    def settle_held(self) -> None:
+        """Apply (in-process) or send (Redis) what was queued since ``hold_settlements``."""
+        self._held = False
+        if self._settlements:
+            self.apply_settlements()
+        if self._redis_settlements and self._redis_settling is not None:
+            self._settle_redis(self._redis_settling)
 
     def _settles_on(self, limits: Limits) -> bool:
         """Whether what was admitted on ``limits``' Redis can still be settled there: not when a
@@ -440,7 +461,7 @@ class Admission:
         waits for I/O again). Outside an event loop (none held, none running, or the held
         one closed): at once."""
         self._settlements.append(item)
-        if len(self._settlements) == 1:
+        if len(self._settlements) == 1 and not self._held:
             try:
                 (self.loop or asyncio.get_running_loop()).call_soon(self.apply_settlements)
             except RuntimeError:
@@ -458,6 +479,8 @@ class Admission:
         request or turn: the replies are looked at when the last one is in). One call per
         bucket was a script run, an encoding and a reply per request."""
         items, self._redis_settlements = self._redis_settlements, []
+        if not items:  # sent already (settle_held)
+            return
         client = self.client_for(limits) if self._settles_on(limits) else None
         if client is None:
             return

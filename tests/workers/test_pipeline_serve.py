@@ -144,6 +144,38 @@ async def test_a_failure_of_ours_after_the_backend_answered_is_a_500(
     assert reply.status == 500 and dict(reply.headers)["X-Request-ID"] == "req-2"
 
 
+async def test_a_turns_settlements_are_applied_by_its_accounting_flush(
+        pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accounting flush at the end of a turn settles the turn's requests itself: nothing is
+    left for a later iteration of the loop, which would first poll for I/O (at c=1, one
+    system call and one loop turn a request)."""
+    await served(pipeline)
+    applied: list[int] = []
+    table = pipeline.admission.table
+    settle_many = table.settle_many
+    monkeypatch.setattr(table, "settle_many",
+                        lambda items, now_ms: (applied.append(len(items)),
+                                               settle_many(items, now_ms))[1])
+    scheduled: list[object] = []  # what is left for a later iteration (still run)
+    call_soon = pipeline.loop.call_soon
+    monkeypatch.setattr(pipeline.loop, "call_soon",
+                        lambda cb, *a, **k: (scheduled.append(cb), call_soon(cb, *a, **k))[1])
+    seen: list[tuple[list[int], list[object]]] = []
+    done = asyncio.Event()
+
+    def answered(reply: Reply | None, failed: BaseException | None) -> None:
+        # Answered: the request is accounted, its flush queued; run that flush now.
+        applied.clear()
+        scheduled.clear()
+        pipeline.accounts.flush()
+        seen.append((list(applied), list(scheduled)))
+        done.set()
+
+    pipeline.serve(chat(pipeline, 1), answered)
+    await asyncio.wait_for(done.wait(), 5)
+    assert seen == [([1], [])]
+
+
 async def cycles_left_by(pipeline: Pipeline, requests: int, status: int) -> int:
     """Objects in reference cycles after ``requests`` requests answered ``status`` (a warm-up
     request first: a pooled connection, caches filled)."""

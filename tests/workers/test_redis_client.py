@@ -170,6 +170,44 @@ async def test_replayed_nonce_is_refused(redis_server: RedisServer) -> None:
     assert e.value.code == "INVALID_REQUEST" and "replay" in e.value.message
 
 
+async def test_held_settlements_are_sent_when_released_not_a_loop_iteration_later(
+        redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The accounting flush holds the settlements of its turn and releases them at its end:
+    they go to Redis then, with nothing scheduled for a later iteration of the loop (which
+    polled for I/O first: one system call and a loop turn a request at c=1)."""
+    lim = limits(redis_server.url)
+    client = RedisClient(redis_server.url, stall_timeout=5)
+    spec = BucketSpec("key:held:tpm", 1000, 0, 0)
+    await client.execute("HSET", bucket_key("rc-held", spec.name), "t", 500, "ts", 0, timeout=5)
+    admission = Admission()
+    admission.client_for(lim)
+    key = KeyRecord("rc-held", "e" * 64, "rc-held", "", frozenset({"inference"}), "t",
+                    Tier(0, 0, 0, 0), False)
+    # A first turn's settlement, not held: it loads the script (in a task).
+    admission.settle_soon(lim, Ticket(key, [spec], 1000, Verdict(True, None, 0, 0, 0)), 1070,
+                          None)
+    await finish_pending(admission, 10)
+    loop = asyncio.get_running_loop()
+    scheduled: list[object] = []  # what is left for a later iteration (still run)
+    call_soon = loop.call_soon
+    monkeypatch.setattr(loop, "call_soon",
+                        lambda cb, *a, **k: (scheduled.append(cb), call_soon(cb, *a, **k))[1])
+    admission.hold_settlements()
+    for delta in (100, -30):  # used 1100 of the 1000 reserved, then 970
+        admission.settle_soon(lim, Ticket(key, [spec], 1000, Verdict(True, None, 0, 0, 0)),
+                              1000 + delta, None)
+    assert scheduled == [] and len(admission._redis_settlements) == 2  # held
+    admission.settle_held()
+    assert scheduled == [] and admission._redis_settlements == []  # sent, not scheduled
+    monkeypatch.undo()
+    await finish_pending(admission, 10)
+    level = await client.execute("HGET", bucket_key("rc-held", spec.name), "t", timeout=5)
+    assert isinstance(level, bytes) and float(level) == 360  # 500 - 70 - 100 + 30
+    client.close()
+    if admission.redis is not None:
+        admission.redis.close()
+
+
 async def test_one_turns_settlements_go_in_one_call_as_if_one_by_one(
         redis_server: RedisServer) -> None:
     """A turn's token-bucket settlements (here 305, over 3 calls of SETTLE_MANY_MAX) land
