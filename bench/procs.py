@@ -212,12 +212,20 @@ class Router(ManagedProcess):
             return result
 
     def _ready(self) -> bool:
-        """Ready once readyz answers and every worker holds its slot: the first worker up
-        answers readyz while the others may still be booting, and a test that wants to reach
-        each worker (or a bench that wants them all) must not start before they are."""
+        """Ready once readyz answers, this supervisor has written its state (in a reused run
+        directory, a previous router's workers may still answer) and every worker holds its
+        slot: the first worker up answers readyz while the others may still be booting, and a
+        test that wants to reach each worker (or a bench that wants them all) must not start
+        before they are. A worker claims its slot as it builds its app, just before it
+        listens."""
         self.ensure_running()
-        return (http_get(f"{self.url}/v1/status/readyz", timeout=1)[0] == 200
-                and live_workers(self.run_dir) >= self.workers)
+        if http_get(f"{self.url}/v1/status/readyz", timeout=1)[0] != 200:
+            return False
+        try:
+            state = self.state()
+        except (FileNotFoundError, ValueError):
+            return False
+        return state.get("pid") == self.pid and live_workers(self.run_dir) >= self.workers
 
     def readyz(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(http_get(f"{self.url}/v1/status/readyz")[1])

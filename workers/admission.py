@@ -443,10 +443,12 @@ class Admission:
     def settle_held(self) -> None:
         """Apply (in-process) or send (Redis) what was queued since ``hold_settlements``."""
         self._held = False
-        if self._settlements:
-            self.apply_settlements()
-        if self._redis_settlements and self._redis_settling is not None:
-            self._settle_redis(self._redis_settling)
+        try:
+            if self._settlements:
+                self.apply_settlements()
+        finally:  # (one kind failing must not leave the other unsent: a reload between both)
+            if self._redis_settlements and self._redis_settling is not None:
+                self._settle_redis(self._redis_settling)
 
     def _settles_on(self, limits: Limits) -> bool:
         """Whether what was admitted on ``limits``' Redis can still be settled there: not when a
