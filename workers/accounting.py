@@ -82,15 +82,13 @@ class Accounting:
         stops)."""
         due, self._due = self._due, []
         routed: list[Routed] = []
-        admission = self.admission
-        admission.hold_settlements()  # the turn's settlements go at once, below
         for ctx in due:
             try:
                 self._settle(ctx, routed)
             except Exception:  # a bug of ours must not cost the other requests' settlement
                 log.exception("accounting of request %s failed", ctx.request_id)
         try:
-            admission.settle_held()
+            self.admission.settle_queued()  # at once: not one loop iteration later
         except Exception:
             log.exception("the settlements of %d requests failed", len(due))
         if routed:
@@ -100,7 +98,8 @@ class Accounting:
                 log.exception("the metrics of %d requests were not counted", len(routed))
 
     def _settle(self, ctx: RequestContext, routed: list[Routed]) -> None:
-        """Settle the request's reservation; add what the metrics count of it to ``routed``."""
+        """Queue the settlement of the request's reservation; add what the metrics count of it
+        to ``routed``."""
         fwd, outcome = ctx.fwd, ctx.outcome
         assert outcome is not None and ctx.request is not None
         if fwd is not None:
@@ -112,11 +111,11 @@ class Accounting:
         if ticket is None:
             return
         limits = ctx.view.table.limits
-        if not outcome.settle_actual:
-            self.admission.settle_soon(limits, ticket, 0, 0)  # released: nothing was produced
+        if not outcome.settle_actual:  # released: nothing was produced
+            self.admission.queue_settlement(limits, ticket, 0, 0)
         elif ctx.used is not None:
-            self.admission.settle_soon(limits, ticket, ctx.used[0] + ctx.used[1],
-                                       ctx.cost_micro)
+            self.admission.queue_settlement(limits, ticket, ctx.used[0] + ctx.used[1],
+                                            ctx.cost_micro)
         # Without reported usage the reservation stays as it was made.
 
     def failed(self, ctx: RequestContext, err: RouterError) -> RouterError:

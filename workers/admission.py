@@ -130,12 +130,11 @@ class Admission:
         self._rid_next = 0
         self._releases: dict[str, Ticket] = {}  # decided without Redis: release when it answers
         self._releasing: asyncio.Future[None] | None = None
-        self._settlements: list[Settlement] = []  # in-process, applied at the end of the turn
+        self._settlements: list[Settlement] = []  # in-process, applied by settle_queued
         # With Redis: (ticket, token buckets, token delta, ledger delta), sent once a turn
         self._redis_settlements: list[tuple[Ticket, list[BucketSpec], int,
                                             tuple[int, int, int] | None]] = []
         self._redis_settling: Limits | None = None  # the limits those were admitted on
-        self._held = False  # settle_soon queues without scheduling (hold_settlements)
 
     # -- configuration --------------------------------------------------------------------------
 
@@ -214,7 +213,6 @@ class Admission:
 
     def local_bucket(self, name: str) -> BucketState | None:
         """The in-process limiter's state of one bucket (None: never charged, so full)."""
-        self.apply_settlements()
         return self.table.bucket(name, time.monotonic() * 1000)
 
     def _admit_local(self, ticket: Ticket, nonce: str | None, nonce_ttl_ms: int) -> Verdict:
@@ -234,7 +232,6 @@ class Admission:
 
     def ledger(self, b: Budget) -> dict[str, int]:
         """In-process: what this instance used of ``b`` in the current period."""
-        self.apply_settlements()
         return self.table.used(b, period_id(b.period), time.monotonic() * 1000)
 
     async def _script(self, client: RedisClient, name: str, source: str,
@@ -403,11 +400,15 @@ class Admission:
 
     # -- after the response ---------------------------------------------------------------------
 
-    def settle_soon(self, limits: Limits, ticket: Ticket, actual_tokens: int,
-                    actual_spend_micro: int | None) -> None:
-        """Correct token buckets and budgets from the reservation to what the request really
-        used (0 tokens and no spend for a failed request: its reservation is released) — at
-        once in-process, in the background with Redis (never delaying the response)."""
+    def queue_settlement(self, limits: Limits, ticket: Ticket, actual_tokens: int,
+                         actual_spend_micro: int | None) -> None:
+        """Queue the correction of token buckets and budgets from the reservation to what the
+        request really used (0 tokens and no spend for a failed request: its reservation is
+        released); ``settle_queued`` applies the queue (in-process) or sends it (Redis, in the
+        background: never delaying a response). workers.accounting queues a turn's requests
+        and settles them, at the end of the turn; scheduled on its own from there, a
+        settlement ran one loop iteration later, after a poll for I/O (at c=1, a system call
+        a request)."""
         if not ticket.verdict.allowed or not ticket.charged:
             return
         delta = actual_tokens - ticket.reserved_tokens
@@ -420,29 +421,18 @@ class Admission:
                             actual_tokens - r.tokens, -r.requests if failed else 0)
         if not limits.redis_url:  # admitted in-process
             if specs or budget_delta is not None:
-                self._settle_local((specs, delta, list(zip(ticket.budgets, ticket.periods,
-                                                           strict=True))
-                                    if budget_delta is not None else _NO_LEDGERS, budget_delta))
+                self._settlements.append(
+                    (specs, delta, list(zip(ticket.budgets, ticket.periods, strict=True))
+                     if budget_delta is not None else _NO_LEDGERS, budget_delta))
             return
         if (specs or budget_delta is not None) and self._settles_on(limits):
-            if not self._redis_settlements:  # sent together after this turn
+            if not self._redis_settlements:
                 self._redis_settling = limits
-                if not self._held:
-                    (self.loop or asyncio.get_running_loop()).call_soon(self._settle_redis,
-                                                                        limits)
             self._redis_settlements.append((ticket, specs, delta, budget_delta))
 
-    def hold_settlements(self) -> None:
-        """Until ``settle_held``, ``settle_soon`` queues without scheduling the settlement for
-        the end of the turn: the caller settles a batch (workers.accounting's turn of
-        requests, itself run at the end of a turn) and then applies it at once. Scheduled
-        from there, the settlement ran one loop iteration later, and that iteration first
-        polled for I/O (a system call, and the loop's own work): at c=1, one poll in three."""
-        self._held = True
-
-    def settle_held(self) -> None:
-        """Apply (in-process) or send (Redis) what was queued since ``hold_settlements``."""
-        self._held = False
+    def settle_queued(self) -> None:
+        """Apply the queued in-process settlements together, under one round of stripe locks;
+        send the queued Redis ones together (_settle_redis)."""
         try:
             if self._settlements:
                 self.apply_settlements()
@@ -457,18 +447,6 @@ class Admission:
         the admissions waiting on it."""
         return limits.redis_url == self._redis_url
 
-    def _settle_local(self, item: Settlement) -> None:
-        """Queue an in-process settlement: those of one event-loop turn are applied together,
-        under one round of stripe locks, right after the turn's callbacks (before the loop
-        waits for I/O again). Outside an event loop (none held, none running, or the held
-        one closed): at once."""
-        self._settlements.append(item)
-        if len(self._settlements) == 1 and not self._held:
-            try:
-                (self.loop or asyncio.get_running_loop()).call_soon(self.apply_settlements)
-            except RuntimeError:
-                self.apply_settlements()
-
     def apply_settlements(self) -> None:
         items, self._settlements = self._settlements, []
         if items:
@@ -481,8 +459,6 @@ class Admission:
         request or turn: the replies are looked at when the last one is in). One call per
         bucket was a script run, an encoding and a reply per request."""
         items, self._redis_settlements = self._redis_settlements, []
-        if not items:  # sent already (settle_held)
-            return
         client = self.client_for(limits) if self._settles_on(limits) else None
         if client is None:
             return
@@ -586,8 +562,7 @@ async def finish_pending(admission: Admission, timeout: float) -> None:
     """At shutdown: apply queued in-process settlements and wait (bounded) for the background
     settlements and releases still running, so a draining worker's last refunds and charges
     are not dropped."""
-    admission.apply_settlements()
-    await asyncio.sleep(0)  # this turn's Redis settlements go out (call_soon), into _pending
+    admission.settle_queued()  # (the Redis ones go out, into _pending)
     if _pending:
         await asyncio.wait(set(_pending), timeout=timeout)
 

@@ -2,10 +2,10 @@
 moves admission to another Redis must not fail admissions on the new one.
 
 Requests admitted under the old table settle with the old table's limits
-(``Admission.settle_soon`` -> ``client_for(old limits)``): each one finishing after the reload
-switched the worker's Redis client back to the old URL, closing the new client and failing the
-admissions waiting on it ("RedisUnavailable: closed"), which opened the breaker: with the
-fail-closed policy, 503s for requests while both Redis servers were up.
+(``Admission.queue_settlement`` -> ``client_for(old limits)``): each one finishing after the
+reload switched the worker's Redis client back to the old URL, closing the new client and
+failing the admissions waiting on it ("RedisUnavailable: closed"), which opened the breaker:
+with the fail-closed policy, 503s for requests while both Redis servers were up.
 """
 
 from __future__ import annotations

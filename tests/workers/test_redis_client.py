@@ -170,9 +170,9 @@ async def test_replayed_nonce_is_refused(redis_server: RedisServer) -> None:
     assert e.value.code == "INVALID_REQUEST" and "replay" in e.value.message
 
 
-async def test_held_settlements_are_sent_when_released_not_a_loop_iteration_later(
+async def test_queued_settlements_are_sent_when_settled_not_a_loop_iteration_later(
         redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The accounting flush holds the settlements of its turn and releases them at its end:
+    """The accounting flush queues the settlements of its turn and settles them at its end:
     they go to Redis then, with nothing scheduled for a later iteration of the loop (which
     polled for I/O first: one system call and a loop turn a request at c=1)."""
     lim = limits(redis_server.url)
@@ -183,8 +183,8 @@ async def test_held_settlements_are_sent_when_released_not_a_loop_iteration_late
     admission.client_for(lim)
     key = KeyRecord("rc-held", "e" * 64, "rc-held", "", frozenset({"inference"}), "t",
                     Tier(0, 0, 0, 0), False)
-    # A first turn's settlement, not held: it loads the script (in a task).
-    admission.settle_soon(lim, Ticket(key, [spec], 1000, Verdict(True, None, 0, 0, 0)), 1070,
+    # A first turn's settlement: it loads the script (in a task).
+    admission.queue_settlement(lim, Ticket(key, [spec], 1000, Verdict(True, None, 0, 0, 0)), 1070,
                           None)
     await finish_pending(admission, 10)
     loop = asyncio.get_running_loop()
@@ -192,12 +192,11 @@ async def test_held_settlements_are_sent_when_released_not_a_loop_iteration_late
     call_soon = loop.call_soon
     monkeypatch.setattr(loop, "call_soon",
                         lambda cb, *a, **k: (scheduled.append(cb), call_soon(cb, *a, **k))[1])
-    admission.hold_settlements()
     for delta in (100, -30):  # used 1100 of the 1000 reserved, then 970
-        admission.settle_soon(lim, Ticket(key, [spec], 1000, Verdict(True, None, 0, 0, 0)),
+        admission.queue_settlement(lim, Ticket(key, [spec], 1000, Verdict(True, None, 0, 0, 0)),
                               1000 + delta, None)
-    assert scheduled == [] and len(admission._redis_settlements) == 2  # held
-    admission.settle_held()
+    assert scheduled == [] and len(admission._redis_settlements) == 2  # queued
+    admission.settle_queued()
     assert scheduled == [] and admission._redis_settlements == []  # sent, not scheduled
     monkeypatch.undo()
     await finish_pending(admission, 10)
@@ -237,7 +236,7 @@ async def test_one_turns_settlements_go_in_one_call_as_if_one_by_one(
                     Tier(0, 0, 0, 0), False)
     for i, delta in settlements:  # one turn: queued together, sent as SETTLE_MANY calls
         ticket = Ticket(key, [specs[i]], 1000, Verdict(True, None, 0, 0, 0))
-        admission.settle_soon(lim, ticket, 1000 + delta, None)
+        admission.queue_settlement(lim, ticket, 1000 + delta, None)
     await finish_pending(admission, 10)
     for s in specs:
         seq = await client.execute("HGET", bucket_key("rc-seq", s.name), "t", timeout=5)
