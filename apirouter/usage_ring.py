@@ -206,16 +206,18 @@ class RingConsumer(_Ring):
     """The supervisor's end: ``peek`` copies records out without consuming them; ``commit``
     consumes up to a position once they are safe elsewhere (at-least-once hand-off)."""
 
-    def peek(self, max_bytes: int = 1 << 20) -> tuple[list[bytes], int]:
-        """Records from the tail on, and the position after them: frames are taken while fewer
-        than ``max_bytes`` of them (headers included) have been. A bad frame ends the batch
-        before it; met first, it raises RingCorrupt (the caller retries, then quarantines).
+    def peek(self, max_bytes: int = 1 << 20, start: int | None = None
+             ) -> tuple[list[bytes], int]:
+        """Records from the tail on (or from ``start``, a position an earlier peek returned),
+        and the position after them: frames are taken while fewer than ``max_bytes`` of them
+        (headers included) have been. A bad frame ends the batch before it; met first, it
+        raises RingCorrupt (the caller retries, then quarantines).
 
         The unread bytes up to the end of the data area are copied out in one piece and the
         frames are cut from that copy (a copy and a view per frame cost ~0.4 µs more)."""
         cap = self.capacity
         idx = self._idx
-        tail = idx[_TAIL_OFFSET // 8]
+        tail = idx[_TAIL_OFFSET // 8] if start is None else start
         head = idx[0]
         if head - tail > cap or head < tail:
             raise RingCorrupt(f"usage ring {self.slot}: indices are inconsistent (head {head}, "

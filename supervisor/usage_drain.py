@@ -41,6 +41,7 @@ from apirouter.usage_ring import (
 )
 from supervisor import metrics
 from supervisor.audit_writer import LocalPut
+from supervisor.give_way import DECODE_SLICE, PEEK_SLICE, give_way, in_slices
 
 log = logging.getLogger("apirouter.usage")
 
@@ -90,7 +91,12 @@ def quarantine(run_dir: str, what: str, data: bytes) -> str:
 
 
 def _items(raws: list[bytes], run_dir: str) -> list[UsageItem]:
-    out, bad = read_items(raws)
+    out: list[UsageItem] = []
+    bad: list[bytes] = []
+    for some in in_slices(raws, DECODE_SLICE):  # (supervisor.give_way)
+        taken, refused = read_items(some)
+        out += taken
+        bad += refused
     if bad:
         metrics.USAGE_MALFORMED.inc(len(bad))
         path = quarantine(run_dir, "malformed", b"\n".join(bad) + b"\n")
@@ -155,8 +161,10 @@ class UsageDrainer:
         # the drain's pace, or this is the last drain.
         paced = not final and max(levels, default=0) * FLUSH_FILL <= self.capacity
         for ring in compress(self.rings, levels):
+            if raws:
+                give_way()
             try:
-                records, position = ring.peek(BATCH_BYTES)
+                records, position = self._peek(ring)
             except RingCorrupt as e:
                 self._corrupt(ring, e)
                 continue
@@ -202,6 +210,26 @@ class UsageDrainer:
             self._audit_put = asyncio.ensure_future(self.audit.put(items, job, paced))
             await asyncio.shield(self._audit_put)
         return len(items)
+
+    @staticmethod
+    def _peek(ring: RingConsumer) -> tuple[list[bytes], int]:
+        """``ring.peek(BATCH_BYTES)`` in slices of PEEK_SLICE bytes, giving way between two
+        (supervisor.give_way). A bad frame met after the first slice ends the batch before it:
+        the next drain meets it first, as a single peek's caller would."""
+        start = ring.tail
+        records, position = ring.peek(PEEK_SLICE)
+        while records and position < ring.head and position - start < BATCH_BYTES:
+            give_way()
+            try:
+                more, after = ring.peek(min(PEEK_SLICE, BATCH_BYTES - (position - start)),
+                                        position)
+            except RingCorrupt:
+                break
+            if not more:
+                break
+            records += more
+            position = after
+        return records, position
 
     def _corrupt(self, ring: RingConsumer, e: RingCorrupt) -> None:
         """Retry a bad frame for a few ticks (a torn read heals), then quarantine the rest of

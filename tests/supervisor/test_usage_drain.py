@@ -237,6 +237,90 @@ async def test_the_embedded_pair_writes_a_batch_in_one_thread_trip(tmp_path, mon
     await e.close()
 
 
+async def test_a_drain_gives_way_between_slices_and_exports_the_same(tmp_path,
+                                                                      monkeypatch) -> None:
+    """The drain decodes in slices of DECODE_SLICE records and indexes in statements of
+    ROWS_PER_INSERT rows, giving way (sched_yield) between two slices, on the main thread and
+    on the sink's thread; every record still reaches both stores, and an entry that is not a
+    record is still quarantined (without slices there were no yields: the test failed)."""
+    import threading
+
+    import supervisor.give_way as give_way
+    from supervisor.audit_writer import ROWS_PER_INSERT
+
+    yields: list[str] = []
+    real = give_way.os.sched_yield
+
+    def counted() -> None:
+        yields.append(threading.current_thread().name)
+        real()
+
+    monkeypatch.setattr(give_way.os, "sched_yield", counted)
+    e = _Embedded(tmp_path)
+    ids = [f"slice-{i}" for i in range(450)]
+    e.put(ids)
+    assert e.prods[0].put(b'{"not": "a usage record"}')
+    assert await e.drainer.drain_once() == 450
+    main = threading.main_thread().name
+    decode_slices = -(-451 // give_way.DECODE_SLICE)
+    statements = 450 // ROWS_PER_INSERT  # (the remainder goes in one executemany)
+    # Between decode slices, between the two rings, between peek slices (~117 KB a ring).
+    assert yields.count(main) >= decode_slices - 1 + 1 + 2
+    # Before the index's first statement, and between two.
+    assert len(yields) - yields.count(main) == statements
+    assert sorted(r["request_id"] for r in _lines(str(e.spool))) == sorted(ids)
+    assert await e.found(ids) == ids
+    kept = os.listdir(tmp_path / "usage-quarantine")
+    assert len(kept) == 1 and kept[0].startswith("malformed-")
+    assert not any(fill_levels(e.drainer.rings))
+    await e.close()
+
+
+def test_a_sliced_peek_returns_what_one_peek_returns(monkeypatch) -> None:
+    """The drain's peek in slices (giving way between them) takes the same records and ends at
+    the same position as one peek: across the data area's end (a WRAP), up to BATCH_BYTES,
+    and before a bad frame met in a later slice."""
+    import supervisor.give_way as give_way
+    import supervisor.usage_drain as usage_drain
+    from apirouter.usage_ring import RingConsumer, RingProducer
+
+    yields: list[int] = []
+    monkeypatch.setattr(give_way.os, "sched_yield", lambda: yields.append(1))
+    shm = create_usage_segment(segment_name(str(os.getpid()), f"t{time.monotonic_ns()}"), 1,
+                               400_000)
+    prod, cons = RingProducer(shm, 0), RingConsumer(shm, 0)
+    try:
+        for i in range(500):
+            assert prod.put(_record(i))
+        cons.commit(cons.peek(1 << 30)[1])
+        for i in range(500, 1200):  # past the end of the data area: a WRAP on the way
+            if not prod.put(_record(i)):
+                break
+        whole = cons.peek(usage_drain.BATCH_BYTES)
+        assert len(whole[0]) > 500 and whole[1] == cons.head
+        sliced = usage_drain.UsageDrainer._peek(cons)
+        assert sliced == whole
+        assert len(yields) >= len(b"".join(whole[0])) // give_way.PEEK_SLICE
+        monkeypatch.setattr(usage_drain, "BATCH_BYTES", 100_000)  # the batch's bound holds
+        assert usage_drain.UsageDrainer._peek(cons) == cons.peek(100_000)
+        monkeypatch.undo()
+        # A bad frame ~200 KB in: both stop before it.
+        records, _ = whole
+        at = cons.tail % cons.capacity
+        for r in records[:380]:
+            at = (at + 8 + len(r)) % cons.capacity if at + 8 + len(r) <= cons.capacity else \
+                8 + len(r)
+        cons._data[at + 8] ^= 0xFF
+        one = cons.peek(usage_drain.BATCH_BYTES)
+        assert len(one[0]) == 380
+        assert usage_drain.UsageDrainer._peek(cons) == one
+    finally:
+        for ring in (prod, cons):
+            ring.release()
+        shm.close()
+        unlink_segment(shm)
+
+
 async def test_a_batch_the_sink_refuses_reaches_neither_store_and_stays_in_the_rings(
         tmp_path, monkeypatch) -> None:
     import supervisor.usage_jsonl as jsonl
