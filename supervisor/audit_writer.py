@@ -87,15 +87,17 @@ class LocalPut:
     it on the thread that made the batch durable (``AuditWriter.put`` runs it otherwise).
     Never raises: the outcome is kept for ``put`` to report on the event loop."""
 
-    def __init__(self, writer: AuditWriter, items: list[UsageItem]) -> None:
+    def __init__(self, writer: AuditWriter, items: list[UsageItem], paced: bool = False
+                 ) -> None:
         self.writer = writer
         self.items = items
+        self.paced = paced  # giving way between statements (supervisor.give_way)
         self.done = False
         self.error: Exception | None = None
 
     def __call__(self) -> None:
         try:
-            self.writer._put_local(self.items)
+            self.writer._put_local(self.items, self.paced)
         except Exception as e:
             self.error = e
         self.done = True
@@ -129,9 +131,10 @@ class AuditWriter:
             db.execute(CREATE_TABLE)
             self._db = db
 
-    def local_put(self, items: list[UsageItem]) -> LocalPut | None:
-        """The batch's write for a thread the caller already goes to (local store only)."""
-        return LocalPut(self, items) if self._db is not None else None
+    def local_put(self, items: list[UsageItem], paced: bool = False) -> LocalPut | None:
+        """The batch's write for a thread the caller already goes to (local store only);
+        ``paced``: giving way to other processes between its statements."""
+        return LocalPut(self, items, paced) if self._db is not None else None
 
     async def put(self, items: list[UsageItem], ran: LocalPut | None = None,
                   paced: bool = True) -> None:
@@ -151,7 +154,7 @@ class AuditWriter:
                     if failed is not None:
                         raise failed
             else:
-                job = ran if ran is not None and ran.done else LocalPut(self, items)
+                job = ran if ran is not None and ran.done else LocalPut(self, items, paced)
                 if not job.done:
                     await asyncio.to_thread(job)
                 if job.error is not None:
@@ -191,7 +194,7 @@ class AuditWriter:
         return b"*6\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$2\r\nEX\r\n%s$2\r\nNX\r\n" % (
             len(key), key, len(value), value, self._ttl_arg)
 
-    def _put_local(self, items: list[UsageItem]) -> None:
+    def _put_local(self, items: list[UsageItem], paced: bool = False) -> None:
         """Append the records to this hour's file, then index them. Neither is fsync'd: the
         durable copy is the usage sink; a lookup checks what it reads (workers.audit_reader)."""
         assert self._db is not None
@@ -214,11 +217,12 @@ class AuditWriter:
         finally:
             os.close(fd)
         full = len(params) - len(params) % _CHUNK_PARAMS
-        give_way()  # (between the hour file's write and the index's statements)
+        if paced:  # (between the hour file's write and the index's statements)
+            give_way()
         with self._db:  # one transaction: every row of the batch, or none
             self._db.execute("BEGIN")
             for start in range(0, full, _CHUNK_PARAMS):
-                if start:  # a statement is ~0.1 ms: the data plane goes first between two
+                if start and paced:  # a statement is ~0.1 ms: the data plane goes first
                     give_way()
                 self._db.execute(_INSERT_CHUNK, params[start:start + _CHUNK_PARAMS])
             self._db.executemany(INSERT, [params[k:k + 5] for k in range(full, len(params), 5)])

@@ -74,7 +74,7 @@ class Sink(Protocol):
 
 
 class Audit(Protocol):
-    def local_put(self, items: list[UsageItem]) -> LocalPut | None: ...
+    def local_put(self, items: list[UsageItem], paced: bool = False) -> LocalPut | None: ...
     async def put(self, items: list[UsageItem], ran: LocalPut | None = None,
                   paced: bool = True) -> None: ...
 
@@ -90,10 +90,12 @@ def quarantine(run_dir: str, what: str, data: bytes) -> str:
     return path
 
 
-def _items(raws: list[bytes], run_dir: str) -> list[UsageItem]:
+def _items(raws: list[bytes], run_dir: str, paced: bool = False) -> list[UsageItem]:
+    """The ring entries decoded (in slices, giving way between two, when ``paced``); those
+    that are not usage records are quarantined."""
     out: list[UsageItem] = []
     bad: list[bytes] = []
-    for some in in_slices(raws, DECODE_SLICE):  # (supervisor.give_way)
+    for some in in_slices(raws, DECODE_SLICE if paced else len(raws) or 1):
         taken, refused = read_items(some)
         out += taken
         bad += refused
@@ -160,11 +162,14 @@ class UsageDrainer:
         # The audit store is trickled (AuditWriter.put) unless the rings fill faster than
         # the drain's pace, or this is the last drain.
         paced = not final and max(levels, default=0) * FLUSH_FILL <= self.capacity
+        # A drain at its pace gives way to the data plane between slices of its work
+        # (supervisor.give_way); one that catches up, or the last one, goes straight through.
+        pause = give_way if paced else None
         for ring in compress(self.rings, levels):
-            if raws:
-                give_way()
+            if raws and pause:
+                pause()
             try:
-                records, position = self._peek(ring)
+                records, position = ring.peek(BATCH_BYTES, pause, PEEK_SLICE)
             except RingCorrupt as e:
                 self._corrupt(ring, e)
                 continue
@@ -184,8 +189,8 @@ class UsageDrainer:
         self._flushed_at = time.monotonic()
         if not raws:
             return 0
-        items = _items(raws, self.run_dir)
-        job = self.audit.local_put(items) if self.audit is not None and items else None
+        items = _items(raws, self.run_dir, paced)
+        job = self.audit.local_put(items, paced) if self.audit is not None and items else None
         if items:
             try:
                 await self.sink.accept(items, job)
@@ -210,26 +215,6 @@ class UsageDrainer:
             self._audit_put = asyncio.ensure_future(self.audit.put(items, job, paced))
             await asyncio.shield(self._audit_put)
         return len(items)
-
-    @staticmethod
-    def _peek(ring: RingConsumer) -> tuple[list[bytes], int]:
-        """``ring.peek(BATCH_BYTES)`` in slices of PEEK_SLICE bytes, giving way between two
-        (supervisor.give_way). A bad frame met after the first slice ends the batch before it:
-        the next drain meets it first, as a single peek's caller would."""
-        start = ring.tail
-        records, position = ring.peek(PEEK_SLICE)
-        while records and position < ring.head and position - start < BATCH_BYTES:
-            give_way()
-            try:
-                more, after = ring.peek(min(PEEK_SLICE, BATCH_BYTES - (position - start)),
-                                        position)
-            except RingCorrupt:
-                break
-            if not more:
-                break
-            records += more
-            position = after
-        return records, position
 
     def _corrupt(self, ring: RingConsumer, e: RingCorrupt) -> None:
         """Retry a bad frame for a few ticks (a torn read heals), then quarantine the rest of

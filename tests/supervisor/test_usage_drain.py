@@ -239,10 +239,11 @@ async def test_the_embedded_pair_writes_a_batch_in_one_thread_trip(tmp_path, mon
 
 async def test_a_drain_gives_way_between_slices_and_exports_the_same(tmp_path,
                                                                       monkeypatch) -> None:
-    """The drain decodes in slices of DECODE_SLICE records and indexes in statements of
-    ROWS_PER_INSERT rows, giving way (sched_yield) between two slices, on the main thread and
-    on the sink's thread; every record still reaches both stores, and an entry that is not a
-    record is still quarantined (without slices there were no yields: the test failed)."""
+    """A drain at its pace checks the ring's frames, decodes them and indexes them in slices,
+    giving way (sched_yield) between two, on the main thread and on the sink's thread; every
+    record still reaches both stores in ring order, and an entry that is not a record is
+    still quarantined. The last drain goes straight through (without slices there were no
+    yields: the test failed)."""
     import threading
 
     import supervisor.give_way as give_way
@@ -264,28 +265,61 @@ async def test_a_drain_gives_way_between_slices_and_exports_the_same(tmp_path,
     main = threading.main_thread().name
     decode_slices = -(-451 // give_way.DECODE_SLICE)
     statements = 450 // ROWS_PER_INSERT  # (the remainder goes in one executemany)
-    # Between decode slices, between the two rings, between peek slices (~117 KB a ring).
+    # Between decode slices, between the two rings, within each ring's ~117 KB of frames.
     assert yields.count(main) >= decode_slices - 1 + 1 + 2
     # Before the index's first statement, and between two.
     assert len(yields) - yields.count(main) == statements
-    assert sorted(r["request_id"] for r in _lines(str(e.spool))) == sorted(ids)
+    assert [r["request_id"] for r in _lines(str(e.spool))] == ids[0::2] + ids[1::2]
     assert await e.found(ids) == ids
     kept = os.listdir(tmp_path / "usage-quarantine")
     assert len(kept) == 1 and kept[0].startswith("malformed-")
     assert not any(fill_levels(e.drainer.rings))
+    yields.clear()
+    more = [f"last-{i}" for i in range(450)]
+    e.put(more)
+    assert await e.drainer.drain_once(final=True) == 450
+    assert yields == [] and await e.found(more) == more
     await e.close()
 
 
-def test_a_sliced_peek_returns_what_one_peek_returns(monkeypatch) -> None:
-    """The drain's peek in slices (giving way between them) takes the same records and ends at
-    the same position as one peek: across the data area's end (a WRAP), up to BATCH_BYTES,
-    and before a bad frame met in a later slice."""
-    import supervisor.give_way as give_way
-    import supervisor.usage_drain as usage_drain
-    from apirouter.usage_ring import RingConsumer, RingProducer
+async def test_an_index_write_that_fails_between_its_slices_leaves_no_half_batch(
+        tmp_path, monkeypatch) -> None:
+    """The local index still takes a batch in one transaction when it gives way between its
+    statements: a failure after some of them were run leaves none of the batch's rows."""
+    import supervisor.audit_writer as audit_writer
+    from apirouter.usage import read_items
 
-    yields: list[int] = []
-    monkeypatch.setattr(give_way.os, "sched_yield", lambda: yields.append(1))
+    e = _Embedded(tmp_path)
+    calls: list[int] = []
+
+    def failing() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("interrupted between two statements")
+
+    monkeypatch.setattr(audit_writer, "give_way", failing)
+    ids = [f"half-{i}" for i in range(450)]
+    items, bad = read_items([_record(0).replace(b'"r0"', f'"{rid}"'.encode()) for rid in ids])
+    assert not bad
+    job = e.audit.local_put(items, paced=True)
+    assert job is not None
+    job()
+    assert isinstance(job.error, RuntimeError) and len(calls) == 3
+    assert await e.found(ids) == []
+    monkeypatch.undo()
+    job = e.audit.local_put(items, paced=True)
+    assert job is not None
+    job()
+    assert job.error is None and await e.found(ids) == ids
+    await e.close()
+
+
+def test_a_paused_peek_returns_what_one_peek_returns() -> None:
+    """A peek that pauses every ``pause_every`` bytes of frames (the drain gives way there)
+    takes the same records and ends at the same position as one without: across the data
+    area's end (a WRAP), up to ``max_bytes``, and before a bad frame."""
+    from apirouter.usage_ring import RingConsumer, RingCorrupt, RingProducer
+
     shm = create_usage_segment(segment_name(str(os.getpid()), f"t{time.monotonic_ns()}"), 1,
                                400_000)
     prod, cons = RingProducer(shm, 0), RingConsumer(shm, 0)
@@ -296,24 +330,29 @@ def test_a_sliced_peek_returns_what_one_peek_returns(monkeypatch) -> None:
         for i in range(500, 1200):  # past the end of the data area: a WRAP on the way
             if not prod.put(_record(i)):
                 break
-        whole = cons.peek(usage_drain.BATCH_BYTES)
+        pauses: list[int] = []
+        whole = cons.peek(1 << 30)
         assert len(whole[0]) > 500 and whole[1] == cons.head
-        sliced = usage_drain.UsageDrainer._peek(cons)
-        assert sliced == whole
-        assert len(yields) >= len(b"".join(whole[0])) // give_way.PEEK_SLICE
-        monkeypatch.setattr(usage_drain, "BATCH_BYTES", 100_000)  # the batch's bound holds
-        assert usage_drain.UsageDrainer._peek(cons) == cons.peek(100_000)
-        monkeypatch.undo()
+        assert cons.peek(1 << 30, lambda: pauses.append(1), 32 << 10) == whole
+        frames = sum(8 + len(r) for r in whole[0])
+        assert frames // (32 << 10) - 2 <= len(pauses) <= frames // (32 << 10) + 2
+        assert cons.peek(100_000, pauses.clear, 32 << 10) == cons.peek(100_000)
         # A bad frame ~200 KB in: both stop before it.
-        records, _ = whole
         at = cons.tail % cons.capacity
-        for r in records[:380]:
+        for r in whole[0][:380]:
             at = (at + 8 + len(r)) % cons.capacity if at + 8 + len(r) <= cons.capacity else \
                 8 + len(r)
         cons._data[at + 8] ^= 0xFF
-        one = cons.peek(usage_drain.BATCH_BYTES)
+        one = cons.peek(1 << 30)
         assert len(one[0]) == 380
-        assert usage_drain.UsageDrainer._peek(cons) == one
+        assert cons.peek(1 << 30, lambda: None, 32 << 10) == one
+        cons.commit(one[1])  # met first, it raises either way
+        for pause in (None, lambda: None):
+            try:
+                cons.peek(1 << 30, pause, 32 << 10)
+                raise AssertionError("the bad frame was not reported")
+            except RingCorrupt:
+                pass
     finally:
         for ring in (prod, cons):
             ring.release()
