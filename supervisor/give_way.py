@@ -11,11 +11,12 @@ at once (~0.5 µs; it lets another thread of the supervisor take the GIL too); t
 order are the same, only interleaved. A drain that catches up (a ring more than a quarter
 full) and the last one at shutdown do not give way: they go straight through.
 
-Measured with ``python -m bench.overhead --connections 1 --duration 5 --warmup 1`` (6 runs
-each, alternating with the code before): added p99 0.805 -> 0.440 ms (median), p50 0.160 ->
-0.144 ms, supervisor CPU 7.1 / 7.0 µs a request; with ``--redis`` (5 each) p99 0.797 -> 0.646
-ms (the old code over 1 ms in 2 of 5 runs); c=32 (4 each) added p99 2.90 -> 1.95 ms, router
-CPU within noise.
+Measured with ``python -m bench.overhead --connections 1 --duration 5 --warmup 1`` (5 runs
+each, alternating with the code before): added p99 0.742 -> 0.357 ms (median; every run below
+every run of the old code), p50 0.136 / 0.137 ms, supervisor CPU 5.9 / 6.1 µs a request.
+With the first version (separate peeks, always yielding): ``--redis`` c=1 (5 each) p99 0.797
+-> 0.646 ms (the old code over 1 ms in 2 of 5 runs); c=32 (4 each) added p99 2.90 -> 1.95 ms,
+router CPU within noise.
 """
 
 from __future__ import annotations
