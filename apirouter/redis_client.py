@@ -3,7 +3,9 @@ the hot path (admission), the supervisor for bulk writes (audit store).
 
 redis-py's asyncio client costs 40-65 µs of CPU a call (design brief); admission needs one
 script call per request, so the worker keeps a single connection of its own, writes commands
-back to back (pipelining: replies come in order) and resolves one future per reply. A call
+back to back (pipelining: replies come in order) and resolves one future per reply — or, for a
+caller that takes its reply in a callback (``submit_waiter``), hands it over in the read callback
+that brought it, without a loop iteration and a task step in between. A call
 that misses its deadline fails alone; a connection error fails every call on it, and the
 connection is then
 dropped and re-opened by the next call; a late reply to an abandoned call is read and thrown
@@ -23,11 +25,24 @@ import asyncio
 import re
 import select
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 RespValue = Any
+
+
+class ReplyWaiter(Protocol):
+    """What waits for a reply: an asyncio future, or an object that acts on the reply (or the
+    connection's failure) inside ``set_result``/``set_exception``, called from the read
+    callback that brought it; those must not raise. ``done()``: the reply is no longer
+    wanted (it is still read in order, and dropped)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: RespValue, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
 
 
 class RedisUnavailable(Exception):
@@ -162,7 +177,7 @@ class _Protocol(asyncio.Protocol):
         self.loop = client._loop
         self.transport: asyncio.Transport | None = None
         self.buf = b""
-        self.waiters: deque[asyncio.Future[RespValue]] = deque()
+        self.waiters: deque[ReplyWaiter] = deque()
         self.progress = 0.0  # loop time of the last byte read, or of the first owed reply
         self.watchdog: asyncio.TimerHandle | None = None
         self.fd = -1
@@ -205,7 +220,7 @@ class _Protocol(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         self.fd = sock.fileno() if sock is not None else -1
 
-    def owe(self, futs: list[asyncio.Future[RespValue]]) -> None:
+    def owe(self, futs: Sequence[ReplyWaiter]) -> None:
         """Replies now owed on this connection; the liveness clock runs while any are."""
         self.idle = not self.waiters
         if self.idle:
@@ -379,6 +394,17 @@ class RedisClient:
         if proto is None or proto.transport is None:
             return None
         return proto.request(data)
+
+    def submit_waiter(self, data: bytes, waiter: ReplyWaiter) -> bool:
+        """``submit_encoded`` whose reply goes to ``waiter`` (its ``set_result``, or
+        ``set_exception`` when the connection fails) in the read callback that brings it.
+        False when not connected (nothing was sent)."""
+        proto = self._proto
+        if proto is None or proto.transport is None:
+            return False
+        proto.owe([waiter])
+        proto.send(data)
+        return True
 
     async def pipeline(self, commands: list[tuple[bytes | str | int | float, ...]],
                        timeout: float) -> list[RespValue]:

@@ -103,6 +103,106 @@ _NO_LEDGERS: list[tuple[Budget, str]] = []  # a settlement of token buckets alon
 _UNDECIDED = Verdict(True, None, 0, 0, 0)  # a ticket's verdict until admission decides
 
 
+class PendingAdmission:
+    """An admission sent to Redis by ``Admission.admit_soon``: Redis's reply (or the
+    connection's failure) is decided here, in the read callback that brings it (the
+    connection's ReplyWaiter), and handed to ``then``; ``cancel()`` (the client hung up) drops
+    it and releases whatever Redis may charge for it."""
+
+    __slots__ = ("admission", "limits", "ticket", "then", "started", "task")
+
+    def __init__(self, admission: Admission, limits: Limits, ticket: Ticket,
+                 then: Callable[[Ticket | None, BaseException | None], None]) -> None:
+        self.admission = admission
+        self.limits = limits
+        self.ticket = ticket
+        self.then: Callable[[Ticket | None, BaseException | None], None] | None = then
+        self.started = time.perf_counter()
+        self.task: asyncio.Future[None] | None = None  # admit's path, after an error reply
+
+    def done(self) -> bool:
+        return self.then is None or self.task is not None
+
+    def set_result(self, reply: object) -> None:
+        if self.done():
+            return
+        a, ticket = self.admission, self.ticket
+        if isinstance(reply, RedisError):
+            if not str(reply).startswith("NOSCRIPT"):
+                self._failed(reply)
+                return
+            # Redis restarted or flushed its scripts: admit's path loads the script again.
+            a._sha.pop("admit", None)
+            self.task = spawn(self._again())
+            return
+        then, self.then = self.then, None
+        assert then is not None
+        try:
+            ticket.verdict = a._verdict(self.limits, ticket, reply)
+        except Exception as e:
+            then(None, e)
+            return
+        a._decisions += 1
+        if not a._decisions & 7:  # sampled, as admit's
+            ADMISSION_LATENCY.observe(time.perf_counter() - self.started)
+        then(ticket, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        """The connection failed (or was closed): the failure policy decides, and the
+        reservation is released once Redis answers again."""
+        if self.done():
+            return
+        self._failed(error if isinstance(error, Exception) else RedisUnavailable(str(error)))
+
+    def _failed(self, error: Exception) -> None:
+        then, self.then = self.then, None
+        if then is None:
+            return
+        a, ticket = self.admission, self.ticket
+        ticket.charged = False
+        a._release_later(self.limits, ticket)
+        try:
+            ticket.verdict = a._on_failure(self.limits, error)
+        except Exception as e:  # fail-closed
+            then(None, e)
+            return
+        then(ticket, None)
+
+    def cancel(self) -> None:
+        """The client hung up before the decision: Redis's reply is dropped when it comes, and
+        what the script may charge is released."""
+        if self.then is None:
+            return
+        self.then = None
+        self.ticket.charged = False
+        self.admission._release_later(self.limits, self.ticket)
+        task, self.task = self.task, None
+        if task is not None:
+            task.cancel()
+
+    async def _again(self) -> None:
+        """After NOSCRIPT: ADMIT through ``_run``, which loads the script."""
+        a, ticket, limits = self.admission, self.ticket, self.limits
+        try:
+            client = a.client_for(limits)
+            if client is None:  # a reload took this worker off Redis meanwhile
+                raise RedisUnavailable("Redis is no longer configured")
+            reply = await a._script(client, "admit", ADMIT_LUA,
+                                    *a._script_args(ticket, None, 0))
+        except (RedisUnavailable, RedisError, OSError) as e:
+            self._failed(e)
+            return
+        then, self.then = self.then, None
+        if then is None:
+            return
+        try:
+            ticket.verdict = a._verdict(limits, ticket, reply)
+        except Exception as e:
+            then(None, e)
+            return
+        then(ticket, None)
+
+
 def ticket_headers(ticket: Ticket) -> list[tuple[str, str]]:
     """Rate-limit headers of an admitted request: none when no bucket applies or the failure
     policy admitted it (nothing is known about the buckets then)."""
@@ -203,6 +303,32 @@ class Admission:
         if self.client_for(limits) is not None:
             return None
         return self.admit_buckets(key, model, tokens, org, model_limits)
+
+    def admit_soon(self, limits: Limits, key: KeyRecord, model: str, tokens: int,
+                   org: Tier | None, model_limits: Tier | None,
+                   then: Callable[[Ticket | None, BaseException | None], None]
+                   ) -> PendingAdmission | None:
+        """``admit`` on Redis without a coroutine, for the common decision (buckets only: the
+        caller has no budget and no nonce): ADMIT's command goes out now, and ``then(ticket,
+        None)`` — or ``then(None, error)``: a refused replay, fail-closed — runs in the read
+        callback of Redis's reply. None when ``admit`` must take it: no live connection, the
+        script not loaded yet, the breaker open. Awaited in a task, the command waited for the
+        task's first step and the reply for its second (each through the loop's ready queue
+        and four coroutine frames), with a future between reply and task."""
+        client = self.client_for(limits)
+        sha = self._sha.get("admit")
+        if client is None or sha is None or self.open_until > time.monotonic():
+            return None
+        specs = buckets_for(key, model, tokens, org, model_limits)
+        self._rid_next += 1
+        ticket = Ticket(key, specs, tokens, _UNDECIDED,
+                        rid=f"{self._rid_prefix}{self._rid_next:x}")
+        pending = PendingAdmission(self, limits, ticket, then)
+        if not client.submit_waiter(self._commands.command(
+                sha, key, model, org, model_limits, specs, ticket.rid, None, 0, (), (), None),
+                pending):
+            return None
+        return pending
 
     def admit_buckets(self, key: KeyRecord, model: str, tokens: int, org: Tier | None,
                       model_limits: Tier | None) -> Ticket:
@@ -321,6 +447,10 @@ class Admission:
             ticket.charged = False
             self._release_later(limits, ticket)
             raise
+        return self._verdict(limits, ticket, reply)
+
+    def _verdict(self, limits: Limits, ticket: Ticket, reply: object) -> Verdict:
+        """The decision in ADMIT's reply (a refused nonce raises its catalog error)."""
         if not isinstance(reply, list) or len(reply) != 5:
             ticket.charged = False
             self._release_later(limits, ticket)

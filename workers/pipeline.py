@@ -30,7 +30,7 @@ from apirouter.signing import verify
 from apirouter.stats import WorkerStats
 from apirouter.validation import ProxyRequest
 from workers.accounting import Accounting
-from workers.admission import Admission, Ticket
+from workers.admission import Admission, PendingAdmission, Ticket
 from workers.context import Caller, Reply, RequestContext, Signed
 from workers.endpoints import ENDPOINTS, Endpoint, ms
 from workers.forwarding import Forwarded, Forwarding, forward, resolve_route
@@ -63,7 +63,7 @@ class InFlight:
     """A request being forwarded on callbacks (Pipeline.serve), its admission perhaps awaited
     first in a task: its server's handle."""
 
-    __slots__ = ("pipeline", "ctx", "answer", "forwarding", "task")
+    __slots__ = ("pipeline", "ctx", "answer", "forwarding", "task", "admitting")
 
     def __init__(self, pipeline: Pipeline, ctx: RequestContext, answer: Answer) -> None:
         self.pipeline = pipeline
@@ -71,6 +71,21 @@ class InFlight:
         self.answer = answer
         self.forwarding: Forwarding | None = None
         self.task: asyncio.Task[None] | None = None  # while its admission is awaited
+        self.admitting: PendingAdmission | None = None  # while Redis decides, on callbacks
+
+    def admitted(self, ticket: Ticket | None, exc: BaseException | None) -> None:
+        """Redis's decision, on callbacks (Admission.admit_soon): forward, or answer the
+        refusal."""
+        p, ctx = self.pipeline, self.ctx
+        self.admitting = None  # (a reference cycle otherwise: its ``then`` is bound to us)
+        try:
+            if exc is not None:
+                raise exc
+            assert ticket is not None
+            ctx.ticket = p._admitted(ctx, ticket)
+            p._forward(self)
+        except Exception as e:
+            p.answer_failure(ctx, e, self.answer)
 
     def forwarded(self, fwd: Forwarded | None, exc: BaseException | None) -> None:
         p, ctx = self.pipeline, self.ctx
@@ -93,6 +108,11 @@ class InFlight:
         task, self.task = self.task, None
         if task is not None:  # its admission releases what it may have reserved
             task.cancel()
+            self.pipeline.client_gone(self.ctx)
+            return
+        pending, self.admitting = self.admitting, None
+        if pending is not None:  # as the task's
+            pending.cancel()
             self.pipeline.client_gone(self.ctx)
             return
         f, self.forwarding = self.forwarding, None
@@ -153,8 +173,10 @@ class Pipeline:
         ``answer(None, error)`` if even the failure reply could not be made (a bug of ours).
 
         A buffered request is forwarded on callbacks to its end (workers.forwarding.
-        Forwarding): no task, no future; only an admission that must wait (Redis, a budget, a
-        nonce) is awaited, in a task, first. A stream goes on in a task from its admission;
+        Forwarding): no task, no future; a Redis admission of buckets alone is sent at once
+        and its reply taken on callbacks too (Admission.admit_soon, InFlight.admitted); any
+        other that must wait (a budget, a nonce, Redis not connected yet) is awaited, in a
+        task, first. A stream goes on in a task from its admission;
         traced requests and local endpoints run ``run`` in one from the start."""
         ep = ctx.endpoint
         if ep.local is not None or self.tracing is not None:
@@ -166,9 +188,11 @@ class Pipeline:
             if req.stream:  # (admitted in its task: a task cancelled unstarted holds nothing)
                 return self._in_task(self.admit_and_forward, ctx, answer)
             inflight = InFlight(self, ctx, answer)
-            ticket = self.admit_now(ctx)
+            ticket = self.admit_now(ctx, inflight.admitted)
             if ticket is _LATER:
                 inflight.task = self.loop.create_task(self._admit_then_forward(inflight))
+            elif isinstance(ticket, PendingAdmission):  # InFlight.admitted continues
+                inflight.admitting = ticket
             else:
                 ctx.ticket = ticket
                 self._forward(inflight)
@@ -300,7 +324,9 @@ class Pipeline:
 
     async def admit_and_forward(self, ctx: RequestContext) -> Reply | None:
         """``proxy`` after ``parse_route``: admit, forward, reply (streams are relayed)."""
-        return await self.proxy_admitted(ctx, self.admit_now(ctx))
+        ticket = self.admit_now(ctx)
+        assert not isinstance(ticket, PendingAdmission)  # (only given a ``then``)
+        return await self.proxy_admitted(ctx, ticket)
 
     def parse_route(self, ctx: RequestContext) -> ProxyRequest:
         ep = ctx.endpoint
@@ -407,10 +433,14 @@ class Pipeline:
                          *self.accounts.account(ctx, reply.status)]
         return reply
 
-    def admit_now(self, ctx: RequestContext) -> Ticket | None | _Decision:
+    def admit_now(self, ctx: RequestContext,
+                  then: Callable[[Ticket | None, BaseException | None], None] | None = None
+                  ) -> Ticket | None | _Decision | PendingAdmission:
         """The admission decision when it can be taken at once (no caller to admit, or the
         in-process buckets alone decide: no Redis, budget, nonce or trace span), else _LATER:
-        ``admit`` takes it."""
+        ``admit`` takes it. Given ``then``, a decision only Redis's buckets make is sent at
+        once, and ``then`` gets it on callbacks (Admission.admit_soon): its pending
+        admission is returned."""
         caller, route, req = ctx.caller, ctx.route, ctx.request
         if caller is None:
             return None
@@ -421,11 +451,17 @@ class Pipeline:
                 table.budgets and applicable(table.budgets, key.org, key.key_id)):
             return _LATER
         limits = table.limits
-        ticket = self.admission.admit_now(
-            limits, key, route.model,
-            estimate_tokens(len(ctx.body), req.max_tokens, limits.default_completion_tokens),
-            table.orgs.get(key.org), route.limits)
-        return _LATER if ticket is None else self._admitted(ctx, ticket)
+        tokens = estimate_tokens(len(ctx.body), req.max_tokens, limits.default_completion_tokens)
+        org = table.orgs.get(key.org)
+        ticket = self.admission.admit_now(limits, key, route.model, tokens, org, route.limits)
+        if ticket is not None:
+            return self._admitted(ctx, ticket)
+        if then is not None:
+            pending = self.admission.admit_soon(limits, key, route.model, tokens, org,
+                                                route.limits, then)
+            if pending is not None:
+                return pending
+        return _LATER
 
     async def admit(self, ctx: RequestContext) -> Ticket:
         """The decision admit_now leaves: through Redis, with budgets or a nonce, or traced."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import socket
 import warnings
 from collections.abc import AsyncIterator, Iterator
 
@@ -16,8 +17,10 @@ import pytest
 from apirouter.config import parse_config
 from apirouter.keys import hash_key
 from apirouter.outcomes import CLIENT_GONE
+from apirouter.redis_client import encode_command
 from apirouter.shm import TableReader, TableWriter
 from apirouter.table import compile_table, encode_table
+from tests.harness import RedisServer
 from tools.mock_backend import Behaviour, MockState, start_mock
 from workers.context import Reply, RequestContext
 from workers.pipeline import InFlight, Pipeline
@@ -265,3 +268,109 @@ async def test_a_stream_cancelled_before_its_task_ran_holds_nothing(
         gc.collect()
     assert reserved == [] and ctx.ticket is None
     assert not [w for w in caught if "never awaited" in str(w.message)]
+
+
+# -- Redis admission on callbacks (Admission.admit_soon) -----------------------------------------
+
+BIG = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 2000})  # the tier's tokens a minute fit one at a time
+
+
+@pytest.fixture
+async def redis_pipeline(mock: tuple[int, MockState], table_segment: TableWriter,
+                         redis_server: RedisServer) -> AsyncIterator[Pipeline]:
+    port, _ = mock
+    org = f"acme-{os.urandom(4).hex()}"  # fresh buckets on the session's Redis
+    cfg = parse_config({
+        "server": {"redis_url": redis_server.url},
+        "backends": {"a": f"http://{HOST}:{port}"},
+        "models": {"m": {"backends": ["a"]}},
+        # 120 requests of burst, one more each 600 ms: a test's remaining counts are exact
+        "tiers": {"small": {"rpm": 100, "rpm_burst": 120, "tpm": 2500, "tpm_burst": 2500}},
+        "keys": {"k": {"sha256": hash_key(KEY), "org": org, "tier": "small"}}})
+    table_segment.publish(encode_table(compile_table(cfg, source="t")))
+    p = Pipeline(TableCache(TableReader(table_segment.name)))
+    yield p
+    if p.admission.redis is not None:
+        p.admission.redis.close()
+    p.tables.close()
+
+
+def redis_command(server: RedisServer, *args: str) -> bytes:
+    with socket.create_connection((HOST, server.port), timeout=5) as s:
+        s.sendall(encode_command(*args))
+        return s.recv(256)
+
+
+async def test_a_redis_admission_runs_on_callbacks_to_its_reply(
+        redis_pipeline: Pipeline) -> None:
+    """Connected and the script loaded, Redis's decision is taken in the read callback of its
+    reply and the request forwarded from there: no task, where one woke a loop iteration
+    after the command was sent and again after the reply came."""
+    p = redis_pipeline
+    await served(p)  # connects to Redis, loads the script, opens the backend connection
+    tasks = len(asyncio.all_tasks())
+    answers = Answers()
+    handle = p.serve(chat(p, 1), answers)
+    assert isinstance(handle, InFlight) and handle.task is None
+    assert handle.admitting is not None
+    assert len(asyncio.all_tasks()) == tasks
+    await asyncio.wait_for(answers.event.wait(), 5)
+    (reply,) = answers.got
+    assert reply is not None and reply.status == 200
+    assert handle.admitting is None and handle.forwarding is None
+    assert int(dict(reply.headers)["X-RateLimit-Remaining"]) == 118  # the second of 120
+
+
+async def test_a_redis_without_the_script_loads_it_again_and_charges_once(
+        redis_pipeline: Pipeline, redis_server: RedisServer) -> None:
+    """Redis restarted or flushed its scripts: NOSCRIPT takes admit's path, which loads the
+    script again; the request is admitted by Redis (not the failure policy), charged once."""
+    p = redis_pipeline
+    await served(p)
+    assert redis_command(redis_server, "SCRIPT", "FLUSH").startswith(b"+OK")
+    reply = await served(p, 1)
+    assert reply.status == 200
+    headers = dict(reply.headers)
+    assert int(headers["X-RateLimit-Remaining"]) == 118
+    assert p.admission.failures == 0
+    assert (await served(p, 2)).status == 200  # and on callbacks again
+    assert p.admission._sha.get("admit") is not None
+
+
+async def test_a_hang_up_while_redis_decides_releases_its_charge(
+        redis_pipeline: Pipeline, redis_server: RedisServer) -> None:
+    """Redis holds the admission (paused, within its liveness bound) and the client hangs up:
+    the request is accounted as gone, never forwarded, nothing is answered, and what the
+    script charged when Redis ran it is released."""
+    p = redis_pipeline
+    first = p.context(p.by_path["/v1/chat/completions"], p.tables.current(), "req-big", BIG,
+                      hash_key(KEY), None)
+    answers = Answers()
+    p.serve(first, answers)
+    await asyncio.wait_for(answers.event.wait(), 5)
+    assert answers.got[0] is not None and answers.got[0].status == 200
+    p.accounts.flush()  # its settlement: the mock used far fewer tokens than reserved
+    await asyncio.sleep(0.1)
+    assert redis_command(redis_server, "CLIENT", "PAUSE", "300", "ALL").startswith(b"+OK")
+    ctx = p.context(p.by_path["/v1/chat/completions"], p.tables.current(), "req-gone", BIG,
+                    hash_key(KEY), None)
+    gone = Answers()
+    handle = p.serve(ctx, gone)
+    assert isinstance(handle, InFlight) and handle.admitting is not None
+    await asyncio.sleep(0.05)
+    handle.cancel()
+    assert ctx.outcome is CLIENT_GONE and ctx.accounted
+    await asyncio.sleep(0.6)  # Redis runs the script (charging 2,000+ tokens), then the release
+    assert gone.got == [] and not p.admission._releases
+    after = p.context(p.by_path["/v1/chat/completions"], p.tables.current(), "req-again", BIG,
+                      hash_key(KEY), None)
+    again = Answers()
+    p.serve(after, again)
+    await asyncio.wait_for(again.event.wait(), 5)
+    assert again.got[0] is not None and again.got[0].status == 200  # refused if still charged
+
+
+async def test_redis_admissions_on_callbacks_leave_no_reference_cycle(
+        redis_pipeline: Pipeline) -> None:
+    assert await cycles_left_by(redis_pipeline, 20, 200) == 0
