@@ -188,7 +188,7 @@ class Pipeline:
             if req.stream:  # (admitted in its task: a task cancelled unstarted holds nothing)
                 return self._in_task(self.admit_and_forward, ctx, answer)
             inflight = InFlight(self, ctx, answer)
-            ticket = self.admit_now(ctx, inflight.admitted)
+            ticket = self.admit_now(ctx, inflight)
             if ticket is _LATER:
                 inflight.task = self.loop.create_task(self._admit_then_forward(inflight))
             elif isinstance(ticket, PendingAdmission):  # InFlight.admitted continues
@@ -325,7 +325,7 @@ class Pipeline:
     async def admit_and_forward(self, ctx: RequestContext) -> Reply | None:
         """``proxy`` after ``parse_route``: admit, forward, reply (streams are relayed)."""
         ticket = self.admit_now(ctx)
-        assert not isinstance(ticket, PendingAdmission)  # (only given a ``then``)
+        assert not isinstance(ticket, PendingAdmission)  # (only given an InFlight)
         return await self.proxy_admitted(ctx, ticket)
 
     def parse_route(self, ctx: RequestContext) -> ProxyRequest:
@@ -433,14 +433,13 @@ class Pipeline:
                          *self.accounts.account(ctx, reply.status)]
         return reply
 
-    def admit_now(self, ctx: RequestContext,
-                  then: Callable[[Ticket | None, BaseException | None], None] | None = None
+    def admit_now(self, ctx: RequestContext, inflight: InFlight | None = None
                   ) -> Ticket | None | _Decision | PendingAdmission:
         """The admission decision when it can be taken at once (no caller to admit, or the
         in-process buckets alone decide: no Redis, budget, nonce or trace span), else _LATER:
-        ``admit`` takes it. Given ``then``, a decision only Redis's buckets make is sent at
-        once, and ``then`` gets it on callbacks (Admission.admit_soon): its pending
-        admission is returned."""
+        ``admit`` takes it. Given ``inflight``, a decision only Redis's buckets make is sent
+        at once, and ``inflight.admitted`` gets it on callbacks (Admission.admit_soon): the
+        pending admission is returned."""
         caller, route, req = ctx.caller, ctx.route, ctx.request
         if caller is None:
             return None
@@ -456,9 +455,9 @@ class Pipeline:
         ticket = self.admission.admit_now(limits, key, route.model, tokens, org, route.limits)
         if ticket is not None:
             return self._admitted(ctx, ticket)
-        if then is not None:
+        if inflight is not None:
             pending = self.admission.admit_soon(limits, key, route.model, tokens, org,
-                                                route.limits, then)
+                                                route.limits, inflight.admitted)
             if pending is not None:
                 return pending
         return _LATER
