@@ -35,8 +35,9 @@ RespValue = Any
 class ReplyWaiter(Protocol):
     """What waits for a reply: an asyncio future, or an object that acts on the reply (or the
     connection's failure) inside ``set_result``/``set_exception``, called from the read
-    callback that brought it; those must not raise. ``done()``: the reply is no longer
-    wanted (it is still read in order, and dropped)."""
+    callback that brought it. What those raise goes to the loop's exception handler, never
+    taken for Redis's failure. ``done()``: the reply is no longer wanted (it is still read in
+    order, and dropped)."""
 
     def done(self) -> bool: ...
 
@@ -271,32 +272,45 @@ class _Protocol(asyncio.Protocol):
                     value, pos = parse_reply(self.buf, pos)
                 except _NeedMore:
                     break
+                except (ValueError, RedisUnavailable) as e:
+                    self.fail(RedisUnavailable(f"bad reply: {e}"))
+                    return
                 w = self.waiters.popleft()
                 if not w.done():
-                    w.set_result(value)
-        except (ValueError, RedisUnavailable) as e:
-            self.fail(RedisUnavailable(f"bad reply: {e}"))
-            return
-        self.buf = self.buf[pos:]
+                    try:
+                        w.set_result(value)
+                    except Exception as e:  # a waiter's own failure is not Redis's
+                        self._waiter_failed(e)
+        finally:
+            self.buf = self.buf[pos:]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(RedisUnavailable("connection lost"))
 
     def fail(self, exc: Exception) -> None:
+        """Fail every reply owed. The connection is given up first: the waiters told (which
+        may act at once: ReplyWaiter) find it gone, not half torn down."""
         if self.watchdog is not None:
             self.watchdog.cancel()
             self.watchdog = None
-        while self.waiters:
-            w = self.waiters.popleft()
-            if not w.done():
-                w.set_exception(exc)
+        waiters, self.waiters = self.waiters, deque()
         self.out = []
         self.out_replies = 0
-        if self.transport is not None:
-            self.transport.abort()
-            self.transport = None
+        transport, self.transport = self.transport, None
         if self.client._proto is self:
             self.client._proto = None
+        if transport is not None:
+            transport.abort()
+        for w in waiters:
+            if not w.done():
+                try:
+                    w.set_exception(exc)
+                except Exception as e:
+                    self._waiter_failed(e)
+
+    def _waiter_failed(self, e: Exception) -> None:
+        self.loop.call_exception_handler({"message": "a Redis reply's waiter failed",
+                                          "exception": e, "protocol": self})
 
 
 class RedisClient:

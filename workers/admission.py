@@ -106,19 +106,24 @@ _UNDECIDED = Verdict(True, None, 0, 0, 0)  # a ticket's verdict until admission 
 class PendingAdmission:
     """An admission sent to Redis by ``Admission.admit_soon``: Redis's reply (or the
     connection's failure) is decided here, in the read callback that brings it (the
-    connection's ReplyWaiter), and handed to ``then``; ``cancel()`` (the client hung up) drops
-    it and releases whatever Redis may charge for it."""
+    connection's ReplyWaiter), and handed to ``then`` exactly once; ``cancel()`` (the client
+    hung up) drops it and releases whatever Redis may charge for it. ``then`` runs inside the
+    Redis connection's read (or failure) callback: whatever it raises is logged here, never
+    left to that connection's loop over its replies."""
 
-    __slots__ = ("admission", "limits", "ticket", "then", "started", "task")
+    __slots__ = ("admission", "limits", "client", "sha", "ticket", "then", "started", "task")
 
-    def __init__(self, admission: Admission, limits: Limits, ticket: Ticket,
-                 then: Callable[[Ticket | None, BaseException | None], None]) -> None:
+    def __init__(self, admission: Admission, limits: Limits, client: RedisClient, sha: str,
+                 ticket: Ticket, then: Callable[[Ticket | None, BaseException | None], None]
+                 ) -> None:
         self.admission = admission
         self.limits = limits
+        self.client = client  # the one it was sent on (a reload may replace the worker's)
+        self.sha = sha
         self.ticket = ticket
         self.then: Callable[[Ticket | None, BaseException | None], None] | None = then
         self.started = time.perf_counter()
-        self.task: asyncio.Future[None] | None = None  # admit's path, after an error reply
+        self.task: asyncio.Future[None] | None = None  # admit's path, after NOSCRIPT
 
     def done(self) -> bool:
         return self.then is None or self.task is not None
@@ -126,47 +131,43 @@ class PendingAdmission:
     def set_result(self, reply: object) -> None:
         if self.done():
             return
-        a, ticket = self.admission, self.ticket
-        if isinstance(reply, RedisError):
-            if not str(reply).startswith("NOSCRIPT"):
-                self._failed(reply)
-                return
+        if isinstance(reply, RedisError) and str(reply).startswith("NOSCRIPT"):
             # Redis restarted or flushed its scripts: admit's path loads the script again.
-            a._sha.pop("admit", None)
+            a = self.admission
+            if a._sha.get("admit") is self.sha:
+                a._sha.pop("admit", None)
             self.task = spawn(self._again())
             return
-        then, self.then = self.then, None
-        assert then is not None
-        try:
-            ticket.verdict = a._verdict(self.limits, ticket, reply)
-        except Exception as e:
-            then(None, e)
-            return
-        a._decisions += 1
-        if not a._decisions & 7:  # sampled, as admit's
-            ADMISSION_LATENCY.observe(time.perf_counter() - self.started)
-        then(ticket, None)
+        self._decide(reply)
 
     def set_exception(self, error: BaseException) -> None:
         """The connection failed (or was closed): the failure policy decides, and the
         reservation is released once Redis answers again."""
         if self.done():
             return
-        self._failed(error if isinstance(error, Exception) else RedisUnavailable(str(error)))
+        self._decide(error if isinstance(error, Exception) else RedisUnavailable(str(error)))
 
-    def _failed(self, error: Exception) -> None:
+    def _decide(self, reply: object) -> None:
+        """Redis's reply — or the error that stands for it (the failure policy decides) — as
+        Admission._admit_redis and Admission.admit take it, to ``then``."""
         then, self.then = self.then, None
         if then is None:
             return
-        a, ticket = self.admission, self.ticket
-        ticket.charged = False
-        a._release_later(self.limits, ticket)
+        a, ticket, limits = self.admission, self.ticket, self.limits
         try:
-            ticket.verdict = a._on_failure(self.limits, error)
-        except Exception as e:  # fail-closed
-            then(None, e)
+            if isinstance(reply, (RedisUnavailable, RedisError, OSError)):
+                ticket.charged = False
+                a._release_later(limits, ticket)
+                ticket.verdict = a._on_failure(limits, reply)
+            else:
+                ticket.verdict = a._verdict(limits, ticket, reply)
+        except Exception as e:  # fail-closed, a reservation id reused
+            _hand(then, None, e)
             return
-        then(ticket, None)
+        a._decisions += 1
+        if not a._decisions & 7:  # sampled, as admit's
+            ADMISSION_LATENCY.observe(time.perf_counter() - self.started)
+        _hand(then, ticket, None)
 
     def cancel(self) -> None:
         """The client hung up before the decision: Redis's reply is dropped when it comes, and
@@ -181,26 +182,30 @@ class PendingAdmission:
             task.cancel()
 
     async def _again(self) -> None:
-        """After NOSCRIPT: ADMIT through ``_run``, which loads the script."""
-        a, ticket, limits = self.admission, self.ticket, self.limits
+        """After NOSCRIPT: ADMIT through ``_run`` (which loads the script) on the client it
+        was sent on, as _admit_redis retries."""
+        a, ticket = self.admission, self.ticket
+        reply: object
         try:
-            client = a.client_for(limits)
-            if client is None:  # a reload took this worker off Redis meanwhile
-                raise RedisUnavailable("Redis is no longer configured")
-            reply = await a._script(client, "admit", ADMIT_LUA,
+            reply = await a._script(self.client, "admit", ADMIT_LUA,
                                     *a._script_args(ticket, None, 0))
         except (RedisUnavailable, RedisError, OSError) as e:
-            self._failed(e)
+            reply = e
+        except Exception as e:  # a failure of ours: the request still gets its one answer
+            then, self.then = self.then, None
+            if then is not None:
+                _hand(then, None, e)
             return
-        then, self.then = self.then, None
-        if then is None:
-            return
-        try:
-            ticket.verdict = a._verdict(limits, ticket, reply)
-        except Exception as e:
-            then(None, e)
-            return
-        then(ticket, None)
+        self._decide(reply)
+
+
+def _hand(then: Callable[[Ticket | None, BaseException | None], None], ticket: Ticket | None,
+          error: BaseException | None) -> None:
+    """``then(ticket, error)``, which must not raise into the Redis connection's callbacks."""
+    try:
+        then(ticket, error)
+    except Exception:
+        log.exception("answering a request after its Redis admission failed")
 
 
 def ticket_headers(ticket: Ticket) -> list[tuple[str, str]]:
@@ -240,13 +245,16 @@ class Admission:
 
     def client_for(self, limits: Limits) -> RedisClient | None:
         if limits.redis_url != self._redis_url:
-            if self.redis is not None:
-                self.redis.close()
+            old = self.redis
             self.redis = RedisClient(limits.redis_url, lone=_lone(
                 asyncio.get_running_loop())) if limits.redis_url else None
             self._redis_url = limits.redis_url
             self._sha.clear()
             self._releases.clear()
+            if old is not None:
+                # Last: closing answers the admissions pending on it (the failure policy),
+                # whose requests may go on to admit others, on the new client.
+                old.close()
         if self.redis is not None:
             self.redis.stall_timeout = limits.redis_timeout_ms / 1000
         return self.redis
@@ -309,12 +317,13 @@ class Admission:
                    then: Callable[[Ticket | None, BaseException | None], None]
                    ) -> PendingAdmission | None:
         """``admit`` on Redis without a coroutine, for the common decision (buckets only: the
-        caller has no budget and no nonce): ADMIT's command goes out now, and ``then(ticket,
-        None)`` — or ``then(None, error)``: a refused replay, fail-closed — runs in the read
-        callback of Redis's reply. None when ``admit`` must take it: no live connection, the
-        script not loaded yet, the breaker open. Awaited in a task, the command waited for the
-        task's first step and the reply for its second (each through the loop's ready queue
-        and four coroutine frames), with a future between reply and task."""
+        caller has no budget and no nonce): ADMIT's command goes out now (or with the turn's
+        other commands: RedisClient's coalescing), and ``then(ticket, None)`` — or
+        ``then(None, error)``: fail-closed — runs in the read callback of Redis's reply.
+        None when ``admit`` must take it: no live connection, the script not loaded yet, the
+        breaker open. Awaited in a task, the command waited for the task's first step and the
+        reply for its second (each through the loop's ready queue and four coroutine frames),
+        with a future between reply and task."""
         client = self.client_for(limits)
         sha = self._sha.get("admit")
         if client is None or sha is None or self.open_until > time.monotonic():
@@ -323,7 +332,7 @@ class Admission:
         self._rid_next += 1
         ticket = Ticket(key, specs, tokens, _UNDECIDED,
                         rid=f"{self._rid_prefix}{self._rid_next:x}")
-        pending = PendingAdmission(self, limits, ticket, then)
+        pending = PendingAdmission(self, limits, client, sha, ticket, then)
         if not client.submit_waiter(self._commands.command(
                 sha, key, model, org, model_limits, specs, ticket.rid, None, 0, (), (), None),
                 pending):

@@ -77,7 +77,7 @@ class InFlight:
         """Redis's decision, on callbacks (Admission.admit_soon): forward, or answer the
         refusal."""
         p, ctx = self.pipeline, self.ctx
-        self.admitting = None  # (a reference cycle otherwise: its ``then`` is bound to us)
+        self.admitting = None  # (done with: it need not live as long as the request)
         try:
             if exc is not None:
                 raise exc

@@ -276,19 +276,27 @@ BIG = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}
                     "max_tokens": 2000})  # the tier's tokens a minute fit one at a time
 
 
+def redis_table(mock_port: int, redis_url: str, org: str, **server: object) -> bytes:
+    return encode_table(compile_table(parse_config({
+        "server": {"redis_url": redis_url, **server},
+        "backends": {"a": f"http://{HOST}:{mock_port}"},
+        "models": {"m": {"backends": ["a"]}},
+        # 120 requests of burst, one more each 600 ms: a test's remaining counts are exact
+        "tiers": {"small": {"rpm": 100, "rpm_burst": 120, "tpm": 2500, "tpm_burst": 2500},
+                  "one": {"rpm": 1, "rpm_burst": 1}},
+        "keys": {"k": {"sha256": hash_key(KEY), "org": org, "tier": "small"},
+                 "k1": {"sha256": hash_key(ONE), "org": org, "tier": "one"}}}), source="t"))
+
+
+ONE = "ar-serve-one-a-minute"
+
+
 @pytest.fixture
 async def redis_pipeline(mock: tuple[int, MockState], table_segment: TableWriter,
                          redis_server: RedisServer) -> AsyncIterator[Pipeline]:
     port, _ = mock
-    org = f"acme-{os.urandom(4).hex()}"  # fresh buckets on the session's Redis
-    cfg = parse_config({
-        "server": {"redis_url": redis_server.url},
-        "backends": {"a": f"http://{HOST}:{port}"},
-        "models": {"m": {"backends": ["a"]}},
-        # 120 requests of burst, one more each 600 ms: a test's remaining counts are exact
-        "tiers": {"small": {"rpm": 100, "rpm_burst": 120, "tpm": 2500, "tpm_burst": 2500}},
-        "keys": {"k": {"sha256": hash_key(KEY), "org": org, "tier": "small"}}})
-    table_segment.publish(encode_table(compile_table(cfg, source="t")))
+    # fresh buckets on the session's Redis
+    table_segment.publish(redis_table(port, redis_server.url, f"acme-{os.urandom(4).hex()}"))
     p = Pipeline(TableCache(TableReader(table_segment.name)))
     yield p
     if p.admission.redis is not None:
@@ -329,17 +337,26 @@ async def test_a_redis_without_the_script_loads_it_again_and_charges_once(
     p = redis_pipeline
     await served(p)
     assert redis_command(redis_server, "SCRIPT", "FLUSH").startswith(b"+OK")
-    reply = await served(p, 1)
-    assert reply.status == 200
+    answers = Answers()
+    handle = p.serve(chat(p, 1), answers)
+    assert isinstance(handle, InFlight) and handle.admitting is not None  # sent on callbacks
+    await asyncio.wait_for(answers.event.wait(), 5)
+    (reply,) = answers.got
+    assert reply is not None and reply.status == 200
     headers = dict(reply.headers)
     assert int(headers["X-RateLimit-Remaining"]) == 118
     assert p.admission.failures == 0
-    assert (await served(p, 2)).status == 200  # and on callbacks again
     assert p.admission._sha.get("admit") is not None
+    again = Answers()
+    handle = p.serve(chat(p, 2), again)  # and on callbacks again
+    assert isinstance(handle, InFlight) and handle.admitting is not None
+    await asyncio.wait_for(again.event.wait(), 5)
+    assert again.got[0] is not None and again.got[0].status == 200
 
 
 async def test_a_hang_up_while_redis_decides_releases_its_charge(
-        redis_pipeline: Pipeline, redis_server: RedisServer) -> None:
+        redis_pipeline: Pipeline, redis_server: RedisServer, mock: tuple[int, MockState]
+        ) -> None:
     """Redis holds the admission (paused, within its liveness bound) and the client hangs up:
     the request is accounted as gone, never forwarded, nothing is answered, and what the
     script charged when Redis ran it is released."""
@@ -363,6 +380,7 @@ async def test_a_hang_up_while_redis_decides_releases_its_charge(
     assert ctx.outcome is CLIENT_GONE and ctx.accounted
     await asyncio.sleep(0.6)  # Redis runs the script (charging 2,000+ tokens), then the release
     assert gone.got == [] and not p.admission._releases
+    assert mock[1].requests == 1  # never forwarded
     after = p.context(p.by_path["/v1/chat/completions"], p.tables.current(), "req-again", BIG,
                       hash_key(KEY), None)
     again = Answers()
@@ -374,3 +392,85 @@ async def test_a_hang_up_while_redis_decides_releases_its_charge(
 async def test_redis_admissions_on_callbacks_leave_no_reference_cycle(
         redis_pipeline: Pipeline) -> None:
     assert await cycles_left_by(redis_pipeline, 20, 200) == 0
+
+
+async def test_a_refusal_by_redis_on_callbacks_is_answered_and_accounted(
+        redis_pipeline: Pipeline) -> None:
+    p = redis_pipeline
+    await served(p)
+    first = Answers()
+    p.serve(chat(p, 1, ONE), first)
+    await asyncio.wait_for(first.event.wait(), 5)
+    assert first.got[0] is not None and first.got[0].status == 200
+    refused = Answers()
+    ctx = chat(p, 2, ONE)
+    handle = p.serve(ctx, refused)
+    assert isinstance(handle, InFlight) and handle.admitting is not None
+    await asyncio.wait_for(refused.event.wait(), 5)
+    (reply,) = refused.got
+    assert reply is not None and reply.status == 429
+    headers = dict(reply.headers)
+    assert headers["X-RateLimit-Remaining"] == "0" and int(headers["Retry-After"]) >= 1
+    assert orjson.loads(reply.body)["error"]["code"] == "rate_limit_exceeded"
+    assert ctx.ticket is None and handle.forwarding is None and handle.admitting is None
+
+
+@pytest.mark.parametrize("policy", ["open", "closed"])
+async def test_a_redis_connection_lost_while_deciding_takes_the_failure_policy(
+        redis_pipeline: Pipeline, table_segment: TableWriter, mock: tuple[int, MockState],
+        redis_server: RedisServer, policy: str) -> None:
+    """The connection drops with the admission on it: the policy decides at once (open:
+    forwarded, without rate-limit headers; closed: 503), once; the breaker opens, readiness
+    says degraded, and the reservation waits for its release on Redis."""
+    p = redis_pipeline
+    await served(p)
+    table_segment.publish(redis_table(mock[0], redis_server.url, f"acme-{os.urandom(4).hex()}",
+                                      redis_failure_policy=policy))
+    await served(p, 1)  # the same client (same URL), the new table
+    answers = Answers()
+    handle = p.serve(chat(p, 2), answers)
+    assert isinstance(handle, InFlight) and handle.admitting is not None
+    pending = handle.admitting
+    redis = p.admission.redis
+    assert redis is not None and redis._proto is not None and redis._proto.transport is not None
+    redis._proto.transport.abort()  # the connection drops: connection_lost
+    await asyncio.wait_for(answers.event.wait(), 5)
+    (reply,) = answers.got
+    assert reply is not None
+    if policy == "open":
+        assert reply.status == 200
+        assert not any(h.startswith("X-RateLimit") for h, _ in reply.headers)
+    else:
+        assert reply.status == 503
+    assert p.admission.failures == 1 and "connection lost" in (p.admission.last_error or "")
+    assert p.admission.status(p.tables.current().table.limits)["breaker"] == "open"
+    assert pending.ticket.rid in p.admission._releases  # released once the breaker lets it
+    await asyncio.sleep(0.2)
+    assert len(answers.got) == 1  # one answer
+
+
+async def test_a_failing_answer_does_not_break_the_redis_connection(
+        redis_pipeline: Pipeline) -> None:
+    """What a request's answer raises inside Redis's read callback (here: two refusals,
+    answered there) is reported; it is not taken for Redis's failure: the other replies of
+    that read and the connection go on."""
+    p = redis_pipeline
+    await served(p)
+    first = Answers()
+    p.serve(chat(p, 1, ONE), first)  # the one request a minute
+    await asyncio.wait_for(first.event.wait(), 5)
+    seen: list[int] = []
+
+    def broken(reply: Reply | None, failed: BaseException | None) -> None:
+        seen.append(reply.status if reply is not None else 0)
+        raise ValueError("a bug in answering")
+
+    handles = [p.serve(chat(p, 2, ONE), broken), p.serve(chat(p, 3, ONE), broken)]
+    assert all(isinstance(h, InFlight) and h.admitting is not None for h in handles)
+    for _ in range(100):
+        if len(seen) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert seen == [429, 429]
+    assert p.admission.failures == 0 and p.admission.open_until == 0.0
+    assert (await served(p, 4)).status == 200
