@@ -92,6 +92,18 @@ async def served(p: Pipeline, n: int = 0) -> Reply:
     return reply
 
 
+async def answered(p: Pipeline, ctx: RequestContext, waiting: str) -> tuple[InFlight, Reply]:
+    """Serve ``ctx``, which must go on past ``serve`` (an InFlight whose ``waiting`` - task,
+    admitting - is set); its one reply."""
+    answers = Answers()
+    handle = p.serve(ctx, answers)
+    assert isinstance(handle, InFlight) and getattr(handle, waiting) is not None
+    await asyncio.wait_for(answers.event.wait(), 5)
+    (reply,) = answers.got
+    assert reply is not None
+    return handle, reply
+
+
 async def test_the_common_request_runs_on_callbacks_to_its_reply(pipeline: Pipeline) -> None:
     await served(pipeline)  # the first opens the backend connection (in a task)
     tasks = len(asyncio.all_tasks())
@@ -205,13 +217,9 @@ async def test_an_admission_that_must_wait_is_awaited_then_forwarded_on_callback
     """A budget makes the admission a coroutine (admit_now cannot take it): it runs in a task,
     and the forwarding after it on callbacks, as for any request."""
     await served(pipeline)
-    answers = Answers()
     ctx = chat(pipeline, 3, BUDGETED)
-    handle = pipeline.serve(ctx, answers)
-    assert isinstance(handle, InFlight) and handle.task is not None
-    await asyncio.wait_for(answers.event.wait(), 5)
-    (reply,) = answers.got
-    assert reply is not None and reply.status == 200
+    handle, reply = await answered(pipeline, ctx, "task")
+    assert reply.status == 200
     assert handle.task is None and handle.forwarding is None
     assert ctx.ticket is not None and ctx.ticket.budgets  # the budget was reserved
 
@@ -337,21 +345,14 @@ async def test_a_redis_without_the_script_loads_it_again_and_charges_once(
     p = redis_pipeline
     await served(p)
     assert redis_command(redis_server, "SCRIPT", "FLUSH").startswith(b"+OK")
-    answers = Answers()
-    handle = p.serve(chat(p, 1), answers)
-    assert isinstance(handle, InFlight) and handle.admitting is not None  # sent on callbacks
-    await asyncio.wait_for(answers.event.wait(), 5)
-    (reply,) = answers.got
-    assert reply is not None and reply.status == 200
+    _, reply = await answered(p, chat(p, 1), "admitting")  # sent on callbacks
+    assert reply.status == 200
     headers = dict(reply.headers)
     assert int(headers["X-RateLimit-Remaining"]) == 118
     assert p.admission.failures == 0
     assert p.admission._sha.get("admit") is not None
-    again = Answers()
-    handle = p.serve(chat(p, 2), again)  # and on callbacks again
-    assert isinstance(handle, InFlight) and handle.admitting is not None
-    await asyncio.wait_for(again.event.wait(), 5)
-    assert again.got[0] is not None and again.got[0].status == 200
+    _, again = await answered(p, chat(p, 2), "admitting")  # and on callbacks again
+    assert again.status == 200
 
 
 async def test_a_hang_up_while_redis_decides_releases_its_charge(
@@ -398,17 +399,11 @@ async def test_a_refusal_by_redis_on_callbacks_is_answered_and_accounted(
         redis_pipeline: Pipeline) -> None:
     p = redis_pipeline
     await served(p)
-    first = Answers()
-    p.serve(chat(p, 1, ONE), first)
-    await asyncio.wait_for(first.event.wait(), 5)
-    assert first.got[0] is not None and first.got[0].status == 200
-    refused = Answers()
+    _, first = await answered(p, chat(p, 1, ONE), "admitting")
+    assert first.status == 200
     ctx = chat(p, 2, ONE)
-    handle = p.serve(ctx, refused)
-    assert isinstance(handle, InFlight) and handle.admitting is not None
-    await asyncio.wait_for(refused.event.wait(), 5)
-    (reply,) = refused.got
-    assert reply is not None and reply.status == 429
+    handle, reply = await answered(p, ctx, "admitting")
+    assert reply.status == 429
     headers = dict(reply.headers)
     assert headers["X-RateLimit-Remaining"] == "0" and int(headers["Retry-After"]) >= 1
     assert orjson.loads(reply.body)["error"]["code"] == "rate_limit_exceeded"
@@ -456,9 +451,8 @@ async def test_a_failing_answer_does_not_break_the_redis_connection(
     that read and the connection go on."""
     p = redis_pipeline
     await served(p)
-    first = Answers()
-    p.serve(chat(p, 1, ONE), first)  # the one request a minute
-    await asyncio.wait_for(first.event.wait(), 5)
+    _, first = await answered(p, chat(p, 1, ONE), "admitting")  # the one request a minute
+    assert first.status == 200
     seen: list[int] = []
 
     def broken(reply: Reply | None, failed: BaseException | None) -> None:
