@@ -156,9 +156,7 @@ class PendingAdmission:
         a, ticket, limits = self.admission, self.ticket, self.limits
         try:
             if isinstance(reply, (RedisUnavailable, RedisError, OSError)):
-                ticket.charged = False
-                a._release_later(limits, ticket)
-                ticket.verdict = a._on_failure(limits, reply)
+                ticket.verdict = a._undecided(limits, ticket, reply)
             else:
                 ticket.verdict = a._verdict(limits, ticket, reply)
         except Exception as e:  # fail-closed, a reservation id reused
@@ -175,8 +173,7 @@ class PendingAdmission:
         if self.then is None:
             return
         self.then = None
-        self.ticket.charged = False
-        self.admission._release_later(self.limits, self.ticket)
+        self.admission._release(self.limits, self.ticket)
         task, self.task = self.task, None
         if task is not None:
             task.cancel()
@@ -292,9 +289,8 @@ class Admission:
             ticket.verdict = self._admit_local(ticket, nonce, nonce_ttl_ms)
             return ticket
         specs = buckets_for(key, model, tokens, org, model_limits)
-        self._rid_next += 1
         ticket = Ticket(key, specs, tokens, _UNDECIDED, budgets, reservation,
-                        rid=f"{self._rid_prefix}{self._rid_next:x}", periods=periods)
+                        rid=self._next_rid(), periods=periods)
         started = time.perf_counter()
         ticket.verdict = await self._admit_redis(client, limits, ticket, nonce, nonce_ttl_ms,
                                                  model, org, model_limits)
@@ -329,9 +325,7 @@ class Admission:
         if client is None or sha is None or self.open_until > time.monotonic():
             return None
         specs = buckets_for(key, model, tokens, org, model_limits)
-        self._rid_next += 1
-        ticket = Ticket(key, specs, tokens, _UNDECIDED,
-                        rid=f"{self._rid_prefix}{self._rid_next:x}")
+        ticket = Ticket(key, specs, tokens, _UNDECIDED, rid=self._next_rid())
         pending = PendingAdmission(self, limits, client, sha, ticket, then)
         if not client.submit_waiter(self._commands.command(
                 sha, key, model, org, model_limits, specs, ticket.rid, None, 0, (), (), None),
@@ -448,22 +442,32 @@ class Admission:
                                            ticket.budgets, ticket.periods,
                                            ticket.reservation)))
         except (RedisUnavailable, RedisError, OSError) as e:
-            # The script may still run (or have run) inside Redis: release it there.
-            ticket.charged = False
-            self._release_later(limits, ticket)
-            return self._on_failure(limits, e)
+            return self._undecided(limits, ticket, e)
         except asyncio.CancelledError:
-            ticket.charged = False
-            self._release_later(limits, ticket)
+            self._release(limits, ticket)
             raise
         return self._verdict(limits, ticket, reply)
+
+    def _next_rid(self) -> str:
+        """A reservation id unique to this worker."""
+        self._rid_next += 1
+        return f"{self._rid_prefix}{self._rid_next:x}"
+
+    def _release(self, limits: Limits, ticket: Ticket) -> None:
+        """An admission whose answer will not be used: nothing to settle, and what the script
+        may still charge (or has charged) inside Redis is released there."""
+        ticket.charged = False
+        self._release_later(limits, ticket)
+
+    def _undecided(self, limits: Limits, ticket: Ticket, error: Exception) -> Verdict:
+        """The failure policy's verdict for an admission Redis did not decide (released)."""
+        self._release(limits, ticket)
+        return self._on_failure(limits, error)
 
     def _verdict(self, limits: Limits, ticket: Ticket, reply: object) -> Verdict:
         """The decision in ADMIT's reply (a refused nonce raises its catalog error)."""
         if not isinstance(reply, list) or len(reply) != 5:
-            ticket.charged = False
-            self._release_later(limits, ticket)
-            return self._on_failure(limits, RedisError(f"unexpected reply {reply!r}"))
+            return self._undecided(limits, ticket, RedisError(f"unexpected reply {reply!r}"))
         self.failures = 0
         self.last_error = None
         code, index, remaining, retry, reset = map(int, reply)
