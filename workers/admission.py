@@ -162,9 +162,7 @@ class PendingAdmission:
         except Exception as e:  # fail-closed, a reservation id reused
             _hand(then, None, e)
             return
-        a._decisions += 1
-        if not a._decisions & 7:  # sampled, as admit's
-            ADMISSION_LATENCY.observe(time.perf_counter() - self.started)
+        a._decided(self.started)
         _hand(then, ticket, None)
 
     def cancel(self) -> None:
@@ -294,10 +292,15 @@ class Admission:
         started = time.perf_counter()
         ticket.verdict = await self._admit_redis(client, limits, ticket, nonce, nonce_ttl_ms,
                                                  model, org, model_limits)
-        self._decisions += 1
-        if not self._decisions & 7:  # a sampled histogram: 1 in 8 decisions
-            ADMISSION_LATENCY.observe(time.perf_counter() - started)
+        self._decided(started)
         return ticket
+
+    def _decided(self, started: float) -> None:
+        """A Redis decision that took since ``started`` (perf_counter): a sampled histogram,
+        1 in 8 decisions."""
+        self._decisions += 1
+        if not self._decisions & 7:
+            ADMISSION_LATENCY.observe(time.perf_counter() - started)
 
     def admit_now(self, limits: Limits, key: KeyRecord, model: str, tokens: int,
                   org: Tier | None, model_limits: Tier | None) -> Ticket | None:
