@@ -23,6 +23,14 @@ With ``--rounds N`` each concurrency runs its three legs N times, one after the 
 median over the rounds (requests, errors and CPU seconds summed), and each round's ratios are
 listed. On a shared 2-core machine one leg can be a few percent off: nginx's CPU per request
 moved ±4% from run to run, which is more than most changes to the router's.
+
+    python -m bench.overhead --floor                  # and the floor, in the same run
+
+``--floor`` adds a fourth leg: bench.floor_proxy, a proxy on the router's own stack (uvloop,
+picohttpparser, a keep-alive upstream pool parsed by httptools) that does nothing else. Its
+CPU per request is what any Python router built this way pays; the router's minus the floor's
+is what the router's own work costs (auth, admission, routing, metrics, usage records, ...),
+and the floor's / nginx's is the least a ratio to nginx can be on this machine.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from apirouter.keys import hash_key
-from bench.procs import MockBackend, Nginx, RedisServer, Router, process_tree_cpu
+from bench.procs import FloorProxy, MockBackend, Nginx, RedisServer, Router, process_tree_cpu
 from bench.report import interpreter
 from bench.slo import Slo, Verdict, evaluate_one
 
@@ -60,6 +68,7 @@ BODY = json.dumps({
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 BENCH_KEY = "ar-bench-key"
 TARGETS = ("direct", "nginx", "router")
+FLOOR = "floor"  # the optional fourth leg (--floor): bench.floor_proxy
 NGINX_KEEPALIVE = 64  # idle upstream connections nginx keeps per worker
 
 
@@ -186,7 +195,8 @@ def median_result(runs: list[LoadResult]) -> LoadResult:
 
 # What each round of a --rounds run lists (the row itself holds the medians).
 ROUND_FIELDS = ("added_p50_ms", "added_p99_ms", "router_cpu_us_per_req",
-                "nginx_cpu_us_per_req", "cpu_ratio", "throughput_per_core_ratio")
+                "nginx_cpu_us_per_req", "cpu_ratio", "throughput_per_core_ratio",
+                "floor_cpu_us_per_req", "floor_cpu_ratio", "router_over_floor_cpu_us_per_req")
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -195,7 +205,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def compare(results: dict[str, LoadResult], admission: str) -> dict[str, Any]:
     """One concurrency's row: the three targets, the added latencies, the ratios against
-    nginx, and the verdicts against issue 14's targets at this concurrency (if it has any)."""
+    nginx, and the verdicts against issue 14's targets at this concurrency (if it has any);
+    with a floor leg, the floor's CPU per request, its ratio to nginx's, and the router's
+    CPU per request above it."""
     direct, nginx, router = (results[t] for t in TARGETS)
     row: dict[str, Any] = {
         "connections": direct.connections, "direct": asdict(direct), "nginx": asdict(nginx),
@@ -210,6 +222,15 @@ def compare(results: dict[str, LoadResult], admission: str) -> dict[str, Any]:
         "cpu_ratio": _ratio(router.cpu_us_per_req, nginx.cpu_us_per_req),
         "throughput_per_core_ratio": _ratio(router.rps_per_core, nginx.rps_per_core),
     }
+    floor = results.get(FLOOR)
+    if floor is not None:
+        row[FLOOR] = asdict(floor)
+        row["floor_added_p50_ms"] = floor.p50_ms - direct.p50_ms
+        row["floor_cpu_us_per_req"] = floor.cpu_us_per_req
+        row["floor_cpu_ratio"] = _ratio(floor.cpu_us_per_req, nginx.cpu_us_per_req)
+        row["router_over_floor_cpu_us_per_req"] = (
+            router.cpu_us_per_req - floor.cpu_us_per_req
+            if router.cpu_us_per_req is not None and floor.cpu_us_per_req is not None else None)
     verdicts = [evaluate_one(slo, row[slo.metric])
                 for slo in ISSUE_TARGETS.get((direct.connections, admission), ())]
     row["verdicts"] = [v.as_dict() for v in verdicts]
@@ -232,13 +253,18 @@ def verdict_line(connections: int, admission: str, verdicts: list[Verdict]) -> s
     return f"{head} {overall}: " + "; ".join(parts)
 
 
+def legs(row: dict[str, Any]) -> tuple[str, ...]:
+    """The targets a row measured: the three, and the floor when it ran."""
+    return (*TARGETS, FLOOR) if FLOOR in row else TARGETS
+
+
 def render(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'conns':>5} {'target':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
              f"{'added p50':>10} {'added p99':>10} {'CPU us/req':>10} {'of it sup.':>10} "
              f"{'req/CPU-s':>10} {'errors':>6}"]
     for row in rows:
         direct = row["direct"]
-        for t in TARGETS:
+        for t in legs(row):
             r = row[t]
             added = t != "direct"
             lines.append(
@@ -265,6 +291,12 @@ def render(rows: list[dict[str, Any]]) -> str:
             f"{row['router_cpu_us_per_req'] or 0:.1f} / {row['nginx_cpu_us_per_req'] or 0:.1f}"
             f" µs = {cpu or 0:.2f}x; throughput per core {row['router']['rps_per_core'] or 0:.0f}"
             f" / {row['nginx']['rps_per_core'] or 0:.0f} req/CPU-s = {tput or 0:.3f}")
+        if FLOOR in row:
+            lines.append(
+                f"c={row['connections']} floor: CPU per request "
+                f"{row['floor_cpu_us_per_req'] or 0:.1f} µs = {row['floor_cpu_ratio'] or 0:.2f}x "
+                f"nginx's; the router's own work "
+                f"{row['router_over_floor_cpu_us_per_req'] or 0:.1f} µs a request")
     lines += [row["verdict_line"] for row in rows]
     return "\n".join(lines)
 
@@ -282,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the three legs this many times, interleaved; report medians")
     p.add_argument("--redis", action="store_true",
                    help="admit through a real redis-server (default: the in-process limiter)")
+    p.add_argument("--floor", action="store_true",
+                   help="also measure bench.floor_proxy: the stack's floor, nothing else")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -307,15 +341,19 @@ def main(argv: list[str] | None = None) -> int:
         router = Router(bench_config(mock.url, redis.url if redis else ""),
                         workers=args.workers)
         procs.append(router)
+        floor = FloorProxy(f"127.0.0.1:{mock.port}") if args.floor else None
+        procs += [floor] if floor else []
         urls = {"direct": (f"{mock.url}/v1/chat/completions", mock.pid),
                 "nginx": (f"{nginx.url}/v1/chat/completions", nginx.pid),
                 "router": (f"{router.url}{args.endpoint}", router.pid)}
+        if floor is not None:
+            urls[FLOOR] = (f"{floor.url}{args.endpoint}", floor.pid)
         for url, _ in urls.values():
             run_wrk(url, max(levels), args.warmup, script.name)
         for c in levels:
             rounds = [{t: measure(url, t, c, args.duration, script.name, pid)
                        for t, (url, pid) in urls.items()} for _ in range(max(1, args.rounds))]
-            row = compare({t: median_result([r[t] for r in rounds]) for t in TARGETS},
+            row = compare({t: median_result([r[t] for r in rounds]) for t in urls},
                           admission)
             if len(rounds) > 1:
                 row["rounds"] = [{k: v for k, v in compare(r, admission).items()
@@ -341,10 +379,11 @@ def main(argv: list[str] | None = None) -> int:
                    "duration_s": args.duration, "rounds": max(1, args.rounds),
                    "cores": os.cpu_count(),
                    "nginx": {"workers": 1, "upstream_keepalive": NGINX_KEEPALIVE},
+                   "floor": args.floor,
                    "interpreter": python, "results": rows},
                   f, indent=2)
     print(f"\nwritten to {path}")
-    failed = sum(row[t]["errors"] for row in rows for t in TARGETS)
+    failed = sum(row[t]["errors"] for row in rows for t in legs(row))
     if failed:
         print(f"{failed} requests failed during the benchmark", file=sys.stderr)
         return 1

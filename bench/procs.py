@@ -252,6 +252,21 @@ def router_config(backends: dict[str, str], models: dict[str, dict[str, int]],
     return cfg
 
 
+class FloorProxy(ManagedProcess):
+    """bench.floor_proxy in front of ``upstream`` (HOST:PORT): what a proxy on the router's
+    stack costs a request before any work of its own (bench.overhead's ``--floor`` leg)."""
+
+    def __init__(self, upstream: str, *, port: int | None = None) -> None:
+        self.port = port or free_port()
+        super().__init__("floor", [sys.executable, "-m", "bench.floor_proxy", "--port",
+                                   str(self.port), "--upstream", upstream], cwd=str(ROOT))
+        wait_for(self.listening, 10, "floor proxy")
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+
 class Nginx(ManagedProcess):
     """Debian's nginx as a one-hop keep-alive reverse proxy to ``upstream`` (HOST:PORT), with a
     generated config under its own prefix directory (``-p DIR -c FILE``, ``daemon off;``):

@@ -44,6 +44,14 @@ def test_ratios_and_verdicts_come_from_the_measured_numbers() -> None:
     assert "MISSED" in row["verdict_line"]
     row = compare({t: _result(t, 8, 1000, 1, 2, 10) for t in TARGETS}, "redis")
     assert row["verdicts"] == [] and "no target" in row["verdict_line"]
+    assert "floor" not in row and "floor_cpu_ratio" not in row  # (no floor leg ran)
+    row = compare({"direct": _result("direct", 32, 40000, 0.5, 1.0, 20),
+                   "nginx": _result("nginx", 32, 30000, 0.8, 2.0, 20),
+                   "router": _result("router", 32, 9000, 3.0, 6.0, 50),
+                   "floor": _result("floor", 32, 28000, 0.9, 2.5, 22)}, "in-process")
+    assert row["floor_cpu_ratio"] == pytest.approx(1.1)
+    assert row["router_over_floor_cpu_us_per_req"] == pytest.approx(28)
+    assert row["floor_added_p50_ms"] == pytest.approx(0.4)
 
 
 def test_a_real_run_reports_nginx_and_the_ratios(tmp_path: Path,
@@ -95,7 +103,7 @@ def test_rounds_are_summarised_by_their_medians() -> None:
 def test_a_run_of_rounds_lists_each_round_and_reports_the_medians(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["--duration", "1", "--warmup", "1", "--connections", "32", "--rounds", "2",
-                 "--out", str(tmp_path)])
+                 "--floor", "--out", str(tmp_path)])
     output = capsys.readouterr().out
     assert code == 0, output
     [path] = tmp_path.glob("overhead-*.json")
@@ -108,3 +116,12 @@ def test_a_run_of_rounds_lists_each_round_and_reports_the_medians(
                                                 / r["nginx_cpu_us_per_req"])
                for r in row["rounds"])
     assert "medians of 2 rounds" in output and "c=32 per round" in output
+    # The floor leg: measured like the others, set against nginx and under the router.
+    floor = row["floor"]
+    assert floor["requests"] > 0 and floor["errors"] == 0 and floor["cpu_us_per_req"] > 0
+    assert row["floor_cpu_ratio"] == pytest.approx(floor["cpu_us_per_req"]
+                                                   / row["nginx"]["cpu_us_per_req"])
+    assert row["router_over_floor_cpu_us_per_req"] == pytest.approx(
+        row["router"]["cpu_us_per_req"] - floor["cpu_us_per_req"])
+    assert all(r["floor_cpu_us_per_req"] > 0 for r in row["rounds"])
+    assert "c=32 floor: CPU per request" in output and report["floor"] is True
