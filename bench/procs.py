@@ -178,7 +178,9 @@ class Router(ManagedProcess):
 
     def __init__(self, config: dict[str, Any] | None, *, workers: int = 2, demo: bool = False,
                  etcd: str | None = None, extra: list[str] | None = None,
-                 port: int | None = None, run_dir: str | None = None) -> None:
+                 port: int | None = None, run_dir: str | None = None,
+                 root: Path | None = None) -> None:
+        """``root``: the checkout to run (default this one; bench.feature_cost runs copies)."""
         self.port = port or free_port()
         self.workers = workers
         self.run_dir = run_dir or tempfile.mkdtemp(prefix="apirouter-run-")
@@ -193,7 +195,7 @@ class Router(ManagedProcess):
             cmd += ["--etcd", etcd]
         else:
             cmd += ["--config", self.config_path]
-        super().__init__("router", cmd + (extra or []), cwd=str(ROOT))
+        super().__init__("router", cmd + (extra or []), cwd=str(root or ROOT))
         wait_for(self._ready, 30, "router")
 
     @property

@@ -1,0 +1,215 @@
+"""What each of the router's features costs a request: the router measured beside a copy of
+itself with that feature taken out, in the same run.
+
+    python -m bench.feature_cost                         # each feature, then all of them
+    python -m bench.feature_cost --only usage,admission --rounds 5 --duration 4
+
+A profile splits the worker's CPU by where its samples land (bench.profile_stages), and on a
+small shared VM that split misleads: a feature costs more than its own frames - the cache
+lines it evicts, the supervisor work it feeds, the wake-ups it causes - and part of its cost
+lands in frames that are not its own (py-spy put a third of the worker's CPU in the socket
+writes, which bench.floor_proxy makes too, for a fraction of that). So this prices each feature
+the other way round. A copy of the checkout has the feature taken out of its source (FEATURES:
+exact edits, checked against the code by bench/test_feature_cost.py, so that they cannot
+silently stop applying); that copy's router and this checkout's run side by side against the
+same mock, with bench.floor_proxy, and wrk loads them in turn (floor, base, copy, floor, ...)
+at c=32 for ``--rounds`` rounds. A feature's price is the median over the rounds of the base's
+CPU per request minus the copy's, each pair measured a few seconds apart: the CPU per request
+of the same code moved by 15% between runs ten minutes apart on this machine, more than most
+features cost, but far less between two legs of one round.
+
+Prices do not add up: taking one feature out leaves more of the caches to the others. The
+"all" row takes every feature out together: what is left is the pipeline itself (parsing,
+authentication, routing, forwarding, the response), and the floor is what is left of that
+(its "own work" column: CPU per request minus the floor's). The copies are for measuring only;
+nothing here changes the checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.overhead import BODY, LoadResult, bench_config, measure, run_wrk, wrk_script
+from bench.procs import FloorProxy, MockBackend, RedisServer, Router
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("apirouter", "workers", "supervisor", "tools", "bench")
+
+# feature -> what taking it out means, and the edits that do it: (file, the exact text, what
+# replaces it); each text must occur exactly once in its file.
+Edit = tuple[str, str, str]
+FEATURES: dict[str, tuple[str, list[Edit]]] = {
+    "usage": ("no usage record: none written by the worker, so none exported (JSONL, audit)", [
+        ("workers/accounting.py",
+         "            self.emit(ctx.request_id, self._record(ctx, status, outcome))",
+         "            pass")]),
+    "admission": ("no admission: no bucket taken, no rate-limit headers, nothing settled", [
+        ("workers/pipeline.py",
+         "        caller, route, req = ctx.caller, ctx.route, ctx.request\n"
+         "        if caller is None:\n",
+         "        caller, route, req = ctx.caller, ctx.route, ctx.request\n"
+         "        if True:\n")]),
+    "metrics": ("no request metrics (the routed requests' counters and histograms)", [
+        ("workers/accounting.py",
+         "                self.metrics.routed_together(routed)",
+         "                pass")]),
+    "stats": ("no backend stats segment (in-flight counts, latency: routing's inputs)", [
+        ("workers/app.py",
+         "build_app(Pipeline(tables, stats, usage))",
+         "build_app(Pipeline(tables, None, usage))")]),
+}
+ALL = "all"  # every feature out at once
+
+
+def edits_for(name: str) -> list[Edit]:
+    if name == ALL:
+        return [e for _, edits in FEATURES.values() for e in edits]
+    return FEATURES[name][1]
+
+
+def apply(root: Path, edits: list[Edit]) -> None:
+    """Make ``edits`` in the copy at ``root``; each text must be there exactly once."""
+    for rel, old, new in edits:
+        path = root / rel
+        text = path.read_text()
+        if text.count(old) != 1:
+            raise ValueError(f"{rel}: the text to replace occurs {text.count(old)} times, not "
+                             f"once (bench.feature_cost.FEATURES is out of date): {old!r}")
+        path.write_text(text.replace(old, new))
+
+
+def copy_checkout(dest: Path) -> None:
+    """The packages, with the built C extension, into ``dest`` (no caches, no results)."""
+    ignore = shutil.ignore_patterns("__pycache__", "results", "*.pyc")
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, dest / package, ignore=ignore)
+
+
+def price_rows(name: str, rounds: list[dict[str, LoadResult]]) -> dict[str, Any]:
+    """One feature's row from its rounds, each a floor, a base and a copy measured in turn:
+    medians, and the price - the median of the rounds' base-minus-copy CPU per request."""
+    def cpu(t: str) -> list[float]:
+        return [r[t].cpu_us_per_req or 0.0 for r in rounds]
+
+    def sup(t: str) -> list[float]:
+        return [r[t].supervisor_cpu_us_per_req or 0.0 for r in rounds]
+
+    prices = [b - c for b, c in zip(cpu("base"), cpu("copy"), strict=True)]
+    floor = statistics.median(cpu("floor"))
+    return {"name": name, "rounds": len(rounds),
+            "base_cpu_us_per_req": statistics.median(cpu("base")),
+            "copy_cpu_us_per_req": statistics.median(cpu("copy")),
+            "base_supervisor_cpu_us_per_req": statistics.median(sup("base")),
+            "copy_supervisor_cpu_us_per_req": statistics.median(sup("copy")),
+            "floor_cpu_us_per_req": floor,
+            "base_own_us_per_req": statistics.median(cpu("base")) - floor,
+            "copy_own_us_per_req": statistics.median(cpu("copy")) - floor,
+            "price_us_per_req": statistics.median(prices), "prices_us_per_req": prices,
+            "errors": sum(r[t].errors for r in rounds for t in r)}
+
+
+def measure_feature(name: str, mock: MockBackend, floor: FloorProxy, base: Router,
+                    config: dict[str, Any], script: str, rounds: int,
+                    duration: float) -> dict[str, Any]:
+    """``name`` taken out of a copy, whose router is measured in turn with the floor and the
+    base for ``rounds`` rounds."""
+    with tempfile.TemporaryDirectory(prefix=f"apirouter-cost-{name}-") as tmp:
+        copy_root = Path(tmp) / "checkout"
+        copy_checkout(copy_root)
+        apply(copy_root, edits_for(name))
+        copy = Router(config, workers=1, root=copy_root)
+        try:
+            legs = {"floor": (floor.url, floor.pid), "base": (base.url, base.pid),
+                    "copy": (copy.url, copy.pid)}
+            run_wrk(f"{copy.url}/v1/chat/completions", 32, 1.0, script)  # warm-up
+            measured = [{t: measure(f"{url}/v1/chat/completions",
+                                    "floor" if t == "floor" else "router", 32, duration,
+                                    script, pid) for t, (url, pid) in legs.items()}
+                        for _ in range(rounds)]
+        finally:
+            copy.stop()
+            copy.cleanup()
+    return price_rows(name, measured)
+
+
+def render(rows: list[dict[str, Any]], rounds: int) -> str:
+    lines = [f"{'taken out':>10} {'base':>7} {'copy':>7} {'price':>7} {'rounds':>24} "
+             f"{'sup. base':>9} {'sup. copy':>9} {'floor':>6} {'own base':>8} {'own copy':>8}",
+             f"{'':>10} (router CPU per request at c=32, µs; price: median of the {rounds} "
+             f"rounds' base - copy)"]
+    for r in rows:
+        each = " ".join(f"{p:.1f}" for p in r["prices_us_per_req"])
+        lines.append(f"{r['name']:>10} {r['base_cpu_us_per_req']:>7.1f} "
+                     f"{r['copy_cpu_us_per_req']:>7.1f} {r['price_us_per_req']:>7.1f} "
+                     f"{each:>24} {r['base_supervisor_cpu_us_per_req']:>9.1f} "
+                     f"{r['copy_supervisor_cpu_us_per_req']:>9.1f} "
+                     f"{r['floor_cpu_us_per_req']:>6.1f} {r['base_own_us_per_req']:>8.1f} "
+                     f"{r['copy_own_us_per_req']:>8.1f}")
+    lines.append("")
+    lines += [f"{name}: {what}" for name, (what, _) in FEATURES.items()]
+    lines.append(f"{ALL}: every one of them at once (what is left: the pipeline itself)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.feature_cost", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="", help="comma-separated features (default: each)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds of the three legs per copy")
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per leg and round")
+    p.add_argument("--redis", action="store_true", help="admission through a redis-server")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    names = [n for n in args.only.split(",") if n] or [*FEATURES, ALL]
+    unknown = [n for n in names if n not in FEATURES and n != ALL]
+    if unknown:
+        p.error(f"unknown feature(s) {', '.join(unknown)}; known: {', '.join(FEATURES)}, {ALL}")
+    if shutil.which("wrk") is None:
+        print("bench.feature_cost needs wrk: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    mock = MockBackend("cost", "--models", "bench-model")
+    procs: list[Any] = [mock]
+    script = wrk_script(BODY)
+    rows: list[dict[str, Any]] = []
+    try:
+        redis = RedisServer() if args.redis else None
+        procs += [redis] if redis else []
+        config = bench_config(mock.url, redis.url if redis else "")
+        floor = FloorProxy(f"127.0.0.1:{mock.port}")
+        procs.append(floor)
+        base = Router(config, workers=1)
+        procs.append(base)
+        for url in (floor.url, base.url):
+            run_wrk(f"{url}/v1/chat/completions", 32, 1.0, script.name)
+        for name in names:
+            row = measure_feature(name, mock, floor, base, config, script.name, args.rounds,
+                                  args.duration)
+            print(f"{name}: {row['price_us_per_req']:.1f} µs a request", flush=True)
+            rows.append(row)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+            proc.cleanup()
+        os.unlink(script.name)
+    print(render(rows, args.rounds))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"feature-cost-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump({"admission": "redis" if args.redis else "in-process", "connections": 32,
+                   "rounds": args.rounds, "duration_s": args.duration, "results": rows},
+                  f, indent=2)
+    print(f"\nwritten to {path}")
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
