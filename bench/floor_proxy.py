@@ -2,13 +2,16 @@
 
     python -m bench.floor_proxy --port 8081 --upstream 127.0.0.1:8000
 
-bench.overhead's ``--floor`` leg. The same libraries and process shape as a router worker -
-uvloop, an asyncio.Protocol per client connection, picohttpparser (gunicorn_h1c) for the
-request, a pool of keep-alive upstream connections whose responses httptools parses - and
-nothing else: no authentication, admission, routing table, metrics, usage record, request id
-or rate-limit headers. What it costs a request is what any Python router built this way pays
-before it does anything of its own; the router's CPU per request minus this, in the same run,
-is what its own work costs (issue 14 asks where the cost is before cutting it).
+bench.overhead's ``--floor`` leg. The same libraries as a router worker and its transport
+layer - uvloop, an asyncio.Protocol per client connection, picohttpparser (gunicorn_h1c) for the
+request, a pool of keep-alive upstream connections whose responses httptools parses, the
+socket writes of a loop turn made together at its end (workers.turn_writes) - and nothing
+else: no authentication, admission, routing table, metrics, usage record, request id or
+rate-limit headers, and one process (the router adds its supervisor and gunicorn's master).
+What it costs a request is what any Python router built this way pays before it does anything
+of its own; the router's CPU per request minus this, in the same run, is what the rest costs:
+its own work in the worker, and its supervisor's (issue 14 asks where the cost is before
+cutting it).
 
 It serves what the benchmarks send (whole requests with a Content-Length, one at a time per
 connection, as wrk does) and refuses the rest with a 400 and a close: it is a measuring stick,
@@ -25,6 +28,9 @@ from http import HTTPStatus
 import httptools
 import uvloop
 from gunicorn_h1c import parse_request_fast
+from gunicorn_h1c._parser_fast import IncompleteError  # (the package's own is _parser's)
+
+from workers.turn_writes import TurnWrites, turn_writes
 
 MAX_REQUEST_BYTES = 1 << 20
 _STATUS = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in HTTPStatus}
@@ -40,7 +46,7 @@ class Upstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.client: Client | None = None
-        self.content_type = b"application/json"
+        self.content_type = b""
         self.body: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -52,6 +58,9 @@ class Upstream(asyncio.Protocol):
         except httptools.HttpParserError:
             self._fail()
 
+    def on_message_begin(self) -> None:
+        self.content_type = b"application/json"
+
     def on_header(self, name: bytes, value: bytes) -> None:
         if name.lower() == b"content-type":
             self.content_type = value
@@ -62,7 +71,10 @@ class Upstream(asyncio.Protocol):
     def on_message_complete(self) -> None:
         client, self.client = self.client, None
         body, self.body = b"".join(self.body), []
-        self.pool.idle.append(self)
+        if self.parser.should_keep_alive():
+            self.pool.idle.append(self)
+        elif self.transport is not None:  # the backend closes it: not to be reused
+            self.transport.close()
         if client is not None:
             client.respond(self.parser.get_status_code(), self.content_type, body)
 
@@ -86,17 +98,22 @@ class Pool:
         self.loop = loop
         self.host = host
         self.port = port
+        self.writes = turn_writes(loop)  # the clients' too: one queue a loop, as in a worker
         self.idle: list[Upstream] = []
+        self.connecting: set[asyncio.Task[None]] = set()
         self.head = f"Host: {host}:{port}\r\nContent-Type: application/json\r\n".encode()
 
     def send(self, client: Client, request: bytes) -> None:
-        if self.idle:
+        while self.idle:
             conn = self.idle.pop()
+            if conn.transport is None or conn.transport.is_closing():
+                continue  # closed since it went idle (connection_lost comes a callback later)
             conn.client = client
-            assert conn.transport is not None
-            conn.transport.write(request)
+            self.writes.write(conn.transport, request)
             return
-        self.loop.create_task(self._connect(client, request))
+        task = self.loop.create_task(self._connect(client, request))
+        self.connecting.add(task)  # (the loop keeps only a weak reference to a task)
+        task.add_done_callback(self.connecting.discard)
 
     async def _connect(self, client: Client, request: bytes) -> None:
         try:
@@ -113,8 +130,10 @@ class Pool:
 class Client(asyncio.Protocol):
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
+        self.writes: TurnWrites = pool.writes
         self.transport: asyncio.Transport | None = None
         self.pending = b""
+        self.busy = False  # a request of this connection is with the backend
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -123,17 +142,22 @@ class Client(asyncio.Protocol):
         data = self.pending + data if self.pending else data
         try:
             req = parse_request_fast(data)
-        except Exception:  # incomplete (or malformed: then the size bound ends it)
+        except IncompleteError:
             self._wait_for_more(data)
+            return
+        except Exception:  # malformed
+            self._refuse(_BAD_REQUEST)
             return
         end = req.consumed + max(0, req.content_length)
         if len(data) < end:
             self._wait_for_more(data)
             return
-        if len(data) > end or req.has_chunked:  # pipelined or chunked: not what it measures
-            self._refuse(_BAD_REQUEST)
+        if len(data) > end or req.has_chunked or self.busy:
+            self._refuse(_BAD_REQUEST)  # pipelined or chunked: not what it measures
             return
         self.pending = b""
+        self.busy = True
+        self.writes.serving += 1
         body = data[req.consumed:end]
         self.pool.send(self, b"".join((req.method, b" ", req.path, b" HTTP/1.1\r\n",
                                        self.pool.head, b"Content-Length: ",
@@ -147,21 +171,30 @@ class Client(asyncio.Protocol):
 
     def respond(self, status: int, content_type: bytes, body: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join((
+            self.writes.write(self.transport, b"".join((
                 _STATUS.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode(),
                 b"Content-Type: ", content_type, b"\r\nContent-Length: ",
                 str(len(body)).encode(), b"\r\n\r\n", body)))
+        self._done()  # (after its write, as the router's server counts it)
 
     def fail(self) -> None:
         self._refuse(_BAD_GATEWAY)
+        self._done()
+
+    def _done(self) -> None:
+        if self.busy:
+            self.busy = False
+            self.writes.serving -= 1
 
     def _refuse(self, answer: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(answer)
+            self.writes.write(self.transport, answer)
+            self.writes.flush()  # (queued writes go out before the close)
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self._done()
 
 
 async def serve(port: int, upstream: str) -> None:

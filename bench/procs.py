@@ -94,6 +94,17 @@ class ManagedProcess:
         if self.proc.poll() is not None:
             raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.output()}")
 
+    def await_ready(self, check: Callable[[], bool], timeout: float, what: str) -> None:
+        """``wait_for(check)``, stopping this process if it never gets ready: the caller gets
+        no object to stop (its constructor raised), so a half-started server would outlive
+        the run, holding a port and CPU."""
+        try:
+            wait_for(check, timeout, what)
+        except BaseException:
+            self.stop()
+            self.cleanup()
+            raise
+
     def listening(self) -> bool:
         """Running, and accepting connections on ``self.port`` (set by the subclass)."""
         self.ensure_running()
@@ -126,7 +137,7 @@ class RedisServer(ManagedProcess):
         self.port = port or free_port()
         super().__init__("redis", [binary, "--bind", HOST, "--port", str(self.port), "--save", "",
                                    "--appendonly", "no", "--daemonize", "no"])
-        wait_for(self._ping, 10, "redis-server")
+        self.await_ready(self._ping, 10, "redis-server")
 
     @property
     def url(self) -> str:
@@ -155,7 +166,7 @@ class MockBackend(ManagedProcess):
         super().__init__(f"mock-{name}", [
             sys.executable, "-m", "tools.mock_backend", "--bind", f"{HOST}:{self.port}",
             "--name", name, *args], cwd=str(ROOT))
-        wait_for(self.listening, 10, name)
+        self.await_ready(self.listening, 10, name)
 
     @property
     def url(self) -> str:
@@ -196,7 +207,7 @@ class Router(ManagedProcess):
         else:
             cmd += ["--config", self.config_path]
         super().__init__("router", cmd + (extra or []), cwd=str(root or ROOT))
-        wait_for(self._ready, 30, "router")
+        self.await_ready(self._ready, 30, "router")
 
     @property
     def url(self) -> str:
@@ -262,7 +273,7 @@ class FloorProxy(ManagedProcess):
         self.port = port or free_port()
         super().__init__("floor", [sys.executable, "-m", "bench.floor_proxy", "--port",
                                    str(self.port), "--upstream", upstream], cwd=str(ROOT))
-        wait_for(self.listening, 10, "floor proxy")
+        self.await_ready(self.listening, 10, "floor proxy")
 
     @property
     def url(self) -> str:
@@ -286,7 +297,7 @@ class Nginx(ManagedProcess):
         with open(conf, "w") as f:
             f.write(nginx_config(prefix, self.port, upstream, workers, keepalive))
         super().__init__("nginx", [binary, "-p", prefix, "-c", conf, "-e", "stderr"])
-        wait_for(self.listening, 10, "nginx")
+        self.await_ready(self.listening, 10, "nginx")
 
     @property
     def url(self) -> str:

@@ -24,6 +24,7 @@ def test_each_edit_applies_exactly_once_to_the_current_code(name: str,
     for rel, old, new in edits_for(name):
         text = (tmp_path / rel).read_text()
         assert new in text and old not in text, (name, rel)
+        compile(text, rel, "exec")  # still Python: an edit cannot break the copy's syntax
 
 
 def test_an_edit_whose_text_is_gone_is_refused(tmp_path: Path) -> None:
@@ -47,6 +48,13 @@ def test_the_price_is_the_median_of_the_paired_differences() -> None:
     assert row["base_cpu_us_per_req"] == 160 and row["copy_cpu_us_per_req"] == 125
     assert row["base_own_us_per_req"] == 110 and row["copy_own_us_per_req"] == 75
     assert row["base_supervisor_cpu_us_per_req"] == 10 and row["errors"] == 0
+
+
+def test_a_leg_that_served_nothing_is_no_figure() -> None:
+    empty = LoadResult("router", 32, 0, 0, 0.0, 0.0, 0.0, None, None, None, None)
+    with pytest.raises(RuntimeError, match="copy leg served no request"):
+        price_rows("usage", [{"floor": _leg("floor", 50), "base": _leg("router", 150),
+                              "copy": empty}])
 
 
 def test_a_real_run_prices_a_feature(tmp_path: Path,

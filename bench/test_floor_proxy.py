@@ -17,12 +17,14 @@ from bench.procs import HOST, FloorProxy, MockBackend
 @pytest.fixture(scope="module")
 def floor() -> Iterator[tuple[MockBackend, FloorProxy]]:
     mock = MockBackend("floor", "--models", "bench-model")
-    proxy = FloorProxy(f"{HOST}:{mock.port}")
     try:
-        yield mock, proxy
+        proxy = FloorProxy(f"{HOST}:{mock.port}")
+        try:
+            yield mock, proxy
+        finally:
+            proxy.stop()
+            proxy.cleanup()
     finally:
-        proxy.stop()
-        proxy.cleanup()
         mock.stop()
         mock.cleanup()
 
@@ -56,10 +58,13 @@ def test_requests_go_to_the_backend_and_its_answers_come_back(
 def test_what_it_does_not_measure_is_refused_with_a_400(
         floor: tuple[MockBackend, FloorProxy]) -> None:
     _, proxy = floor
-    with socket.create_connection((HOST, proxy.port), timeout=5) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                  b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n")
-        answer = b""
-        while chunk := s.recv(4096):
-            answer += chunk
-    assert answer.startswith(b"HTTP/1.1 400 ")
+    for request in (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+                    b"GARBAGE\r\n\r\n",  # malformed: answered at once, not waited on
+                    b"POST /v1/chat/completions HTTP/1.1\r\nBad Name: x\r\n\r\n"):
+        with socket.create_connection((HOST, proxy.port), timeout=5) as s:
+            s.sendall(request)
+            answer = b""
+            while chunk := s.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 "), request
