@@ -29,6 +29,7 @@ from apirouter.runstate import pid_alive
 from apirouter.stats import SlotView, StatsReader
 from apirouter.table import HEALTHY, Backend
 from supervisor import metrics
+from supervisor.cadence import beat
 
 log = logging.getLogger("apirouter.supervisor")
 
@@ -119,7 +120,7 @@ class HealthMonitor:
 
     async def _passive_loop(self) -> None:
         while True:
-            await asyncio.sleep(PASSIVE_TICK_S)
+            await beat(PASSIVE_TICK_S)  # with the usage drain's poll (supervisor.cadence)
             self.tick(time.time())
 
     def tick(self, now: float) -> None:

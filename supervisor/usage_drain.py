@@ -41,6 +41,7 @@ from apirouter.usage_ring import (
 )
 from supervisor import metrics
 from supervisor.audit_writer import LocalPut
+from supervisor.cadence import beat
 from supervisor.give_way import DECODE_SLICE, PEEK_SLICE, give_way, in_slices
 
 log = logging.getLogger("apirouter.usage")
@@ -124,19 +125,20 @@ class UsageDrainer:
         self._flushed_at = 0.0
         self._audit_put: asyncio.Future[None] | None = None
 
-    def _due(self) -> list[int] | None:
-        """Every ring's fill if a drain is due (a drain reads them once, here), else None."""
+    def _due(self) -> tuple[list[int], bool]:
+        """Every ring's fill (a drain reads them once, here) and whether a drain is due."""
         levels = self._fills.levels()
-        if (time.monotonic() - self._flushed_at >= FLUSH_INTERVAL_S
-                or max(levels, default=0) * FLUSH_FILL > self.capacity):
-            return levels
-        return None
+        # Polls fall on a grid (supervisor.cadence): the flush is due at the poll nearest to
+        # FLUSH_INTERVAL_S after the last one, not a poll later for the time its peek took.
+        due = (time.monotonic() - self._flushed_at >= FLUSH_INTERVAL_S - POLL_INTERVAL_S / 2
+               or max(levels, default=0) * FLUSH_FILL > self.capacity)
+        return levels, due
 
     async def run(self) -> None:
         while True:
             try:
-                levels = self._due()
-                n = await self.drain_once(levels=levels) if levels is not None else 0
+                levels, due = self._due()
+                n = await self.drain_once(levels=levels) if due else 0
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -151,7 +153,7 @@ class UsageDrainer:
                 metrics.HEARTBEAT.set(time.time())
                 await self.sink.refresh_gauges()
             if n == 0:
-                await asyncio.sleep(POLL_INTERVAL_S)
+                await beat(POLL_INTERVAL_S)  # with the health tick (supervisor.cadence)
 
     async def drain_once(self, final: bool = False, levels: list[int] | None = None) -> int:
         """One pass over every ring that holds records (and, now and then, the overflow
