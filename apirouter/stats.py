@@ -28,6 +28,7 @@ import os
 import struct
 import time
 from dataclasses import dataclass
+from itertools import compress
 from multiprocessing import resource_tracker, shared_memory
 
 from apirouter.shm import SegmentError, open_segment
@@ -36,7 +37,6 @@ MAGIC = b"APIRSTA\x01"
 LAYOUT_VERSION = 1
 _HEADER = struct.Struct("<8sIII")
 _HEADER_SIZE = 32
-_U64 = struct.Struct("<Q")
 _SLOT_WORDS = 4
 STATS_SEGMENT_ENV = "APIROUTER_STATS_SHM"
 RUN_DIR_ENV = "APIROUTER_RUN_DIR"
@@ -154,13 +154,17 @@ def _claim(run_dir: str, slots: int) -> tuple[int, int]:
 
 @dataclass(frozen=True, slots=True)
 class SlotView:
+    """One claimed slot as read at one instant. The arrays (indexed by Backend.index) are
+    read-only views of that copy: the supervisor reads a few of their B entries, ten times
+    a second, and making tuples of all of them cost ~15 µs a slot."""
+
     slot: int
     pid: int
     heartbeat: float
-    inflight: tuple[int, ...]
-    successes: tuple[int, ...]
-    failures: tuple[int, ...]
-    latency_ms: tuple[float, ...]
+    inflight: memoryview[int]
+    successes: memoryview[int]
+    failures: memoryview[int]
+    latency_ms: memoryview[float]
 
 
 class StatsReader:
@@ -173,15 +177,18 @@ class StatsReader:
     def read(self) -> list[SlotView]:
         buf = _buf(self._shm)
         b = self.backends
+        size = slot_size(b)
+        # Every slot's pid word through one strided view of the segment as 8-byte words
+        # (each an aligned 8-byte load, as the worker's own store is): ~2 µs for 128 slots
+        # where a loop unpacking them cost ~50, most of an idle supervisor's 10 reads a second.
+        pids = buf[:segment_size(self.slots, b)].cast("Q")[_HEADER_SIZE // 8::size // 8].tolist()
         out = []
-        for i in range(self.slots):
-            start = _HEADER_SIZE + i * slot_size(b)
-            if _U64.unpack_from(buf, start)[0] == 0:  # never claimed: skip the copy
-                continue
-            raw = bytes(buf[start:start + slot_size(b)])
+        for i in compress(range(self.slots), pids):  # never claimed (pid 0): no copy
+            start = _HEADER_SIZE + i * size
+            raw = bytes(buf[start:start + size])
             u = memoryview(raw).cast("Q")
             f = memoryview(raw).cast("d")
             w = _SLOT_WORDS
-            out.append(SlotView(i, int(u[0]), f[1], tuple(u[w:w + b]), tuple(u[w + b:w + 2 * b]),
-                                tuple(u[w + 2 * b:w + 3 * b]), tuple(f[w + 3 * b:w + 4 * b])))
+            out.append(SlotView(i, u[0], f[1], u[w:w + b], u[w + b:w + 2 * b],
+                                u[w + 2 * b:w + 3 * b], f[w + 3 * b:w + 4 * b]))
         return out
