@@ -135,10 +135,14 @@ class UsageDrainer:
         return levels, due
 
     async def run(self) -> None:
+        # Every ring was empty at the last poll: this one is a point of the flush grid, and
+        # flushes (the first after a busy spell may come 50 ms early: back onto the grid).
+        idle = False
         while True:
+            levels: list[int] = []
             try:
                 levels, due = self._due()
-                n = await self.drain_once(levels=levels) if due else 0
+                n = await self.drain_once(levels=levels) if due or idle else 0
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -152,8 +156,18 @@ class UsageDrainer:
                     max(self._fills.levels(), default=0) / self.capacity)
                 metrics.HEARTBEAT.set(time.time())
                 await self.sink.refresh_gauges()
-            if n == 0:
-                await beat(POLL_INTERVAL_S)  # with the health tick (supervisor.cadence)
+            if n:
+                idle = False
+                continue
+            # On the grid the health tick wakes on too (supervisor.cadence). With every ring
+            # empty, the next poll is the next flush: an idle supervisor wakes 10 times a
+            # second, not 20, and a record waits no longer for its flush. The polls skipped
+            # only look for a ring over a quarter full (FLUSH_FILL): from empty, at the best
+            # rate a worker was measured to serve (~18,000 requests a second, ~550 bytes a
+            # record: README), the default 1 MiB ring is at most ~94% full by the flush, and
+            # a full one spills to the worker's overflow file, which the drain imports.
+            idle = not any(levels)
+            await beat(FLUSH_INTERVAL_S if idle else POLL_INTERVAL_S)
 
     async def drain_once(self, final: bool = False, levels: list[int] | None = None) -> int:
         """One pass over every ring that holds records (and, now and then, the overflow
