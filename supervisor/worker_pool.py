@@ -6,8 +6,8 @@ gunicorn: start it with the right environment, pass signals on, and stop it grac
 A supervisor that died leaves its gunicorn master serving (orphaned, reparented to init). A
 successor on the same run directory *adopts* that master instead of starting a second pool on
 the same port: no gap in listening, no worker killed mid-request. The adopted master is not our
-child, so it is watched by polling and stopped by signal; once it is gone the supervisor starts
-a pool of its own as usual.
+child, so it is watched through a pidfd (polled where there is none) and stopped by signal;
+once it is gone the supervisor starts a pool of its own as usual.
 """
 
 from __future__ import annotations
@@ -77,8 +77,7 @@ class WorkerPool:
 
     async def wait(self) -> int:
         if self.adopted is not None:
-            while pid_alive(self.adopted):
-                await asyncio.sleep(ADOPTED_POLL_S)
+            await _exited(self.adopted)
             log.error("the adopted gunicorn master pid %d has exited", self.adopted)
             self.adopted = None
             return -1  # not our child: its exit status is not ours to read
@@ -104,6 +103,34 @@ class WorkerPool:
             log.error("gunicorn did not stop within %.1fs; killing it", timeout)
             self.proc.kill()
             return await self.proc.wait()
+
+
+async def _exited(pid: int) -> None:
+    """Until ``pid`` (not our child: no SIGCHLD, no waitpid) has exited. A pidfd turns
+    readable when its process exits (Linux 5.3): no wake-up until then, where polling woke
+    the supervisor 5 times a second for as long as it ran an adopted pool. Without pidfds
+    (an older kernel, a seccomp profile that refuses the call): polled."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except (AttributeError, OSError):
+        while pid_alive(pid):
+            await asyncio.sleep(ADOPTED_POLL_S)
+        return
+    loop = asyncio.get_running_loop()
+    gone: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await gone
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
 
 
 def orphaned_master(pid: object, table_segment: str) -> int | None:
