@@ -44,6 +44,7 @@ from bench.overhead import BODY, LoadResult, bench_config, measure, run_wrk, wrk
 from bench.procs import ROOT, FloorProxy, MockBackend, RedisServer, Router
 from bench.report import interpreter
 
+CHAT = "/v1/chat/completions"  # what every leg is loaded on
 PACKAGES = ("apirouter", "workers", "supervisor", "tools", "bench")
 
 # feature -> what taking it out means, and the edits that do it: (file, the exact text, what
@@ -161,8 +162,8 @@ def measure_feature(name: str, floor: FloorProxy, config: dict[str, Any], script
             legs = {"floor": (floor.url, floor.pid), "base": (base.url, base.pid),
                     "copy": (copy.url, copy.pid)}
             for router in routers:
-                run_wrk(f"{router.url}/v1/chat/completions", 32, 1.0, script)  # warm-up
-            measured = [{t: measure(f"{legs[t][0]}/v1/chat/completions",
+                run_wrk(f"{router.url}{CHAT}", 32, 1.0, script)  # warm-up
+            measured = [{t: measure(f"{legs[t][0]}{CHAT}",
                                     "floor" if t == "floor" else "router", 32, duration,
                                     script, legs[t][1]) for t in ORDERS[i % 2]}
                         for i in range(rounds)]
@@ -210,7 +211,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown feature(s) {', '.join(unknown)}; known: {', '.join(FEATURES)}, {ALL}")
     # Stopped with TERM (a timeout, an impatient operator): unwind, so that the routers and
     # the copies go too, rather than outliving the run.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return _run(args, names)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # (main may be called from a test runner)
+
+
+def _run(args: argparse.Namespace, names: list[str]) -> int:
+    """The run itself: a mock, the floor, and each feature priced in turn (measure_feature)."""
     if shutil.which("wrk") is None:
         print("bench.feature_cost needs wrk: apt-get install -y wrk", file=sys.stderr)
         return 2
@@ -224,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         config = bench_config(mock.url, redis.url if redis else "")
         floor = FloorProxy(f"127.0.0.1:{mock.port}")
         procs.append(floor)
-        run_wrk(f"{floor.url}/v1/chat/completions", 32, 1.0, script.name)
+        run_wrk(f"{floor.url}{CHAT}", 32, 1.0, script.name)
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"feature-cost-{time.strftime('%Y%m%d-%H%M%S')}.json")
         for name in names:
