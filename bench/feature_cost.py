@@ -3,6 +3,7 @@ itself with that feature taken out, in the same run.
 
     python -m bench.feature_cost                         # each feature, then all of them
     python -m bench.feature_cost --only usage,admission --rounds 5 --duration 4
+    python -m bench.feature_cost --against ../main --rounds 7   # a change, priced the same way
 
 A profile splits the worker's CPU by where its samples land (bench.profile_stages), and on a
 small shared VM that split misleads: a feature costs more than its own frames - the cache
@@ -73,6 +74,7 @@ FEATURES: dict[str, tuple[str, list[Edit]]] = {
          "build_app(Pipeline(tables, None, usage))")]),
 }
 ALL = "all"  # every feature out at once
+AGAINST = "against"  # --against: the copy is another checkout, as it is
 
 
 def edits_for(name: str) -> list[Edit]:
@@ -145,14 +147,19 @@ ORDERS = (("floor", "base", "copy"), ("floor", "copy", "base"))
 
 
 def measure_feature(name: str, floor: FloorProxy, config: dict[str, Any], script: str,
-                    rounds: int, duration: float) -> dict[str, Any]:
-    """``name`` taken out of a copy; its router and a fresh one of this checkout (the same
-    age, the same requests served) are measured in turn with the floor, ``rounds`` times."""
+                    rounds: int, duration: float, against: Path | None = None
+                    ) -> dict[str, Any]:
+    """``name`` taken out of a copy (or, given ``against``, that other checkout as it is);
+    its router and a fresh one of this checkout (the same age, the same requests served) are
+    measured in turn with the floor, ``rounds`` times."""
     routers: list[Router] = []
     with tempfile.TemporaryDirectory(prefix=f"apirouter-cost-{name}-") as tmp:
-        copy_root = Path(tmp) / "checkout"
-        copy_checkout(copy_root)
-        apply(copy_root, edits_for(name))
+        if against is not None:
+            copy_root = against
+        else:
+            copy_root = Path(tmp) / "checkout"
+            copy_checkout(copy_root)
+            apply(copy_root, edits_for(name))
         try:
             routers.append(Router(config, workers=1))
             routers.append(Router(config, workers=1, root=copy_root))
@@ -190,6 +197,8 @@ def render(rows: list[dict[str, Any]], rounds: int) -> str:
     lines.append("")
     lines += [f"{name}: {what}" for name, (what, _) in FEATURES.items()]
     lines.append(f"{ALL}: every one of them at once (what is left: the pipeline itself)")
+    lines.append(f"{AGAINST}: the copy is the checkout given with --against (a negative price:"
+                 " this checkout costs less)")
     return "\n".join(lines)
 
 
@@ -201,12 +210,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=3.0, help="seconds per leg and round")
     p.add_argument("--redis", action="store_true",
                    help="admission through a redis-server (whose own CPU is not counted)")
+    p.add_argument("--against", default="",
+                   help="price this checkout against another one (a directory with its C "
+                        "extension built) instead of against copies without a feature: "
+                        "the price is this checkout's CPU a request minus that one's")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
-    names = [n for n in args.only.split(",") if n] or [*FEATURES, ALL]
+    if args.against:
+        if args.only:
+            p.error("--against prices one change; --only is for features")
+        args.against = Path(args.against).resolve()
+        if not (args.against / "workers" / "app.py").is_file():
+            p.error(f"--against {args.against}: not a checkout of the router")
+        names = [AGAINST]
+    else:
+        names = [n for n in args.only.split(",") if n] or [*FEATURES, ALL]
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
-    unknown = [n for n in names if n not in FEATURES and n != ALL]
+    unknown = [n for n in names if n not in FEATURES and n not in (ALL, AGAINST)]
     if unknown:
         p.error(f"unknown feature(s) {', '.join(unknown)}; known: {', '.join(FEATURES)}, {ALL}")
     # Stopped with TERM (a timeout, an impatient operator): unwind, so that the routers and
@@ -237,7 +258,8 @@ def _run(args: argparse.Namespace, names: list[str]) -> int:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, f"feature-cost-{time.strftime('%Y%m%d-%H%M%S')}.json")
         for name in names:
-            row = measure_feature(name, floor, config, script.name, args.rounds, args.duration)
+            row = measure_feature(name, floor, config, script.name, args.rounds, args.duration,
+                                  args.against or None)
             print(f"{name}: {row['price_us_per_req']:.1f} µs a request", flush=True)
             rows.append(row)
             with open(path, "w") as f:  # after each row: a later failure keeps the earlier

@@ -72,3 +72,26 @@ def test_a_real_run_prices_a_feature(tmp_path: Path,
     assert row["price_us_per_req"] == pytest.approx(statistics.median(
         row["prices_us_per_req"]))
     assert "usage: no usage record" in output
+
+
+def test_against_wants_a_checkout_and_no_feature_list(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--against", str(tmp_path)])
+    assert exit_.value.code == 2
+    with pytest.raises(SystemExit) as exit_:
+        main(["--against", str(ROOT), "--only", "usage"])
+    assert exit_.value.code == 2
+
+
+def test_a_real_run_prices_this_checkout_against_another(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Against itself: both routers run this checkout's code, and the price is a figure.
+    code = main(["--against", str(ROOT), "--rounds", "1", "--duration", "1", "--out",
+                 str(tmp_path)])
+    output = capsys.readouterr().out
+    assert code == 0, output
+    [path] = tmp_path.glob("feature-cost-*.json")
+    [row] = json.loads(path.read_text())["results"]
+    assert row["name"] == "against" and row["rounds"] == 1 and row["errors"] == 0
+    assert row["base_cpu_us_per_req"] > 0 and row["copy_cpu_us_per_req"] > 0
+    assert row["price_us_per_req"] == row["prices_us_per_req"][0]
