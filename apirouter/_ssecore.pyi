@@ -1,0 +1,3 @@
+"""Types of the C part of apirouter/sse.py (apirouter/_ssecore.c)."""
+
+def raw_content_bytes(data: bytes, /) -> int: ...
