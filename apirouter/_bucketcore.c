@@ -311,11 +311,20 @@ static int get_view(Core *self, Py_buffer *view)
  * the same about it, ``retry_ms`` until it holds the cost. The integers are those
  * BucketTable._take_py makes (math.ceil and int of the same doubles). NotImplemented: a
  * cost beyond 2**53 (nothing was locked or charged). */
-static PyObject *Core_take(Core *self, PyObject *args)
+static PyObject *Core_take(Core *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *records, *tokens;
-    double now;
-    if (!PyArg_ParseTuple(args, "OO!d", &records, &PyLong_Type, &tokens, &now))
+    /* (fastcall, its arguments read without a format string: once a request) */
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "take(records, tokens, now_ms)");
+        return NULL;
+    }
+    PyObject *records = args[0], *tokens = args[1];
+    if (!PyLong_Check(tokens)) {
+        PyErr_SetString(PyExc_TypeError, "take: tokens must be an int");
+        return NULL;
+    }
+    double now = PyFloat_AsDouble(args[2]);
+    if (now == -1.0 && PyErr_Occurred())
         return NULL;
     Py_ssize_t n;
     PyObject **items = items_of(records, &n, "take");
@@ -385,7 +394,30 @@ static PyObject *Core_take(Core *self, PyObject *args)
         Py_XDECREF(retry);
         return NULL;
     }
-    return Py_BuildValue("(nNNNi)", refused, remaining, reset, retry, evicted);
+    PyObject *index = PyLong_FromSsize_t(refused), *evictions = PyLong_FromLong(evicted);
+    if (index == NULL || evictions == NULL) {
+        Py_XDECREF(index);
+        Py_XDECREF(evictions);
+        Py_DECREF(remaining);
+        Py_DECREF(reset);
+        Py_DECREF(retry);
+        return NULL;
+    }
+    PyObject *got = PyTuple_New(5);
+    if (got == NULL) {
+        Py_DECREF(index);
+        Py_DECREF(evictions);
+        Py_DECREF(remaining);
+        Py_DECREF(reset);
+        Py_DECREF(retry);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(got, 0, index);
+    PyTuple_SET_ITEM(got, 1, remaining);
+    PyTuple_SET_ITEM(got, 2, reset);
+    PyTuple_SET_ITEM(got, 3, retry);
+    PyTuple_SET_ITEM(got, 4, evictions);
+    return got;
 }
 
 /* settle(items, now_ms) -> evicted
@@ -619,7 +651,7 @@ static void Core_dealloc(Core *self)
 }
 
 static PyMethodDef Core_methods[] = {
-    {"take", (PyCFunction)Core_take, METH_VARARGS,
+    {"take", (PyCFunction)(void (*)(void))Core_take, METH_FASTCALL,
      "take(records, tokens, now_ms) -> (index, remaining, reset_ms, retry_ms, evicted)"},
     {"settle", (PyCFunction)Core_settle, METH_VARARGS,
      "settle([(records, delta)], now_ms) -> evicted"},
