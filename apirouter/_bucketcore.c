@@ -56,8 +56,6 @@ typedef struct {
     Py_ssize_t n;
 } Stripes;
 
-static PyObject *s_name, *s_capacity, *s_per_minute, *s_cost;
-
 typedef struct {
     uint64_t key;
     Py_ssize_t stripe;
@@ -222,53 +220,64 @@ static inline void put(char *base, const Rec *r, double left, double now)
     memcpy(base + r->off, words, SLOT_SIZE);
 }
 
-/* Fill ``r`` from a BucketSpec: key and stripe from the name cache (``keys``: name -> (key,
- * stripe)), capacity and rate from the spec. 1: filled; 0: the name is not in the cache;
- * 2: a cost beyond 2**53 (the caller takes the Python path); -1: error. */
-static int read_spec(const Core *self, PyObject *spec, PyObject *keys, const char *amount_attr,
-                     Rec *r)
+/* Fill ``r`` from a record (key, scope, capacity, per_minute, cost): ``key`` the 64 bits of
+ * the bucket's name, ``scope`` those of its scope (its stripe: scope % stripes), as
+ * BucketTable.record makes them; ``cost`` None for the call's ``tokens`` (a plan's
+ * token-bucket), and read only when ``tokens`` is given. 1: filled; 2: a cost beyond 2**53
+ * (the caller takes the Python path); -1: error. */
+static int read_rec(const Core *self, PyObject *rec, PyObject *tokens, Rec *r)
 {
-    PyObject *name = PyObject_GetAttr(spec, s_name);
-    if (name == NULL)
-        return -1;
-    PyObject *found = PyDict_GetItemWithError(keys, name);
-    Py_DECREF(name);
-    if (found == NULL)
-        return PyErr_Occurred() ? -1 : 0;
-    if (!PyTuple_Check(found) || PyTuple_GET_SIZE(found) != 2) {
-        PyErr_SetString(PyExc_TypeError, "the name cache holds (key, stripe) tuples");
+    if (!PyTuple_Check(rec) || PyTuple_GET_SIZE(rec) != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "records are (key, scope, capacity, per_minute, cost) tuples");
         return -1;
     }
-    r->key = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(found, 0));
-    r->stripe = PyLong_AsSsize_t(PyTuple_GET_ITEM(found, 1));
+    r->key = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(rec, 0));
+    uint64_t scope = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(rec, 1));
     if (PyErr_Occurred())
         return -1;
-    if (r->stripe < 0 || r->stripe >= self->stripes) {
-        PyErr_SetString(PyExc_ValueError, "stripe out of range");
-        return -1;
-    }
-    PyObject *v = PyObject_GetAttr(spec, s_capacity);
-    if (v == NULL)
-        return -1;
-    r->cap = PyLong_AsDouble(v);
-    Py_DECREF(v);
-    v = PyObject_GetAttr(spec, s_per_minute);
-    if (v == NULL)
-        return -1;
-    r->rate = PyLong_AsDouble(v) / 60000.0;
-    Py_DECREF(v);
-    if (amount_attr != NULL) {
-        v = PyObject_GetAttr(spec, s_cost);
-        if (v == NULL)
-            return -1;
-        r->amount = PyLong_AsDouble(v);
-        Py_DECREF(v);
+    r->stripe = (Py_ssize_t)(scope % (uint64_t)self->stripes);
+    r->cap = PyLong_AsDouble(PyTuple_GET_ITEM(rec, 2));
+    r->rate = PyLong_AsDouble(PyTuple_GET_ITEM(rec, 3)) / 60000.0;
+    if (tokens != NULL) {
+        PyObject *cost = PyTuple_GET_ITEM(rec, 4);
+        r->amount = PyLong_AsDouble(cost == Py_None ? tokens : cost);
         /* Python compares a float with an int exactly; a double holds every int up to 2**53
          * (costs are bounded far below: max_tokens and the body size are) */
         if (!PyErr_Occurred() && fabs(r->amount) > 9007199254740992.0)
             return 2;
     }
     return PyErr_Occurred() ? -1 : 1;
+}
+
+/* A sequence's items without a copy: a tuple's or a list's (the caller keeps it alive and
+ * unchanged: no Python code runs in between). NULL with TypeError otherwise. */
+static PyObject *no_items[1];
+
+static PyObject **items_of(PyObject *seq, Py_ssize_t *n, const char *what)
+{
+    if (PyTuple_Check(seq)) {
+        *n = PyTuple_GET_SIZE(seq);
+        return &PyTuple_GET_ITEM(seq, 0);
+    }
+    if (PyList_Check(seq)) {
+        *n = PyList_GET_SIZE(seq);
+        return PyList_GET_SIZE(seq) ? &PyList_GET_ITEM(seq, 0) : no_items;
+    }
+    PyErr_Format(PyExc_TypeError, "%s: a tuple or list", what);
+    return NULL;
+}
+
+/* int(x) of a double as Python makes it (truncated), max(0, that): a bucket's remaining. */
+static PyObject *remaining_of(double level)
+{
+    return level >= 1.0 ? PyLong_FromDouble(level) : PyLong_FromLong(0);
+}
+
+/* math.ceil(x) of a double, as Python makes it. */
+static PyObject *ceil_of(double x)
+{
+    return PyLong_FromDouble(ceil(x));
 }
 
 static PyObject *segment_error; /* apirouter.shm.SegmentError */
@@ -293,19 +302,34 @@ static int get_view(Core *self, Py_buffer *view)
     return 0;
 }
 
-/* take(specs, keys, now_ms) -> (index, level, evicted) | None | NotImplemented
+/* take(records, tokens, now_ms) -> (index, remaining, reset_ms, retry_ms, evicted)
+ *                                  | NotImplemented
  *
- * Charge every bucket of ``specs`` its cost, or none. index -1: admitted, ``level`` what is
- * left in the first bucket; else the index of the first bucket that refused and its level.
- * None: a name is not in ``keys`` yet; NotImplemented: a cost beyond 2**53 (in both cases
- * nothing was locked or charged). */
-static PyObject *Core_take(Core *self, PyObject *args)
+ * Charge every bucket of ``records`` (read_rec) its cost, or none. index -1: admitted, the
+ * rest about the first bucket: ``remaining`` max(0, int(what is left)), ``reset_ms`` until
+ * it is full again, ``retry_ms`` 0; else the index of the first bucket that refused, and
+ * the same about it, ``retry_ms`` until it holds the cost. The integers are those
+ * BucketTable._take_py makes (math.ceil and int of the same doubles). NotImplemented: a
+ * cost beyond 2**53 (nothing was locked or charged). */
+static PyObject *Core_take(Core *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *specs, *keys;
-    double now;
-    if (!PyArg_ParseTuple(args, "O!O!d", &PyList_Type, &specs, &PyDict_Type, &keys, &now))
+    /* (fastcall, its arguments read without a format string: once a request) */
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "take(records, tokens, now_ms)");
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(specs);
+    }
+    PyObject *records = args[0], *tokens = args[1];
+    if (!PyLong_Check(tokens)) {
+        PyErr_SetString(PyExc_TypeError, "take: tokens must be an int");
+        return NULL;
+    }
+    double now = PyFloat_AsDouble(args[2]);
+    if (now == -1.0 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t n;
+    PyObject **items = items_of(records, &n, "take");
+    if (items == NULL)
+        return NULL;
     if (n == 0 || n > MAX_RECORDS) {
         PyErr_SetString(PyExc_ValueError, "take: 1 to 64 buckets");
         return NULL;
@@ -314,11 +338,11 @@ static PyObject *Core_take(Core *self, PyObject *args)
     Py_ssize_t stripe_v[MAX_RECORDS];
     Stripes st = {stripe_v, 0};
     for (Py_ssize_t i = 0; i < n; i++) {
-        int rc = read_spec(self, PyList_GET_ITEM(specs, i), keys, "cost", &recs[i]);
+        int rc = read_rec(self, items[i], tokens, &recs[i]);
         if (rc != 1) {
             if (rc < 0)
                 return NULL;
-            return Py_NewRef(rc == 0 ? Py_None : Py_NotImplemented);
+            return Py_NewRef(Py_NotImplemented);
         }
         add_stripe(&st, recs[i].stripe);
     }
@@ -358,29 +382,65 @@ static PyObject *Core_take(Core *self, PyObject *args)
     }
     unlock_stripes(self, base, &st, st.n);
     PyBuffer_Release(&view);
-    return Py_BuildValue("(ndi)", refused, level, evicted);
+    const Rec *r = &recs[refused < 0 ? 0 : refused];
+    PyObject *remaining = remaining_of(level);
+    PyObject *reset = r->rate > 0 ? ceil_of((r->cap - level) / r->rate) : PyLong_FromLong(0);
+    PyObject *retry = refused < 0 ? PyLong_FromLong(0)
+                      : r->rate > 0 ? ceil_of((r->amount - level) / r->rate)
+                      : PyLong_FromLong(60000);
+    if (remaining == NULL || reset == NULL || retry == NULL) {
+        Py_XDECREF(remaining);
+        Py_XDECREF(reset);
+        Py_XDECREF(retry);
+        return NULL;
+    }
+    PyObject *index = PyLong_FromSsize_t(refused), *evictions = PyLong_FromLong(evicted);
+    if (index == NULL || evictions == NULL) {
+        Py_XDECREF(index);
+        Py_XDECREF(evictions);
+        Py_DECREF(remaining);
+        Py_DECREF(reset);
+        Py_DECREF(retry);
+        return NULL;
+    }
+    PyObject *got = PyTuple_New(5);
+    if (got == NULL) {
+        Py_DECREF(index);
+        Py_DECREF(evictions);
+        Py_DECREF(remaining);
+        Py_DECREF(reset);
+        Py_DECREF(retry);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(got, 0, index);
+    PyTuple_SET_ITEM(got, 1, remaining);
+    PyTuple_SET_ITEM(got, 2, reset);
+    PyTuple_SET_ITEM(got, 3, retry);
+    PyTuple_SET_ITEM(got, 4, evictions);
+    return got;
 }
 
-/* settle(items, keys, now_ms) -> evicted | None
+/* settle(items, now_ms) -> evicted
  *
- * ``items``: [(specs, delta)]: correct each bucket of each item by ``delta`` tokens (refill,
- * subtract, cap at capacity, write), all under one round of stripe locks. None: a name is
- * not in ``keys`` yet (nothing was locked or written). */
+ * ``items``: [(records, delta)] (read_rec; their costs are not read): correct each bucket
+ * of each item by ``delta`` tokens (refill, subtract, cap at capacity, write), all under one
+ * round of stripe locks. */
 static PyObject *Core_settle(Core *self, PyObject *args)
 {
-    PyObject *items, *keys;
+    PyObject *items_obj;
     double now;
-    if (!PyArg_ParseTuple(args, "O!O!d", &PyList_Type, &items, &PyDict_Type, &keys, &now))
+    if (!PyArg_ParseTuple(args, "O!d", &PyList_Type, &items_obj, &now))
         return NULL;
-    Py_ssize_t count = PyList_GET_SIZE(items), total = 0;
+    Py_ssize_t count = PyList_GET_SIZE(items_obj), total = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *item = PyList_GET_ITEM(items, i);
+        PyObject *item = PyList_GET_ITEM(items_obj, i);
+        Py_ssize_t k = 0;
         if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 ||
-                !PyList_Check(PyTuple_GET_ITEM(item, 0))) {
-            PyErr_SetString(PyExc_TypeError, "settle: items are (list of specs, delta)");
+                items_of(PyTuple_GET_ITEM(item, 0), &k, "settle: records") == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "settle: items are (records, delta)");
             return NULL;
         }
-        Py_ssize_t k = PyList_GET_SIZE(PyTuple_GET_ITEM(item, 0));
         if (k > MAX_RECORDS) {
             PyErr_SetString(PyExc_ValueError, "settle: at most 64 buckets an item");
             return NULL;
@@ -401,18 +461,15 @@ static PyObject *Core_settle(Core *self, PyObject *args)
     Stripes st = {stripe_v, 0};
     Py_ssize_t at = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *item = PyList_GET_ITEM(items, i);
-        PyObject *specs = PyTuple_GET_ITEM(item, 0);
+        PyObject *item = PyList_GET_ITEM(items_obj, i);
+        Py_ssize_t k = 0;
+        PyObject **records = items_of(PyTuple_GET_ITEM(item, 0), &k, "settle");
         double delta = PyFloat_AsDouble(PyTuple_GET_ITEM(item, 1));
         if (delta == -1.0 && PyErr_Occurred())
             goto done;
-        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(specs); j++, at++) {
-            int rc = read_spec(self, PyList_GET_ITEM(specs, j), keys, NULL, &recs[at]);
-            if (rc != 1) {
-                if (rc == 0)
-                    result = Py_NewRef(Py_None);
+        for (Py_ssize_t j = 0; j < k; j++, at++) {
+            if (read_rec(self, records[j], NULL, &recs[at]) != 1)
                 goto done;
-            }
             recs[at].amount = delta;
             add_stripe(&st, recs[at].stripe);
         }
@@ -426,7 +483,8 @@ static PyObject *Core_settle(Core *self, PyObject *args)
     int evicted = 0;
     at = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
-        Py_ssize_t k = PyList_GET_SIZE(PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0));
+        Py_ssize_t k = 0;
+        items_of(PyTuple_GET_ITEM(PyList_GET_ITEM(items_obj, i), 0), &k, "settle");
         Py_ssize_t taken[MAX_RECORDS];
         for (Py_ssize_t j = 0; j < k; j++, at++) {
             Rec *r = &recs[at];
@@ -593,10 +651,10 @@ static void Core_dealloc(Core *self)
 }
 
 static PyMethodDef Core_methods[] = {
-    {"take", (PyCFunction)Core_take, METH_VARARGS,
-     "take(specs, keys, now_ms) -> (index, level, evicted) | None"},
+    {"take", (PyCFunction)(void (*)(void))Core_take, METH_FASTCALL,
+     "take(records, tokens, now_ms) -> (index, remaining, reset_ms, retry_ms, evicted)"},
     {"settle", (PyCFunction)Core_settle, METH_VARARGS,
-     "settle([(specs, delta)], keys, now_ms) -> evicted | None"},
+     "settle([(records, delta)], now_ms) -> evicted"},
     {"lock", (PyCFunction)Core_lock, METH_O, "lock(stripes): take these stripes' locks"},
     {"unlock", (PyCFunction)Core_unlock, METH_O, "unlock(stripes): release them"},
     {NULL, NULL, 0, NULL},
@@ -632,12 +690,6 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__bucketcore(void)
 {
     if (PyType_Ready(&CoreType) < 0)
-        return NULL;
-    s_name = PyUnicode_InternFromString("name");
-    s_capacity = PyUnicode_InternFromString("capacity");
-    s_per_minute = PyUnicode_InternFromString("per_minute");
-    s_cost = PyUnicode_InternFromString("cost");
-    if (!s_name || !s_capacity || !s_per_minute || !s_cost)
         return NULL;
     PyObject *shm = PyImport_ImportModule("apirouter.shm");
     if (shm == NULL)

@@ -48,25 +48,66 @@ class Verdict:
 def buckets_for(key: KeyRecord, model: str, tokens: int, org: Tier | None = None,
                 model_limits: Tier | None = None) -> list[BucketSpec]:
     """The buckets one request charges: 1 per request-bucket, ``tokens`` per token-bucket."""
-    # What does not depend on ``tokens`` (names, tiers, the request-buckets themselves) is
-    # planned once per key, org and model and reused while the same tier objects are in force
-    # (a table reload makes new ones): 1.47 -> ~0.6 µs a request.
-    plan = _PLANS.get((key.key_id, key.org, model))
-    if plan is None or plan[0] is not key.limits or plan[1] is not org or \
-            plan[2] is not model_limits:
-        plan = _plan(key, model, org, model_limits)
     return [spec if spec is not None else BucketSpec(name, capacity, per_minute, tokens)
-            for spec, name, capacity, per_minute in plan[3] if spec is not None or tokens]
+            for spec, name, capacity, per_minute in plan_for(key, model, org, model_limits).steps
+            if spec is not None or tokens]
 
 
-# (key tier, org tier, model tier, [(request-bucket spec | None for a token-bucket, name,
-# capacity, per_minute)]) by (key id, org, model)
-_Plan = tuple[Tier, Tier | None, Tier | None, list[tuple[BucketSpec | None, str, int, int]]]
-_PLANS: dict[tuple[str, str, str], _Plan] = {}
+class BucketPlan:
+    """What of a request's buckets does not depend on its token count: names, tiers, the
+    request-buckets themselves, and the Limit and Policy headers of the reported (first)
+    bucket. Planned once per key, org and model and reused while the same tier objects are in
+    force (a table reload makes new ones): buckets_for 1.47 -> ~0.6 µs a request; the
+    in-process limiter charges a plan as it is (BucketTable.take_planned), with no object
+    made per bucket."""
+
+    __slots__ = ("key_limits", "org", "model_limits", "steps", "capacity", "limit_header",
+                 "policy_header", "records", "token_records")
+
+    def __init__(self, key_limits: Tier, org: Tier | None, model_limits: Tier | None,
+                 steps: list[tuple[BucketSpec | None, str, int, int]]) -> None:
+        self.key_limits = key_limits  # the tiers it was planned for
+        self.org = org
+        self.model_limits = model_limits
+        # (request-bucket spec | None for a token-bucket, name, capacity, per_minute)
+        self.steps = steps
+        # The reported (first) bucket's capacity and Limit and Policy headers ("": no bucket)
+        self.capacity = 0
+        texts = ("", "")
+        if steps:
+            _, _, self.capacity, per_minute = steps[0]
+            texts = limit_texts(self.capacity, per_minute)
+        self.limit_header = ("X-RateLimit-Limit", texts[0])
+        self.policy_header = ("X-RateLimit-Policy", texts[1])
+        # The bucket table's records of the buckets (cost None for a token-bucket: the
+        # request's tokens) and of the token-buckets alone, made by it on first use
+        # (apirouter/shared_buckets.py: BucketTable.take_planned)
+        self.records: tuple[tuple[int, int, int, int, int | None], ...] | None = None
+        self.token_records: tuple[tuple[int, int, int, int, int | None], ...] = ()
+
+    def spec(self, index: int, tokens: int) -> BucketSpec:
+        """The ``index``-th bucket of buckets_for(..., tokens, ...), for ``tokens`` > 0."""
+        spec, name, capacity, per_minute = self.steps[index]
+        return spec if spec is not None else BucketSpec(name, capacity, per_minute, tokens)
+
+
+def plan_for(key: KeyRecord, model: str, org: Tier | None = None,
+             model_limits: Tier | None = None) -> BucketPlan:
+    """The plan of a request of ``key`` for ``model`` under these tiers (kept)."""
+    plan = _PLANS.get((key.key_id, key.org, model))
+    if plan is None or plan.key_limits is not key.limits or plan.org is not org or \
+            plan.model_limits is not model_limits:
+        plan = _plan(key, model, org, model_limits)
+    return plan
+
+
+# by (key id, org, model)
+_PLANS: dict[tuple[str, str, str], BucketPlan] = {}
 _MAX_PLANS = 65536
 
 
-def _plan(key: KeyRecord, model: str, org: Tier | None, model_limits: Tier | None) -> _Plan:
+def _plan(key: KeyRecord, model: str, org: Tier | None, model_limits: Tier | None
+          ) -> BucketPlan:
     steps: list[tuple[BucketSpec | None, str, int, int]] = []
     for prefix, tier in ((f"key:{key.key_id}", key.limits),
                          (f"org:{key.org}", org),
@@ -80,7 +121,8 @@ def _plan(key: KeyRecord, model: str, org: Tier | None, model_limits: Tier | Non
             steps.append((None, f"{prefix}:tpm", tier.tpm_burst, tier.tpm))
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
-    plan = _PLANS[(key.key_id, key.org, model)] = (key.limits, org, model_limits, steps)
+    plan = _PLANS[(key.key_id, key.org, model)] = BucketPlan(key.limits, org, model_limits,
+                                                             steps)
     return plan
 
 
@@ -136,12 +178,7 @@ def rate_limit_headers(spec: BucketSpec, v: Verdict, now: float) -> list[tuple[s
     ``Remaining`` what is left of it (never above ``Limit``), ``Reset`` the unix second when
     it is full again, and ``Policy`` states both numbers (``CAPACITY;w=60;rate=PER_MINUTE``)."""
     capacity = spec.capacity
-    texts = _LIMIT_TEXTS.get((capacity, spec.per_minute))
-    if texts is None:  # formatted once per kind of bucket: ~0.2 µs a response less
-        if len(_LIMIT_TEXTS) > 4096:  # bounded whatever the tables hold over time
-            _LIMIT_TEXTS.clear()
-        texts = _LIMIT_TEXTS[capacity, spec.per_minute] = (
-            str(capacity), f"{capacity};w=60;rate={spec.per_minute}")
+    texts = limit_texts(capacity, spec.per_minute)
     remaining = v.remaining
     if not 0 <= remaining <= capacity:
         remaining = max(0, min(capacity, remaining))
@@ -149,6 +186,28 @@ def rate_limit_headers(spec: BucketSpec, v: Verdict, now: float) -> list[tuple[s
             ("X-RateLimit-Remaining", str(remaining)),
             ("X-RateLimit-Reset", str(math.ceil(now + v.reset_ms / 1000))),
             ("X-RateLimit-Policy", texts[1])]
+
+
+def planned_headers(plan: BucketPlan, v: Verdict, now: float) -> list[tuple[str, str]]:
+    """rate_limit_headers of a request admitted on ``plan`` (about its first bucket), with
+    the Limit and Policy headers the plan keeps. (Admitted, the bucket's ``remaining`` is
+    what is left of at most its capacity: nothing to clamp.)"""
+    return [plan.limit_header,
+            ("X-RateLimit-Remaining", str(v.remaining)),
+            ("X-RateLimit-Reset", str(math.ceil(now + v.reset_ms / 1000))),
+            plan.policy_header]
+
+
+def limit_texts(capacity: int, per_minute: int) -> tuple[str, str]:
+    """The Limit and Policy header values of a bucket, formatted once per kind of bucket
+    (~0.2 µs a response less)."""
+    texts = _LIMIT_TEXTS.get((capacity, per_minute))
+    if texts is None:
+        if len(_LIMIT_TEXTS) > 4096:  # bounded whatever the tables hold over time
+            _LIMIT_TEXTS.clear()
+        texts = _LIMIT_TEXTS[capacity, per_minute] = (
+            str(capacity), f"{capacity};w=60;rate={per_minute}")
+    return texts
 
 
 # (capacity, per_minute) -> the Limit and Policy header values (rate_limit_headers)

@@ -40,6 +40,7 @@ import logging
 import math
 import mmap
 import struct
+from collections.abc import Sequence
 from multiprocessing import resource_tracker, shared_memory
 
 # The stripe locks and the bucket arithmetic in C (apirouter/_bucketcore.c, built by setup.py:
@@ -47,7 +48,7 @@ from multiprocessing import resource_tracker, shared_memory
 from apirouter._bucketcore import Core, init_locks
 from apirouter._bucketcore import size as segment_size
 from apirouter.budgets import Budget, Reservation, period_ttl_ms, refused
-from apirouter.limits import BucketSpec, BucketState, Verdict, take_all
+from apirouter.limits import BucketPlan, BucketSpec, BucketState, Verdict, take_all
 from apirouter.shm import SegmentError, open_segment, unlink
 
 log = logging.getLogger("apirouter.limits")
@@ -64,6 +65,11 @@ BUCKETS_SEGMENT_ENV = "APIROUTER_BUCKETS_SHM"
 _DIMENSIONS = ("spend", "tokens", "requests")
 # One settlement: (token buckets, their token delta, (budget, period) ledgers, ledger delta).
 Settlement = tuple[list[BucketSpec], int, list[tuple[Budget, str]], tuple[int, int, int] | None]
+# A bucket as the C core takes it: (the 64 bits of its name, of its scope — its stripe is
+# scope % stripes —, capacity, per minute, cost; None: the request's tokens). What the
+# names hash to and the limits are fixed: a plan's records are made once (take_planned).
+Record = tuple[int, int, int, int, int | None]
+Records = Sequence[Record]
 
 
 def _init(buf: memoryview, stripes: int, ways: int) -> None:
@@ -119,6 +125,7 @@ class BucketTable:
         self._keep = keep  # what owns the memory
         self._keys: dict[str, tuple[int, int]] = {}  # name -> (key, stripe)
         self._hint: dict[int, int] = {}  # key -> slot offset where it was last found
+        self._hashes: dict[str, tuple[int, int]] = {}  # name -> (key, scope), for records
         self._locks = Core(buf, shared, self.stripes, self.ways)
         # Token buckets without ledgers (every request of the in-process limiter) go through
         # the C core: the same arithmetic on the same slots under the same locks, ~4x cheaper
@@ -148,14 +155,22 @@ class BucketTable:
     def _key(self, name: str) -> tuple[int, int]:
         found = self._keys.get(name)
         if found is None:
-            key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(),
-                                 "little") or 1
-            scope = hashlib.blake2b(name.rpartition(":")[0].encode(), digest_size=8).digest()
             if len(self._keys) > 65536:
                 self._keys.clear()
                 self._hint.clear()
-            found = self._keys[name] = (key, int.from_bytes(scope, "little") % self.stripes)
+            found = self._keys[name] = (_hash64(name) or 1,
+                                        _hash64(name.rpartition(":")[0]) % self.stripes)
         return found
+
+    def record(self, name: str, capacity: int, per_minute: int, cost: int | None) -> Record:
+        """A bucket as ``take`` and ``settle_records`` take it (its name hashed once)."""
+        found = self._hashes.get(name)
+        if found is None:
+            if len(self._hashes) > 65536:
+                self._hashes.clear()
+            found = self._hashes[name] = (_hash64(name) or 1,
+                                           _hash64(name.rpartition(":")[0]))
+        return (found[0], found[1], capacity, per_minute, cost)
 
     def _slot(self, key: int, stripe: int, now_ms: float, taken: list[int]) -> tuple[int, bool]:
         """(offset, live) of the record under ``key``, or of a slot to put it in that is not
@@ -279,62 +294,88 @@ class BucketTable:
             self._unlock(stripes)
 
     def _take(self, specs: list[BucketSpec], now_ms: float) -> Verdict:
-        """``admit`` without budgets, the common case: by the C core where it is built."""
+        """``admit`` without budgets: by the C core where it is built."""
         if not specs:
             return Verdict(True, None, 0, 0, 0)
-        core = self._core
-        if core is None:
-            return self._take_py(specs, now_ms)
-        got = core.take(specs, self._keys, now_ms)
-        while got is None:  # names not hashed yet (the cache may also have been emptied)
-            for s in specs:
-                self._key(s.name)
-            got = core.take(specs, self._keys, now_ms)
-        if got is NotImplemented:  # a cost no double holds exactly
-            return self._take_py(specs, now_ms)
-        index, level, evicted = got
+        index, remaining, reset, retry, evicted = self.take(
+            [self.record(s.name, s.capacity, s.per_minute, s.cost) for s in specs], 0, now_ms)
         if evicted:
             _warn_evicted(self.ways)
-        spec = specs[index] if index >= 0 else specs[0]  # admitted: the first is reported
-        rate = spec.per_minute / 60_000.0
-        reset = math.ceil((spec.capacity - level) / rate) if rate > 0 else 0
         if index < 0:
-            return Verdict(True, None, max(0, int(level)), 0, reset)
-        retry = math.ceil((spec.cost - level) / rate) if rate > 0 else 60_000
-        return Verdict(False, spec, max(0, int(level)), retry, reset)
+            return Verdict(True, None, remaining, 0, reset)
+        return Verdict(False, specs[index], remaining, retry, reset)
 
-    def _take_py(self, specs: list[BucketSpec], now_ms: float) -> Verdict:
-        """``_take`` in Python, the reference the C core is held to: the arithmetic of
+    def take_planned(self, plan: BucketPlan, tokens: int, now_ms: float) -> Verdict:
+        """``_take`` of limits.buckets_for(..., tokens, ...) (``tokens`` > 0), on the plan's
+        records as they are: no object made a bucket a request, no name looked up."""
+        records = plan.records
+        if records is None:
+            records = self._plan_records(plan)
+        if not records:
+            return _ADMITTED_UNLIMITED
+        core = self._core  # (take, without its call)
+        got = core.take(records, tokens, now_ms) if core is not None else NotImplemented
+        index, remaining, reset, retry, evicted = (
+            got if got is not NotImplemented else self._take_py(records, tokens, now_ms))
+        if evicted:
+            _warn_evicted(self.ways)
+        if index < 0:
+            return Verdict(True, None, remaining, 0, reset)
+        return Verdict(False, plan.spec(index, tokens), remaining, retry, reset)
+
+    def _plan_records(self, plan: BucketPlan) -> tuple[Record, ...]:
+        records = tuple(self.record(name, capacity, per_minute, None if spec is None else 1)
+                        for spec, name, capacity, per_minute in plan.steps)
+        plan.token_records = tuple(r for r, (spec, *_) in zip(records, plan.steps, strict=True)
+                                   if spec is None)
+        plan.records = records
+        return records
+
+    def take(self, records: Records, tokens: int, now_ms: float
+             ) -> tuple[int, int, int, int, int]:
+        """Charge every bucket its cost (None: ``tokens``) or none: (index of the first that
+        refused, or -1: admitted; max(0, int(tokens left)) of that bucket, or of the first one
+        when admitted; ms until it is full; ms until it holds the cost, 0 when admitted; how
+        many live records were evicted to make room). By the C core where it is built."""
+        core = self._core
+        if core is not None:
+            got = core.take(records, tokens, now_ms)
+            if got is not NotImplemented:  # (a cost no double holds exactly)
+                return got
+        return self._take_py(records, tokens, now_ms)
+
+    def _take_py(self, records: Records, tokens: int, now_ms: float
+                 ) -> tuple[int, int, int, int, int]:
+        """``take`` in Python, the reference the C core is held to: the arithmetic of
         limits.take_all (the model tests/apirouter/test_shared_buckets.py holds both to) on the
         slots directly, without its intermediate objects."""
-        keys = self._keys
-        recs = [keys.get(s.name) or self._key(s.name) for s in specs]
-        stripe = recs[0][1]
-        stripes = ([stripe] if all(r[1] == stripe for r in recs)
-                   else sorted({r[1] for r in recs}))
+        stripes_n = self.stripes
+        stripe = records[0][1] % stripes_n
+        stripes = ([stripe] if all(r[1] % stripes_n == stripe for r in records)
+                   else sorted({r[1] % stripes_n for r in records}))
         buf = self._buf
         self._lock(stripes)
         try:
             taken: list[int] = []
-            charged = []
-            for spec, (key, st) in zip(specs, recs, strict=True):
-                off, live = self._slot(key, st, now_ms, taken)
+            charged: list[tuple[int, int, float, float, float]] = []
+            for key, scope, capacity, per_minute, cost in records:
+                off, live = self._slot(key, scope % stripes_n, now_ms, taken)
                 taken.append(off)
-                cap = float(spec.capacity)
-                rate = spec.per_minute / 60_000.0
+                cap = float(capacity)
+                rate = per_minute / 60_000.0
                 level = _level(buf, off, live, cap, rate, now_ms)
-                if level < spec.cost:
-                    retry = math.ceil((spec.cost - level) / rate) if rate > 0 else 60_000
-                    return Verdict(False, spec, max(0, int(level)), retry,
-                                   math.ceil((cap - level) / rate) if rate > 0 else 0)
-                charged.append((key, off, level - spec.cost, cap, rate))
+                need = tokens if cost is None else cost
+                if level < need:
+                    retry = math.ceil((need - level) / rate) if rate > 0 else 60_000
+                    return (len(charged), max(0, int(level)),
+                            math.ceil((cap - level) / rate) if rate > 0 else 0, retry, 0)
+                charged.append((key, off, level - need, cap, rate))
             for key, off, left, cap, rate in charged:
                 _put(buf, off, key, left, cap, rate, now_ms)
         finally:
             self._unlock(stripes)
         _, _, left, cap, rate = charged[0]
-        return Verdict(True, None, max(0, int(left)), 0,
-                       math.ceil((cap - left) / rate) if rate > 0 else 0)
+        return (-1, max(0, int(left)), math.ceil((cap - left) / rate) if rate > 0 else 0, 0, 0)
 
     def settle(self, specs: list[BucketSpec], delta: int, budgets: list[tuple[Budget, str]],
                budget_delta: tuple[int, int, int] | None, now_ms: float) -> None:
@@ -344,24 +385,47 @@ class BucketTable:
     def settle_many(self, items: list[Settlement], now_ms: float) -> None:
         """Several settlements under one round of locks (a worker batches those of one event
         loop turn: under load, one lock for many requests); those of token buckets alone by
-        the C core where it is built, in a round of their own."""
+        ``settle_records`` (the C core where it is built), in a round of their own."""
+        record = self.record
+        buckets = [([record(s.name, s.capacity, s.per_minute, None) for s in specs], delta)
+                   for specs, delta, _, budget_delta in items if budget_delta is None and specs]
+        if buckets:
+            self.settle_records(buckets, now_ms)
+        items = [item for item in items if item[3] is not None]
+        if items:
+            self._settle_py(items, now_ms)
+
+    def settle_records(self, items: Sequence[tuple[Records, int]], now_ms: float) -> None:
+        """Correct the token buckets of each item by its delta (refill, subtract, cap at
+        capacity, write), all under one round of locks; by the C core where it is built."""
         core = self._core
-        if core is not None:
-            buckets = [(specs, delta) for specs, delta, _, budget_delta in items
-                       if budget_delta is None and specs]
-            if buckets:
-                evicted = core.settle(buckets, self._keys, now_ms)
-                while evicted is None:  # names not hashed yet
-                    for specs, _ in buckets:
-                        for s in specs:
-                            self._key(s.name)
-                    evicted = core.settle(buckets, self._keys, now_ms)
-                if evicted:
-                    _warn_evicted(self.ways)
-            items = [item for item in items if item[3] is not None]
-            if not items:
-                return
-        self._settle_py(items, now_ms)
+        evicted = core.settle(items, now_ms) if core is not None else \
+            self._settle_records_py(items, now_ms)
+        if evicted:
+            _warn_evicted(self.ways)
+
+    def _settle_records_py(self, items: Sequence[tuple[Records, int]], now_ms: float) -> int:
+        """``settle_records`` in Python (the reference the C core's settlement is held to):
+        limits.settle on the slots directly, as _take_py does take_all."""
+        stripes_n = self.stripes
+        stripes = sorted({r[1] % stripes_n for records, _ in items for r in records})
+        if not stripes:
+            return 0
+        buf = self._buf
+        self._lock(stripes)
+        try:
+            for records, delta in items:
+                taken: list[int] = []
+                for key, scope, capacity, per_minute, _ in records:
+                    off, live = self._slot(key, scope % stripes_n, now_ms, taken)
+                    taken.append(off)
+                    cap = float(capacity)
+                    rate = per_minute / 60_000.0
+                    left = min(cap, _level(buf, off, live, cap, rate, now_ms) - delta)
+                    _put(buf, off, key, left, cap, rate, now_ms)
+        finally:
+            self._unlock(stripes)
+        return 0  # (_slot warned of any eviction)
 
     def _settle_py(self, items: list[Settlement], now_ms: float) -> None:
         """``settle_many`` in Python: every item, ledgers included, under one round of locks
@@ -438,6 +502,15 @@ def _put(buf: memoryview, off: int, key: int, left: float, cap: float, rate: flo
     slot's expiry)."""
     full_at = now_ms + (cap - left) / rate if rate > 0 else math.inf
     buf[off:off + _SLOT.size] = _SLOT.pack(key, full_at, left, now_ms, 0.0)
+
+
+def _hash64(text: str) -> int:
+    """8 bytes of BLAKE2b of ``text`` (a record's name's: its key, 0 standing for a slot never
+    used, is 1 instead; its scope's: its stripe, modulo the stripes)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+_ADMITTED_UNLIMITED = Verdict(True, None, 0, 0, 0)  # no bucket applies (never mutated)
 
 
 def _warn_evicted(ways: int) -> None:

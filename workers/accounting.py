@@ -110,11 +110,10 @@ class Accounting:
         ticket = ctx.ticket
         if ticket is None:
             return
-        limits = ctx.view.table.limits
         if not outcome.settle_actual:  # released: nothing was produced
-            self.admission.queue_settlement(limits, ticket, 0, 0)
-        elif ctx.used is not None:
-            self.admission.queue_settlement(limits, ticket, ctx.used[0] + ctx.used[1],
+            self.admission.queue_settlement(ctx.view.table.limits, ticket, 0, 0)
+        elif (used := ctx.used) is not None:
+            self.admission.queue_settlement(ctx.view.table.limits, ticket, used[0] + used[1],
                                             ctx.cost_micro)
         # Without reported usage the reservation stays as it was made.
 

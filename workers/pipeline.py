@@ -454,7 +454,7 @@ class Pipeline:
         org = table.orgs.get(key.org)
         ticket = self.admission.admit_now(limits, key, route.model, tokens, org, route.limits)
         if ticket is not None:
-            return self._admitted(ctx, ticket)
+            return ticket if ticket.verdict.allowed else self._admitted(ctx, ticket)
         if inflight is not None:
             pending = self.admission.admit_soon(limits, key, route.model, tokens, org,
                                                 route.limits, inflight.admitted)

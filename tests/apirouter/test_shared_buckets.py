@@ -18,7 +18,18 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from apirouter.budgets import Budget, Reservation, period_id
-from apirouter.limits import BucketSpec, BucketState, Verdict, rate_limit_headers, settle, take_all
+from apirouter.keys import KeyRecord, Tier
+from apirouter.limits import (
+    BucketSpec,
+    BucketState,
+    Verdict,
+    buckets_for,
+    plan_for,
+    planned_headers,
+    rate_limit_headers,
+    settle,
+    take_all,
+)
 from apirouter.shared_buckets import BucketTable, Settlement, create_buckets_segment
 from apirouter.shm import unlink
 
@@ -90,6 +101,43 @@ def test_the_c_core_writes_what_the_python_reference_writes(
             fast.settle_many(items, now)
             ref.settle_many(items, now)
             assert bytes(fast._buf) == bytes(ref._buf)
+
+
+PLAN_TIERS = [None, Tier(3, 4, 0, 0), Tier(30, 40, 900, 1200), Tier(0, 0, 60, 80)]
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 3),
+                          st.integers(1, 700), st.integers(0, 3000), st.integers(-400, 400)),
+                max_size=40))
+@settings(max_examples=150, deadline=None)
+@pytest.mark.parametrize("core", [True, False], ids=["c-core", "python"])
+def test_a_planned_request_is_decided_settled_and_told_as_its_specs(
+        core: bool, steps: list[tuple[int, int, int, int, int, int]]) -> None:
+    """take_planned (the plan's records as they are, a token-bucket's cost the request's
+    tokens) gives the verdict, writes the bytes and makes the headers that admit, settle and
+    rate_limit_headers do with the request's specs (buckets_for)."""
+    planned = BucketTable.private(stripes=2, ways=4)
+    listed = BucketTable.private(stripes=2, ways=4)
+    if not core:
+        planned._core = listed._core = None
+    now = 1_000_000.0
+    for key_tier, org_tier, model_tier, tokens, advance, delta in steps:
+        now += advance
+        key = KeyRecord("p", "a" * 64, "o", "", frozenset({"inference"}), "t",
+                        PLAN_TIERS[key_tier] or Tier(0, 0, 0, 0), False)
+        plan = plan_for(key, "m", PLAN_TIERS[org_tier], PLAN_TIERS[model_tier])
+        specs = buckets_for(key, "m", tokens, PLAN_TIERS[org_tier], PLAN_TIERS[model_tier])
+        got = planned.take_planned(plan, tokens, now)
+        want, _ = listed.admit(specs, [], None, now)
+        assert got == want
+        assert bytes(planned._buf) == bytes(listed._buf)
+        if got.allowed and specs:
+            assert planned_headers(plan, got, 1000.5) == rate_limit_headers(specs[0], got,
+                                                                             1000.5)
+        if got.allowed and delta:
+            planned.settle_records([(plan.token_records, delta)], now)
+            listed.settle([s for s in specs if s.name.endswith(":tpm")], delta, [], None, now)
+            assert bytes(planned._buf) == bytes(listed._buf)
 
 
 def _hammer(name: str, spec: BucketSpec, budget: Budget | None, n: int, core: bool,

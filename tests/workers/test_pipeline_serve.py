@@ -167,10 +167,10 @@ async def test_a_turns_settlements_are_applied_by_its_accounting_flush(
     await served(pipeline)
     applied: list[int] = []
     table = pipeline.admission.table
-    settle_many = table.settle_many
-    monkeypatch.setattr(table, "settle_many",
+    settle_records = table.settle_records  # (of token buckets alone: this request's)
+    monkeypatch.setattr(table, "settle_records",
                         lambda items, now_ms: (applied.append(len(items)),
-                                               settle_many(items, now_ms))[1])
+                                               settle_records(items, now_ms))[1])
     scheduled: list[object] = []  # what is left for a later iteration (still run)
     call_soon = pipeline.loop.call_soon
     monkeypatch.setattr(pipeline.loop, "call_soon",
