@@ -13,6 +13,7 @@ is logged, counted, and shown in readyz and `apirouterctl status`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import shutil
@@ -431,6 +432,16 @@ class Supervisor:
         if self.etcd is not None:
             metrics.CONFIG_STORE_UP.set(1 if self.etcd.connected else 0)
             self._tasks.append(asyncio.ensure_future(self.etcd.run()))
+        # What is allocated by now lives as long as the supervisor: keep the collector off
+        # it, and let young objects pile up longer before a collection (as workers.app does).
+        # A drain's batch (a tuple and an index struct a record, ~770 records at c=32) set off
+        # a young collection every drain (0.2-3 ms), its survivors a middle one every ~1.3 s,
+        # and, every ~10 s of load, a full one over ~55,000 objects (~70 ms): measured with
+        # gc.callbacks, ~0.55 µs a request in the first two and ~0.9 in the full ones; none
+        # ran under load after this.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
         while True:
             exited = asyncio.ensure_future(self.pool.wait())
             sig_task = asyncio.ensure_future(self.signals.get())
