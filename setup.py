@@ -50,4 +50,9 @@ class StampedBuildPy(build_py):
 BUCKET_CORE = Extension("apirouter._bucketcore", ["apirouter/_bucketcore.c"],
                         extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"])
 
-setup(cmdclass={"build_py": StampedBuildPy}, ext_modules=[BUCKET_CORE])
+# The usage ring's producer in C (apirouter/_ringcore.c): a worker's per-request hand-off of
+# its usage record in one call; required like the bucket core.
+RING_CORE = Extension("apirouter._ringcore", ["apirouter/_ringcore.c"],
+                      extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"])
+
+setup(cmdclass={"build_py": StampedBuildPy}, ext_modules=[BUCKET_CORE, RING_CORE])
