@@ -54,8 +54,8 @@ Edit = tuple[str, str, str]
 FEATURES: dict[str, tuple[str, list[Edit]]] = {
     "usage": ("no usage record: none written by the worker, so none exported (JSONL, audit)", [
         ("workers/accounting.py",
-         "            self.emit(ctx.request_id, self._record(ctx, status, outcome))",
-         "            pass")]),
+         "        usage = self.usage\n        if usage is not None:\n",
+         "        usage = None\n        if usage is not None:\n")]),
     "admission": ("no admission: no bucket taken, no rate-limit headers, nothing settled", [
         ("workers/pipeline.py",
          "        caller, route, req = ctx.caller, ctx.route, ctx.request\n"

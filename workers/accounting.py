@@ -18,8 +18,7 @@ import logging
 import time
 
 from apirouter.errors import RouterError
-from apirouter.outcomes import Outcome
-from apirouter.usage import encode_record, usage_record
+from apirouter.usage import encode_record
 from workers.admission import Admission
 from workers.context import RequestContext
 from workers.metrics import USAGE_LOST, RequestMetrics, Routed
@@ -40,42 +39,40 @@ class Accounting:
 
     def emit(self, request_id: str, record: bytes) -> None:
         """Hand a usage record to the supervisor; accounting never fails a response."""
-        if self.usage is None:
-            return
+        usage = self.usage
+        if usage is not None and not usage.put(record):
+            self._overflow(usage, request_id, record)
+
+    @staticmethod
+    def _overflow(usage: UsageOut, request_id: str, record: bytes) -> None:
+        """A record the ring refused (full): to the overflow file, or counted as lost."""
         try:
-            self.usage.emit(record)
-        except OSError as e:  # the ring was full and the overflow file unwritable
+            usage.overflow(record)
+        except OSError as e:  # the overflow file unwritable
             USAGE_LOST.inc()
             log.error("usage record of request %s lost: ring full and %s", request_id, e)
 
     def account(self, ctx: RequestContext, status: int) -> list[tuple[str, str]]:
         """Record a forwarded request that ended with ``status`` and queue its metrics and
         settlement for the end of the turn; return the rate-limit headers to send."""
-        outcome = ctx.outcome
-        assert outcome is not None and ctx.request is not None
+        outcome, request = ctx.outcome, ctx.request
+        assert outcome is not None and request is not None
         ctx.accounted = True
-        if self.usage is not None:
-            self.emit(ctx.request_id, self._record(ctx, status, outcome))
-        self._due.append(ctx)
-        if len(self._due) == 1:
+        usage = self.usage
+        if usage is not None:
+            # The record built from the context itself (encode_record reads its fields) and
+            # handed to the ring's C put inline: no Python call between them.
+            record = encode_record(
+                "request", ctx, request.model, time.time(), status, outcome.error_code,
+                ctx.used if outcome.settle_actual else None, self.pid, request.stream)
+            if not usage.put(record):
+                self._overflow(usage, ctx.request_id, record)
+        due = self._due
+        due.append(ctx)
+        if len(due) == 1:
             self.loop.call_soon(self.flush)
         ticket = ctx.ticket
         return ticket.rate_limit_headers() if ticket is not None else []
-
-    def _record(self, ctx: RequestContext, status: int, outcome: Outcome) -> bytes:
-        fwd = ctx.fwd
-        used = ctx.used if outcome.settle_actual else None
-        key = ctx.caller.key if ctx.caller is not None else None
-        assert ctx.request is not None
-        return encode_record(
-            "request", ctx.request_id, ctx.t0, time.time(), ctx.endpoint.path,
-            key.key_id if key else None, key.org if key else None, ctx.request.model,
-            fwd.backend_id if fwd else None, fwd.decision_type if fwd else None,
-            fwd.attempts if fwd else 0, status, outcome.error_code,
-            used[0] if used else None, used[1] if used else None,
-            ctx.cost_micro if used else 0, fwd.backend_s if fwd else 0.0,
-            ctx.view.generation, self.pid, None, None, ctx.request.stream, ctx.ttft_s,
-            ctx.events, ctx.interruption, ctx.usage_estimated and used is not None)
 
     def flush(self) -> None:
         """Count and settle every queued request (idempotent; the worker calls it before it
@@ -129,13 +126,8 @@ class Accounting:
                retry_after_s: int | None) -> RouterError:
         """Account an admission refusal like a request (kind denial) and return the error."""
         if self.usage is not None and ctx.caller is not None and ctx.request is not None:
-            key = ctx.caller.key
-            self.emit(ctx.request_id, usage_record(
-                kind="denial", request_id=ctx.request_id, ts_start=ctx.t0, ts_end=time.time(),
-                endpoint=ctx.endpoint.path, key_id=key.key_id, org=key.org,
-                model=ctx.request.model, backend_id=None, decision_type=None, attempts=0,
-                status=err.status, error_code=err.code, prompt_tokens=None,
-                completion_tokens=None, cost_micro=0, backend_s=0.0,
-                table_generation=ctx.view.generation, worker_pid=self.pid, limit=limit,
-                retry_after_s=retry_after_s))
+            # Refused at admission: never forwarded (ctx.fwd is None), nothing used.
+            self.emit(ctx.request_id, encode_record(
+                "denial", ctx, ctx.request.model, time.time(), err.status, err.code, None,
+                self.pid, False, limit, retry_after_s))
         return err

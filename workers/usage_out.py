@@ -28,6 +28,9 @@ class UsageOut:
     def __init__(self, segment: str, slot: int, run_dir: str) -> None:
         self._shm = attach_usage_segment(segment)
         self.ring = RingProducer(self._shm, slot)
+        # The ring's C put, bound once: the accounting step calls it for every record and
+        # ``overflow`` only when it answers False (the ring is full).
+        self.put = self.ring.put
         self.directory = os.path.join(run_dir, OVERFLOW_DIR)
         # pid plus a random part: pids repeat across PID namespaces (containers), names must not
         self.tag = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -36,10 +39,11 @@ class UsageOut:
         self._files = 0
 
     def emit(self, record: bytes) -> None:
-        if not self.ring.put(record):
-            self._overflow(record)
+        if not self.put(record):
+            self.overflow(record)
 
-    def _overflow(self, record: bytes) -> None:
+    def overflow(self, record: bytes) -> None:
+        """Append a record the ring refused to the open overflow file (opened at need)."""
         if self._fd is None:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             self._files += 1

@@ -267,3 +267,145 @@ def test_the_readers_crc32_is_the_producers(data: bytes) -> None:
 
     assert usage_ring._fast_crc32 is not zlib.crc32  # isal is installed: the fast one is tested
     assert usage_ring._fast_crc32(data) == zlib.crc32(data)
+
+
+def _ring_state(ring: RingProducer) -> tuple[int, int, bytes]:
+    return ring.head, ring.tail, bytes(ring._data)
+
+
+# One step of a producer's life: a record to put, or a consumer committing some of the unread
+# bytes (a whole number of frames, as the drain does: peek up to a limit, commit).
+_PUT = st.tuples(st.just("put"), st.binary(max_size=1100))  # > max_record(4096) included
+_COMMIT = st.tuples(st.just("commit"), st.integers(min_value=1, max_value=4096))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0, max_value=1 << 40), st.integers(min_value=0, max_value=4096),
+       st.lists(st.one_of(_PUT, _PUT, _COMMIT), max_size=80),
+       st.sampled_from([4096, 4100, 4103]))
+def test_the_c_put_writes_what_the_python_put_writes(start, off, steps, capacity) -> None:
+    """Two rings, one fed by the C ``put`` and one by ``put_py`` (the reference), from the
+    same indices through the same records and commits: after every step both answered alike
+    and hold the same indices and data bytes, through wrap-arounds (any start position,
+    including less than a frame header before the end), a full ring, oversized records, and
+    capacities off the 8-byte grid."""
+    shm = create_usage_segment(_name(), 2, capacity)
+    try:
+        c, py = RingProducer(shm, 0), RingProducer(shm, 1)
+        conss = [RingConsumer(shm, 0), RingConsumer(shm, 1)]
+        head = start + off
+        for ring in (c, py):
+            ring._idx[0] = head
+            ring._idx[8] = head
+        for op, arg in steps:
+            if op == "put":
+                assert c.put(arg) == py.put_py(arg)
+            else:
+                for cons in conss:
+                    cons.commit(cons.peek(max_bytes=arg)[1])
+            assert _ring_state(c) == _ring_state(py)
+        for r in (c, py, *conss):
+            r.release()
+    finally:
+        unlink_segment(shm)
+        shm.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=1 << 40), st.integers(min_value=-5000, max_value=5000),
+       st.binary(max_size=1100), st.sampled_from([4096, 4100]))
+def test_the_c_put_treats_any_indices_as_the_python_put_does(head, behind, record,
+                                                             capacity) -> None:
+    """Inconsistent indices (a tail ahead of the head, or more unread than the capacity):
+    the C put refuses or writes exactly as the reference does."""
+    shm = create_usage_segment(_name(), 2, capacity)
+    try:
+        c, py = RingProducer(shm, 0), RingProducer(shm, 1)
+        for ring in (c, py):
+            ring._idx[0] = head
+            ring._idx[8] = max(0, head - behind)
+        assert c.put(record) == py.put_py(record)
+        assert _ring_state(c) == _ring_state(py)
+        for r in (c, py):
+            r.release()
+    finally:
+        unlink_segment(shm)
+        shm.close()
+
+
+def test_the_c_put_takes_any_buffer_and_lets_go_of_the_segment(segment) -> None:
+    prod, cons = RingProducer(segment, 0), RingConsumer(segment, 0)
+    assert prod.put(bytearray(b"ab")) and prod.put(memoryview(b"cd"))
+    assert cons.peek()[0] == [b"ab", b"cd"]
+    with pytest.raises(TypeError):
+        prod.put("text")  # type: ignore[arg-type]
+    prod.release()
+    with pytest.raises(ValueError):
+        prod.put(b"after release")
+    cons.release()
+
+
+def _frames(records: list[bytes]) -> bytes:
+    return b"".join(_FRAME.pack(len(r), zlib.crc32(r)) + r for r in records)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=12),
+       st.one_of(st.none(), st.tuples(st.integers(min_value=0), st.integers(1, 255))),
+       st.one_of(st.none(), st.integers(min_value=0)), st.integers(0, 4000),
+       st.integers(0, 400), st.binary(max_size=12))
+def test_the_c_scan_reads_what_the_python_scan_reads(records, flip, wrap_at, stop, limit,
+                                                     tail) -> None:
+    """``scan`` (C), which peek cuts frames with, against ``_scan_py``, its reference: the
+    same records, position and reason on any bytes — sound frames, a WRAP, a flipped byte
+    (bad length, bad checksum), frames longer than the limit or than the span."""
+    from apirouter.usage_ring import _fast_crc32, _scan_py, scan
+
+    span = bytearray(_frames(records) + tail)
+    if wrap_at is not None and span:
+        at = wrap_at % len(span)
+        span[at:at + 4] = _FRAME.pack(WRAP, 0)[:4]
+    if flip is not None and span:
+        span[flip[0] % len(span)] ^= flip[1]
+    data = bytes(span)
+    stop = min(stop, len(data) - _FRAME.size + 1)
+    for at in {0, *(len(_frames(records[:i])) for i in range(len(records)))}:
+        if at >= len(data) - _FRAME.size + 1:
+            continue
+        c_out: list[bytes] = []
+        py_out: list[bytes] = []
+        assert scan(data, at, stop, limit, _fast_crc32, c_out) == \
+            _scan_py(data, at, stop, limit, _fast_crc32, py_out)
+        assert c_out == py_out
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.binary(min_size=0, max_size=700), min_size=1, max_size=30),
+       st.integers(min_value=1, max_value=3000), st.integers(1, 5000))
+def test_peek_gives_way_every_pause_every_bytes(records, pause_every, max_bytes) -> None:
+    """The drain's pauses: peek calls ``pause`` once every ``pause_every`` bytes of frames
+    checked (as the frame-by-frame loop did), and returns what it returns without pauses."""
+    shm = create_usage_segment(_name(), 1, 4096)
+    try:
+        prod, cons = RingProducer(shm, 0), RingConsumer(shm, 0)
+        for rec in records:
+            if not prod.put(rec):
+                break
+        marks: list[int] = []
+        got = cons.peek(max_bytes, pause=lambda: marks.append(0), pause_every=pause_every)
+        assert got == cons.peek(max_bytes)
+        # the reference count: a pause before each frame starting at or past the next mark
+        # (counted from the start of the span, then from the frame it paused at)
+        expected, mark, at = 0, pause_every, 0
+        size = got[1] - cons.tail
+        for rec in got[0]:
+            if at >= mark:
+                expected += 1
+                mark = at + pause_every
+            at += _FRAME.size + len(rec)
+        assert at == size and len(marks) == expected
+        prod.release()
+        cons.release()
+    finally:
+        unlink_segment(shm)
+        shm.close()

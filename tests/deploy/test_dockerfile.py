@@ -105,8 +105,9 @@ def test_the_build_stage_stamps_commit_and_time_into_the_package(tmp_path: Path)
         stamp = json.loads(z.read("apirouter/_build_info.json"))
         assert "apirouter/buildinfo.py" in z.namelist()
         # the limiter's C core, compiled in the build stage (which installs gcc for it)
-        assert any(n.startswith("apirouter/_bucketcore.") and n.endswith(".so")
-                   for n in z.namelist())
+        for core in ("_bucketcore", "_ringcore", "_ssecore"):
+            assert any(n.startswith(f"apirouter/{core}.") and n.endswith(".so")
+                       for n in z.namelist())
     build_stage = DOCKERFILE.read_text().split(" AS runtime")[0]
     assert "gcc" in build_stage and "libc6-dev" in build_stage
     assert stamp == {"git_commit": "0123abcd" * 5, "build_time": "2023-11-14T22:13:20Z"}
