@@ -75,8 +75,8 @@ static int Producer_init(Producer *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_RuntimeError, "Producer already initialised");
         return -1;
     }
-    if (capacity == 0) {
-        PyErr_SetString(PyExc_ValueError, "capacity must be > 0");
+    if (capacity == 0 || capacity > 0xFFFFFFFFull) { /* the header holds it as a u32 */
+        PyErr_SetString(PyExc_ValueError, "capacity must be from 1 to 2**32 - 1");
         return -1;
     }
     if (!PyCallable_Check(crc32)) {
@@ -85,7 +85,8 @@ static int Producer_init(Producer *self, PyObject *args, PyObject *kwds)
     }
     if (PyObject_GetBuffer(slot, &self->slot, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
         return -1;
-    if ((unsigned long long)self->slot.len < SLOT_META + capacity) {
+    if (self->slot.len < SLOT_META ||
+            (unsigned long long)(self->slot.len - SLOT_META) < capacity) {
         PyBuffer_Release(&self->slot);
         PyErr_SetString(PyExc_ValueError, "the slot is smaller than its indices and data");
         return -1;
@@ -150,18 +151,30 @@ static PyObject *Producer_put(Producer *self, PyObject *record)
     uint64_t room_to_end = cap - pos;
     uint64_t frame = FRAME_HEADER + (uint64_t)n;
     uint64_t skip = room_to_end < frame ? room_to_end : 0;
-    /* (head - tail) as Python computes it: signed, so inconsistent indices behave alike */
-    int64_t fill = (int64_t)(head - tail);
-    if (fill + (int64_t)skip + (int64_t)frame > (int64_t)cap)
+    /* (head - tail) + skip + frame as Python computes it, in 128 bits: inconsistent indices
+     * (a corrupt or hostile segment) behave alike, however far apart */
+    if ((__int128)head - (__int128)tail + (__int128)skip + (__int128)frame > (__int128)cap)
+        goto done;
+    if (head > UINT64_MAX - skip - frame) /* the next head would not fit its word: refused */
         goto done;
     PyObject *crc_obj = PyObject_CallOneArg(self->crc32, record);
     if (crc_obj == NULL) {
         result = NULL;
         goto done;
     }
-    unsigned long crc = PyLong_AsUnsignedLongMask(crc_obj);
+    unsigned long crc = PyLong_AsUnsignedLong(crc_obj);
     Py_DECREF(crc_obj);
     if (crc == (unsigned long)-1 && PyErr_Occurred()) {
+        result = NULL;
+        goto done;
+    }
+    if (crc > 0xFFFFFFFFul) { /* as the reference's struct.pack("I") refuses it */
+        PyErr_SetString(PyExc_OverflowError, "the checksum does not fit 32 bits");
+        result = NULL;
+        goto done;
+    }
+    if (!self->held) { /* released by the callback: nothing may be written */
+        PyErr_SetString(PyExc_ValueError, "the ring is released");
         result = NULL;
         goto done;
     }

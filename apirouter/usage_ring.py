@@ -183,6 +183,11 @@ class _Ring:
         self._data.release()
 
 
+# The indices are u64 words: a head that would pass 2**64 (584 years at 1 GB/s: only a corrupt
+# segment holds one) refuses the record, which goes to the worker's overflow file.
+_INDEX_END = 1 << 64
+
+
 class RingProducer(_Ring):
     """A worker's end: ``put`` copies a record in, or says the ring is full.
 
@@ -210,6 +215,8 @@ class RingProducer(_Ring):
         frame = _FRAME.size + n
         skip = room_to_end if room_to_end < frame else 0
         if (head - idx[_TAIL_OFFSET // 8]) + skip + frame > cap:
+            return False
+        if head + skip + frame >= _INDEX_END:  # only a corrupt segment's head gets there
             return False
         data = self._data
         if skip:
@@ -292,12 +299,17 @@ class RingConsumer(_Ring):
             stop = min(size - hdr + 1, max_bytes - taken)
             at = 0  # tail is pos + at in the span: advanced once the span is done with
             while True:
-                at, why = scan(span, at, stop if pause is None else min(stop, at + pause_every),
+                at, why = scan(span, at, stop if pause is None
+                               else min(stop, at + max(1, pause_every)),
                                limit, crc32, out)
                 if why != _SCAN_STOP or at >= stop:
                     break
                 assert pause is not None
                 pause()
+            if why == _SCAN_WRAP and tail + cap - pos >= head:
+                # A producer writes the frame that did not fit right after its WRAP: a WRAP
+                # with nothing after it is a corrupt length, not a skip past what is unread.
+                why = _SCAN_BAD
             if why == _SCAN_BAD:
                 tail += at
                 if out:

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 import time
 import zlib
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from apirouter.shm import SegmentError
@@ -226,6 +227,24 @@ def test_a_frame_cut_short_by_head_is_corrupt_not_skipped(segment) -> None:
     cons.release()
 
 
+def test_a_wrap_with_nothing_after_it_is_corrupt_not_a_skip(segment) -> None:
+    # A producer writes the frame that did not fit right after its WRAP; a WRAP length met
+    # mid-lap, with head before the end of the data area, is a corrupt frame: the peek must
+    # not skip to the next lap, past head (the unread records would go without quarantine).
+    prod, cons = RingProducer(segment, 0), RingConsumer(segment, 0)
+    for i in range(5):
+        assert prod.put(b"r%d" % i * 20)  # 48-byte frames
+    cons._data[96:100] = struct.pack("<I", WRAP)  # the third frame's length
+    batch, pos = cons.peek()
+    assert (batch, pos) == ([b"r0" * 20, b"r1" * 20], 96)
+    cons.commit(pos)
+    with pytest.raises(RingCorrupt) as e:
+        cons.peek()
+    assert (e.value.tail, e.value.head) == (96, 240)
+    prod.release()
+    cons.release()
+
+
 def test_fill_levels_reads_every_ring(segment) -> None:
     rings = [RingConsumer(segment, i) for i in range(4)]
     prods = [RingProducer(segment, i) for i in range(4)]
@@ -324,6 +343,31 @@ def test_the_c_put_treats_any_indices_as_the_python_put_does(head, behind, recor
         for ring in (c, py):
             ring._idx[0] = head
             ring._idx[8] = max(0, head - behind)
+        assert c.put(record) == py.put_py(record)
+        assert _ring_state(c) == _ring_state(py)
+        for r in (c, py):
+            r.release()
+    finally:
+        unlink_segment(shm)
+        shm.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=(1 << 64) - 1),
+       st.integers(min_value=0, max_value=(1 << 64) - 1), st.binary(max_size=1100))
+@example(head=(1 << 63) + 100, tail=0, record=b"x")
+@example(head=(1 << 64) - 1, tail=0, record=b"x")
+@example(head=0, tail=(1 << 64) - 1, record=b"x")
+def test_the_c_put_treats_indices_far_apart_as_the_python_put_does(head, tail,
+                                                                   record) -> None:
+    """Indices a corrupt segment could hold, however far apart (the fill check overflowed 64
+    bits in C): the C put refuses or writes exactly as the reference does."""
+    shm = create_usage_segment(_name(), 2, 4096)
+    try:
+        c, py = RingProducer(shm, 0), RingProducer(shm, 1)
+        for ring in (c, py):
+            ring._idx[0] = head
+            ring._idx[8] = tail
         assert c.put(record) == py.put_py(record)
         assert _ring_state(c) == _ring_state(py)
         for r in (c, py):
