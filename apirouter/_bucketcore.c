@@ -445,16 +445,26 @@ static PyObject *Core_settle(Core *self, PyObject *args)
             PyErr_SetString(PyExc_ValueError, "settle: at most 64 buckets an item");
             return NULL;
         }
+        /* An exact int or float: converting it runs no code of the caller's, which could
+         * change the lists counted here before they are read. */
+        PyObject *delta = PyTuple_GET_ITEM(item, 1);
+        if (!PyLong_CheckExact(delta) && !PyFloat_CheckExact(delta)) {
+            PyErr_SetString(PyExc_TypeError, "settle: a delta is an int or a float");
+            return NULL;
+        }
         total += k;
     }
     if (total == 0)
         return PyLong_FromLong(0);
     Rec *recs = PyMem_Malloc(sizeof(Rec) * (size_t)total);
     Py_ssize_t *stripe_v = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)total);
+    /* each item's bucket count as read when its records were: the locking below may let go
+     * of the GIL, and the lists are not read again after it */
+    Py_ssize_t *ks = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)count);
     PyObject *result = NULL;
     Py_buffer view;
     int have_view = 0;
-    if (recs == NULL || stripe_v == NULL) {
+    if (recs == NULL || stripe_v == NULL || ks == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -464,6 +474,13 @@ static PyObject *Core_settle(Core *self, PyObject *args)
         PyObject *item = PyList_GET_ITEM(items_obj, i);
         Py_ssize_t k = 0;
         PyObject **records = items_of(PyTuple_GET_ITEM(item, 0), &k, "settle");
+        if (records == NULL)
+            goto done;
+        if (k > MAX_RECORDS || at + k > total) { /* changed since counted (read_rec's ints) */
+            PyErr_SetString(PyExc_RuntimeError, "settle: the items changed during the call");
+            goto done;
+        }
+        ks[i] = k;
         double delta = PyFloat_AsDouble(PyTuple_GET_ITEM(item, 1));
         if (delta == -1.0 && PyErr_Occurred())
             goto done;
@@ -483,8 +500,7 @@ static PyObject *Core_settle(Core *self, PyObject *args)
     int evicted = 0;
     at = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
-        Py_ssize_t k = 0;
-        items_of(PyTuple_GET_ITEM(PyList_GET_ITEM(items_obj, i), 0), &k, "settle");
+        Py_ssize_t k = ks[i];
         Py_ssize_t taken[MAX_RECORDS];
         for (Py_ssize_t j = 0; j < k; j++, at++) {
             Rec *r = &recs[at];
@@ -507,6 +523,7 @@ done:
         PyBuffer_Release(&view);
     PyMem_Free(recs);
     PyMem_Free(stripe_v);
+    PyMem_Free(ks);
     return result;
 }
 

@@ -64,6 +64,27 @@ def test_the_table_decides_as_the_pure_model(core: bool,
                     settle(s, model, now, delta)
 
 
+def test_the_c_core_settles_only_int_or_float_deltas() -> None:
+    # Converting anything else could run the caller's code between the core's passes over the
+    # items (a __float__ that grew a records list overflowed the core's arrays: a crash).
+    table = BucketTable.private(stripes=2, ways=4)
+    core = table._core
+    assert core is not None
+    rec = table.record("key:a:tpm", 100, 600, None)
+
+    class Delta:
+        def __float__(self) -> float:
+            return 1.0
+
+    class Tokens(int):
+        pass
+
+    for delta in (Delta(), Tokens(1), 1.0j):
+        with pytest.raises(TypeError):
+            core.settle([([rec], delta)], 1000.0)
+    assert core.settle([([rec], 1), ([rec], -2.5)], 1000.0) == 0
+
+
 def test_the_c_core_is_built_and_in_use() -> None:
     # setup.py builds it; without it the limiter would silently cost ~4x as much
     assert BucketTable.private()._core is not None
