@@ -1,14 +1,16 @@
 """A worker's usage hand-off: its ring in the supervisor's usage segment, a file when full.
 
-Once ``emit`` returns, the record no longer depends on this process: it is either in shared
-memory (the supervisor drains the ring, also after this worker dies) or written into an
-overflow file (in the page cache: a ``kill -9`` does not lose it). A full ring therefore never
-drops a record; each overflow is counted (router_usage_ring_overflow_total) and logged once
-per file. Overflow files are named ``<pid>-<random>.<n>.open`` while the worker appends to them and
-renamed ``.ready`` on the next heartbeat; the supervisor imports ``.ready`` files, and
-``.open`` files whose worker is dead. "Dead" is told by a flock the worker holds on its open
-file (taken before the file gets its ``.open`` name), not by its pid: pids mean nothing across
-PID namespaces, and a successor supervisor must never take a file a live worker still writes.
+Once ``emit`` returns (or ``put``, and ``overflow`` when ``put`` answers False: the accounting
+step calls the two itself, one Python call fewer a request), the record no longer depends on
+this process: it is either in shared memory (the supervisor drains the ring, also after this
+worker dies) or written into an overflow file (in the page cache: a ``kill -9`` does not lose
+it). A full ring therefore never drops a record; each overflow is counted
+(router_usage_ring_overflow_total) and logged once per file. Overflow files are named
+``<pid>-<random>.<n>.open`` while the worker appends to them and renamed ``.ready`` on the next
+heartbeat; the supervisor imports ``.ready`` files, and ``.open`` files whose worker is dead.
+"Dead" is told by a flock the worker holds on its open file (taken before the file gets its
+``.open`` name), not by its pid: pids mean nothing across PID namespaces, and a successor
+supervisor must never take a file a live worker still writes.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class UsageOut:
         self._files = 0
 
     def emit(self, record: bytes) -> None:
+        """Hand a record over: into the ring, or the overflow file when the ring is full."""
         if not self.put(record):
             self.overflow(record)
 

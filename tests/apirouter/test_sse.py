@@ -267,7 +267,8 @@ async def test_the_openai_sdk_raises_the_error_event() -> None:
 _PIECES = [b'"', b'":', b":", b" ", b"\t", b"\n", b"\r", b"\\", b"\\\"", b"\\n", b"a", b"\xc3\xa9",
            b"content", b"text", b"arguments", b"refusal", b"reasoning_", b"reasoning_content",
            b'"content":"', b'"text": "', b'"arguments":\n"', b'{"delta":{"content":"hi"}}',
-           b"data: ", b"\n\n"]
+           b'"refusal":"', b'"reasoning_content":"', b'"reasoning_content": \r\n"',
+           b'"content":"a"content":"b"', b"\x00", b"\xff", b"data: ", b"\n\n"]
 
 
 @settings(max_examples=3000, deadline=None)
