@@ -123,9 +123,8 @@ class BucketTable:
         self._buf = buf
         self.shared = shared  # False: private to this process, nothing to lock
         self._keep = keep  # what owns the memory
-        self._keys: dict[str, tuple[int, int]] = {}  # name -> (key, stripe)
         self._hint: dict[int, int] = {}  # key -> slot offset where it was last found
-        self._hashes: dict[str, tuple[int, int]] = {}  # name -> (key, scope), for records
+        self._hashes: dict[str, tuple[int, int]] = {}  # name -> (key, scope)
         self._locks = Core(buf, shared, self.stripes, self.ways)
         # Token buckets without ledgers (every request of the in-process limiter) go through
         # the C core: the same arithmetic on the same slots under the same locks, ~4x cheaper
@@ -152,25 +151,27 @@ class BucketTable:
 
     # -- records --------------------------------------------------------------------------------
 
-    def _key(self, name: str) -> tuple[int, int]:
-        found = self._keys.get(name)
-        if found is None:
-            if len(self._keys) > 65536:
-                self._keys.clear()
-                self._hint.clear()
-            found = self._keys[name] = (_hash64(name) or 1,
-                                        _hash64(name.rpartition(":")[0]) % self.stripes)
-        return found
-
-    def record(self, name: str, capacity: int, per_minute: int, cost: int | None) -> Record:
-        """A bucket as ``take`` and ``settle_records`` take it (its name hashed once)."""
+    def _hash(self, name: str) -> tuple[int, int]:
+        """(key, scope) of a record's name: the 64 bits of the name and of its scope, hashed
+        once a name (bounded: the slot hints go with the names they were found for)."""
         found = self._hashes.get(name)
         if found is None:
             if len(self._hashes) > 65536:
                 self._hashes.clear()
+                self._hint.clear()
             found = self._hashes[name] = (_hash64(name) or 1,
                                            _hash64(name.rpartition(":")[0]))
-        return (found[0], found[1], capacity, per_minute, cost)
+        return found
+
+    def _key(self, name: str) -> tuple[int, int]:
+        """(key, stripe) of a record's name."""
+        key, scope = self._hash(name)
+        return key, scope % self.stripes
+
+    def record(self, name: str, capacity: int, per_minute: int, cost: int | None) -> Record:
+        """A bucket as ``take`` and ``settle_records`` take it (its name hashed once)."""
+        key, scope = self._hash(name)
+        return (key, scope, capacity, per_minute, cost)
 
     def _slot(self, key: int, stripe: int, now_ms: float, taken: list[int]) -> tuple[int, bool]:
         """(offset, live) of the record under ``key``, or of a slot to put it in that is not
