@@ -110,14 +110,18 @@ class WorkerStats:
         self._u64[_SLOT_WORDS + index] += 1
 
     def end(self, index: int, ok: bool, latency_ms: float) -> None:
-        self.abandon(index)
+        # ``abandon``'s decrement written out here: once a proxied request, and the call
+        # between cost more than the decrement itself.
         u = self._u64
+        i = _SLOT_WORDS + index
+        if u[i]:
+            u[i] -= 1
         if ok:
             u[self._ok0 + index] += 1
             f = self._f64
-            old = f[self._lat0 + index]
-            f[self._lat0 + index] = latency_ms if old == 0.0 else (
-                old + EWMA_ALPHA * (latency_ms - old))
+            i = self._lat0 + index
+            old = f[i]
+            f[i] = latency_ms if old == 0.0 else old + EWMA_ALPHA * (latency_ms - old)
         else:
             u[self._fail0 + index] += 1
 
@@ -125,8 +129,9 @@ class WorkerStats:
         """An attempt that ended without a verdict on the backend (the client hung up): it is
         no longer in flight, and counts neither as a success nor as a failure."""
         u = self._u64
-        if u[_SLOT_WORDS + index]:
-            u[_SLOT_WORDS + index] -= 1
+        i = _SLOT_WORDS + index
+        if u[i]:
+            u[i] -= 1
 
     def heartbeat(self) -> None:
         self._f64[1] = time.time()
