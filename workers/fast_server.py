@@ -47,7 +47,7 @@ from gunicorn_h1c import parse_request_fast as parse_whole
 
 from apirouter.errors import RouterError
 from apirouter.keys import credential, hash_key
-from workers.context import Reply, Signed
+from workers.context import Reply, RequestContext, Signed
 from workers.endpoints import Endpoint
 from workers.pipeline import InFlight, Pipeline
 from workers.table_view import TableView
@@ -179,6 +179,8 @@ class FastProtocol(asyncio.Protocol):
         # handle on it while it waits for its backend (cancelled when the client hangs up).
         self.current: _Request | None = None
         self.sink: _Stream | None = None
+        # The sink of each request in turn (None once released: it refers back to us).
+        self.stream: _Stream | None = _Stream(self, True, True)
         self.inflight: InFlight | asyncio.Task[None] | None = None
         self.drained: asyncio.Future[None] | None = None
         self.last_active = server.loop.time()
@@ -246,6 +248,7 @@ class FastProtocol(asyncio.Protocol):
         self.body = []
         self.queue.clear()
         self.parser = _SPENT
+        self.stream = None
         self.auth_seen, self.auth_sha256 = b"", None
 
     def pause_writing(self) -> None:
@@ -569,15 +572,24 @@ class FastProtocol(asyncio.Protocol):
         """Start answering ``item``; True if it was answered at once."""
         endpoint, view, request_id, body, keep_alive, chunked, key_sha256, signed, traceparent = \
             item
-        pipeline = self.server.pipeline
+        server = self.server
+        pipeline = server.pipeline
         self.current = item
-        sink = self.sink = _Stream(self, keep_alive, chunked)
-        self.server.writes.serving += 1  # how many requests could share a turn's writes
+        # The connection's one sink, set for this request (requests are answered one at a
+        # time, and a request's writes end with its answer): no object a request.
+        sink = self.sink = self.stream
+        assert sink is not None  # (a released connection has nothing queued to serve)
+        sink.keep_alive = keep_alive and chunked  # HTTP/1.0: the end of the body is the close
+        sink.chunked = chunked
+        sink.started = False
+        server.writes.serving += 1  # how many requests could share a turn's writes
         try:
-            rid = pipeline.ids.accept(request_id.decode("latin-1") if request_id else None)
-            ctx = pipeline.context(endpoint, view, rid, body, key_sha256, signed, None,
-                                   traceparent.decode("latin-1") if traceparent else None)
-            ctx.sink = sink
+            ids = pipeline.ids
+            rid = ids.accept(request_id.decode("latin-1")) if request_id else ids.new()
+            # The context made here, not through Pipeline.context: a call less a request.
+            ctx = RequestContext(rid, endpoint, view, body, key_sha256, signed, time.time(),
+                                 time.perf_counter(), None, sink=sink, traceparent=traceparent
+                                 .decode("latin-1") if traceparent else None)
             got = pipeline.serve(ctx, self._answered)
         except Exception as e:  # (the request's context could not be made): bounded
             self._answer(None, e)
