@@ -138,7 +138,8 @@ class Forwarding:
         """Choose the backend and send the first attempt. Raises NO_BACKEND_AVAILABLE when
         nothing can be tried (then is not called)."""
         table = self.view.table
-        self.deadline = self.loop.time() + table.limits.request_timeout_s
+        now = self.loop.time()
+        self.deadline = now + table.limits.request_timeout_s
         stats = self.stats
         decided = time.perf_counter()
         try:
@@ -150,7 +151,7 @@ class Forwarding:
                               f"no backend may serve model '{self.route.model}' now") from None
         if not int(decided * 1e6) & 7:  # a sampled histogram: about 1 decision in 8
             DECISION_LATENCY.observe(time.perf_counter() - decided)
-        self._send()
+        self._send(now)
 
     def cancel(self) -> bool:
         """The client hung up: end the attempt in flight (its connection closes, as its answer
@@ -173,7 +174,9 @@ class Forwarding:
 
     # -- one attempt ---------------------------------------------------------------------------
 
-    def _send(self) -> None:
+    def _send(self, now: float) -> None:
+        """Send an attempt to ``self.backend_id`` (``now``: the loop's time, taken by the
+        caller)."""
         backend_id, model = self.backend_id, self.model
         target = self.target = self.view.targets[backend_id]
         send = self.body if model == self.route.model else with_model(self.body, model)
@@ -189,7 +192,7 @@ class Forwarding:
         self.started = time.perf_counter()
         self.retried = False  # each attempt's connection may be stale once
         data = self.data = request_bytes(target, self.path, send, self.request_id, extra)
-        until = self.until = min(self.deadline, self.loop.time() + target.timeout_s)
+        until = self.until = min(self.deadline, now + target.timeout_s)
         work, self.meanwhile = self.meanwhile, None
         if self.attempt is None:
             conn = self.conn = target.pool.start(data, until, self._attempted)
@@ -259,7 +262,8 @@ class Forwarding:
             if outcome.failover:
                 table = self.view.table
                 nxt = None
-                if len(tried) < table.limits.max_attempts and self.loop.time() < self.deadline:
+                now = self.loop.time()
+                if len(tried) < table.limits.max_attempts and now < self.deadline:
                     if self.order is None:
                         self.order = failover_order(table, self.route, tried)
                     nxt = next(((b, m) for b, m in self.order if b not in tried), None)
@@ -269,7 +273,7 @@ class Forwarding:
                     FAILOVERS.labels(self.route.model, self.backend_id, reason).inc()
                     self.backend_id, self.model = nxt
                     self.decision = Decision.FAILOVER
-                    self._send()
+                    self._send(now)
                     return
             ended = Forwarded(self.backend_id, self.decision, resp, error, self.total_s,
                               len(tried), outcome, held, _DECISION_TYPE[self.decision])

@@ -208,8 +208,8 @@ class Pipeline:
         forwarding = inflight.forwarding = Forwarding(
             ctx.view, route, ctx.endpoint.upstream,
             req.upstream_body if req.upstream_body is not None else ctx.body,
-            ctx.request_id, self.loop, self.stats, inflight.forwarded,
-            meanwhile=None if ticket is None else ticket.rate_limit_headers)
+            ctx.request_id, self.loop, self.stats, inflight.forwarded, None, None,
+            None if ticket is None else ticket.rate_limit_headers)
         try:
             forwarding.start()
         except Exception as e:
