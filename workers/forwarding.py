@@ -66,16 +66,6 @@ def resolve_route(view: TableView, model: str) -> Route:
     return route
 
 
-def request_bytes(target: BackendTarget, path: str, body: bytes, request_id: str,
-                  extra: bytes = b"") -> bytes:
-    """An attempt's request: the target's rendered head for ``path`` (its dict looked up here,
-    not through BackendTarget.head, once rendered), ``extra`` header lines, then the request's
-    own lines formatted as one str and encoded once (two encodes and a str() before)."""
-    head = target.heads.get(path) or target.head(path)
-    return b"".join((head, extra, f"X-Request-ID: {request_id}\r\nContent-Length: {len(body)}"
-                     "\r\n\r\n".encode("latin-1"), body))
-
-
 def _attempt_error(e: UpstreamConnectError | UpstreamTimeout | UpstreamProtocolError,
                    backend_id: str) -> RouterError:
     """The catalog error of an attempt the upstream client failed."""
@@ -191,7 +181,15 @@ class Forwarding:
                                                model)
         self.started = time.perf_counter()
         self.retried = False  # each attempt's connection may be stale once
-        data = self.data = request_bytes(target, self.path, send, self.request_id, extra)
+        # The request: the target's rendered head for the path (its dict read here, not
+        # through BackendTarget.head, once rendered), ``extra`` header lines, then the
+        # request's own lines formatted as one str and encoded once (two encodes and a str()
+        # before, in a function of their own: a call less).
+        path = self.path
+        data = self.data = b"".join((
+            target.heads.get(path) or target.head(path), extra,
+            f"X-Request-ID: {self.request_id}\r\nContent-Length: {len(send)}\r\n\r\n"
+            .encode("latin-1"), send))
         until = self.until = min(self.deadline, now + target.timeout_s)
         work, self.meanwhile = self.meanwhile, None
         if self.attempt is None:
