@@ -522,7 +522,8 @@ class FastProtocol(asyncio.Protocol):
                  request_id: bytes | None, body: bytes, keep_alive: bool, http11: bool,
                  auth: bytes | None, api_key: bytes | None, ts: bytes | None,
                  nonce: bytes | None, sig: bytes | None, traceparent: bytes | None) -> None:
-        """Queue a request parsed whole (by either parser) to be answered in turn."""
+        """A request parsed whole (by either parser): answered now on an idle connection, else
+        queued to be answered in turn."""
         if api_key is None and auth is not None and compare_digest(auth, self.auth_seen):
             digest = self.auth_sha256  # the key of the connection's previous request
         else:
