@@ -47,7 +47,7 @@ from gunicorn_h1c import parse_request_fast as parse_whole
 
 from apirouter.errors import RouterError
 from apirouter.keys import credential, hash_key
-from workers.context import Reply, Signed
+from workers.context import Reply, RequestContext, Signed
 from workers.endpoints import Endpoint
 from workers.pipeline import InFlight, Pipeline
 from workers.table_view import TableView
@@ -179,6 +179,8 @@ class FastProtocol(asyncio.Protocol):
         # handle on it while it waits for its backend (cancelled when the client hangs up).
         self.current: _Request | None = None
         self.sink: _Stream | None = None
+        # The sink of each request in turn (None once released: it refers back to us).
+        self.stream: _Stream | None = _Stream(self, True, True)
         self.inflight: InFlight | asyncio.Task[None] | None = None
         self.drained: asyncio.Future[None] | None = None
         self.last_active = server.loop.time()
@@ -246,6 +248,7 @@ class FastProtocol(asyncio.Protocol):
         self.body = []
         self.queue.clear()
         self.parser = _SPENT
+        self.stream = None
         self.auth_seen, self.auth_sha256 = b"", None
 
     def pause_writing(self) -> None:
@@ -519,7 +522,8 @@ class FastProtocol(asyncio.Protocol):
                  request_id: bytes | None, body: bytes, keep_alive: bool, http11: bool,
                  auth: bytes | None, api_key: bytes | None, ts: bytes | None,
                  nonce: bytes | None, sig: bytes | None, traceparent: bytes | None) -> None:
-        """Queue a request parsed whole (by either parser) to be answered in turn."""
+        """A request parsed whole (by either parser): answered now on an idle connection, else
+        queued to be answered in turn."""
         if api_key is None and auth is not None and compare_digest(auth, self.auth_seen):
             digest = self.auth_sha256  # the key of the connection's previous request
         else:
@@ -529,12 +533,19 @@ class FastProtocol(asyncio.Protocol):
             endpoint.method, url.decode("latin-1"), None if ts is None else ts.decode("latin-1"),
             None if nonce is None else nonce.decode("latin-1"),
             None if sig is None else sig.decode("latin-1"))
-        self.queue.append((endpoint, view, request_id, body, keep_alive, http11, digest, signed,
-                           traceparent))
+        item = (endpoint, view, request_id, body, keep_alive, http11, digest, signed,
+                traceparent)
         self.last_active = self.server.loop.time()
-        if len(self.queue) >= MAX_PIPELINE:
-            self._pause_reading()
-        if not self.busy:
+        if self.busy:  # answered in turn, once the ones before it are
+            queue = self.queue
+            queue.append(item)
+            if len(queue) >= MAX_PIPELINE:
+                self._pause_reading()
+            return
+        # Idle, so nothing is queued (_take leaves the connection idle only when the queue is
+        # empty): answered now, not through the queue (_next and _take, two calls less).
+        self.busy = True
+        if self._serve(item):
             self._next()
 
     def _key_sha256(self, auth: bytes | None, api_key: bytes | None) -> str | None:
@@ -569,15 +580,24 @@ class FastProtocol(asyncio.Protocol):
         """Start answering ``item``; True if it was answered at once."""
         endpoint, view, request_id, body, keep_alive, chunked, key_sha256, signed, traceparent = \
             item
-        pipeline = self.server.pipeline
+        server = self.server
+        pipeline = server.pipeline
         self.current = item
-        sink = self.sink = _Stream(self, keep_alive, chunked)
-        self.server.writes.serving += 1  # how many requests could share a turn's writes
+        # The connection's one sink, set for this request (requests are answered one at a
+        # time, and a request's writes end with its answer): no object a request.
+        sink = self.sink = self.stream
+        assert sink is not None  # (a released connection has nothing queued to serve)
+        sink.keep_alive = keep_alive and chunked  # HTTP/1.0: the end of the body is the close
+        sink.chunked = chunked
+        sink.started = False
+        server.writes.serving += 1  # how many requests could share a turn's writes
         try:
-            rid = pipeline.ids.accept(request_id.decode("latin-1") if request_id else None)
-            ctx = pipeline.context(endpoint, view, rid, body, key_sha256, signed, None,
-                                   traceparent.decode("latin-1") if traceparent else None)
-            ctx.sink = sink
+            ids = pipeline.ids
+            rid = ids.accept(request_id.decode("latin-1")) if request_id else ids.new()
+            # The context made here, not through Pipeline.context: a call less a request.
+            ctx = RequestContext(rid, endpoint, view, body, key_sha256, signed, time.time(),
+                                 time.perf_counter(), None, sink=sink, traceparent=traceparent
+                                 .decode("latin-1") if traceparent else None)
             got = pipeline.serve(ctx, self._answered)
         except Exception as e:  # (the request's context could not be made): bounded
             self._answer(None, e)
@@ -599,7 +619,7 @@ class FastProtocol(asyncio.Protocol):
         if item is None or sink is None:  # the connection was released meanwhile
             return
         self.current = self.sink = None
-        endpoint, _, request_id, _, keep_alive = item[:5]
+        keep_alive = item[4]
         try:
             if failed is not None:
                 raise failed
@@ -610,9 +630,9 @@ class FastProtocol(asyncio.Protocol):
                 # When closing, the connection ends with the last queued answer, not this.
                 self._write(reply, keep_alive and (not self.closing or bool(self.queue)))
             else:  # the pipeline's own error, after the stream's head went out
-                self._unanswerable(None, endpoint)
+                self._unanswerable(None, item[0])
         except Exception as e:  # answering failed (the head did not encode, ...): bounded
-            self._unanswered(e, sink, endpoint, request_id, keep_alive)
+            self._unanswered(e, sink, item[0], item[2], keep_alive)
         finally:
             self.server.writes.serving -= 1
 

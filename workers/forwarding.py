@@ -27,7 +27,6 @@ from workers.table_view import BackendTarget, TableView
 from workers.upstream import (
     PendingExchange,
     UpstreamConnectError,
-    UpstreamError,
     UpstreamProtocolError,
     UpstreamResponse,
     UpstreamStale,
@@ -65,13 +64,6 @@ def resolve_route(view: TableView, model: str) -> Route:
         raise RouterError("MODEL_NOT_FOUND", f"model '{model}' is not routed by this router",
                           field="model")
     return route
-
-
-def request_bytes(target: BackendTarget, path: str, body: bytes, request_id: str,
-                  extra: bytes = b"") -> bytes:
-    return b"".join((target.head(path), extra, b"X-Request-ID: ", request_id.encode("latin-1"),
-                     b"\r\nContent-Length: ", str(len(body)).encode("latin-1"), b"\r\n\r\n",
-                     body))
 
 
 def _attempt_error(e: UpstreamConnectError | UpstreamTimeout | UpstreamProtocolError,
@@ -136,7 +128,8 @@ class Forwarding:
         """Choose the backend and send the first attempt. Raises NO_BACKEND_AVAILABLE when
         nothing can be tried (then is not called)."""
         table = self.view.table
-        self.deadline = self.loop.time() + table.limits.request_timeout_s
+        now = self.loop.time()
+        self.deadline = now + table.limits.request_timeout_s
         stats = self.stats
         decided = time.perf_counter()
         try:
@@ -148,7 +141,7 @@ class Forwarding:
                               f"no backend may serve model '{self.route.model}' now") from None
         if not int(decided * 1e6) & 7:  # a sampled histogram: about 1 decision in 8
             DECISION_LATENCY.observe(time.perf_counter() - decided)
-        self._send()
+        self._send(now)
 
     def cancel(self) -> bool:
         """The client hung up: end the attempt in flight (its connection closes, as its answer
@@ -171,12 +164,15 @@ class Forwarding:
 
     # -- one attempt ---------------------------------------------------------------------------
 
-    def _send(self) -> None:
-        backend_id, model, route = self.backend_id, self.model, self.route
+    def _send(self, now: float) -> None:
+        """Send an attempt to ``self.backend_id`` (``now``: the loop's time, taken by the
+        caller)."""
+        backend_id, model = self.backend_id, self.model
         target = self.target = self.view.targets[backend_id]
-        send = self.body if model == route.model else with_model(self.body, model)
-        if self.stats:
-            self.stats.begin(target.backend.index)
+        send = self.body if model == self.route.model else with_model(self.body, model)
+        stats = self.stats
+        if stats:
+            stats.begin(target.backend.index)
         extra = b""
         if self.trace is not None:
             tracing, parent = self.trace
@@ -185,11 +181,19 @@ class Forwarding:
                                                model)
         self.started = time.perf_counter()
         self.retried = False  # each attempt's connection may be stale once
-        data = self.data = request_bytes(target, self.path, send, self.request_id, extra)
-        until = self.until = min(self.deadline, self.loop.time() + target.timeout_s)
+        # The request: the target's rendered head for the path (its dict read here, not
+        # through BackendTarget.head, once rendered), ``extra`` header lines, then the
+        # request's own lines formatted as one str and encoded once (two encodes and a str()
+        # before, in a function of their own: a call less).
+        path = self.path
+        data = self.data = b"".join((
+            target.heads.get(path) or target.head(path), extra,
+            f"X-Request-ID: {self.request_id}\r\nContent-Length: {len(send)}\r\n\r\n"
+            .encode("latin-1"), send))
+        until = self.until = min(self.deadline, now + target.timeout_s)
         work, self.meanwhile = self.meanwhile, None
         if self.attempt is None:
-            conn = self.conn = target.pool.start(data, until, self._exchanged)
+            conn = self.conn = target.pool.start(data, until, self._attempted)
             if conn is not None:
                 if work is not None:
                     do_meanwhile(work)
@@ -216,66 +220,67 @@ class Forwarding:
         exc = task.exception()
         if exc is None:
             resp, held = task.result()
-            self._attempted(resp, held, None)
+            self._attempted(resp, None, held)
         else:
-            self._attempted(None, None, exc)
+            self._attempted(None, exc, None)
 
-    def _exchanged(self, resp: UpstreamResponse | None, exc: UpstreamError | None) -> None:
-        """The end of a buffered attempt on an idle connection (BackendPool.start)."""
+    def _attempted(self, resp: UpstreamResponse | None, exc: BaseException | None,
+                   held: Any = None) -> None:
+        """An attempt ended: end the request with its outcome, or try the next candidate.
+        Also the callback of a buffered attempt on an idle connection (BackendPool.start):
+        one call less a request than a callback of its own in front of this one."""
         self.conn = None
-        if isinstance(exc, UpstreamStale) and not self.retried:
+        if exc is not None and isinstance(exc, UpstreamStale) and not self.retried:
             # The backend had closed the idle connection and never saw the request: once more,
-            # on a fresh connection (the pool connects in a task).
+            # on a fresh connection (the pool connects in a task). (Only BackendPool.start's
+            # exchanges fail with UpstreamStale: ``exchange`` retries by itself.)
             self.retried = True
             self._run(self.target.pool.exchange(self.data, self.until, False, None, False))
             return
-        self._attempted(resp, None, exc)
-
-    def _attempted(self, resp: UpstreamResponse | None, held: Any,
-                   exc: BaseException | None) -> None:
-        """An attempt ended: return the request's outcome, or try the next candidate."""
         try:
             error: RouterError | None = None
-            if exc is not None:
-                if not isinstance(exc, (UpstreamTimeout, UpstreamConnectError,
-                                        UpstreamProtocolError)):
-                    raise exc  # a failure of ours
+            if exc is None:
+                outcome = classify_status(resp.status) if resp is not None else \
+                    classify_failure("BACKEND_ERROR")
+            elif isinstance(exc, (UpstreamTimeout, UpstreamConnectError, UpstreamProtocolError)):
                 error = _attempt_error(exc, self.backend_id)
+                outcome = classify_failure(error.code)
+            else:
+                raise exc  # a failure of ours
             took = time.perf_counter() - self.started
             self.total_s += took
-            outcome = classify_failure(error.code) if error is not None else (
-                classify_status(resp.status) if resp is not None
-                else classify_failure("BACKEND_ERROR"))
             if self.trace is not None:
                 self.trace[0].attempt_done(self.span, resp.status if resp is not None else None,
                                            None if outcome.success else outcome.error_code)
-            if self.stats and held is None:  # a held stream ends its attempt when relayed
-                self.stats.end(self.target.backend.index, not outcome.backend_fault,
-                               took * 1000)
+            stats = self.stats
+            if stats and held is None:  # a held stream ends its attempt when relayed
+                stats.end(self.target.backend.index, not outcome.backend_fault, took * 1000)
             tried = self.tried
             tried.append(self.backend_id)
-            table = self.view.table
-            nxt = None
-            if (outcome.failover and len(tried) < table.limits.max_attempts
-                    and self.loop.time() < self.deadline):
-                if self.order is None:
-                    self.order = failover_order(table, self.route, tried)
-                nxt = next(((b, m) for b, m in self.order if b not in tried), None)
-            if nxt is None:
-                ended = Forwarded(self.backend_id, self.decision, resp, error, self.total_s,
-                                  len(tried), outcome, held, _DECISION_TYPE[self.decision])
-            else:
-                reason = error.code if error is not None else \
-                    f"status_{resp.status if resp else 0}"
-                FAILOVERS.labels(self.route.model, self.backend_id, reason).inc()
-                self.backend_id, self.model = nxt
-                self.decision = Decision.FAILOVER
-                self._send()
-                return
+            if outcome.failover:
+                table = self.view.table
+                nxt = None
+                now = self.loop.time()
+                if len(tried) < table.limits.max_attempts and now < self.deadline:
+                    if self.order is None:
+                        self.order = failover_order(table, self.route, tried)
+                    nxt = next(((b, m) for b, m in self.order if b not in tried), None)
+                if nxt is not None:
+                    reason = error.code if error is not None else \
+                        f"status_{resp.status if resp else 0}"
+                    FAILOVERS.labels(self.route.model, self.backend_id, reason).inc()
+                    self.backend_id, self.model = nxt
+                    self.decision = Decision.FAILOVER
+                    self._send(now)
+                    return
+            ended = Forwarded(self.backend_id, self.decision, resp, error, self.total_s,
+                              len(tried), outcome, held, _DECISION_TYPE[self.decision])
         except Exception as e:
             self._end(None, e)
             return
-        self._end(ended, None)
+        if not self.ended:  # (_end, inline: the common ending)
+            self.ended = True
+            self.then(ended, None)
 
     def _end(self, fwd: Forwarded | None, exc: BaseException | None) -> None:
         if self.ended:

@@ -31,7 +31,7 @@ from apirouter.stats import WorkerStats
 from apirouter.validation import ProxyRequest
 from workers.accounting import Accounting
 from workers.admission import Admission, PendingAdmission, Ticket
-from workers.context import Caller, Reply, RequestContext, Signed
+from workers.context import JSON, Caller, Reply, RequestContext, Signed
 from workers.endpoints import ENDPOINTS, Endpoint, ms
 from workers.forwarding import Forwarded, Forwarding, forward, resolve_route
 from workers.metrics import RequestMetrics
@@ -208,8 +208,8 @@ class Pipeline:
         forwarding = inflight.forwarding = Forwarding(
             ctx.view, route, ctx.endpoint.upstream,
             req.upstream_body if req.upstream_body is not None else ctx.body,
-            ctx.request_id, self.loop, self.stats, inflight.forwarded,
-            meanwhile=None if ticket is None else ticket.rate_limit_headers)
+            ctx.request_id, self.loop, self.stats, inflight.forwarded, None, None,
+            None if ticket is None else ticket.rate_limit_headers)
         try:
             forwarding.start()
         except Exception as e:
@@ -336,7 +336,8 @@ class Pipeline:
             assert self.tracing is not None
             self.tracing.parsed(ctx.span, ep.path, req.model, req.max_tokens,
                                 bool(getattr(req, "stream", False)))
-        ctx.route = resolve_route(ctx.view, req.model)
+        route = ctx.view.table.routes.get(req.model)
+        ctx.route = route if route is not None else resolve_route(ctx.view, req.model)  # raises
         return req
 
     async def proxy_admitted(self, ctx: RequestContext, ticket: Ticket | None | _Decision
@@ -394,29 +395,28 @@ class Pipeline:
         ctx.fwd = fwd
         outcome = ctx.outcome = fwd.outcome
         resp = fwd.response
-        ctx.total_s = time.perf_counter() - ctx.started
+        total = ctx.total_s = time.perf_counter() - ctx.started
         if outcome.success:
             assert resp is not None
             ctx.used = used = ep.usage(resp.body)
             price = route.price
             if price is not None and used is not None:
                 ctx.cost_micro = price.cost_micro(*used)
-            if ep.shape is None:
-                ctype = resp.header(b"content-type")
-                reply = Reply(resp.status, resp.body, [],
-                              ctype.decode("latin-1") if ctype else "application/json")
-            else:
+            if ep.shape is not None:
                 try:
                     reply = ep.shape(ctx, resp)
                 except RouterError as e:  # a malformed backend response
                     ctx.outcome = classify_failure(e.code)
                     raise self.accounts.failed(ctx, e) from None
+                reply.headers = [("X-Request-ID", ctx.request_id),
+                                 ("X-Router-Backend", fwd.backend_id),
+                                 ("X-Router-Decision", fwd.decision_type),
+                                 ("X-Router-Latency-Ms", ms(total)),
+                                 *self.accounts.account(ctx, reply.status)]
+                return reply
         elif outcome.passthrough and ep.openai and resp is not None:
             # The backend's own explanation of the client's mistake, unchanged.
             self.metrics.error(outcome.error_code or "INVALID_REQUEST")
-            ctype = resp.header(b"content-type")
-            reply = Reply(resp.status, resp.body, [],
-                          ctype.decode("latin-1") if ctype else "application/json")
         else:
             err = fwd.error
             if err is None:
@@ -426,12 +426,14 @@ class Pipeline:
                                   else None,
                                   details=f"backend {fwd.backend_id} answered {resp.status}")
             raise self.accounts.failed(ctx, err)
-        reply.headers = [("X-Request-ID", ctx.request_id),
-                         ("X-Router-Backend", fwd.backend_id),
-                         ("X-Router-Decision", fwd.decision_type),
-                         ("X-Router-Latency-Ms", ms(ctx.total_s)),
-                         *self.accounts.account(ctx, reply.status)]
-        return reply
+        # The backend's response as it is: the Reply made once, with its headers (ms(), inline).
+        ctype = resp.header(b"content-type")
+        return Reply(resp.status, resp.body,
+                     [("X-Request-ID", ctx.request_id), ("X-Router-Backend", fwd.backend_id),
+                      ("X-Router-Decision", fwd.decision_type),
+                      ("X-Router-Latency-Ms", f"{total * 1000:.3f}"),
+                      *self.accounts.account(ctx, resp.status)],
+                     ctype.decode("latin-1") if ctype else JSON)
 
     def admit_now(self, ctx: RequestContext, inflight: InFlight | None = None
                   ) -> Ticket | None | _Decision | PendingAdmission:
