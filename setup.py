@@ -54,7 +54,7 @@ BUCKET_CORE = Extension("apirouter._bucketcore", ["apirouter/_bucketcore.c"],
 # worker's per-request hand-off of its usage record in one call; required like the bucket core.
 RING_CORE = Extension("apirouter._ringcore", ["apirouter/_ringcore.c"],
                       extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"])
-# A streamed read's content bytes counted in C (apirouter/_ssecore.c): ~24 -> ~4 µs a read.
+# A streamed read's whole events found, checked and counted in C (apirouter/_ssecore.c).
 SSE_CORE = Extension("apirouter._ssecore", ["apirouter/_ssecore.c"],
                      extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"])
 

@@ -21,6 +21,7 @@
  */
 
 #define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE /* memmem, memrchr */
 #include <Python.h>
 #include <string.h>
 
@@ -52,15 +53,9 @@ static Py_ssize_t key_at(const char *p, const char *end)
     }
 }
 
-static PyObject *raw_content_bytes(PyObject *self, PyObject *arg)
+/* The content bytes in [data, end), or -1 when a string holds an escape. */
+static Py_ssize_t count_content(const char *data, const char *end)
 {
-    (void)self;
-    if (!PyBytes_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "raw_content_bytes() takes bytes");
-        return NULL;
-    }
-    const char *data = PyBytes_AS_STRING(arg);
-    const char *end = data + PyBytes_GET_SIZE(arg);
     const char *p = data;
     Py_ssize_t total = 0;
     while (p < end) {
@@ -83,19 +78,91 @@ static PyObject *raw_content_bytes(PyObject *self, PyObject *arg)
         const char *s = ++q;
         while (q < end && *q != '"' && *q != '\n') {
             if (*q == '\\')
-                return PyLong_FromLong(-1); /* an escape: the Python path decodes it */
+                return -1; /* an escape: the Python path decodes it */
             q++;
         }
         total += q - s;
         p = q; /* the next search starts at the end of this match */
     }
-    return PyLong_FromSsize_t(total);
+    return total;
+}
+
+static PyObject *raw_content_bytes(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "raw_content_bytes() takes bytes");
+        return NULL;
+    }
+    const char *data = PyBytes_AS_STRING(arg);
+    return PyLong_FromSsize_t(count_content(data, data + PyBytes_GET_SIZE(arg)));
+}
+
+/* plain_block(buf): sse.py's _plain_block_py in one call (it says what is answered).
+ *
+ * A relayed read was searched eight times by the Python that found its whole events, checked
+ * that each is one data line, looked for [DONE] and usage objects and counted the content: a
+ * pass of bytes.startswith, in, rfind, count (three), replace and find each, ~18 µs a read
+ * of 14 mock events on the 2-core VM. Here: memchr for CR, memrchr for the last blank line,
+ * memchr line to line, memmem for [DONE] and each "usage": key, and the content walk. */
+static PyObject *plain_block(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "plain_block() takes bytes");
+        return NULL;
+    }
+    const char *buf = PyBytes_AS_STRING(arg);
+    Py_ssize_t size = PyBytes_GET_SIZE(arg);
+    if (size < 5 || memcmp(buf, "data:", 5) != 0 || memchr(buf, '\r', (size_t)size) != NULL)
+        Py_RETURN_NONE;
+    /* The end of the last blank line ("\n\n"): where the buffered events' bytes end. */
+    Py_ssize_t end = 0;
+    Py_ssize_t left = size;
+    while (left > 1) {
+        const char *nl = memrchr(buf, '\n', (size_t)left);
+        if (nl == NULL)
+            break;
+        if (nl > buf && nl[-1] == '\n') {
+            end = nl - buf + 1;
+            break;
+        }
+        left = nl - buf;
+    }
+    if (end == 0)
+        return Py_BuildValue("(nnn)", (Py_ssize_t)0, (Py_ssize_t)0, (Py_ssize_t)0);
+    /* Every event one data line and its blank line: "data:" X "\n\n", X without a line feed. */
+    const char *stop = buf + end;
+    const char *p = buf;
+    Py_ssize_t n = 0;
+    while (p < stop) {
+        if (stop - p < 7 || memcmp(p, "data:", 5) != 0)
+            Py_RETURN_NONE;
+        const char *nl = memchr(p + 5, '\n', (size_t)(stop - p - 5));
+        if (nl == NULL || nl + 1 >= stop || nl[1] != '\n')
+            Py_RETURN_NONE;
+        n++;
+        p = nl + 2;
+    }
+    /* Nothing that must be read event by event: no [DONE], every "usage": key null. */
+    if (memmem(buf, (size_t)end, "[DONE]", 6) != NULL)
+        Py_RETURN_NONE;
+    const char *u = buf;
+    while ((u = memmem(u, (size_t)(stop - u), "\"usage\":", 8)) != NULL) {
+        if (stop - u < 12 || memcmp(u + 8, "null", 4) != 0)
+            Py_RETURN_NONE;
+        u += 8;
+    }
+    return Py_BuildValue("(nnn)", end, n, count_content(buf, stop));
 }
 
 static PyMethodDef methods[] = {
     {"raw_content_bytes", raw_content_bytes, METH_O,
      "raw_content_bytes(data) -> the bytes of the content strings data holds, or -1 when one "
      "holds an escape"},
+    {"plain_block", plain_block, METH_O,
+     "plain_block(buf) -> None, or (end, events, content bytes or -1) of the whole events "
+     "buf begins with when each is one data line and none is [DONE] or has a usage object"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import orjson
 
-from apirouter._ssecore import raw_content_bytes
+from apirouter._ssecore import plain_block, raw_content_bytes
 from apirouter.errors import RouterError, openai_body
 from apirouter.limits import estimate_tokens, reported_count
 
@@ -115,6 +115,20 @@ class SSEScanner:
         self._scan = max(0, len(rest) - 3)
         return events
 
+    def feed_plain(self, data: bytes) -> tuple[bytes, int, int] | None:
+        """``feed_block`` for the plainest case, in one C call (``plain_block``): when every
+        complete event buffered is one ``data:`` line and its blank line, all LF, and none
+        is [DONE] or has a usage object, return them as one block of raw bytes, their count
+        and their content bytes (-1: a string holds an escape; ``_content_bytes`` counts it).
+        None, with nothing consumed, in any other case."""
+        buf = self._buf + data if self._buf else data
+        got = plain_block(buf)
+        if got is None:
+            return None
+        end, n, content = got
+        block = self._take_block(buf, end)
+        return None if block is None else (block, n, content)
+
     def feed_block(self, data: bytes) -> tuple[bytes, int] | None:
         """``feed`` for the common case, without an object per event: when every complete
         event in what is buffered is one ``data:`` line and its blank line, all LF, return
@@ -124,26 +138,38 @@ class SSEScanner:
         if not buf.startswith(b"data:") or b"\r" in buf:
             return None
         end = buf.rfind(b"\n\n") + 2
-        if end < 2:
-            if len(buf) > self.max_event_bytes:
-                return None  # feed raises
-            self._buf = buf
-            self._scan = max(0, len(buf) - 3)
-            return b"", 0
-        block = buf[:end] if end < len(buf) else buf
-        n = block.count(b"\n\ndata:") + 1
-        # The block begins with a data line and ends with a blank line; n - 1 line end pairs
-        # are followed by one. With those pairs taken out, an LF left before the last pair
-        # means a line that is not a data line followed by a blank line. (Counting the LFs
-        # said the same, but bytes.count of one byte is a plain loop in CPython 3.11, while
-        # replace and find search in C: 10.5 -> 4.1 µs for a read of 18 mock events, 4.3 KB.)
-        rest = block.replace(b"\n\ndata:", b"") if n > 1 else block
-        if rest.find(b"\n", 0, len(rest) - 2) >= 0 or end > self.max_event_bytes \
-                or len(buf) - end > self.max_event_bytes:
+        n = 0
+        if end >= 2:
+            block = buf[:end]
+            n = block.count(b"\n\ndata:") + 1
+            # The block begins with a data line and ends with a blank line; n - 1 line end
+            # pairs are followed by one. With those pairs taken out, an LF left before the
+            # last pair means a line that is not a data line followed by a blank line.
+            # (Counting the LFs said the same, but bytes.count of one byte is a plain loop in
+            # CPython 3.11, while replace and find search in C: 10.5 -> 4.1 µs for a read of
+            # 18 mock events, 4.3 KB.)
+            rest = block.replace(b"\n\ndata:", b"") if n > 1 else block
+            if rest.find(b"\n", 0, len(rest) - 2) >= 0:
+                return None
+        else:
+            end = 0
+        taken = self._take_block(buf, end)
+        return None if taken is None else (taken, n)
+
+    def _take_block(self, buf: bytes, end: int) -> bytes | None:
+        """Consume ``buf[:end]``, whole events (0: none complete yet), keeping the rest; None,
+        with nothing consumed, when the block or the rest is over the event limit (``feed``
+        then raises or splits them)."""
+        rest = len(buf) - end
+        if end > self.max_event_bytes or rest > self.max_event_bytes:
             return None
-        self._buf = buf[end:]
-        self._scan = max(0, len(self._buf) - 3)
-        return block, n
+        if not end:
+            self._buf = buf
+            self._scan = max(0, rest - 3)
+            return b""
+        self._buf = buf[end:] if rest else b""
+        self._scan = max(0, rest - 3)
+        return buf[:end] if rest else buf
 
     def _event(self, buf: bytes, start: int, end: int, block_end: int) -> SSEEvent:
         if end - start > self.max_event_bytes:
@@ -205,6 +231,28 @@ def _special(block: bytes) -> int:
     return m.start() if m is not None else at
 
 
+def _plain_block_py(buf: bytes) -> tuple[int, int, int] | None:
+    """What ``plain_block`` (apirouter/_ssecore.c) answers, in Python: None unless ``buf``
+    begins with a data line and holds no CR; else (0, 0, 0) when no event is complete; else,
+    for the whole events it begins with (up to its last blank line), None unless each is one
+    data line and its blank line and none is [DONE] or has a usage object, and otherwise
+    (where they end, how many, their content bytes or -1). The reference its property test
+    holds the C to."""
+    if not buf.startswith(b"data:") or b"\r" in buf:
+        return None
+    end = buf.rfind(b"\n\n") + 2
+    if end < 2:
+        return 0, 0, 0
+    block = buf[:end]
+    n = block.count(b"\n\ndata:") + 1
+    rest = block.replace(b"\n\ndata:", b"") if n > 1 else block
+    if rest.find(b"\n", 0, len(rest) - 2) >= 0:
+        return None
+    if _DONE in block or block.count(b'"usage":') != block.count(b'"usage":null'):
+        return None
+    return end, n, raw_content_bytes(block)
+
+
 def block_events(block: bytes) -> list[SSEEvent]:
     """The events of a block from ``SSEScanner.feed_block``: one data line each."""
     return [SSEEvent(line + b"\n\n", line[6:] if line[5:6] == b" " else line[5:])
@@ -231,6 +279,12 @@ class SSERelay:
 
     def feed(self, data: bytes) -> bytes:
         """The bytes to pass on for ``data`` (raises SSEEventTooLarge as ``SSEScanner``)."""
+        plain = self.scanner.feed_plain(data)
+        if plain is not None:  # most reads: one C call found, checked and counted it all
+            block, n, content = plain
+            if n:
+                self.usage.add_block(block, n, content)
+            return block
         got = self.scanner.feed_block(data)
         if got is None:
             return self._events(self.scanner.feed(data))
@@ -347,11 +401,12 @@ class StreamUsage:
                 usage_only = not doc.get("choices")
         return usage_only
 
-    def add_block(self, block: bytes, events: int) -> None:
+    def add_block(self, block: bytes, events: int, content: int = -1) -> None:
         """Account ``events`` whole events at once, ``block`` their raw bytes: one data line
-        each, none of them [DONE] or with a usage object (``SSERelay`` checks)."""
+        each, none of them [DONE] or with a usage object (``SSERelay`` checks); ``content``
+        their content bytes when counted already (-1: counted here)."""
         self.events += events
-        self.content_bytes += _content_bytes(block)
+        self.content_bytes += content if content >= 0 else _content_bytes(block)
 
     def result(self) -> tuple[int, int, bool]:
         usage = self.usage or {}

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apirouter._ssecore import raw_content_bytes
+from apirouter._ssecore import plain_block, raw_content_bytes
 from apirouter.errors import RouterError
 from apirouter.limits import estimate_tokens
 from apirouter.sse import (
@@ -23,6 +23,7 @@ from apirouter.sse import (
     SSEScanner,
     StreamUsage,
     _content_bytes,
+    _plain_block_py,
     _string_bytes,
     error_event,
     is_done,
@@ -293,3 +294,35 @@ def _content_bytes_by_pattern(data: bytes) -> int:
         return len("".join(orjson.loads(b'["' + b'","'.join(found) + b'"]')).encode())
     except (orjson.JSONDecodeError, UnicodeEncodeError):
         return sum(map(_string_bytes, found))
+
+
+# Pieces of a read as plain_block sees it: data lines, blank lines and the line ends around
+# them (CR included), [DONE] and its near misses, usage keys null or not and their near misses,
+# content strings with and without escapes, and bytes of no meaning.
+_BLOCK_PIECES = [b"data:", b"data: ", b"data", b"dat", b"\n", b"\n\n", b"\n\n\n", b"\r",
+                 b"\r\n", b":", b" ", b"x", b"\x00", b"\xff", b"[DONE]", b"[DONE", b"DONE]",
+                 b'"usage":', b'"usage":null', b'"usage":nul', b'"usage": null', b'"usage":{',
+                 b'"usage"', b"null", b'"content":"', b'"content":"ab"', b'"text":"\\n"',
+                 b'"', b"\\", b'{"choices":[{"delta":{"content":"hi"}}],"usage":null}',
+                 b"data: [DONE]\n\n", b'data: {"content":"a"}\n\n', b"\nxdata:", b"\n\ndata:"]
+
+
+@settings(max_examples=4000, deadline=None)
+@given(st.lists(st.sampled_from(_BLOCK_PIECES), max_size=30))
+def test_the_c_plain_block_answers_as_its_python_reference(pieces: list[bytes]) -> None:
+    data = b"".join(pieces)
+    assert plain_block(data) == _plain_block_py(data)
+    # And as a read of the common form: what the pieces make after a data line.
+    framed = b"data: " + data
+    assert plain_block(framed) == _plain_block_py(framed)
+
+
+def test_plain_block_finds_the_plain_run_of_a_mock_read() -> None:
+    chunk = (b'data: {"choices":[{"index":0,"delta":{"content":"hello"}}],"usage":null}\n\n')
+    read = chunk * 14 + b'data: {"choices":[{"in'
+    assert plain_block(read) == (len(chunk) * 14, 14, 5 * 14)
+    assert plain_block(chunk * 2 + b"data: [DONE]\n\n") is None  # read event by event
+    # A line that is not a data line, whatever follows it: event by event.
+    for odd in (b"data:a\nxdata:b\n\n", b"data:a\n\n\ndata:b\n\n", b"data:a\n\n: c\n\n"):
+        assert plain_block(odd) is None and _plain_block_py(odd) is None, odd
+    assert plain_block(chunk.replace(b"hello", b"he\\nllo")) == (len(chunk) + 2, 1, -1)
