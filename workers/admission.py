@@ -184,8 +184,9 @@ class PendingAdmission:
             # _decided's: ~150 -> ~60 bytecodes a request.
             self.then = None
             a, ticket = self.admission, self.ticket
-            a.failures = 0
-            a.last_error = None
+            if a.failures:  # (set, and reset, with last_error)
+                a.failures = 0
+                a.last_error = None
             ticket.verdict = Verdict(True, None, reply[2], 0, reply[4])
             a._decisions += 1
             if not a._decisions & 7:
@@ -651,7 +652,8 @@ class Admission:
                 if not ticket.rid:
                     if plan.token_records:
                         self._bucket_settlements.append((plan.token_records, delta))
-                elif ticket.charged and plan.redis.token_buckets and self._settles_on(limits):
+                elif ticket.charged and plan.redis.token_buckets and \
+                        limits.redis_url == self._redis_url:  # (_settles_on)
                     if self._redis_settling is None:
                         self._redis_settling = limits
                     self._planned_settlements.append((plan.redis, delta))
