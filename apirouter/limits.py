@@ -48,9 +48,7 @@ class Verdict:
 def buckets_for(key: KeyRecord, model: str, tokens: int, org: Tier | None = None,
                 model_limits: Tier | None = None) -> list[BucketSpec]:
     """The buckets one request charges: 1 per request-bucket, ``tokens`` per token-bucket."""
-    return [spec if spec is not None else BucketSpec(name, capacity, per_minute, tokens)
-            for spec, name, capacity, per_minute in plan_for(key, model, org, model_limits).steps
-            if spec is not None or tokens]
+    return plan_for(key, model, org, model_limits).specs(tokens)
 
 
 class BucketPlan:
@@ -62,7 +60,7 @@ class BucketPlan:
     made per bucket."""
 
     __slots__ = ("key_limits", "org", "model_limits", "steps", "capacity", "limit_header",
-                 "policy_header", "records", "token_records")
+                 "policy_header", "records", "token_records", "redis")
 
     def __init__(self, key_limits: Tier, org: Tier | None, model_limits: Tier | None,
                  steps: list[tuple[BucketSpec | None, str, int, int]]) -> None:
@@ -84,6 +82,14 @@ class BucketPlan:
         # (apirouter/shared_buckets.py: BucketTable.take_planned)
         self.records: tuple[tuple[int, int, int, int, int | None], ...] | None = None
         self.token_records: tuple[tuple[int, int, int, int, int | None], ...] = ()
+        # ADMIT's command for the plan on Redis, less the request's values, made by
+        # workers.admission_scripts (planned_admit) on first use
+        self.redis: Any = None
+
+    def specs(self, tokens: int) -> list[BucketSpec]:
+        """buckets_for(..., tokens, ...) of the plan's key, org and model."""
+        return [spec if spec is not None else BucketSpec(name, capacity, per_minute, tokens)
+                for spec, name, capacity, per_minute in self.steps if spec is not None or tokens]
 
     def spec(self, index: int, tokens: int) -> BucketSpec:
         """The ``index``-th bucket of buckets_for(..., tokens, ...), for ``tokens`` > 0."""

@@ -264,17 +264,25 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.progress = self.loop.time()
-        self.buf += data
+        buf = self.buf = self.buf + data if self.buf else data
+        end = len(buf)
         pos = 0
         try:
-            while self.waiters and pos < len(self.buf):
-                try:
-                    value, pos = parse_reply(self.buf, pos)
-                except _NeedMore:
-                    break
-                except (ValueError, RedisUnavailable) as e:
-                    self.fail(RedisUnavailable(f"bad reply: {e}"))
-                    return
+            # (self.waiters read each time: a waiter may fail the connection, emptying it)
+            while self.waiters and pos < end:
+                # An admission's reply read here (parse_reply's first step, without its call)
+                m = _FIVE_INTS(buf, pos)
+                if m is not None:
+                    value: RespValue = [*map(int, m.groups())]
+                    pos = m.end()
+                else:
+                    try:
+                        value, pos = parse_reply(buf, pos)
+                    except _NeedMore:
+                        break
+                    except (ValueError, RedisUnavailable) as e:
+                        self.fail(RedisUnavailable(f"bad reply: {e}"))
+                        return
                 w = self.waiters.popleft()
                 if not w.done():
                     try:
@@ -282,7 +290,7 @@ class _Protocol(asyncio.Protocol):
                     except Exception as e:  # a waiter's own failure is not Redis's
                         self._waiter_failed(e)
         finally:
-            self.buf = self.buf[pos:]
+            self.buf = buf[pos:] if pos < end else b""
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.fail(RedisUnavailable("connection lost"))
@@ -416,8 +424,24 @@ class RedisClient:
         proto = self._proto
         if proto is None or proto.transport is None:
             return False
-        proto.owe([waiter])
-        proto.send(data)
+        # proto.owe([waiter]) and proto.send(data), inline: one admission a request comes
+        # this way (two calls and a list fewer)
+        waiters = proto.waiters
+        idle = proto.idle = not waiters
+        if idle:
+            proto.progress = self._loop.time()
+        waiters.append(waiter)
+        if proto.watchdog is None and self.stall_timeout is not None:
+            proto.watchdog = self._loop.call_at(proto.progress + self.stall_timeout,
+                                                proto._check)
+        out = proto.out
+        if idle and not out and (self.lone is None or self.lone()):
+            proto.transport.write(data)
+        else:
+            if not out:
+                self._loop.call_soon(proto._flush)
+            out.append(data)
+            proto.out_replies += 1
         return True
 
     async def pipeline(self, commands: list[tuple[bytes | str | int | float, ...]],

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from apirouter.budgets import Budget, Reservation, period_ttl_ms
 from apirouter.keys import KeyRecord, Tier
-from apirouter.limits import BucketSpec
+from apirouter.limits import BucketPlan, BucketSpec
 from apirouter.redis_client import bulk_int, bulk_str
 
 BUCKET_TTL_MS = 180_000  # idle buckets are full again by then: let Redis forget them
@@ -295,3 +295,61 @@ class ScriptCommands:
                     bulk_int(r.spend_micro), bulk_int(r.tokens), bulk_int(r.requests),
                     bulk_int(period_ttl_ms(b.period)))
         return b"".join(out)
+
+
+# -- the admission command of a plan, as one template ---------------------------------------------
+
+class PlannedAdmit:
+    """ADMIT's EVALSHA for one BucketPlan (a key, org and model under its tiers) with no
+    budget and no nonce — the common admission — as one bytes template that only the
+    reservation id and the request's token count are spliced into (``command``: one bytes
+    formatting); and the settlement's fragments of the plan's token-buckets (the key, and
+    the capacity and refill, as ScriptCommands.bucket makes them). Kept on the plan
+    (BucketPlan.redis) by ``planned_admit``. Made from kept fragments (ScriptCommands.command)
+    the command cost ~300 bytecodes a request (buckets_for's specs, a fragment lookup, an
+    encoding per cost)."""
+
+    __slots__ = ("sha", "template", "res_len", "token_buckets", "org", "settle_keys",
+                 "settle_fixed")
+
+    def __init__(self, plan: BucketPlan, org: str, sha: str) -> None:
+        self.sha = sha
+        self.org = org
+        steps = plan.steps
+        n = len(steps)
+        res_prefix = reservation_key(org, "").encode()
+        self.res_len = len(res_prefix)
+        keys = [bulk_str(bucket_key(org, name)) for _, name, _, _ in steps]
+        fixed = [bulk_int(capacity) + bulk_str(repr(per_minute / 60_000.0))
+                 for _, _, capacity, per_minute in steps]
+        parts = [b"*%d\r\n" % (8 + 4 * n), _EVALSHA, bulk_str(sha), bulk_int(n + 1), *keys]
+        template = [_escaped(b"".join(parts)), b"$%d\r\n", _escaped(res_prefix), b"%s\r\n",
+                    bulk_int(n) + _ZERO + _ZERO + _RES_TTL]
+        for (spec, _, _, _), f in zip(steps, fixed, strict=True):
+            template += (_escaped(f), b"%s" if spec is None else _escaped(bulk_int(spec.cost)))
+        self.template = b"".join(template)
+        self.token_buckets = sum(spec is None for spec, _, _, _ in steps)
+        self.settle_keys = tuple(k for (spec, _, _, _), k in zip(steps, keys, strict=True)
+                                 if spec is None)
+        self.settle_fixed = tuple(f for (spec, _, _, _), f in zip(steps, fixed, strict=True)
+                                  if spec is None)
+
+    def command(self, rid: str, tokens: int) -> bytes:
+        """The command of a request of ``tokens`` (> 0) with reservation id ``rid``: as
+        ScriptCommands.command(sha, ..., plan.specs(tokens), rid, None, 0, (), (), None)."""
+        cost = bulk_int(tokens)
+        res = rid.encode()
+        return self.template % (self.res_len + len(res), res, *(cost,) * self.token_buckets)
+
+
+def planned_admit(plan: BucketPlan, org: str, sha: str) -> PlannedAdmit:
+    """The plan's PlannedAdmit (``org``: its key's), kept on it while the script is ``sha``."""
+    p: PlannedAdmit | None = plan.redis
+    if p is None or p.sha != sha:
+        p = plan.redis = PlannedAdmit(plan, org, sha)
+    return p
+
+
+def _escaped(b: bytes) -> bytes:
+    """``b`` as literal text of a bytes % template."""
+    return b.replace(b"%", b"%%")

@@ -7,10 +7,10 @@ from hypothesis import strategies as st
 
 from apirouter.budgets import Budget, Reservation
 from apirouter.keys import KeyRecord, Tier
-from apirouter.limits import BucketSpec, Verdict, buckets_for
+from apirouter.limits import BucketSpec, Verdict, buckets_for, plan_for
 from apirouter.redis_client import bulk_int, encode_command
 from workers.admission import Admission, Ticket
-from workers.admission_scripts import BUCKET_TTL_MS, ScriptCommands, bucket_key
+from workers.admission_scripts import BUCKET_TTL_MS, ScriptCommands, bucket_key, planned_admit
 
 _NAMES = st.text(min_size=1, max_size=12)
 _LIMIT = st.one_of(st.just(0), st.integers(1, 2**40))
@@ -78,3 +78,30 @@ def test_fragment_built_settlement_is_the_reference_encoding(
             want_args += [spec.capacity, repr(spec.refill_per_ms), delta]
         assert commands.settle_many("f" * 40, keys, args) == encode_command(
             "EVALSHA", "f" * 40, len(want_keys), *want_keys, BUCKET_TTL_MS, *want_args)
+
+
+@given(_NAMES, _NAMES, _TIERS, st.lists(_REQUEST, min_size=1, max_size=25))
+@settings(max_examples=300, deadline=None)
+def test_planned_command_is_the_reference_encoding(
+        key_id: str, org: str, tiers: list[Tier], requests: list[tuple]) -> None:  # type: ignore[type-arg]
+    """admit_soon's command (a plan's template, the reservation id and token count spliced in)
+    is byte for byte the argument-by-argument one of the same buckets, with no budget and no
+    nonce; its settlement fragments are ScriptCommands.bucket's of the plan's token-buckets."""
+    admission = Admission()
+    commands = ScriptCommands()
+    keys = [KeyRecord(f"{key_id}{i}%", "0" * 64, org if i < 2 else f"{org}%2", "", frozenset(),
+                      "t", tiers[i], False) for i in range(3)]
+    org_tiers = [None, tiers[1], Tier(5, 6, 7, 8)]
+    model_tiers = [None, tiers[2], Tier(1, 1, 0, 0)]
+    for k, o, m, model, tokens, rid, _, _, _, _, sha in requests + requests:
+        tokens = max(1, tokens)  # (admit_soon plans only requests with tokens)
+        key = keys[k]
+        plan = plan_for(key, model, org_tiers[o], model_tiers[m])
+        ticket = Ticket(key, plan.specs(tokens), tokens, Verdict(True, None, 0, 0, 0), rid=rid)
+        ks, args = admission._script_args(ticket, None, 0)
+        planned = planned_admit(plan, key.org, sha)
+        assert planned.command(rid, tokens) == encode_command("EVALSHA", sha, len(ks), *ks, *args)
+        tpm = [s for s in ticket.specs if s.name.endswith(":tpm")]
+        assert planned.token_buckets == len(tpm)
+        assert list(zip(planned.settle_keys, planned.settle_fixed, strict=True)) == [
+            commands.bucket(key.org, s) for s in tpm]
