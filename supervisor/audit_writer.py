@@ -95,9 +95,11 @@ class LocalPut:
         self.done = False
         self.error: Exception | None = None
 
-    def __call__(self) -> None:
+    def __call__(self, lines: bytes | None = None) -> None:
+        """``lines``: the batch's records, each followed by a newline, in order, if the
+        caller has them joined already (the JSONL sink's write)."""
         try:
-            self.writer._put_local(self.items, self.paced)
+            self.writer._put_local(self.items, self.paced, lines)
         except Exception as e:
             self.error = e
         self.done = True
@@ -194,9 +196,11 @@ class AuditWriter:
         return b"*6\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$2\r\nEX\r\n%s$2\r\nNX\r\n" % (
             len(key), key, len(value), value, self._ttl_arg)
 
-    def _put_local(self, items: list[UsageItem], paced: bool = False) -> None:
-        """Append the records to this hour's file, then index them. Neither is fsync'd: the
-        durable copy is the usage sink; a lookup checks what it reads (workers.audit_reader)."""
+    def _put_local(self, items: list[UsageItem], paced: bool = False,
+                   lines: bytes | None = None) -> None:
+        """Append the records to this hour's file (``lines``: them joined, each followed by
+        a newline, if the caller has that), then index them. Neither is fsync'd: the durable
+        copy is the usage sink; a lookup checks what it reads (workers.audit_reader)."""
         assert self._db is not None
         now = time.time()
         hour = int(now // 3600)
@@ -205,15 +209,13 @@ class AuditWriter:
         try:
             offset = os.fstat(fd).st_size
             params: list[str | int] = []  # the rows' values, one flat list
-            raws: list[bytes] = []
-            add = raws.append
             for raw, request_id, org, _ in items:
                 n = len(raw)
                 params += (request_id, org or "", hour, offset, n)
                 offset += n + 1
-                add(raw)
-            add(b"")  # the last line's newline, joined in (not a copy of the batch)
-            os.write(fd, b"\n".join(raws))
+            if lines is None:  # (the last line's newline joined in, not a copy of the batch)
+                lines = b"\n".join([item.raw for item in items] + [b""])
+            os.write(fd, lines)
         finally:
             os.close(fd)
         full = len(params) - len(params) % _CHUNK_PARAMS

@@ -36,11 +36,14 @@ class JsonlSink:
     def path_for(self, when: float) -> str:
         return os.path.join(self.directory, time.strftime("usage-%Y%m%d.jsonl", time.gmtime(when)))
 
-    def _append(self, items: list[UsageItem], then: Callable[[], None] | None) -> None:
+    def _append(self, items: list[UsageItem],
+                then: Callable[[bytes | None], None] | None) -> None:
         by_day: dict[int, list[bytes]] = {}  # integer days: strftime per record cost ~1 µs
         ends = [item.ts_end for item in items]
-        if (ends and FIRST_TS <= min(ends) and max(ends) < END_TS
-                and int(min(ends) // 86400) == int(max(ends) // 86400)):  # the usual batch
+        one_day = bool(ends and FIRST_TS <= min(ends) and max(ends) < END_TS
+                   and int(min(ends) // 86400) == int(max(ends) // 86400))
+        lines = None
+        if one_day:  # the usual batch
             by_day[int(ends[0] // 86400)] = [item.raw for item in items]
         else:
             today = int(time.time() // 86400)
@@ -52,22 +55,26 @@ class JsonlSink:
             raws.append(b"")  # the last line's newline, joined in (not a copy of the batch)
             fd = os.open(self.path_for(day * 86400), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                          0o600)
+            lines = b"\n".join(raws)
             try:
-                os.write(fd, b"\n".join(raws))
+                os.write(fd, lines)
                 os.fdatasync(fd)  # the data and the new size; not the mtime
             finally:
                 os.close(fd)
         if then is not None:
-            then()
+            # The audit store's hour file takes the same lines: one join of the batch, not
+            # two (a join cost ~0.6 µs a record under load at c=32).
+            then(lines if one_day else None)
 
     async def start(self) -> None:
         metrics.USAGE_SINK_UP.set(1)
 
-    async def accept(self, items: list[UsageItem], then: Callable[[], None] | None = None
-                     ) -> None:
+    async def accept(self, items: list[UsageItem],
+                     then: Callable[[bytes | None], None] | None = None) -> None:
         """Append and fsync the batch on a worker thread; ``then`` (the local audit store's
-        write, which never raises) runs on that thread once the batch is durable: one trip
-        to a thread per batch instead of two (a trip costs ~0.3 µs a record at 9,000/s)."""
+        write, which never raises) runs on that thread once the batch is durable, given the
+        batch's lines as written (when they went to one file): one trip to a thread per
+        batch instead of two (a trip costs ~0.3 µs a record at 9,000/s)."""
         try:
             await asyncio.to_thread(self._append, items, then)
         except OSError as e:

@@ -200,8 +200,8 @@ class KafkaSink:
         await asyncio.wait_for(send_all(), self.timeout_s)
         self._last_send = time.monotonic()
 
-    async def accept(self, items: list[UsageItem], then: Callable[[], None] | None = None
-                     ) -> None:
+    async def accept(self, items: list[UsageItem],
+                     then: Callable[[bytes | None], None] | None = None) -> None:
         """``then`` is not run here (nothing of this sink runs on a thread per batch): the
         audit store runs its write itself."""
         async with self._lock:
