@@ -582,11 +582,11 @@ class FastProtocol(asyncio.Protocol):
             item
         server = self.server
         pipeline = server.pipeline
-        self.current = item
         # The connection's one sink, set for this request (requests are answered one at a
         # time, and a request's writes end with its answer): no object a request.
-        sink = self.sink = self.stream
+        sink = self.stream
         assert sink is not None  # (a released connection has nothing queued to serve)
+        self.current, self.sink = item, sink  # (after the check: _release undoes both)
         sink.keep_alive = keep_alive and chunked  # HTTP/1.0: the end of the body is the close
         sink.chunked = chunked
         sink.started = False
