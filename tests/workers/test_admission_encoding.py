@@ -33,16 +33,22 @@ _REQUEST = st.tuples(
     st.sampled_from(["a" * 40, "0123456789abcdef0123456789abcdef01234567"]))
 
 
+def _keys_and_tiers(key_id: str, org: str, tiers: list[Tier], odd: str = ""
+                    ) -> tuple[list[KeyRecord], list[Tier | None], list[Tier | None]]:
+    """Three keys (the third of another org) and the org and model tiers the tests pick from;
+    ``odd`` is put in the key ids and the other org's name (a "%" tests the templates)."""
+    keys = [KeyRecord(f"{key_id}{i}{odd}", "0" * 64, org if i < 2 else f"{org}{odd}2", "",
+                      frozenset(), "t", tiers[i], False) for i in range(3)]
+    return keys, [None, tiers[1], Tier(5, 6, 7, 8)], [None, tiers[2], Tier(1, 1, 0, 0)]
+
+
 @given(_NAMES, _NAMES, _TIERS, st.lists(_REQUEST, min_size=1, max_size=25))
 @settings(max_examples=300, deadline=None)
 def test_fragment_built_command_is_the_reference_encoding(
         key_id: str, org: str, tiers: list[Tier], requests: list[tuple]) -> None:  # type: ignore[type-arg]
     encoder = ScriptCommands()
     admission = Admission()
-    keys = [KeyRecord(f"{key_id}{i}", "0" * 64, org if i < 2 else f"{org}2", "", frozenset(),
-                      "t", tiers[i], False) for i in range(3)]
-    org_tiers = [None, tiers[1], Tier(5, 6, 7, 8)]
-    model_tiers = [None, tiers[2], Tier(1, 1, 0, 0)]
+    keys, org_tiers, model_tiers = _keys_and_tiers(key_id, org, tiers)
     for (k, o, m, model, tokens, rid, nonce, nonce_ttl, budgets, r,
          sha) in requests + requests:
         key = keys[k]
@@ -89,10 +95,7 @@ def test_planned_command_is_the_reference_encoding(
     nonce; its settlement fragments are ScriptCommands.bucket's of the plan's token-buckets."""
     admission = Admission()
     commands = ScriptCommands()
-    keys = [KeyRecord(f"{key_id}{i}%", "0" * 64, org if i < 2 else f"{org}%2", "", frozenset(),
-                      "t", tiers[i], False) for i in range(3)]
-    org_tiers = [None, tiers[1], Tier(5, 6, 7, 8)]
-    model_tiers = [None, tiers[2], Tier(1, 1, 0, 0)]
+    keys, org_tiers, model_tiers = _keys_and_tiers(key_id, org, tiers, "%")
     for k, o, m, model, tokens, rid, _, _, _, _, sha in requests + requests:
         tokens = max(1, tokens)  # (admit_soon plans only requests with tokens)
         key = keys[k]
