@@ -24,6 +24,9 @@
 #define _GNU_SOURCE /* memmem, memrchr */
 #include <Python.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 /* Whether ``key`` (its closing quote and colon included) starts at p. */
 static int is_key(const char *p, const char *end, const char *key, Py_ssize_t n)
@@ -98,6 +101,87 @@ static PyObject *raw_content_bytes(PyObject *self, PyObject *arg)
     return PyLong_FromSsize_t(count_content(data, data + PyBytes_GET_SIZE(arg)));
 }
 
+/* One pass over a block for what plain_block looks for after its line checks: any [DONE], any
+ * "usage": key not followed by null, and the content count_content finds (the same walk:
+ * from quote to quote, a content string skipped to its end). Every occurrence of [DONE] starts
+ * at a '[' and of "usage": at a quote, so looking at each '[' and quote finds them all; the
+ * content walk looks at the quotes from where it may resume (a string's closing quote on).
+ *
+ * Separate searches (memmem for [DONE], memmem per "usage": key, memchr per quote for the
+ * content) took 2.3 µs a read of 6 mock events (1.4 KB), on the quotes mostly: ~30 an event,
+ * a call each. The quotes and brackets of 16 bytes at a time are found with two SSE2 compares
+ * (a plain loop where SSE2 is not there), and a quote is passed over on the byte after it
+ * unless that is the first letter of usage or a content key: 1.1 µs, the call included. */
+struct walk {
+    const char *stop;     /* the end of the block */
+    const char *resume;   /* quotes from here on may open a content key */
+    Py_ssize_t total;     /* content bytes so far */
+    int counting;         /* 0 once a content string held an escape (the count is then -1) */
+};
+
+/* Look at the '[' or quote at ``at``: 1 when the block must be read event by event. */
+static inline int walk_mark(struct walk *w, const char *at)
+{
+    const char *stop = w->stop;
+    if (*at == '[')
+        return stop - at >= 6 && memcmp(at, "[DONE]", 6) == 0;
+    if (stop - at < 2)
+        return 0;
+    switch (at[1]) { /* most quotes open other keys and values: told apart by one byte */
+    case 'u':
+        return stop - at >= 8 && memcmp(at, "\"usage\":", 8) == 0
+            && (stop - at < 12 || memcmp(at + 8, "null", 4) != 0);
+    case 'c': case 't': case 'a': case 'r':
+        break;
+    default:
+        return 0;
+    }
+    if (!w->counting || at < w->resume)
+        return 0;
+    const char *q = at + 1;
+    Py_ssize_t key = key_at(q, stop);
+    if (key == 0)
+        return 0;
+    q += key;
+    while (q < stop && (*q == ' ' || *q == '\t' || *q == '\n' || *q == '\r'))
+        q++;
+    if (q >= stop || *q != '"')
+        return 0;
+    const char *s = ++q;
+    while (q < stop && *q != '"' && *q != '\n') {
+        if (*q == '\\') {
+            w->counting = 0; /* an escape: the Python path decodes it */
+            return 0;
+        }
+        q++;
+    }
+    w->total += q - s;
+    w->resume = q; /* as count_content: the next key may start at this closing quote */
+    return 0;
+}
+
+static int walk_block(struct walk *w, const char *p)
+{
+    const char *stop = w->stop;
+#if defined(__SSE2__)
+    const __m128i quote = _mm_set1_epi8('"'), bracket = _mm_set1_epi8('[');
+    for (; stop - p >= 16; p += 16) {
+        __m128i v = _mm_loadu_si128((const __m128i *)p);
+        unsigned mask = (unsigned)_mm_movemask_epi8(
+            _mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, bracket)));
+        while (mask) {
+            if (walk_mark(w, p + __builtin_ctz(mask)))
+                return 1;
+            mask &= mask - 1;
+        }
+    }
+#endif
+    for (; p < stop; p++)
+        if ((*p == '"' || *p == '[') && walk_mark(w, p))
+            return 1;
+    return 0;
+}
+
 /* plain_block(buf): sse.py's _plain_block_py in one call (it says what is answered).
  *
  * A relayed read was searched eight times by the Python that found its whole events, checked
@@ -144,16 +228,12 @@ static PyObject *plain_block(PyObject *self, PyObject *arg)
         n++;
         p = nl + 2;
     }
-    /* Nothing that must be read event by event: no [DONE], every "usage": key null. */
-    if (memmem(buf, (size_t)end, "[DONE]", 6) != NULL)
+    /* Nothing that must be read event by event: no [DONE], every "usage": key null; and the
+     * content, in the same pass. */
+    struct walk w = {stop, buf, 0, 1};
+    if (walk_block(&w, buf))
         Py_RETURN_NONE;
-    const char *u = buf;
-    while ((u = memmem(u, (size_t)(stop - u), "\"usage\":", 8)) != NULL) {
-        if (stop - u < 12 || memcmp(u + 8, "null", 4) != 0)
-            Py_RETURN_NONE;
-        u += 8;
-    }
-    return Py_BuildValue("(nnn)", end, n, count_content(buf, stop));
+    return Py_BuildValue("(nnn)", end, n, w.counting ? w.total : (Py_ssize_t)-1);
 }
 
 static PyMethodDef methods[] = {
