@@ -117,6 +117,7 @@ struct walk {
     const char *resume;   /* quotes from here on may open a content key */
     Py_ssize_t total;     /* content bytes so far */
     int counting;         /* 0 once a content string held an escape (the count is then -1) */
+    const char *found;    /* where the walk stopped: the [DONE] or "usage": key found */
 };
 
 /* Look at the '[' or quote at ``at``: 1 when the block must be read event by event. */
@@ -170,15 +171,20 @@ static int walk_block(struct walk *w, const char *p)
         unsigned mask = (unsigned)_mm_movemask_epi8(
             _mm_or_si128(_mm_cmpeq_epi8(v, quote), _mm_cmpeq_epi8(v, bracket)));
         while (mask) {
-            if (walk_mark(w, p + __builtin_ctz(mask)))
+            const char *at = p + __builtin_ctz(mask);
+            if (walk_mark(w, at)) {
+                w->found = at;
                 return 1;
+            }
             mask &= mask - 1;
         }
     }
 #endif
     for (; p < stop; p++)
-        if ((*p == '"' || *p == '[') && walk_mark(w, p))
+        if ((*p == '"' || *p == '[') && walk_mark(w, p)) {
+            w->found = p;
             return 1;
+        }
     return 0;
 }
 
@@ -188,7 +194,12 @@ static int walk_block(struct walk *w, const char *p)
  * that each is one data line, looked for [DONE] and usage objects and counted the content: a
  * pass of bytes.startswith, in, rfind, count (three), replace and find each, ~18 µs a read
  * of 14 mock events on the 2-core VM. Here: memchr for CR, memrchr for the last blank line,
- * memchr line to line, memmem for [DONE] and each "usage": key, and the content walk. */
+ * memchr line to line, and one walk (walk_block) for [DONE], usage keys and the content.
+ *
+ * A read with [DONE] or a usage object in it (a stream's last, which may hold many events when
+ * the client reads slowly) is answered too, up to the event that holds it ("special": True):
+ * only the events from there on are read one by one (they went one by one from the first
+ * event of the read on, ~5% of the worker's samples under bench.stream_overhead --profile). */
 static PyObject *plain_block(PyObject *self, PyObject *arg)
 {
     (void)self;
@@ -214,7 +225,7 @@ static PyObject *plain_block(PyObject *self, PyObject *arg)
         left = nl - buf;
     }
     if (end == 0)
-        return Py_BuildValue("(nnn)", (Py_ssize_t)0, (Py_ssize_t)0, (Py_ssize_t)0);
+        return Py_BuildValue("(nnnO)", (Py_ssize_t)0, (Py_ssize_t)0, (Py_ssize_t)0, Py_False);
     /* Every event one data line and its blank line: "data:" X "\n\n", X without a line feed. */
     const char *stop = buf + end;
     const char *p = buf;
@@ -228,12 +239,24 @@ static PyObject *plain_block(PyObject *self, PyObject *arg)
         n++;
         p = nl + 2;
     }
-    /* Nothing that must be read event by event: no [DONE], every "usage": key null; and the
-     * content, in the same pass. */
-    struct walk w = {stop, buf, 0, 1};
-    if (walk_block(&w, buf))
-        Py_RETURN_NONE;
-    return Py_BuildValue("(nnn)", end, n, w.counting ? w.total : (Py_ssize_t)-1);
+    /* Up to the first event that must be read event by event ([DONE], a "usage": key not
+     * null), if any; and the content, in the same pass. */
+    struct walk w = {stop, buf, 0, 1, NULL};
+    int special = walk_block(&w, buf);
+    if (special) {
+        /* The event it is in begins after the line feed before it (a data line has none). */
+        const char *start = memrchr(buf, '\n', (size_t)(w.found - buf));
+        stop = start == NULL ? buf : start + 1;
+        end = stop - buf;
+        n = 0;
+        for (const char *p = buf; p < stop; n++)
+            p = (const char *)memchr(p, '\n', (size_t)(stop - p)) + 2;
+        struct walk head = {stop, buf, 0, 1, NULL};
+        walk_block(&head, buf); /* the content of the events before it */
+        w = head;
+    }
+    return Py_BuildValue("(nnnO)", end, n, w.counting ? w.total : (Py_ssize_t)-1,
+                         special ? Py_True : Py_False);
 }
 
 static PyMethodDef methods[] = {
@@ -241,8 +264,9 @@ static PyMethodDef methods[] = {
      "raw_content_bytes(data) -> the bytes of the content strings data holds, or -1 when one "
      "holds an escape"},
     {"plain_block", plain_block, METH_O,
-     "plain_block(buf) -> None, or (end, events, content bytes or -1) of the whole events "
-     "buf begins with when each is one data line and none is [DONE] or has a usage object"},
+     "plain_block(buf) -> None, or (end, events, content bytes or -1, special) of the whole "
+     "events buf begins with when each is one data line, up to the first that is [DONE] or "
+     "has a usage object (special: whether there is one)"},
     {NULL, NULL, 0, NULL},
 };
 

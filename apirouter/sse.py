@@ -115,19 +115,21 @@ class SSEScanner:
         self._scan = max(0, len(rest) - 3)
         return events
 
-    def feed_plain(self, data: bytes) -> tuple[bytes, int, int] | None:
+    def feed_plain(self, data: bytes) -> tuple[bytes, int, int, bool] | None:
         """``feed_block`` for the plainest case, in one C call (``plain_block``): when every
-        complete event buffered is one ``data:`` line and its blank line, all LF, and none
-        is [DONE] or has a usage object, return them as one block of raw bytes, their count
-        and their content bytes (-1: a string holds an escape; ``_content_bytes`` counts it).
-        None, with nothing consumed, in any other case."""
+        complete event buffered is one ``data:`` line and its blank line, all LF, return
+        those before the first that is [DONE] or has a usage object as one block of raw
+        bytes, their count, their content bytes (-1: a string holds an escape;
+        ``_content_bytes`` counts it) and whether such an event follows (it and those after
+        it stay buffered: ``feed(b"")`` takes them). None, with nothing consumed, in any
+        other case."""
         buf = self._buf + data if self._buf else data
         got = plain_block(buf)
         if got is None:
             return None
-        end, n, content = got
-        block = self._take_block(buf, end)
-        return None if block is None else (block, n, content)
+        end, n, content, special = got
+        block = self._take_block(buf, end, special)
+        return None if block is None else (block, n, content, special)
 
     def feed_block(self, data: bytes) -> tuple[bytes, int] | None:
         """``feed`` for the common case, without an object per event: when every complete
@@ -156,19 +158,19 @@ class SSEScanner:
         taken = self._take_block(buf, end)
         return None if taken is None else (taken, n)
 
-    def _take_block(self, buf: bytes, end: int) -> bytes | None:
-        """Consume ``buf[:end]``, whole events (0: none complete yet), keeping the rest; None,
-        with nothing consumed, when the block or the rest is over the event limit (``feed``
-        then raises or splits them)."""
+    def _take_block(self, buf: bytes, end: int, complete: bool = False) -> bytes | None:
+        """Consume ``buf[:end]``, whole events (0: none complete yet), keeping the rest
+        (``complete``: it holds whole events too, to be scanned from its start); None, with
+        nothing consumed, when the block or the rest is over the event limit (``feed`` then
+        raises or splits them)."""
         rest = len(buf) - end
         if end > self.max_event_bytes or rest > self.max_event_bytes:
             return None
+        self._scan = 0 if complete else max(0, rest - 3)
         if not end:
             self._buf = buf
-            self._scan = max(0, rest - 3)
             return b""
         self._buf = buf[end:] if rest else b""
-        self._scan = max(0, rest - 3)
         return buf[:end] if rest else buf
 
     def _event(self, buf: bytes, start: int, end: int, block_end: int) -> SSEEvent:
@@ -231,26 +233,36 @@ def _special(block: bytes) -> int:
     return m.start() if m is not None else at
 
 
-def _plain_block_py(buf: bytes) -> tuple[int, int, int] | None:
+def _plain_block_py(buf: bytes) -> tuple[int, int, int, bool] | None:
     """What ``plain_block`` (apirouter/_ssecore.c) answers, in Python: None unless ``buf``
-    begins with a data line and holds no CR; else (0, 0, 0) when no event is complete; else,
-    for the whole events it begins with (up to its last blank line), None unless each is one
-    data line and its blank line and none is [DONE] or has a usage object, and otherwise
-    (where they end, how many, their content bytes or -1). The reference its property test
-    holds the C to."""
+    begins with a data line and holds no CR; else (0, 0, 0, False) when no event is complete;
+    else, for the whole events it begins with (up to its last blank line), None unless each
+    is one data line and its blank line, and otherwise, for those before the first that holds
+    [DONE] or a "usage": key not followed by null (all of them when none does), (where they
+    end, how many, their content bytes or -1, whether one does). The reference its property
+    test holds the C to."""
     if not buf.startswith(b"data:") or b"\r" in buf:
         return None
     end = buf.rfind(b"\n\n") + 2
     if end < 2:
-        return 0, 0, 0
+        return 0, 0, 0, False
     block = buf[:end]
     n = block.count(b"\n\ndata:") + 1
     rest = block.replace(b"\n\ndata:", b"") if n > 1 else block
     if rest.find(b"\n", 0, len(rest) - 2) >= 0:
         return None
-    if _DONE in block or block.count(b'"usage":') != block.count(b'"usage":null'):
-        return None
-    return end, n, raw_content_bytes(block)
+    special = block.find(_DONE)
+    at = block.find(b'"usage":')
+    while at >= 0 and (special < 0 or at < special):
+        if block[at + 8:at + 12] != b"null":
+            special = at
+            break
+        at = block.find(b'"usage":', at + 8)
+    if special < 0:
+        return end, n, raw_content_bytes(block), False
+    end = block.rfind(b"\n", 0, special) + 1  # the start of the event it is in
+    block = block[:end]
+    return end, block.count(b"\n\n"), raw_content_bytes(block), True
 
 
 def block_events(block: bytes) -> list[SSEEvent]:
@@ -281,9 +293,11 @@ class SSERelay:
         """The bytes to pass on for ``data`` (raises SSEEventTooLarge as ``SSEScanner``)."""
         plain = self.scanner.feed_plain(data)
         if plain is not None:  # most reads: one C call found, checked and counted it all
-            block, n, content = plain
+            block, n, content, one_by_one = plain
             if n:
                 self.usage.add_block(block, n, content)
+            if one_by_one:  # from an event with [DONE] or a usage object on
+                return block + self._events(self.scanner.feed(b""))
             return block
         got = self.scanner.feed_block(data)
         if got is None:

@@ -320,9 +320,29 @@ def test_the_c_plain_block_answers_as_its_python_reference(pieces: list[bytes]) 
 def test_plain_block_finds_the_plain_run_of_a_mock_read() -> None:
     chunk = (b'data: {"choices":[{"index":0,"delta":{"content":"hello"}}],"usage":null}\n\n')
     read = chunk * 14 + b'data: {"choices":[{"in'
-    assert plain_block(read) == (len(chunk) * 14, 14, 5 * 14)
-    assert plain_block(chunk * 2 + b"data: [DONE]\n\n") is None  # read event by event
+    assert plain_block(read) == (len(chunk) * 14, 14, 5 * 14, False)
+    # [DONE] or a usage object: the events before it, and the rest event by event.
+    done = b"data: [DONE]\n\n"
+    assert plain_block(chunk * 2 + done) == (len(chunk) * 2, 2, 10, True)
+    used = chunk.replace(b'"usage":null', b'"usage":{"total_tokens":3}')
+    assert plain_block(chunk * 3 + used + done) == (len(chunk) * 3, 3, 15, True)
+    assert plain_block(used + chunk) == (0, 0, 0, True)
     # A line that is not a data line, whatever follows it: event by event.
     for odd in (b"data:a\nxdata:b\n\n", b"data:a\n\n\ndata:b\n\n", b"data:a\n\n: c\n\n"):
         assert plain_block(odd) is None and _plain_block_py(odd) is None, odd
-    assert plain_block(chunk.replace(b"hello", b"he\\nllo")) == (len(chunk) + 2, 1, -1)
+    assert plain_block(chunk.replace(b"hello", b"he\\nllo")) == (len(chunk) + 2, 1, -1, False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 20), st.integers(0, 300), st.sampled_from(
+    [b"[DONE]", b'"usage":{}', b'"usage":nul', b'"usage":null', b'"content":"x"',
+     b'"text":"a\\"b"', b'"', b"[", b"\n", b"\r"]))
+def test_plain_block_agrees_wherever_a_mark_falls(events: int, at: int, mark: bytes) -> None:
+    """A mock read with something plain_block looks for put at any byte: the C (which looks
+    at 16 bytes at a time) answers as its reference at every offset."""
+    chunk = (b'data: {"id":"c-1","choices":[{"index":0,"delta":{"content":"hello"}}],'
+             b'"usage":null}\n\n')
+    read = chunk * events + b'data: {"choices":[{"in'
+    at = min(at, len(read))
+    for data in (read[:at] + mark + read[at:], read[:at] + mark):
+        assert plain_block(data) == _plain_block_py(data), data
