@@ -13,7 +13,9 @@ Where a stream is held and released:
    and without an object per event in the common case - awaiting the client's socket between
    writes (a slow reader
    pauses the backend read: workers.upstream's BodyStream stops reading past its high-water
-   mark). From here on the backend is never switched.
+   mark). While the client's socket takes every write at once, a read is relayed inside the
+   backend connection's callback (``_Push``), without waking the relay task; the task takes
+   over whenever a write has to wait. From here on the backend is never switched.
 3. A stream the backend cuts, stalls past the idle timeout, or ends without ``[DONE]`` ends for
    the client with an in-band error event (OpenAI's error shape: the openai SDK raises
    APIError) and is accounted as STREAM_INTERRUPTED, against the backend. A client that hangs
@@ -30,8 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from apirouter.errors import RouterError
 from apirouter.outcomes import CLIENT_GONE, INTERRUPTED, SUCCESS
@@ -44,7 +47,7 @@ from apirouter.sse import (
     block_events,
     error_event,
 )
-from workers.context import RequestContext
+from workers.context import RequestContext, Sink
 from workers.endpoints import ms
 from workers.metrics import STREAMS_INTERRUPTED, TIME_TO_FIRST_TOKEN
 from workers.table_view import BackendTarget
@@ -138,17 +141,23 @@ async def relay(p: Pipeline, ctx: RequestContext, held: Held) -> None:
         try:
             await sink.start(200, headers, EVENT_STREAM)
             relayed = SSERelay(SSEScanner(), usage, req.include_usage)
+            push = _Push(relayed, sink, ctx, fwd.backend_id)
             out = relayed.feed(held.data)
             body.watch_idle(held.target.idle_s)
             while True:
                 if out:
                     await sink.write(out)
-                    if ctx.ttft_s is None:  # the first event is out
-                        ctx.ttft_s = time.perf_counter() - ctx.started
-                        TIME_TO_FIRST_TOKEN.labels(fwd.backend_id).observe(ctx.ttft_s)
+                    if ctx.ttft_s is None:
+                        _first_event_out(ctx, fwd.backend_id)
                 if relayed.done:
                     break
-                chunk = await body.read()
+                chunk = await body.read(push.feed)  # the reads meanwhile: relayed by push
+                if push.stopped:
+                    await push.resume()
+                    if relayed.done:
+                        break
+                    out = relayed.feed(chunk) if chunk else b""
+                    continue
                 if not chunk:
                     interruption = "no_done"
                     break
@@ -178,6 +187,94 @@ async def relay(p: Pipeline, ctx: RequestContext, held: Held) -> None:
     finally:
         body.close()
     _settle(p, ctx, fwd.backend_id, index, usage, interruption)
+
+
+def _first_event_out(ctx: RequestContext, backend_id: str) -> None:
+    ctx.ttft_s = time.perf_counter() - ctx.started
+    TIME_TO_FIRST_TOKEN.labels(backend_id).observe(ctx.ttft_s)
+
+
+class _Push:
+    """The relay of the reads that arrive while ``relay`` waits in ``BodyStream.read``: each
+    passed on inside the backend connection's callback (``feed``), with no future resolved
+    and no task step for it. ``sink.write`` is a coroutine; the common write completes without
+    waiting, so it is stepped here once. When it has to wait (the client's socket is full),
+    or the relay raised, or [DONE] went out, ``feed`` answers False: the body wakes the relay
+    task, which ``resume``s - finishes that write or raises that error - and takes over
+    (reads pile up in the body from then, up to its high-water mark, as before). Measured
+    (bench.stream_overhead, alternating runs): see the commit."""
+
+    __slots__ = ("relayed", "sink", "ctx", "backend_id", "stopped", "error", "write",
+                 "waiting")
+
+    def __init__(self, relayed: SSERelay, sink: Sink, ctx: RequestContext,
+                 backend_id: str) -> None:
+        self.relayed = relayed
+        self.sink = sink
+        self.ctx = ctx
+        self.backend_id = backend_id
+        self.stopped = False
+        self.error: Exception | None = None
+        self.write: Coroutine[Any, Any, None] | None = None  # a write waiting for the client
+        self.waiting: Any = None  # what that write waits for (what it yielded)
+
+    def feed(self, data: bytes) -> bool:
+        """Relay one read; False when the relay task must take over."""
+        relayed = self.relayed
+        try:
+            out = relayed.feed(data)
+            if out:
+                write = self.sink.write(out)
+                try:
+                    self.waiting = write.send(None)
+                except StopIteration:  # written without waiting: the common case
+                    if self.ctx.ttft_s is None:
+                        _first_event_out(self.ctx, self.backend_id)
+                else:
+                    self.write = write
+                    self.stopped = True
+                    return False
+        except Exception as e:  # raised in the relay task by resume()
+            self.error = e
+            self.stopped = True
+            return False
+        if relayed.done:
+            self.stopped = True
+            return False
+        return True
+
+    async def resume(self) -> None:
+        """In the relay task, after ``feed`` stopped: raise its error, or finish its write."""
+        self.stopped = False
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+        write, self.write = self.write, None
+        if write is None:
+            return
+        waiting, self.waiting = self.waiting, None
+        while True:  # what a task does with a coroutine: await what it yields, send it on
+            try:
+                if waiting is None:  # a bare yield: go round the loop once
+                    await asyncio.sleep(0)
+                else:
+                    # A future yielded to a task is marked as awaited (blocking) by the
+                    # await that yielded it; the task takes that mark off before it waits
+                    # on it itself, and so must we, or awaiting it raises RuntimeError.
+                    waiting._asyncio_future_blocking = False
+                    await waiting
+            except BaseException as e:  # cancelled (the client hung up), or the wait failed
+                try:
+                    waiting = write.throw(e)
+                except StopIteration:
+                    return
+                continue
+            try:
+                waiting = write.send(None)
+            except StopIteration:
+                break
+        if self.ctx.ttft_s is None:
+            _first_event_out(self.ctx, self.backend_id)
 
 
 def _settle(p: Pipeline, ctx: RequestContext, backend_id: str, index: int, usage: StreamUsage,

@@ -510,10 +510,15 @@ class BodyStream:
     deadlines: it is re-armed only when it fires, not on every chunk. The connection appends
     each body chunk (one per chunk of the chunked encoding) and calls ``fed`` once per socket
     read: the idle clock, the high-water mark and the reader's wake-up are per read.
+
+    ``read(push)`` hands each read that arrives while it waits to ``push``, inside the
+    connection's callback, instead of waking the reader for it: a relay then passes a read on
+    with no future and no task step (see workers.streaming). It returns once ``push`` answers
+    False (it could not take more: the reader takes over), or the body ends or fails.
     """
 
-    __slots__ = ("_conn", "_loop", "_chunks", "_size", "_waiter", "_timer", "_deadline",
-                 "_idle_s", "_last", "_paused", "done", "error", "closed")
+    __slots__ = ("_conn", "_loop", "_chunks", "_size", "_waiter", "_push", "_timer",
+                 "_deadline", "_idle_s", "_last", "_paused", "done", "error", "closed")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
@@ -521,6 +526,7 @@ class BodyStream:
         self._chunks: list[bytes] = []
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
+        self._push: Callable[[bytes], bool] | None = None  # of a read(push) waiting
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0  # what the timer is armed for (loop time)
         self._idle_s = 0.0
@@ -533,9 +539,16 @@ class BodyStream:
     # fed by the connection: it appends to _chunks, then calls fed() once per read
     def fed(self, n: int) -> None:
         """``n`` bytes were read (the body's, with their chunked framing) into _chunks."""
-        self._size += n
         if self._idle_s:
             self._last = self._loop.time()
+        push = self._push
+        if push is not None:  # a read(push) waits: the read goes to push, the reader sleeps on
+            chunks = self._chunks
+            self._chunks = []
+            if not push(chunks[0] if len(chunks) == 1 else b"".join(chunks)):
+                self._wake()
+            return
+        self._size += n
         if self._size > STREAM_HIGH_WATER and not self._paused:
             t = self._conn.transport
             if t is not None:
@@ -553,6 +566,7 @@ class BodyStream:
         self._wake()
 
     def _wake(self) -> None:
+        self._push = None
         w = self._waiter
         if w is not None:
             self._waiter = None
@@ -594,11 +608,15 @@ class BodyStream:
             self.fail(UpstreamTimeout("the backend did not answer before the deadline"))
 
     # read by the consumer
-    async def read(self) -> bytes:
+    async def read(self, push: Callable[[bytes], bool] | None = None) -> bytes:
         if not self._chunks and not self.done and self.error is None:
             w = self._loop.create_future()
             self._waiter = w
-            await w
+            self._push = push
+            try:
+                await w
+            finally:
+                self._push = None
         if self._chunks:
             data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
             self._chunks = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +25,7 @@ from tests.harness import MockBackend, Router, wait_for
 
 USER = [{"role": "user", "content": "hello there"}]
 KEY, OPS = "ar-stream-1", "ar-stream-ops"
+BULK = "ar-stream-bulk"  # limits that never bind: long streams
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,9 @@ def env() -> Iterator[tuple[Router, dict[str, MockBackend]]]:
                    "fo-late": {"backends": ["late"], "fallbacks": ["m"]}},
         "keys": {"k1": {"sha256": hash_key(KEY), "org": "acme", "tier": "admin",
                         "tpm": 4000, "tpm_burst": 4000},
-                 "ops": {"sha256": hash_key(OPS), "org": "ops", "scopes": ["admin"]}},
+                 "ops": {"sha256": hash_key(OPS), "org": "ops", "scopes": ["admin"]},
+                 "bulk": {"sha256": hash_key(BULK), "org": "bulk", "tier": "admin",
+                          "rpm": 10**9, "tpm": 10**12}},
         "budgets": {"key:k1": {"period": "day", "tokens": 100_000_000}},
     }
     router = Router(cfg, workers=1)
@@ -295,3 +299,50 @@ def test_a_hang_up_on_a_connection_aiohttp_serves_cancels_the_backend_stream(
     wait_for(lambda: mocks["a"].stats()["streams_aborted"] == aborted + 1, 5,
              "the mock to see its connection closed")
     assert record(router, "aio-hang-up")["interruption"] == "client_disconnected"
+
+
+def test_a_slow_reader_gets_the_whole_stream_in_order(
+        env: tuple[Router, dict[str, MockBackend]]) -> None:
+    """A client whose socket fills (~4.5 MB read 4 KB at a time, slowly): the relay's
+    writes wait for it (workers.streaming: the reads pushed from the backend's callback stop,
+    the relay task takes over and resumes pushing once the client drained), and every event
+    arrives once, in order, [DONE] last."""
+    router, _ = env
+    body = json.dumps({"model": "m", "messages": USER, "stream": True,
+                       "stream_options": {"include_usage": True},
+                       "mock": {"reply_tokens": 20_000}}).encode()
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
+    s.connect(("127.0.0.1", router.port))
+    got = bytearray()
+    try:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                  b"application/json\r\nX-Request-ID: slow-reader\r\nAuthorization: Bearer "
+                  + BULK.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                  + b"\r\n\r\n" + body)
+        while not got.endswith(b"\r\n0\r\n\r\n"):
+            chunk = s.recv(4096)
+            assert chunk, "the router closed the stream early"
+            got += chunk
+            time.sleep(0.0005)
+    finally:
+        s.close()
+    head, _, chunked = bytes(got).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    data = bytearray()
+    while True:
+        size, _, chunked = chunked.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            break
+        data += chunked[:n]
+        chunked = chunked[n + 2:]
+    events = bytes(data).split(b"\n\n")
+    assert events[-2:] == [b"data: [DONE]", b""]
+    words = [json.loads(e[6:])["choices"] for e in events[:-2]]
+    doc = record(router, "slow-reader")
+    assert doc["interruption"] is None and doc["status"] == 200
+    assert doc["events"] == len(words) and words[-1] == []  # the usage chunk, asked for
+    text = "".join(c[0]["delta"].get("content") or "" for c in words if c)
+    assert len(text.split()) == 20_000

@@ -321,6 +321,41 @@ async def test_a_slow_stream_reader_pauses_the_backend_and_memory_stays_bounded(
     assert pool._idle == [conn]  # read to its end: the connection goes back to the pool
 
 
+async def test_a_read_with_push_hands_each_read_to_it_until_it_answers_false(
+        mock: tuple[int, MockState]) -> None:
+    """read(push): the reads that arrive while it waits go to push, inside the connection's
+    callback; once push answers False the reader is woken and reads pile up for read() again
+    (up to the high-water mark); nothing is lost or reordered on the way."""
+    port, state = mock
+    pool = BackendPool("http", HOST, port, 4, 1.0)
+    resp, body = await pool.open_stream(stream_request(port, 20_000), deadline(5))
+    assert resp.status == 200 and body is not None
+    got: list[bytes] = []  # in order: what was pushed, and what read() returned
+    pushed = 0
+
+    def push(data: bytes) -> bool:
+        nonlocal pushed
+        assert data
+        got.append(data)
+        pushed += len(data)
+        return pushed < 64 * 1024
+
+    while pushed < 64 * 1024:
+        chunk = await body.read(push)  # what was buffered already, or b"" once push said no
+        assert chunk or pushed >= 64 * 1024
+        got.append(chunk)
+    await asyncio.sleep(0.3)  # no push any more: the reads pile up to the high-water mark
+    conn = body._conn
+    assert conn.transport is not None and not conn.transport.is_reading()
+    while chunk := await body.read():
+        got.append(chunk)
+    body.close()
+    assert state.streams_completed == 1 and pool._idle == [conn]
+    events = b"".join(got).split(b"\n\n")
+    assert events[-2:] == [b"data: [DONE]", b""] and len(events) == 20_000 + 4
+    assert all(e.startswith(b"data: {") for e in events[:-2])
+
+
 async def test_an_abandoned_stream_closes_its_connection_and_deadlines_fire(
         mock: tuple[int, MockState]) -> None:
     port, state = mock
