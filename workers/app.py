@@ -95,6 +95,9 @@ class _Stream:
         assert self.response is not None
         await self.response.write(data)
 
+    def write_now(self, data: bytes) -> bool:
+        return False  # aiohttp's writer is a coroutine: every chunk goes through ``write``
+
     async def end(self) -> None:
         assert self.response is not None
         await self.response.write_eof()

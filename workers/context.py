@@ -67,6 +67,12 @@ class Sink(Protocol):
 
     async def write(self, data: bytes) -> None: ...
 
+    def write_now(self, data: bytes) -> bool:
+        """``write`` from a callback, when it need not wait: False, with nothing written,
+        while the client's socket is full (or the adapter cannot tell): the caller then
+        awaits ``write``. ConnectionError if the client is gone."""
+        ...
+
     async def end(self) -> None: ...
 
 

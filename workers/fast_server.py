@@ -956,14 +956,23 @@ class _Stream:
         self.started = True
 
     async def write(self, data: bytes) -> None:
+        self._put(data)
+        if self.proto.writing_paused:
+            await self.proto.drain()
+
+    def write_now(self, data: bytes) -> bool:
+        if self.proto.writing_paused:
+            return False
+        self._put(data)
+        return True
+
+    def _put(self, data: bytes) -> None:
         p = self.proto
         t = p.transport
         if t is None:
             raise ConnectionResetError("the client closed the connection")
         p.server.writes.write(t, b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
         p.last_active = p.server.loop.time()
-        if p.writing_paused:
-            await p.drain()
 
     async def end(self) -> None:
         t = self.proto.transport
