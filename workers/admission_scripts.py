@@ -105,12 +105,14 @@ local states = {}
 for k = 1, h do
   states[k] = state(KEYS[k])
 end
-local left, rates = {}, {}
+local left, ks, offsets = {}, {}, {}
+local cap1, rate1
 for i = 1, n do
   local b = 4 + (i - 1) * 5
+  local k, o = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
   local cap, rate, cost = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]) / 60000,
                           tonumber(ARGV[b + 5])
-  local tokens = level(states[tonumber(ARGV[b + 1])], tonumber(ARGV[b + 2]), cap, rate)
+  local tokens = level(states[k], o, cap, rate)
   if tokens < cost then
     local retry, reset = 60000, 0
     if rate > 0 then
@@ -120,8 +122,10 @@ for i = 1, n do
     redis.call('DEL', rk)
     return {0, i, math.floor(math.max(0, tokens)), retry, reset}
   end
-  left[i] = tokens - cost
-  rates[i] = rate
+  left[i], ks[i], offsets[i] = tokens - cost, k, o
+  if i == 1 then
+    cap1, rate1 = cap, rate
+  end
 end
 local bb = 4 + n * 5
 for j = 1, m do
@@ -151,17 +155,15 @@ for j = 1, m do
 end
 local writes = {}
 for i = 1, n do
-  local b = 4 + (i - 1) * 5
-  local k, o = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
+  local k, o = ks[i], offsets[i]
   local w = writes[k]
   if not w then
     w = {}
     writes[k] = w
   end
-  w[#w + 1] = names[o]
-  w[#w + 1] = string.format('%.6f', left[i])
-  w[#w + 1] = names[o + 1]
-  w[#w + 1] = snow
+  local j = #w
+  w[j + 1], w[j + 2], w[j + 3], w[j + 4] = names[o], string.format('%.6f', left[i]),
+                                           names[o + 1], snow
 end
 for k = 1, h do
   if writes[k] then
@@ -172,8 +174,8 @@ if n == 0 then
   return {1, 0, 0, 0, 0}
 end
 local first_reset = 0
-if rates[1] > 0 then
-  first_reset = math.ceil((tonumber(ARGV[7]) - left[1]) / rates[1])
+if rate1 > 0 then
+  first_reset = math.ceil((cap1 - left[1]) / rate1)
 end
 return {1, 0, math.floor(math.max(0, left[1])), 0, first_reset}
 """.replace("RESTTL", str(RESERVATION_TTL_MS))
