@@ -8,6 +8,12 @@ redis.call in a script costs Redis ~3-4 µs (7.0, this VM; most of it the call's
 not the command): a bucket a key of its own was a read, a write and a PEXPIRE each, per
 admission and per settlement.
 
+The hashes' prefix (``apirouter:rlh:``) is not the per-bucket keys' of earlier versions
+(``apirouter:rl:``): routers of both versions sharing a Redis keep separate buckets (each
+enforcing every limit on its own) until all run this one — upgrade them together, or accept
+that a limit may admit up to twice over for the minutes of a rolling upgrade. Budgets,
+reservations and nonces keep their keys.
+
 A hash's expiry is set by the first write ``BUCKET_TTL_REFRESH_MS`` or more after it was last
 set (or when ``ttl_set`` is missing or ahead of the clock), to ``BUCKET_TTL_MS +
 BUCKET_TTL_REFRESH_MS``: so a hash still lives at least ``BUCKET_TTL_MS`` past its last write,
