@@ -62,12 +62,11 @@ from workers.admission_scripts import (
     ADMIT_LUA,
     BUDGET_SETTLE_LUA,
     RELEASE_LUA,
-    RESERVATION_TTL_MS,
     SETTLE_MANY_LUA,
     SETTLE_MANY_MAX,
     PlannedAdmit,
     ScriptCommands,
-    bucket_key,
+    bucket_layout,
     budget_key,
     nonce_key,
     planned_admit,
@@ -499,16 +498,17 @@ class Admission:
         key, specs = ticket.key, ticket.buckets()
         r = ticket.reservation
         budgets = ticket.budgets if r is not None else []
-        keys = [bucket_key(key.org, s.name) for s in specs]
+        keys, places = bucket_layout(key.org, [s.name for s in specs])
+        h = len(keys)
         keys += [budget_key(key.org, b.scope, p)
                  for b, p in zip(budgets, ticket.periods, strict=True)]
         keys.append(reservation_key(key.org, ticket.rid))
         if nonce is not None:
             keys.append(nonce_key(key.org, key.key_id, nonce))
-        args: list[str | int | float] = [len(specs), nonce_ttl_ms if nonce else 0, len(budgets),
-                                         RESERVATION_TTL_MS]
-        for s in specs:
-            args += [s.capacity, repr(s.refill_per_ms), s.cost]
+        args: list[str | int | float] = [h, len(specs), len(budgets),
+                                         nonce_ttl_ms if nonce else 0]
+        for (k, o), s in zip(places, specs, strict=True):
+            args += [k, o, s.capacity, s.per_minute, s.cost]
         for b in budgets:
             assert r is not None
             args += [b.spend_micro, b.tokens, b.requests, r.spend_micro, r.tokens, r.requests,

@@ -1,19 +1,44 @@
 """The Redis side of admission: Lua scripts and the keys and arguments they take.
 
-Every admission carries a reservation id. The admission script records it (``a``) when it
-charges; a release — sent for an admission whose answer never arrived (the failure policy
-decided) — turns the record into a tombstone (``r``) and refunds the charge only if the record
-said ``a``. The admission script charges nothing when it finds the tombstone already there, so
-whichever of the two Redis runs first, a reservation released is never charged, and a release
-is harmless for a reservation Redis never saw and when repeated.
+Token buckets live one hash per scope (``key:{id}``, ``org:{org}``, ``key:{id}:model:{m}``:
+a bucket's name up to its last ``:``), its rpm and tpm buckets fields of it: ``rpm``/``tpm``
+the level, ``rpm_ts``/``tpm_ts`` when (ms, Redis's clock) it was, ``ttl_set`` when the key's
+expiry was last set. A request of a key's two buckets reads one hash and writes it once. A
+redis.call in a script costs Redis ~3-4 µs (7.0, this VM; most of it the call's own machinery,
+not the command): a bucket a key of its own was a read, a write and a PEXPIRE each, per
+admission and per settlement.
 
-Argument layout of ADMIT and RELEASE (n buckets, m budgets)::
+The hashes' prefix (``apirouter:rlh:``) is not the per-bucket keys' of earlier versions
+(``apirouter:rl:``): routers of both versions sharing a Redis keep separate buckets (each
+enforcing every limit on its own) until all run this one — upgrade them together, or accept
+that a limit may admit up to twice over for the minutes of a rolling upgrade. Budgets,
+reservations and nonces keep their keys.
 
-    ARGV  1 n   2 nonce ttl ms (0: none)   3 m   4 reservation-record ttl ms
-          then per bucket: capacity, refill per ms, cost
+A hash's expiry is set by the first write ``BUCKET_TTL_REFRESH_MS`` or more after it was last
+set (or when ``ttl_set`` is missing or ahead of the clock), to ``BUCKET_TTL_MS +
+BUCKET_TTL_REFRESH_MS``: so a hash still lives at least ``BUCKET_TTL_MS`` past its last write,
+with one PEXPIRE a minute, not one each write.
+
+Every admission carries a reservation id. The admission script records it (``a``, SET NX: the
+record is made first, and deleted again by a refusal) when it charges; a release — sent for an
+admission whose answer never arrived (the failure policy decided) — turns the record into a
+tombstone (``r``) and refunds the charge only if the record said ``a``. The admission script
+charges nothing when it finds the tombstone already there, so whichever of the two Redis runs
+first, a reservation released is never charged, and a release is harmless for a reservation
+Redis never saw and when repeated.
+
+Argument layout of ADMIT and RELEASE (h bucket hashes, n buckets, m budgets)::
+
+    ARGV  1 h   2 n   3 m   4 nonce ttl ms (0: none)
+          then per bucket: its hash's index (1..h), 1 (rpm) or 3 (tpm), capacity, per minute,
+                           cost
           then per budget: limit spend, tokens, requests; reserve spend, tokens, requests;
                            the budget key's ttl ms
-    KEYS  n bucket keys, m budget keys, the reservation record, [the nonce]
+    KEYS  h bucket hashes, m budget keys, the reservation record, [the nonce]
+
+Rates go as tokens per minute (integers, divided by 60000 in the script: the same double as
+BucketSpec.refill_per_ms), not as the 17-digit decimal of the rate per ms: Lua's tonumber is
+strtod, whose long-decimal path was ~4% of Redis's CPU an admission.
 """
 
 from __future__ import annotations
@@ -27,109 +52,176 @@ from apirouter.limits import BucketPlan, BucketSpec
 from apirouter.redis_client import bulk_int, bulk_str
 
 BUCKET_TTL_MS = 180_000  # idle buckets are full again by then: let Redis forget them
+BUCKET_TTL_REFRESH_MS = 60_000  # a bucket hash's expiry is set again this long after
 RESERVATION_TTL_MS = 120_000  # how long Redis remembers an admission for a late release
 TOMBSTONE_TTL_MS = 3_600_000  # how long a release blocks its admission from running late
 
-_LEVEL = """
-local function level(key, cap, rate, now)
-  local s = redis.call('HMGET', key, 't', 'ts')
-  if s[1] then
-    return math.min(cap, tonumber(s[1]) + math.max(0, now - tonumber(s[2])) * rate)
+# A bucket's fields in its scope's hash: (level, its time), by the limit that ends its name;
+# the scripts take a bucket's place as the index of its level in HMGET(_FIELDS).
+_LIMIT_FIELDS = {"rpm": ("rpm", "rpm_ts"), "tpm": ("tpm", "tpm_ts")}
+_OFFSET = {"rpm": 1, "tpm": 3}
+
+# ``now``; ``state(key)``: a bucket hash's fields (rpm, rpm_ts, tpm, tpm_ts, ttl_set);
+# ``level(s, o, cap, rate)``: the level now of the bucket at offset o of state s;
+# ``store(key, s, w)``: write the fields of list w to the hash whose state is s, setting its
+# expiry when it is due (see the module's docstring).
+_PRELUDE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local snow = tostring(now)
+local function state(key)
+  return redis.call('HMGET', key, 'rpm', 'rpm_ts', 'tpm', 'tpm_ts', 'ttl_set')
+end
+local function level(s, o, cap, rate)
+  if s[o] then
+    return math.min(cap, tonumber(s[o]) + math.max(0, now - tonumber(s[o + 1])) * rate)
   end
   return cap
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
+local function store(key, s, w)
+  local e = tonumber(s[5])
+  if e and e <= now and now - e < REFRESH then
+    redis.call('HSET', key, unpack(w))
+  else
+    w[#w + 1] = 'ttl_set'
+    w[#w + 1] = snow
+    redis.call('HSET', key, unpack(w))
+    redis.call('PEXPIRE', key, 'EXPIRY')
+  end
+end
+local names = {'rpm', 'rpm_ts', 'tpm', 'tpm_ts'}
+""".replace("REFRESH", str(BUCKET_TTL_REFRESH_MS)).replace(
+    "EXPIRY", str(BUCKET_TTL_MS + BUCKET_TTL_REFRESH_MS))
 
 # A bucket's level now, read-only (the rate-limit gauges of workers.scrape_metrics).
-LEVEL_LUA = _LEVEL + """
-return tostring(level(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), now))
+#     KEYS 1 bucket_key's address (its hash key, ':', its limit); ARGV capacity, refill per ms
+LEVEL_LUA = _PRELUDE + """
+local key, limit = string.match(KEYS[1], '^(.*):(%a+)$')
+local s = redis.call('HMGET', key, limit, limit .. '_ts')
+return tostring(level(s, 1, tonumber(ARGV[1]), tonumber(ARGV[2])))
 """
 
-ADMIT_LUA = _LEVEL + """
-local n, m = tonumber(ARGV[1]), tonumber(ARGV[3])
-local rk = KEYS[n + m + 1]
-if redis.call('EXISTS', rk) == 1 then
+ADMIT_LUA = _PRELUDE + """
+local h, n, m = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local rk = KEYS[h + m + 1]
+if not redis.call('SET', rk, 'a', 'NX', 'PX', 'RESTTL') then
   return {3, 0, 0, 0, 0}
 end
-local levels = {}
+local states = {}
+for k = 1, h do
+  states[k] = state(KEYS[k])
+end
+local left, ks, offsets = {}, {}, {}
+local cap1, rate1
 for i = 1, n do
-  local b = 4 + (i - 1) * 3
-  local cap, rate, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
-  local tokens = level(KEYS[i], cap, rate, now)
+  local b = 4 + (i - 1) * 5
+  local k, o = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
+  local cap, rate, cost = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]) / 60000,
+                          tonumber(ARGV[b + 5])
+  local tokens = level(states[k], o, cap, rate)
   if tokens < cost then
     local retry, reset = 60000, 0
     if rate > 0 then
       retry = math.ceil((cost - tokens) / rate)
       reset = math.ceil((cap - tokens) / rate)
     end
+    redis.call('DEL', rk)
     return {0, i, math.floor(math.max(0, tokens)), retry, reset}
   end
-  levels[i] = tokens
+  left[i], ks[i], offsets[i] = tokens - cost, k, o
+  if i == 1 then
+    cap1, rate1 = cap, rate
+  end
 end
-local bb = 4 + n * 3
+local bb = 4 + n * 5
 for j = 1, m do
   local a = bb + (j - 1) * 7
-  local used = redis.call('HMGET', KEYS[n + j], 'spend', 'tokens', 'requests')
+  local used = redis.call('HMGET', KEYS[h + j], 'spend', 'tokens', 'requests')
   for d = 1, 3 do
     local limit, need = tonumber(ARGV[a + d]), tonumber(ARGV[a + 3 + d])
     if limit >= 0 and (tonumber(used[d]) or 0) + need > limit then
+      redis.call('DEL', rk)
       return {2, j, d, 0, 0}
     end
   end
 end
-local nonce_ttl = tonumber(ARGV[2])
+local nonce_ttl = tonumber(ARGV[4])
 if nonce_ttl > 0 then
-  if not redis.call('SET', KEYS[n + m + 2], '1', 'NX', 'PX', nonce_ttl) then
+  if not redis.call('SET', KEYS[h + m + 2], '1', 'NX', 'PX', nonce_ttl) then
+    redis.call('DEL', rk)
     return {-1, 0, 0, 0, 0}
   end
 end
-redis.call('SET', rk, 'a', 'PX', ARGV[4])
 for j = 1, m do
   local a = bb + (j - 1) * 7
-  redis.call('HINCRBY', KEYS[n + j], 'spend', ARGV[a + 4])
-  redis.call('HINCRBY', KEYS[n + j], 'tokens', ARGV[a + 5])
-  redis.call('HINCRBY', KEYS[n + j], 'requests', ARGV[a + 6])
-  redis.call('PEXPIRE', KEYS[n + j], ARGV[a + 7])
+  redis.call('HINCRBY', KEYS[h + j], 'spend', ARGV[a + 4])
+  redis.call('HINCRBY', KEYS[h + j], 'tokens', ARGV[a + 5])
+  redis.call('HINCRBY', KEYS[h + j], 'requests', ARGV[a + 6])
+  redis.call('PEXPIRE', KEYS[h + j], ARGV[a + 7])
 end
-local first_left, first_reset = 0, 0
+local writes = {}
 for i = 1, n do
-  local b = 4 + (i - 1) * 3
-  local cap, rate, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
-  local left = levels[i] - cost
-  redis.call('HSET', KEYS[i], 't', string.format('%.6f', left), 'ts', now)
-  redis.call('PEXPIRE', KEYS[i], %(ttl)d)
-  if i == 1 then
-    first_left = left
-    if rate > 0 then first_reset = math.ceil((cap - left) / rate) end
+  local k, o = ks[i], offsets[i]
+  local w = writes[k]
+  if not w then
+    w = {}
+    writes[k] = w
+  end
+  local j = #w
+  w[j + 1], w[j + 2], w[j + 3], w[j + 4] = names[o], string.format('%.6f', left[i]),
+                                           names[o + 1], snow
+end
+for k = 1, h do
+  if writes[k] then
+    store(KEYS[k], states[k], writes[k])
   end
 end
-return {1, 0, math.floor(math.max(0, first_left)), 0, first_reset}
-""".replace("%(ttl)d", str(BUCKET_TTL_MS))
+if n == 0 then
+  return {1, 0, 0, 0, 0}
+end
+local first_reset = 0
+if rate1 > 0 then
+  first_reset = math.ceil((cap1 - left[1]) / rate1)
+end
+return {1, 0, math.floor(math.max(0, left[1])), 0, first_reset}
+""".replace("RESTTL", str(RESERVATION_TTL_MS))
 
-RELEASE_LUA = _LEVEL + """
-local n, m = tonumber(ARGV[1]), tonumber(ARGV[3])
-local old = redis.call('SET', KEYS[n + m + 1], 'r', 'PX', %(tomb)d, 'GET')
+RELEASE_LUA = _PRELUDE + """
+local h, n, m = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local old = redis.call('SET', KEYS[h + m + 1], 'r', 'PX', 'TOMB', 'GET')
 if old ~= 'a' then
   return 0
 end
-for i = 1, n do
-  local b = 4 + (i - 1) * 3
-  local cap, rate, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
-  local tokens = math.min(cap, level(KEYS[i], cap, rate, now) + cost)
-  redis.call('HSET', KEYS[i], 't', string.format('%.6f', tokens), 'ts', now)
-  redis.call('PEXPIRE', KEYS[i], %(ttl)d)
+local states, writes = {}, {}
+for k = 1, h do
+  states[k] = state(KEYS[k])
+  writes[k] = {}
 end
-local bb = 4 + n * 3
+for i = 1, n do
+  local b = 4 + (i - 1) * 5
+  local k, o = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
+  local cap, rate, cost = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]) / 60000,
+                          tonumber(ARGV[b + 5])
+  local w = writes[k]
+  w[#w + 1] = names[o]
+  w[#w + 1] = string.format('%.6f', math.min(cap, level(states[k], o, cap, rate) + cost))
+  w[#w + 1] = names[o + 1]
+  w[#w + 1] = snow
+end
+for k = 1, h do
+  if #writes[k] > 0 then
+    store(KEYS[k], states[k], writes[k])
+  end
+end
+local bb = 4 + n * 5
 for j = 1, m do
   local a = bb + (j - 1) * 7
-  redis.call('HINCRBY', KEYS[n + j], 'spend', 0 - tonumber(ARGV[a + 4]))
-  redis.call('HINCRBY', KEYS[n + j], 'tokens', 0 - tonumber(ARGV[a + 5]))
-  redis.call('HINCRBY', KEYS[n + j], 'requests', 0 - tonumber(ARGV[a + 6]))
+  redis.call('HINCRBY', KEYS[h + j], 'spend', 0 - tonumber(ARGV[a + 4]))
+  redis.call('HINCRBY', KEYS[h + j], 'tokens', 0 - tonumber(ARGV[a + 5]))
+  redis.call('HINCRBY', KEYS[h + j], 'requests', 0 - tonumber(ARGV[a + 6]))
 end
 return 1
-""".replace("%(ttl)d", str(BUCKET_TTL_MS)).replace("%(tomb)d", str(TOMBSTONE_TTL_MS))
+""".replace("TOMB", str(TOMBSTONE_TTL_MS))
 
 BUDGET_SETTLE_LUA = """
 redis.call('HINCRBY', KEYS[1], 'spend', ARGV[1])
@@ -138,35 +230,70 @@ redis.call('HINCRBY', KEYS[1], 'requests', ARGV[3])
 return 1
 """
 
-# One bucket's settlement: the reference SETTLE_MANY_LUA is held to (tests), and what it does
-# for each of its keys.
-SETTLE_LUA = _LEVEL + """
-local cap, rate, delta = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local tokens = math.min(cap, level(KEYS[1], cap, rate, now) - delta)
-redis.call('HSET', KEYS[1], 't', string.format('%.6f', tokens), 'ts', now)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+# One token bucket's settlement (its tpm fields): the reference SETTLE_MANY_LUA is held to
+# (tests), and what it does for each of its keys.
+#     KEYS 1 the bucket's hash; ARGV capacity, per minute, delta, (unused: the ttl ms)
+SETTLE_LUA = _PRELUDE + """
+local cap, rate, delta = tonumber(ARGV[1]), tonumber(ARGV[2]) / 60000, tonumber(ARGV[3])
+local s = state(KEYS[1])
+local tokens = string.format('%.6f', math.min(cap, level(s, 3, cap, rate) - delta))
+store(KEYS[1], s, {'tpm', tokens, 'tpm_ts', snow})
 return 1
 """
 
 # The token-bucket settlements of one event-loop turn (one org: its keys share a cluster slot)
-# in one call, applied in order as that many SETTLE calls would be, at one ``now``.
-#     ARGV 1 the bucket keys' ttl ms, then per key: capacity, refill per ms, delta
-SETTLE_MANY_LUA = _LEVEL + """
+# in one call, applied in order as that many SETTLE calls would be, at one ``now``: each hash
+# read once and written once (a turn's requests of one key settle the same bucket: at c=32,
+# one read and one write instead of one each a request), the level carried from one to the
+# next as the hash would hold it (formatted: as the next SETTLE would read it).
+#     ARGV 1 (unused: the ttl ms), then per key: capacity, per minute, delta
+SETTLE_MANY_LUA = _PRELUDE + """
+local states, levels, order = {}, {}, {}
 for i = 1, #KEYS do
+  local key = KEYS[i]
   local j = 2 + (i - 1) * 3
-  local cap, rate, delta = tonumber(ARGV[j]), tonumber(ARGV[j + 1]), tonumber(ARGV[j + 2])
-  local tokens = math.min(cap, level(KEYS[i], cap, rate, now) - delta)
-  redis.call('HSET', KEYS[i], 't', string.format('%.6f', tokens), 'ts', now)
-  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  local cap, rate, delta = tonumber(ARGV[j]), tonumber(ARGV[j + 1]) / 60000,
+                           tonumber(ARGV[j + 2])
+  local tokens = levels[key]
+  if tokens == nil then
+    local s = state(key)
+    states[key] = s
+    order[#order + 1] = key
+    tokens = level(s, 3, cap, rate)
+  else
+    tokens = math.min(cap, tonumber(tokens))
+  end
+  levels[key] = string.format('%.6f', math.min(cap, tokens - delta))
+end
+for _, key in ipairs(order) do
+  store(key, states[key], {'tpm', levels[key], 'tpm_ts', snow})
 end
 return #KEYS
 """
 SETTLE_MANY_MAX = 128  # buckets a call: a script blocks Redis while it runs
 
 
+def scope_key(org: str, scope: str) -> str:
+    """The hash of a scope's token buckets. The {org} hash tag keeps all keys of one request
+    in one Redis Cluster slot."""
+    return f"apirouter:rlh:{{{org}}}:{scope}"
+
+
+def bucket_place(org: str, bucket: str) -> tuple[str, int]:
+    """A bucket's hash key and its place in it (1: the rpm fields, 3: the tpm ones)."""
+    scope, _, limit = bucket.rpartition(":")
+    return scope_key(org, scope), _OFFSET[limit]
+
+
+def bucket_fields(bucket: str) -> tuple[str, str]:
+    """A bucket's fields in its hash: its level and that level's time."""
+    return _LIMIT_FIELDS[bucket.rpartition(":")[2]]
+
+
 def bucket_key(org: str, bucket: str) -> str:
-    # The {org} hash tag keeps all keys of one request in one Redis Cluster slot.
-    return f"apirouter:rl:{{{org}}}:{bucket}"
+    """A bucket's address, as LEVEL_LUA takes it: its hash key, ``:``, its limit."""
+    scope, _, limit = bucket.rpartition(":")
+    return f"{scope_key(org, scope)}:{limit}"
 
 
 def budget_key(org: str, scope: str, period: str) -> str:
@@ -182,12 +309,34 @@ def nonce_key(org: str, key_id: str, nonce: str) -> str:
     return f"apirouter:nonce:{{{org}}}:{key_id}:{nonce}"
 
 
+def bucket_layout(org: str, names: Sequence[str]) -> tuple[list[str], list[tuple[int, int]]]:
+    """The bucket hashes of buckets ``names`` (in order of first use) and, per bucket, its
+    hash's index (1-based) and its place in it, as ADMIT and RELEASE take them."""
+    keys: list[str] = []
+    places = []
+    for name in names:
+        key, offset = bucket_place(org, name)
+        if key not in keys:
+            keys.append(key)
+        places.append((keys.index(key) + 1, offset))
+    return keys, places
+
+
 # -- the admission command, from kept fragments ---------------------------------------------------
 
 _EVALSHA = bulk_str("EVALSHA")
 _ZERO = bulk_int(0)
-_RES_TTL = bulk_int(RESERVATION_TTL_MS)
 _BUCKET_TTL = bulk_int(BUCKET_TTL_MS)
+
+
+def _bucket_args(org: str, specs: Sequence[tuple[str, int, int]]
+                 ) -> tuple[list[bytes], list[bytes]]:
+    """The bucket hashes' encodings of buckets (name, capacity, per minute), and per bucket
+    the encoding of its hash index, place, capacity and per minute (its cost follows)."""
+    keys, places = bucket_layout(org, [name for name, _, _ in specs])
+    return ([bulk_str(k) for k in keys],
+            [bulk_int(k) + bulk_int(o) + bulk_int(capacity) + bulk_int(per_minute)
+             for (k, o), (_, capacity, per_minute) in zip(places, specs, strict=True)])
 
 
 @dataclass(slots=True)
@@ -197,12 +346,13 @@ class _Fragments:
 
     tiers: tuple[Tier, Tier | None, Tier | None]
     sha: str
-    head: bytes  # "*count", EVALSHA, sha, KEYS count, bucket keys: no budget, no nonce
+    head: bytes  # "*count", EVALSHA, sha, KEYS count, bucket hashes: no budget, no nonce
     evalsha: bytes  # EVALSHA, sha
-    bucket_keys: bytes
-    args_head: bytes  # n, nonce ttl 0, m 0, reservation ttl: no budget, no nonce
-    n: bytes
-    per_bucket: tuple[bytes, ...]  # capacity, refill per ms (the cost follows each)
+    bucket_keys: bytes  # the bucket hashes
+    h: int  # how many
+    args_head: bytes  # h, n, m 0, nonce ttl 0: no budget, no nonce
+    hn: bytes  # h, n
+    per_bucket: tuple[bytes, ...]  # hash index, place, capacity, per minute (the cost follows)
     res_prefix: str
 
 
@@ -218,25 +368,25 @@ class ScriptCommands:
 
     def __init__(self) -> None:
         self._plans: dict[tuple[str, str, str, int], _Fragments] = {}
-        # (org, bucket) -> (capacity, per minute, key, capacity and refill per ms)
+        # (org, bucket) -> (capacity, per minute, hash key, capacity and per minute)
         self._buckets: dict[tuple[str, str], tuple[int, int, bytes, bytes]] = {}
 
     def bucket(self, org: str, s: BucketSpec) -> tuple[bytes, bytes]:
-        """A token bucket's key, and its capacity and refill per ms, as SETTLE_MANY takes
+        """A token bucket's hash key, and its capacity and per minute, as SETTLE_MANY takes
         them (kept per org and bucket while its limits stay the same)."""
         k = self._buckets.get((org, s.name))
         if k is None or k[0] != s.capacity or k[1] != s.per_minute:
             if len(self._buckets) >= self.MAX_PLANS:
                 self._buckets.clear()
             k = self._buckets[(org, s.name)] = (
-                s.capacity, s.per_minute, bulk_str(bucket_key(org, s.name)),
-                bulk_int(s.capacity) + bulk_str(repr(s.refill_per_ms)))
+                s.capacity, s.per_minute, bulk_str(bucket_place(org, s.name)[0]),
+                bulk_int(s.capacity) + bulk_int(s.per_minute))
         return k[2], k[3]
 
     @staticmethod
     def settle_many(sha: str, keys: list[bytes], args: list[bytes]) -> bytes:
         """SETTLE_MANY's EVALSHA over ``keys`` (``bucket``'s) and, per key, ``bucket``'s
-        capacity and refill followed by the delta's bulk string."""
+        capacity and per minute followed by the delta's bulk string."""
         return b"".join((b"*%d\r\n" % (4 + 4 * len(keys)), _EVALSHA, bulk_str(sha),
                          bulk_int(len(keys)), *keys, _BUCKET_TTL, *args))
 
@@ -248,13 +398,14 @@ class ScriptCommands:
                 f.tiers[2] is model_limits and f.sha is sha:
             return f
         evalsha = _EVALSHA + bulk_str(sha)
-        keys = b"".join(bulk_str(bucket_key(key.org, s.name)) for s in specs)
-        per_bucket = tuple(bulk_int(s.capacity) + bulk_str(repr(s.refill_per_ms))
-                           for s in specs)
+        keys, per_bucket = _bucket_args(key.org, [(s.name, s.capacity, s.per_minute)
+                                                  for s in specs])
+        h = len(keys)
+        hn = bulk_int(h) + bulk_int(n)
         f = _Fragments((key.limits, org, model_limits), sha,
-                       b"*%d\r\n" % (8 + 4 * n) + evalsha + bulk_int(n + 1) + keys,
-                       evalsha, keys, bulk_int(n) + _ZERO + _ZERO + _RES_TTL, bulk_int(n),
-                       per_bucket, reservation_key(key.org, ""))
+                       b"*%d\r\n" % (8 + h + 5 * n) + evalsha + bulk_int(h + 1) +
+                       b"".join(keys), evalsha, b"".join(keys), h, hn + _ZERO + _ZERO, hn,
+                       tuple(per_bucket), reservation_key(key.org, ""))
         if len(self._plans) >= self.MAX_PLANS:
             self._plans.clear()
         self._plans[(key.key_id, key.org, model, n)] = f
@@ -268,26 +419,26 @@ class ScriptCommands:
         with a reservation (as _script_args does)."""
         f = self._fragments(sha, key, model, org, model_limits, specs)
         res = bulk_str(f.res_prefix + rid)
+        n, h = len(specs), f.h
         if r is None or not budgets:
             if nonce is None:
                 out = [f.head, res, f.args_head]
             else:
-                n = len(specs)
-                out = [b"*%d\r\n" % (9 + 4 * n), f.evalsha, bulk_int(n + 2), f.bucket_keys, res,
-                       bulk_str(nonce_key(key.org, key.key_id, nonce)), f.n,
-                       bulk_int(nonce_ttl_ms if nonce else 0), _ZERO, _RES_TTL]
+                out = [b"*%d\r\n" % (9 + h + 5 * n), f.evalsha, bulk_int(h + 2), f.bucket_keys,
+                       res, bulk_str(nonce_key(key.org, key.key_id, nonce)), f.hn, _ZERO,
+                       bulk_int(nonce_ttl_ms if nonce else 0)]
             for fixed, s in zip(f.per_bucket, specs, strict=True):
                 out += (fixed, bulk_int(s.cost))
             return b"".join(out)
-        n, m = len(specs), len(budgets)
-        out = [b"*%d\r\n" % (8 + 4 * n + 8 * m + (nonce is not None)), f.evalsha,
-               bulk_int(n + m + 1 + (nonce is not None)), f.bucket_keys]
+        m = len(budgets)
+        out = [b"*%d\r\n" % (8 + h + 5 * n + 8 * m + (nonce is not None)), f.evalsha,
+               bulk_int(h + m + 1 + (nonce is not None)), f.bucket_keys]
         out += [bulk_str(budget_key(key.org, b.scope, p))
                 for b, p in zip(budgets, periods, strict=True)]
         out.append(res)
         if nonce is not None:
             out.append(bulk_str(nonce_key(key.org, key.key_id, nonce)))
-        out += (f.n, bulk_int(nonce_ttl_ms if nonce else 0), bulk_int(m), _RES_TTL)
+        out += (f.hn, bulk_int(m), bulk_int(nonce_ttl_ms if nonce else 0))
         for fixed, s in zip(f.per_bucket, specs, strict=True):
             out += (fixed, bulk_int(s.cost))
         for b in budgets:
@@ -303,8 +454,8 @@ class PlannedAdmit:
     """ADMIT's EVALSHA for one BucketPlan (a key, org and model under its tiers) with no
     budget and no nonce — the common admission — as one bytes template that only the
     reservation id and the request's token count are spliced into (``command``: one bytes
-    formatting); and the settlement's fragments of the plan's token-buckets (the key, and
-    the capacity and refill, as ScriptCommands.bucket makes them). Kept on the plan
+    formatting); and the settlement's fragments of the plan's token-buckets (the hash key, and
+    the capacity and per minute, as ScriptCommands.bucket makes them). Kept on the plan
     (BucketPlan.redis) by ``planned_admit``. Made from kept fragments (ScriptCommands.command)
     the command cost ~300 bytecodes a request (buckets_for's specs, a fragment lookup, an
     encoding per cost)."""
@@ -319,20 +470,20 @@ class PlannedAdmit:
         n = len(steps)
         res_prefix = reservation_key(org, "").encode()
         self.res_len = len(res_prefix)
-        keys = [bulk_str(bucket_key(org, name)) for _, name, _, _ in steps]
-        fixed = [bulk_int(capacity) + bulk_str(repr(per_minute / 60_000.0))
-                 for _, _, capacity, per_minute in steps]
-        parts = [b"*%d\r\n" % (8 + 4 * n), _EVALSHA, bulk_str(sha), bulk_int(n + 1), *keys]
+        keys, per_bucket = _bucket_args(org, [(name, capacity, per_minute)
+                                              for _, name, capacity, per_minute in steps])
+        h = len(keys)
+        parts = [b"*%d\r\n" % (8 + h + 5 * n), _EVALSHA, bulk_str(sha), bulk_int(h + 1), *keys]
         template = [_escaped(b"".join(parts)), b"$%d\r\n", _escaped(res_prefix), b"%s\r\n",
-                    bulk_int(n) + _ZERO + _ZERO + _RES_TTL]
-        for (spec, _, _, _), f in zip(steps, fixed, strict=True):
+                    bulk_int(h) + bulk_int(n) + _ZERO + _ZERO]
+        for (spec, _, _, _), f in zip(steps, per_bucket, strict=True):
             template += (_escaped(f), b"%s" if spec is None else _escaped(bulk_int(spec.cost)))
         self.template = b"".join(template)
         self.token_buckets = sum(spec is None for spec, _, _, _ in steps)
-        self.settle_keys = tuple(k for (spec, _, _, _), k in zip(steps, keys, strict=True)
-                                 if spec is None)
-        self.settle_fixed = tuple(f for (spec, _, _, _), f in zip(steps, fixed, strict=True)
-                                  if spec is None)
+        self.settle_keys = tuple(bulk_str(bucket_place(org, name)[0])
+                                 for spec, name, _, _ in steps if spec is None)
+        self.settle_fixed = tuple(bulk_int(capacity) + bulk_int(per_minute)
+                                  for spec, _, capacity, per_minute in steps if spec is None)
 
     def command(self, rid: str, tokens: int) -> bytes:
         """The command of a request of ``tokens`` (> 0) with reservation id ``rid``: as

@@ -24,6 +24,7 @@ import pytest
 from apirouter.keys import hash_key
 from tests.harness import HOST, MockBackend, RedisServer, Router, wait_for
 from workers.admission import BREAKER_OPEN_S
+from workers.admission_scripts import bucket_fields, bucket_place
 
 USER = [{"role": "user", "content": "hello there"}]
 PRICE = {"prompt_per_1k": 1.0, "completion_per_1k": 2.0}
@@ -136,10 +137,13 @@ def load_config(mock: str, redis_url: str, rounds: int, **server: Any) -> dict[s
             "keys": keys, "budgets": budgets}
 
 
-def bucket_level(redis: RedisServer, key: str, capacity: float, per_minute: float) -> float:
-    h = redis_hash(redis, key)
+def bucket_level(redis: RedisServer, org: str, bucket: str, capacity: float,
+                 per_minute: float) -> float:
+    """The level now of bucket ``bucket`` (its name, as admission charges it) of ``org``."""
+    h = redis_hash(redis, bucket_place(org, bucket)[0])
+    level, ts = bucket_fields(bucket)
     now_ms = float(redis_time_ms(redis))
-    return min(capacity, float(h["t"]) + max(0.0, now_ms - float(h["ts"])) * per_minute / 60000)
+    return min(capacity, float(h[level]) + max(0.0, now_ms - float(h[ts])) * per_minute / 60000)
 
 
 def eventually(get: Callable[[], Any], expect: Any, timeout: float = 10) -> Any:
@@ -190,7 +194,7 @@ def test_exact_under_late_redis_and_busy_cores_at_default_settings(
             assert used <= 1000 and spent <= 1_000_000, (used, spent)
 
             def held(r: int = r) -> tuple[int, int]:
-                level = bucket_level(redis, f"apirouter:rl:{{t{r}}}:key:t{r}:tpm", 1000, 1)
+                level = bucket_level(redis, f"t{r}", f"key:t{r}:tpm", 1000, 1)
                 return (round(1000 - level),
                         int(budget_hash(redis, f"s{r}", "month").get("spend", 0)))
 
@@ -237,7 +241,7 @@ def test_fail_closed_charges_nothing_refused_under_sigstop_and_sigkill(
     assert set(done) == {200, 503}, done
 
     def charged() -> tuple[int, int]:
-        level = bucket_level(redis, "apirouter:rl:{fc}:key:fc:rpm", 100_000, 1)
+        level = bucket_level(redis, "fc", "key:fc:rpm", 100_000, 1)
         return (int(budget_hash(redis, "fc", "day").get("requests", 0)),
                 round(100_000 - level))
 

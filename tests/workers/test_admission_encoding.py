@@ -10,7 +10,12 @@ from apirouter.keys import KeyRecord, Tier
 from apirouter.limits import BucketSpec, Verdict, buckets_for, plan_for
 from apirouter.redis_client import bulk_int, encode_command
 from workers.admission import Admission, Ticket
-from workers.admission_scripts import BUCKET_TTL_MS, ScriptCommands, bucket_key, planned_admit
+from workers.admission_scripts import (
+    BUCKET_TTL_MS,
+    ScriptCommands,
+    bucket_place,
+    planned_admit,
+)
 
 _NAMES = st.text(min_size=1, max_size=12)
 _LIMIT = st.one_of(st.just(0), st.integers(1, 2**40))
@@ -80,8 +85,8 @@ def test_fragment_built_settlement_is_the_reference_encoding(
             k, fixed = commands.bucket(org, spec)
             keys.append(k)
             args.append(fixed + bulk_int(delta))
-            want_keys.append(bucket_key(org, spec.name))
-            want_args += [spec.capacity, repr(spec.refill_per_ms), delta]
+            want_keys.append(bucket_place(org, spec.name)[0])
+            want_args += [spec.capacity, spec.per_minute, delta]
         assert commands.settle_many("f" * 40, keys, args) == encode_command(
             "EVALSHA", "f" * 40, len(want_keys), *want_keys, BUCKET_TTL_MS, *want_args)
 

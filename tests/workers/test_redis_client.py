@@ -23,7 +23,20 @@ from apirouter.redis_client import (
 from apirouter.table import Limits
 from tests.harness import RedisServer
 from workers.admission import Admission, Ticket, finish_pending
-from workers.admission_scripts import BUCKET_TTL_MS, SETTLE_LUA, bucket_key
+from workers.admission_scripts import (
+    BUCKET_TTL_MS,
+    BUCKET_TTL_REFRESH_MS,
+    LEVEL_LUA,
+    SETTLE_LUA,
+    bucket_fields,
+    bucket_key,
+    bucket_place,
+)
+
+
+def bucket(org: str, name: str) -> tuple[str, str, str]:
+    """A bucket's hash key, level field and time field."""
+    return (bucket_place(org, name)[0], *bucket_fields(name))
 
 
 def limits(url: str, policy: str = "open") -> Limits:
@@ -178,7 +191,8 @@ async def test_queued_settlements_are_sent_when_settled_not_a_loop_iteration_lat
     lim = limits(redis_server.url)
     client = RedisClient(redis_server.url, stall_timeout=5)
     spec = BucketSpec("key:held:tpm", 1000, 0, 0)
-    await client.execute("HSET", bucket_key("rc-held", spec.name), "t", 500, "ts", 0, timeout=5)
+    hkey, level_field, ts_field = bucket("rc-held", spec.name)
+    await client.execute("HSET", hkey, level_field, 500, ts_field, 0, timeout=5)
     admission = Admission()
     admission.client_for(lim)
     key = KeyRecord("rc-held", "e" * 64, "rc-held", "", frozenset({"inference"}), "t",
@@ -200,7 +214,7 @@ async def test_queued_settlements_are_sent_when_settled_not_a_loop_iteration_lat
     assert scheduled == [] and admission._redis_settlements == []  # sent, not scheduled
     monkeypatch.undo()
     await finish_pending(admission, 10)
-    level = await client.execute("HGET", bucket_key("rc-held", spec.name), "t", timeout=5)
+    level = await client.execute("HGET", hkey, level_field, timeout=5)
     assert isinstance(level, bytes) and float(level) == 360  # 500 - 70 - 100 + 30
     client.close()
     if admission.redis is not None:
@@ -223,12 +237,13 @@ async def test_one_turns_settlements_go_in_one_call_as_if_one_by_one(
     start = [rng.randint(-500, s.capacity) for s in specs]
     for org in ("rc-seq", "rc-many"):
         for s, t in zip(specs, start, strict=True):
-            await client.execute("HSET", bucket_key(org, s.name), "t", t, "ts", 0, timeout=5)
+            hkey, level_field, ts_field = bucket(org, s.name)
+            await client.execute("HSET", hkey, level_field, t, ts_field, 0, timeout=5)
     sha = await client.execute("SCRIPT", "LOAD", SETTLE_LUA, timeout=5)
     for i, delta in settlements:  # the reference: one call per settlement
         s = specs[i]
-        assert await client.execute("EVALSHA", sha, 1, bucket_key("rc-seq", s.name),
-                                    s.capacity, repr(s.refill_per_ms), delta, BUCKET_TTL_MS,
+        assert await client.execute("EVALSHA", sha, 1, bucket("rc-seq", s.name)[0],
+                                    s.capacity, s.per_minute, delta, BUCKET_TTL_MS,
                                     timeout=5) == 1
     admission = Admission()
     admission.client_for(lim)  # as the admissions of these tickets did
@@ -239,9 +254,94 @@ async def test_one_turns_settlements_go_in_one_call_as_if_one_by_one(
         admission.queue_settlement(lim, ticket, 1000 + delta, None)
     await finish_pending(admission, 10)
     for s in specs:
-        seq = await client.execute("HGET", bucket_key("rc-seq", s.name), "t", timeout=5)
-        many = await client.execute("HGET", bucket_key("rc-many", s.name), "t", timeout=5)
+        seq = await client.execute("HGET", *bucket("rc-seq", s.name)[:2], timeout=5)
+        many = await client.execute("HGET", *bucket("rc-many", s.name)[:2], timeout=5)
         assert seq == many, s.name
+    client.close()
+    if admission.redis is not None:
+        admission.redis.close()
+
+
+async def test_a_bucket_hash_lives_its_ttl_past_every_write_with_few_expiry_writes(
+        redis_server: RedisServer) -> None:
+    """A key's rpm and tpm buckets are fields of one hash, whose expiry is set by the write
+    that finds it set over BUCKET_TTL_REFRESH_MS ago ('ttl_set'), to BUCKET_TTL_MS + that from
+    then: the writes in between leave it, and the hash still lives BUCKET_TTL_MS past each of
+    them; a refusal leaves no reservation record."""
+    client = RedisClient(redis_server.url, stall_timeout=5)
+    key = KeyRecord("rc-ttl", "f" * 64, "rc-ttl", "", frozenset({"inference"}), "t",
+                    Tier(100, 100, 6000, 6000), False)
+    hkey = bucket_place("rc-ttl", "key:rc-ttl:rpm")[0]
+    assert bucket_place("rc-ttl", "key:rc-ttl:tpm")[0] == hkey
+    admission = Admission()
+    lim = limits(redis_server.url)
+
+    async def admit() -> Ticket:
+        ticket = await admission.admit(lim, key, "m", 10, None, None)
+        assert ticket.verdict.allowed
+        return ticket
+
+    async def state() -> tuple[int, int]:
+        e = await client.execute("HGET", hkey, "ttl_set", timeout=5)
+        ttl = await client.execute("PTTL", hkey, timeout=5)
+        assert isinstance(e, bytes) and isinstance(ttl, int)
+        return int(e), ttl
+
+    await admit()
+    fields = await client.execute("HGETALL", hkey, timeout=5)
+    assert sorted(fields[::2]) == [b"rpm", b"rpm_ts", b"tpm", b"tpm_ts", b"ttl_set"]
+    e, ttl = await state()
+    full = BUCKET_TTL_MS + BUCKET_TTL_REFRESH_MS
+    assert full - 1000 < ttl <= full
+    await admit()  # within the period: the expiry is left as it is
+    assert (await state())[0] == e
+    # Its expiry set longer ago than the period: the next write sets it again.
+    await client.execute("HSET", hkey, "ttl_set", e - BUCKET_TTL_REFRESH_MS - 1, timeout=5)
+    await client.execute("PEXPIRE", hkey, BUCKET_TTL_MS - 1, timeout=5)
+    await admit()
+    e2, ttl = await state()
+    assert e2 >= e and full - 1000 < ttl <= full
+    # Ahead of Redis's clock (another server's time): set again too.
+    await client.execute("HSET", hkey, "ttl_set", e2 + 10 * BUCKET_TTL_REFRESH_MS, timeout=5)
+    await admit()
+    assert (await state())[0] <= e2 + 1000
+    # A settlement (SETTLE_MANY) follows the same rule.
+    await client.execute("HSET", hkey, "ttl_set", e2 - BUCKET_TTL_REFRESH_MS - 1, timeout=5)
+    await client.execute("PEXPIRE", hkey, BUCKET_TTL_MS - 1, timeout=5)
+    admission.queue_settlement(lim, await admit(), 5, None)
+    await finish_pending(admission, 10)
+    e3, ttl = await state()
+    assert e3 >= e2 and full - 1000 < ttl <= full
+    # A refusal (the rpm bucket emptied) leaves no record of its reservation, and the tpm
+    # bucket uncharged.
+    await client.execute("HSET", hkey, "rpm", "0.5", timeout=5)
+    tpm = await client.execute("HGET", hkey, "tpm", timeout=5)
+    refused = await admission.admit(lim, key, "m", 1, None, None)
+    assert not refused.verdict.allowed and refused.verdict.failed is not None
+    assert refused.verdict.failed.name == "key:rc-ttl:rpm"
+    assert await client.execute("EXISTS", f"apirouter:res:{{rc-ttl}}:{refused.rid}",
+                                timeout=5) == 0
+    assert await client.execute("HGET", hkey, "tpm", timeout=5) == tpm
+    client.close()
+    if admission.redis is not None:
+        admission.redis.close()
+
+
+async def test_level_script_reads_the_level_admission_leaves(redis_server: RedisServer) -> None:
+    """LEVEL_LUA (the rate-limit gauges) reads a bucket by bucket_key's address: the org's
+    request bucket after three admissions, its tokens bucket after their 30 tokens."""
+    client = RedisClient(redis_server.url, stall_timeout=5)
+    key = KeyRecord("rc-lvl", "a" * 64, "rc-lvl", "", frozenset({"inference"}), "t",
+                    Tier(0, 0, 0, 0), False)
+    org = Tier(1, 100, 1, 1000)  # refill 1 a minute: nothing in the test's time
+    admission = Admission()
+    lim = limits(redis_server.url)
+    for _ in range(3):
+        assert (await admission.admit(lim, key, "m", 10, org, None)).verdict.allowed
+    for name, capacity, want in (("org:rc-lvl:rpm", 100, 97), ("org:rc-lvl:tpm", 1000, 970)):
+        level = await client.execute("EVAL", LEVEL_LUA, 1, bucket_key("rc-lvl", name),
+                                     capacity, repr(1 / 60000), timeout=5)
+        assert isinstance(level, bytes) and abs(float(level) - want) < 0.1, (name, level)
     client.close()
     if admission.redis is not None:
         admission.redis.close()
