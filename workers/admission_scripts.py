@@ -94,11 +94,12 @@ local names = {'rpm', 'rpm_ts', 'tpm', 'tpm_ts'}
     "EXPIRY", str(BUCKET_TTL_MS + BUCKET_TTL_REFRESH_MS))
 
 # A bucket's level now, read-only (the rate-limit gauges of workers.scrape_metrics).
-#     KEYS 1 bucket_key's address (its hash key, ':', its limit); ARGV capacity, refill per ms
+#     KEYS 1 the bucket's hash; ARGV its limit (rpm, tpm), capacity, refill per ms (the hash
+#     and the limit: level_address)
 LEVEL_LUA = _PRELUDE + """
-local key, limit = string.match(KEYS[1], '^(.*):(%a+)$')
-local s = redis.call('HMGET', key, limit, limit .. '_ts')
-return tostring(level(s, 1, tonumber(ARGV[1]), tonumber(ARGV[2])))
+local limit = ARGV[1]
+local s = redis.call('HMGET', KEYS[1], limit, limit .. '_ts')
+return tostring(level(s, 1, tonumber(ARGV[2]), tonumber(ARGV[3])))
 """
 
 ADMIT_LUA = _PRELUDE + """
@@ -290,10 +291,11 @@ def bucket_fields(bucket: str) -> tuple[str, str]:
     return _LIMIT_FIELDS[bucket.rpartition(":")[2]]
 
 
-def bucket_key(org: str, bucket: str) -> str:
-    """A bucket's address, as LEVEL_LUA takes it: its hash key, ``:``, its limit."""
+def level_address(org: str, bucket: str) -> tuple[str, str]:
+    """What LEVEL_LUA takes for a bucket: its hash (KEYS 1: declared, as Redis Cluster wants
+    of every key a script reads) and its limit (ARGV 1)."""
     scope, _, limit = bucket.rpartition(":")
-    return f"{scope_key(org, scope)}:{limit}"
+    return scope_key(org, scope), limit
 
 
 def budget_key(org: str, scope: str, period: str) -> str:

@@ -21,7 +21,7 @@ from apirouter.limits import BucketSpec, level
 from apirouter.redis_client import RedisError, RedisUnavailable
 from apirouter.table import RoutingTable
 from workers.admission import Admission, budget_usage
-from workers.admission_scripts import LEVEL_LUA, bucket_key
+from workers.admission_scripts import LEVEL_LUA, level_address
 
 BUDGET = "router_budget_remaining_ratio"
 RATELIMIT = "router_ratelimit_remaining_ratio"
@@ -56,7 +56,8 @@ async def _bucket_levels(admission: Admission, table: RoutingTable,
         return [level(spec, admission.local_bucket(spec.name), now) for _, _, spec in buckets]
     out = []
     for org, _, spec in buckets:
-        reply = await client.execute("EVAL", LEVEL_LUA, 1, bucket_key(org, spec.name),
+        key, limit = level_address(org, spec.name)
+        reply = await client.execute("EVAL", LEVEL_LUA, 1, key, limit,
                                      spec.capacity, repr(spec.refill_per_ms),
                                      timeout=max(0.05, table.limits.redis_timeout_ms / 1000))
         if isinstance(reply, RedisError) or not isinstance(reply, bytes | int):

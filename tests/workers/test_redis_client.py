@@ -29,8 +29,8 @@ from workers.admission_scripts import (
     LEVEL_LUA,
     SETTLE_LUA,
     bucket_fields,
-    bucket_key,
     bucket_place,
+    level_address,
 )
 
 
@@ -328,8 +328,8 @@ async def test_a_bucket_hash_lives_its_ttl_past_every_write_with_few_expiry_writ
 
 
 async def test_level_script_reads_the_level_admission_leaves(redis_server: RedisServer) -> None:
-    """LEVEL_LUA (the rate-limit gauges) reads a bucket by bucket_key's address: the org's
-    request bucket after three admissions, its tokens bucket after their 30 tokens."""
+    """LEVEL_LUA (the rate-limit gauges) reads a bucket by its hash and limit (level_address):
+    the org's request bucket after three admissions, its tokens bucket after their 30 tokens."""
     client = RedisClient(redis_server.url, stall_timeout=5)
     key = KeyRecord("rc-lvl", "a" * 64, "rc-lvl", "", frozenset({"inference"}), "t",
                     Tier(0, 0, 0, 0), False)
@@ -339,7 +339,8 @@ async def test_level_script_reads_the_level_admission_leaves(redis_server: Redis
     for _ in range(3):
         assert (await admission.admit(lim, key, "m", 10, org, None)).verdict.allowed
     for name, capacity, want in (("org:rc-lvl:rpm", 100, 97), ("org:rc-lvl:tpm", 1000, 970)):
-        level = await client.execute("EVAL", LEVEL_LUA, 1, bucket_key("rc-lvl", name),
+        hash_key, limit = level_address("rc-lvl", name)
+        level = await client.execute("EVAL", LEVEL_LUA, 1, hash_key, limit,
                                      capacity, repr(1 / 60000), timeout=5)
         assert isinstance(level, bytes) and abs(float(level) - want) < 0.1, (name, level)
     client.close()
