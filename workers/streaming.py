@@ -52,6 +52,7 @@ from workers.metrics import STREAMS_INTERRUPTED, TIME_TO_FIRST_TOKEN
 from workers.table_view import BackendTarget
 from workers.upstream import (
     BodyStream,
+    UpstreamError,
     UpstreamProtocolError,
     UpstreamResponse,
     UpstreamTimeout,
@@ -150,7 +151,19 @@ async def relay(p: Pipeline, ctx: RequestContext, held: Held) -> None:
                         _first_event_out(ctx, fwd.backend_id)
                 if relayed.done:
                     break
-                chunk = await body.read(push.feed)  # the reads meanwhile: relayed by push
+                try:
+                    chunk = await body.read(push.feed)  # the reads meanwhile: relayed by push
+                except UpstreamError:
+                    # The body failed after push stopped, before this task ran (e.g. bad
+                    # framing later in the same read: the connection is lost first): what
+                    # push took goes out (or its error is raised) before the body's error,
+                    # as when the read was returned before the next read raised.
+                    if not push.stopped:
+                        raise
+                    await push.resume()
+                    if relayed.done:
+                        break
+                    raise
                 if push.stopped:
                     await push.resume()
                     if relayed.done:
