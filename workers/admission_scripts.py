@@ -108,50 +108,58 @@ local rk = KEYS[h + m + 1]
 if not redis.call('SET', rk, 'a', 'NX', 'PX', 'RESTTL') then
   return {3, 0, 0, 0, 0}
 end
-local states = {}
-for k = 1, h do
-  states[k] = state(KEYS[k])
-end
-local left, ks, offsets = {}, {}, {}
+-- The checks run under pcall: the record above is made first and Redis does not roll a
+-- script back, so a check that raises (a key of another type: foreign or corrupted data)
+-- must take the record away again, or a release would refund a charge never made.
+local states, left, ks, offsets = {}, {}, {}, {}
 local cap1, rate1
-for i = 1, n do
-  local b = 4 + (i - 1) * 5
-  local k, o = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
-  local cap, rate, cost = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]) / 60000,
-                          tonumber(ARGV[b + 5])
-  local tokens = level(states[k], o, cap, rate)
-  if tokens < cost then
-    local retry, reset = 60000, 0
-    if rate > 0 then
-      retry = math.ceil((cost - tokens) / rate)
-      reset = math.ceil((cap - tokens) / rate)
-    end
-    redis.call('DEL', rk)
-    return {0, i, math.floor(math.max(0, tokens)), retry, reset}
-  end
-  left[i], ks[i], offsets[i] = tokens - cost, k, o
-  if i == 1 then
-    cap1, rate1 = cap, rate
-  end
-end
 local bb = 4 + n * 5
-for j = 1, m do
-  local a = bb + (j - 1) * 7
-  local used = redis.call('HMGET', KEYS[h + j], 'spend', 'tokens', 'requests')
-  for d = 1, 3 do
-    local limit, need = tonumber(ARGV[a + d]), tonumber(ARGV[a + 3 + d])
-    if limit >= 0 and (tonumber(used[d]) or 0) + need > limit then
-      redis.call('DEL', rk)
-      return {2, j, d, 0, 0}
+local ok, refused = pcall(function()
+  for k = 1, h do
+    states[k] = state(KEYS[k])
+  end
+  for i = 1, n do
+    local b = 4 + (i - 1) * 5
+    local k, o = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
+    local cap, rate, cost = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]) / 60000,
+                            tonumber(ARGV[b + 5])
+    local tokens = level(states[k], o, cap, rate)
+    if tokens < cost then
+      local retry, reset = 60000, 0
+      if rate > 0 then
+        retry = math.ceil((cost - tokens) / rate)
+        reset = math.ceil((cap - tokens) / rate)
+      end
+      return {0, i, math.floor(math.max(0, tokens)), retry, reset}
+    end
+    left[i], ks[i], offsets[i] = tokens - cost, k, o
+    if i == 1 then
+      cap1, rate1 = cap, rate
     end
   end
-end
-local nonce_ttl = tonumber(ARGV[4])
-if nonce_ttl > 0 then
-  if not redis.call('SET', KEYS[h + m + 2], '1', 'NX', 'PX', nonce_ttl) then
-    redis.call('DEL', rk)
-    return {-1, 0, 0, 0, 0}
+  for j = 1, m do
+    local a = bb + (j - 1) * 7
+    local used = redis.call('HMGET', KEYS[h + j], 'spend', 'tokens', 'requests')
+    for d = 1, 3 do
+      local limit, need = tonumber(ARGV[a + d]), tonumber(ARGV[a + 3 + d])
+      if limit >= 0 and (tonumber(used[d]) or 0) + need > limit then
+        return {2, j, d, 0, 0}
+      end
+    end
   end
+  local nonce_ttl = tonumber(ARGV[4])
+  if nonce_ttl > 0 then
+    if not redis.call('SET', KEYS[h + m + 2], '1', 'NX', 'PX', nonce_ttl) then
+      return {-1, 0, 0, 0, 0}
+    end
+  end
+end)
+if not ok or refused then
+  redis.call('DEL', rk)
+  if not ok then  -- redis.call raises a table {err = ...}; Lua itself a string
+    return redis.error_reply(type(refused) == 'table' and refused.err or tostring(refused))
+  end
+  return refused
 end
 for j = 1, m do
   local a = bb + (j - 1) * 7

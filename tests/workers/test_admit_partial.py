@@ -3,14 +3,11 @@ roll a script back) must not leave a record that a release would refund."""
 
 from __future__ import annotations
 
-import pytest
-
 from apirouter.redis_client import RedisClient, RedisError
 from tests.harness import RedisServer
 from workers.admission_scripts import ADMIT_LUA, RELEASE_LUA, bucket_place
 
 
-@pytest.mark.xfail(strict=True, reason="ADMIT's SET NX comes before reads that may fail")
 async def test_an_admit_that_fails_midway_leaves_nothing_for_a_release_to_refund(
         redis_server: RedisServer) -> None:
     c = RedisClient(redis_server.url, stall_timeout=5)
