@@ -541,14 +541,19 @@ class BodyStream:
         """``n`` bytes were read (the body's, with their chunked framing) into _chunks."""
         if self._idle_s:
             self._last = self._loop.time()
+        self._size += n
         push = self._push
-        if push is not None:  # a read(push) waits: the read goes to push, the reader sleeps on
+        # A read(push) waits: the read goes to push, the reader sleeps on. What push passed on
+        # counts toward the high-water mark until the reader runs again: a loop turn's writes
+        # may wait in TurnWrites before the client's socket says it is full, and libuv reads a
+        # socket up to 32 times in one callback; past the mark a read stays here, reading
+        # pauses and the reader wakes, as without push.
+        if push is not None and self._size <= STREAM_HIGH_WATER:
             chunks = self._chunks
             self._chunks = []
             if not push(chunks[0] if len(chunks) == 1 else b"".join(chunks)):
                 self._wake()
             return
-        self._size += n
         if self._size > STREAM_HIGH_WATER and not self._paused:
             t = self._conn.transport
             if t is not None:
@@ -617,10 +622,10 @@ class BodyStream:
                 await w
             finally:
                 self._push = None
+        self._size = 0  # what was read so far is the reader's now, or went out through push
         if self._chunks:
             data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
             self._chunks = []
-            self._size = 0
             if self._paused:
                 self._paused = False
                 t = self._conn.transport

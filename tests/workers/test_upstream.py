@@ -356,6 +356,36 @@ async def test_a_read_with_push_hands_each_read_to_it_until_it_answers_false(
     assert all(e.startswith(b"data: {") for e in events[:-2])
 
 
+async def test_a_push_that_takes_every_read_still_stops_at_the_high_water_mark(
+        mock: tuple[int, MockState]) -> None:
+    """What push passed on counts toward the high-water mark until the reader runs again (a
+    loop turn's writes may wait before the client's socket says it is full): the read that
+    crosses it stays in the body, reading pauses, and the reader is woken with it."""
+    port, state = mock
+    pool = BackendPool("http", HOST, port, 4, 1.0)
+    resp, body = await pool.open_stream(stream_request(port, 20_000), deadline(5))
+    assert resp.status == 200 and body is not None
+    got: list[bytes] = []
+    pushed = 0
+
+    def push(data: bytes) -> bool:
+        nonlocal pushed
+        got.append(data)
+        pushed += len(data)
+        return True  # a client that never fills: only the mark stops it
+
+    woken = 0
+    while chunk := await body.read(push):
+        got.append(chunk)
+        woken += 1
+        assert pushed <= woken * STREAM_HIGH_WATER  # never more than the mark between reads
+    body.close()
+    assert state.streams_completed == 1
+    assert pushed > STREAM_HIGH_WATER and woken >= pushed // (STREAM_HIGH_WATER + 256 * 1024)
+    events = b"".join(got).split(b"\n\n")
+    assert events[-2:] == [b"data: [DONE]", b""] and len(events) == 20_000 + 4
+
+
 async def test_an_abandoned_stream_closes_its_connection_and_deadlines_fire(
         mock: tuple[int, MockState]) -> None:
     port, state = mock
