@@ -90,6 +90,13 @@ local function store(key, s, w)
   end
 end
 local names = {'rpm', 'rpm_ts', 'tpm', 'tpm_ts'}
+-- bucket i's arguments (ADMIT, RELEASE): its hash's index, its place in it, capacity, rate
+-- per ms, cost
+local function bucket(i)
+  local b = 4 + (i - 1) * 5
+  return tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]),
+         tonumber(ARGV[b + 4]) / 60000, tonumber(ARGV[b + 5])
+end
 """.replace("REFRESH", str(BUCKET_TTL_REFRESH_MS)).replace(
     "EXPIRY", str(BUCKET_TTL_MS + BUCKET_TTL_REFRESH_MS))
 
@@ -119,10 +126,7 @@ local ok, refused = pcall(function()
     states[k] = state(KEYS[k])
   end
   for i = 1, n do
-    local b = 4 + (i - 1) * 5
-    local k, o = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
-    local cap, rate, cost = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]) / 60000,
-                            tonumber(ARGV[b + 5])
+    local k, o, cap, rate, cost = bucket(i)
     local tokens = level(states[k], o, cap, rate)
     if tokens < cost then
       local retry, reset = 60000, 0
@@ -207,10 +211,7 @@ for k = 1, h do
   writes[k] = {}
 end
 for i = 1, n do
-  local b = 4 + (i - 1) * 5
-  local k, o = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2])
-  local cap, rate, cost = tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]) / 60000,
-                          tonumber(ARGV[b + 5])
+  local k, o, cap, rate, cost = bucket(i)
   local w = writes[k]
   w[#w + 1] = names[o]
   w[#w + 1] = string.format('%.6f', math.min(cap, level(states[k], o, cap, rate) + cost))
