@@ -113,9 +113,26 @@ class FastServer:
         self.writes = turn_writes(self.loop)
         self.closing = False
         self.handoffs = 0
+        # What a request reads of the table, taken once a generation (adopt), not per request.
+        self.view: TableView | None = None
+        self.max_body_bytes = 0
+        self.signing = True  # some key requires signed requests: their headers are read
+        # The client's trace context is read only when tracing is on (it is used for nothing
+        # else): a header lookup less a request.
+        self.tracing = pipeline.tracing is not None
         self._date = b""
         self._date_second = 0
         self._sweeper = self.loop.call_later(1.0, self._sweep)
+
+    def adopt(self, view: TableView) -> None:
+        """A new table generation: what the parsers read of it per request. A request's
+        signature headers are read only while some key requires them (Pipeline.authenticate
+        reads them for such a key only): three header lookups less a request otherwise."""
+        self.view = view
+        table = view.table
+        self.max_body_bytes = table.limits.max_body_bytes
+        self.signing = table.auth_required and any(
+            k.hmac_required for k in table.keys.values())
 
     def protocol(self) -> FastProtocol:
         return FastProtocol(self)
@@ -380,9 +397,11 @@ class FastProtocol(asyncio.Protocol):
                 if data[taken:taken + head].lower().count(b"\nconnection:") != 1:
                     return taken
             view = server.pipeline.tables.current()
+            if view is not server.view:
+                server.adopt(view)
             length = req.content_length  # -1: none (a request without one has no body)
             if length > 0:
-                if method != b"POST" or length > view.table.limits.max_body_bytes:
+                if method != b"POST" or length > server.max_body_bytes:
                     return taken
                 stop = taken + head + length
                 if stop > end:  # the body is still coming: httptools collects it
@@ -392,9 +411,15 @@ class FastProtocol(asyncio.Protocol):
                 stop = taken + head
                 body = b""
             taken = stop
-            self._enqueue(endpoint, view, url, get("x-request-id"), body, keep_alive, http11,
-                          get("authorization"), get("x-api-key"), get("x-signature-timestamp"),
-                          get("x-signature-nonce"), get("x-signature"), get("traceparent"))
+            signed = None
+            if server.signing:
+                ts, nonce, sig = (get("x-signature-timestamp"), get("x-signature-nonce"),
+                                  get("x-signature"))
+                if ts is not None or nonce is not None or sig is not None:
+                    signed = _signed(endpoint, url, ts, nonce, sig)
+            self._enqueue(endpoint, view, get("x-request-id"), body, keep_alive, http11,
+                          get("authorization"), get("x-api-key"), signed,
+                          get("traceparent") if server.tracing else None)
             if not keep_alive:  # nothing may follow it (httptools refuses what does, but
                 self.ended = True  # skips bare line ends)
                 if taken < end and data[taken:].strip(b"\r\n"):
@@ -506,10 +531,16 @@ class FastProtocol(asyncio.Protocol):
             return
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         ts, nonce, sig = self.signature
+        server = self.server
+        if self.view is not server.view:
+            server.adopt(self.view)
+        # As _take_whole: the signature and the trace context only when they are read.
+        signed = _signed(self.endpoint, self.url, ts, nonce, sig) if server.signing and (
+            ts is not None or nonce is not None or sig is not None) else None
         keep_alive = self.parser.should_keep_alive()
-        request = (self.endpoint, self.view, self.url, self.request_id, body, keep_alive,
+        request = (self.endpoint, self.view, self.request_id, body, keep_alive,
                    self.parser.get_http_version() != "1.0", self.authorization, self.api_key,
-                   ts, nonce, sig, self.traceparent)
+                   signed, self.traceparent if server.tracing else None)
         self.ended = not keep_alive  # what follows is refused (the fast path must not take it)
         self._reset_message()
         # The raw bytes are kept for a hand-off replay of the message being parsed; this one
@@ -518,21 +549,16 @@ class FastProtocol(asyncio.Protocol):
         self.completed_in_feed = True
         self._enqueue(*request)
 
-    def _enqueue(self, endpoint: Endpoint, view: TableView, url: bytes,
-                 request_id: bytes | None, body: bytes, keep_alive: bool, http11: bool,
-                 auth: bytes | None, api_key: bytes | None, ts: bytes | None,
-                 nonce: bytes | None, sig: bytes | None, traceparent: bytes | None) -> None:
+    def _enqueue(self, endpoint: Endpoint, view: TableView, request_id: bytes | None,
+                 body: bytes, keep_alive: bool, http11: bool, auth: bytes | None,
+                 api_key: bytes | None, signed: Signed | None, traceparent: bytes | None
+                 ) -> None:
         """A request parsed whole (by either parser): answered now on an idle connection, else
         queued to be answered in turn."""
         if api_key is None and auth is not None and compare_digest(auth, self.auth_seen):
             digest = self.auth_sha256  # the key of the connection's previous request
         else:
             digest = self._key_sha256(auth, api_key)
-        # Built only when a signature header came (most requests carry none: ~0.2 µs).
-        signed = None if ts is None and nonce is None and sig is None else Signed(
-            endpoint.method, url.decode("latin-1"), None if ts is None else ts.decode("latin-1"),
-            None if nonce is None else nonce.decode("latin-1"),
-            None if sig is None else sig.decode("latin-1"))
         item = (endpoint, view, request_id, body, keep_alive, http11, digest, signed,
                 traceparent)
         self.last_active = self.server.loop.time()
@@ -915,6 +941,15 @@ def _log_failure(what: str, e: BaseException | None, endpoint: Endpoint) -> None
     where = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
     log.error("%s (%s %s): %s at %s", what, endpoint.method, endpoint.path, type(e).__name__,
               ", ".join(f"{f.filename}:{f.lineno} in {f.name}" for f in where) or "?")
+
+
+def _signed(endpoint: Endpoint, url: bytes, ts: bytes | None, nonce: bytes | None,
+            sig: bytes | None) -> Signed:
+    """What signing needs of a request that carries a signature header (most carry none)."""
+    return Signed(endpoint.method, url.decode("latin-1"),
+                  None if ts is None else ts.decode("latin-1"),
+                  None if nonce is None else nonce.decode("latin-1"),
+                  None if sig is None else sig.decode("latin-1"))
 
 
 def _data_after_close() -> RouterError:

@@ -21,8 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apirouter.keys import hash_key
+from workers.context import Signed
 from workers.endpoints import ENDPOINTS
-from workers.fast_server import MAX_HEADERS, FastProtocol
+from workers.fast_server import MAX_HEADERS, FastProtocol, FastServer
 
 LIMIT = 4096  # max_body_bytes of the table the protocols under test read
 CHAT = b"/v1/chat/completions"
@@ -32,10 +33,12 @@ class _Slow(FastProtocol):
     whole_requests = False  # httptools only
 
 
-def _server() -> Any:
-    """What a FastProtocol reads of its server: the hot routes, a table's limits, request ids,
-    the catalog's refusal (here as a comparable tuple) and the turn's writes. The parsers are
-    the real ones; no socket is needed to compare what they queue."""
+def _server(signing: bool = True, tracing: bool = True) -> Any:
+    """What a FastProtocol reads of its server: the hot routes, a table's limits (as
+    FastServer.adopt keeps them), request ids, the catalog's refusal (here as a comparable
+    tuple) and the turn's writes. The parsers are the real ones; no socket is needed to
+    compare what they queue. With ``signing`` and ``tracing`` (some key signs, tracing is on)
+    the signature headers and the trace context are read, so compared too."""
     limits = types.SimpleNamespace(max_body_bytes=LIMIT, client_eof_policy="cancel",
                                    client_timeout_s=30.0)
     view = types.SimpleNamespace(table=types.SimpleNamespace(limits=limits))
@@ -45,6 +48,7 @@ def _server() -> Any:
         error_reply=lambda err, rid, openai: ("refused", err.code, err.status))
     return types.SimpleNamespace(
         routes={(e.method.encode(), e.path.encode()): e for e in ENDPOINTS if e.hot},
+        view=view, max_body_bytes=LIMIT, signing=signing, tracing=tracing,
         loop=types.SimpleNamespace(time=lambda: 0.0), pipeline=pipeline, closing=False,
         connections=set(), writes=types.SimpleNamespace(write=lambda t, data: None,
                                                         flush=lambda: None))
@@ -224,6 +228,38 @@ def test_a_repeated_credential_header_counts_once_first_value_first() -> None:
     fast, _ = _both([data])
     (item,) = fast.queue
     assert isinstance(item, tuple) and item[2] == b"a" and item[6] == hash_key("sk-test-1")
+
+
+def test_signature_and_trace_headers_are_read_only_when_something_reads_them() -> None:
+    """No key signs, tracing off (FastServer.adopt, FastServer's ``tracing``): both parsers
+    queue the request without its signature fields and trace context; on, with them."""
+    data = _post(b"X-Signature-Timestamp: 1\r\nX-Signature-Nonce: abcdefgh\r\n"
+                 b"X-Signature: ff\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-"
+                 b"b7ad6b7169203331-01\r\n")
+    for signing, tracing in ((False, False), (True, False), (False, True), (True, True)):
+        for cls in (FastProtocol, _Slow):
+            p = cls(_server(signing, tracing))
+            p.connection_made(_Transport())  # type: ignore[arg-type]
+            p.busy = True
+            p.data_received(data)
+            (item,) = p.queue
+            assert isinstance(item, tuple)
+            assert (item[7] is not None) == signing and (item[8] is not None) == tracing
+            if signing:
+                assert item[7] == Signed("POST", CHAT.decode(), "1", "abcdefgh", "ff")
+
+
+def test_a_table_signs_while_one_of_its_keys_requires_signatures() -> None:
+    def view(auth: bool, *hmac: bool) -> Any:
+        keys = {str(i): types.SimpleNamespace(hmac_required=h) for i, h in enumerate(hmac)}
+        return types.SimpleNamespace(table=types.SimpleNamespace(
+            auth_required=auth, keys=keys,
+            limits=types.SimpleNamespace(max_body_bytes=7)))
+    server = types.SimpleNamespace()
+    for v, signing in ((view(True), False), (view(True, False, False), False),
+                       (view(True, False, True), True), (view(False, True), False)):
+        FastServer.adopt(server, v)  # type: ignore[arg-type]
+        assert server.view is v and server.signing is signing and server.max_body_bytes == 7
 
 
 def test_what_the_fast_path_leaves_to_httptools() -> None:
