@@ -178,6 +178,7 @@ class FastProtocol(asyncio.Protocol):
 
     def __init__(self, server: FastServer) -> None:
         self.server = server
+        self.writes = server.writes
         self.parser = httptools.HttpRequestParser(self)
         self.lingering = 0.0  # when the refusal went out; then reads are discarded
         self.discarded = 0
@@ -260,7 +261,7 @@ class FastProtocol(asyncio.Protocol):
             inflight.cancel()
         if self.current is not None:  # (it will not be answered)
             self.current = self.sink = None
-            self.server.writes.serving -= 1
+            self.writes.serving -= 1
         self.chunks = []
         self.body = []
         self.queue.clear()
@@ -616,7 +617,7 @@ class FastProtocol(asyncio.Protocol):
         sink.keep_alive = keep_alive and chunked  # HTTP/1.0: the end of the body is the close
         sink.chunked = chunked
         sink.started = False
-        server.writes.serving += 1  # how many requests could share a turn's writes
+        self.writes.serving += 1  # how many requests could share a turn's writes
         try:
             ids = pipeline.ids
             rid = ids.accept(request_id.decode("latin-1")) if request_id else ids.new()
@@ -635,10 +636,16 @@ class FastProtocol(asyncio.Protocol):
         return False
 
     def _answered(self, reply: Reply | None, failed: BaseException | None) -> None:
-        """The pipeline's answer to the request in flight; then the next one."""
+        """The pipeline's answer to the request in flight; then the next one. With nothing
+        queued and nothing waiting for the connection to go idle, it is idle now: what _next
+        (through _take) would find, without its two calls (at c=1 this runs before the
+        client's next request is read)."""
         self.inflight = None
         self._answer(reply, failed)
-        self._next()
+        if self.queue or self.continue_pending or self.pending_handoff or self.closing:
+            self._next()
+        else:
+            self.busy = False
 
     def _answer(self, reply: Reply | None, failed: BaseException | None) -> None:
         item, sink = self.current, self.sink
@@ -660,7 +667,7 @@ class FastProtocol(asyncio.Protocol):
         except Exception as e:  # answering failed (the head did not encode, ...): bounded
             self._unanswered(e, sink, item[0], item[2], keep_alive)
         finally:
-            self.server.writes.serving -= 1
+            self.writes.serving -= 1
 
     def _take(self) -> _Request | None:
         """The next request to answer (the refusals queued before it are written first); None
@@ -720,7 +727,7 @@ class FastProtocol(asyncio.Protocol):
         t = self.transport
         if t is None or t.is_closing():
             return
-        self.server.writes.write(t, _head(
+        self.writes.write(t, _head(
             reply.status, self.server.date(), reply.content_type,
             f"Content-Length: {len(reply.body)}\r\n", reply.headers, keep_alive, reply.body))
         self.last_active = self.server.loop.time()

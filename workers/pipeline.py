@@ -184,7 +184,12 @@ class Pipeline:
         try:
             if ep.scope is not None:
                 ctx.caller = self.authenticate(ctx, ep.scope)
-            req = self.parse_route(ctx)
+            # parse_route, inline (a call less a request): no span to tell, as tracing runs
+            # every request through ``run``.
+            assert ep.parse is not None
+            req = ctx.request = ep.parse(ctx.body)
+            route = ctx.view.table.routes.get(req.model)
+            ctx.route = route if route is not None else resolve_route(ctx.view, req.model)
             if req.stream:  # (admitted in its task: a task cancelled unstarted holds nothing)
                 return self._in_task(self.admit_and_forward, ctx, answer)
             inflight = InFlight(self, ctx, answer)
