@@ -29,6 +29,11 @@ class Decision(StrEnum):
     OVERRIDE = "OVERRIDE"  # an operator pinned the model
 
 
+# The members as module constants: a global read each, not a global and an attribute.
+_PRIMARY, _WEIGHTED, _FAILOVER, _OVERRIDE = (Decision.PRIMARY, Decision.WEIGHTED,
+                                             Decision.FAILOVER, Decision.OVERRIDE)
+
+
 class NoBackend(Exception):
     """No backend may take this request (all draining, or no weight)."""
 
@@ -62,23 +67,26 @@ def _pick(table: RoutingTable, route: Route, ids: Sequence[str], weights: Sequen
 def choose(table: RoutingTable, route: Route, r: float, inflight: Sequence[int] | None = None,
            latency: Sequence[float] | None = None) -> tuple[str, Decision]:
     """The first backend to try for ``route``."""
-    if route.pinned is not None and table.state(route.pinned) != DRAINING:
-        return route.pinned, Decision.OVERRIDE
-    health = table.health
-    if not health:  # everything healthy: the common case, no filtering
-        ids, weights = route.backend_ids, route.weights
+    pinned = route.pinned
+    if pinned is not None and table.state(pinned) != DRAINING:
+        return pinned, _OVERRIDE
+    ids, weights = route.backend_ids, route.weights
+    if not table.health:  # everything healthy: the common case, no filtering
+        if len(ids) == 1 and weights[0]:  # (the model's one backend, as below: first)
+            return ids[0], _PRIMARY
     else:
-        pairs = [(b, w) for b, w in zip(route.backend_ids, route.weights, strict=True)
+        health = table.health
+        pairs = [(b, w) for b, w in zip(ids, weights, strict=True)
                  if w > 0 and health.get(b, HEALTHY) == HEALTHY]
         ids, weights = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
     if ids and any(weights):
         if len(route.backend_ids) == 1:
-            return ids[0], Decision.PRIMARY
-        return _pick(table, route, ids, weights, r, inflight, latency), Decision.WEIGHTED
+            return ids[0], _PRIMARY
+        return _pick(table, route, ids, weights, r, inflight, latency), _WEIGHTED
     order = failover_order(table, route, ())
     if not order:
         raise NoBackend(route.model)
-    return order[0][0], Decision.FAILOVER
+    return order[0][0], _FAILOVER
 
 
 def failover_order(table: RoutingTable, route: Route,

@@ -96,48 +96,50 @@ class WorkerStats:
         self._u64 = region.cast("Q")
         self._f64 = region.cast("d")
         b = self.backends
-        self._ok0, self._fail0, self._lat0 = _SLOT_WORDS + b, _SLOT_WORDS + 2 * b, \
-            _SLOT_WORDS + 3 * b
-        # The in-flight counters, indexable by Backend.index (what least_inflight reads).
-        self.inflight = self._u64[_SLOT_WORDS:_SLOT_WORDS + b]
-        self.latency_ms = self._f64[self._lat0:self._lat0 + b]
+        ok0, fail0, lat0 = _SLOT_WORDS + b, _SLOT_WORDS + 2 * b, _SLOT_WORDS + 3 * b
+        # The slot's arrays as views of their own, each indexable by Backend.index: the
+        # in-flight counters (what least_inflight reads) and the latency EWMAs (what the
+        # latency strategy reads) are public; an attempt's begin and end index them directly
+        # (no offset added a write: ~10 bytecodes an attempt fewer).
+        self.inflight = self._u64[_SLOT_WORDS:ok0]
+        self._successes = self._u64[ok0:fail0]
+        self._failures = self._u64[fail0:lat0]
+        self.latency_ms = self._f64[lat0:lat0 + b]
         now = time.time()
         self._u64[0] = os.getpid()
         self._f64[1] = now
         self._f64[2] = now
 
     def begin(self, index: int) -> None:
-        self._u64[_SLOT_WORDS + index] += 1
+        self.inflight[index] += 1
 
     def end(self, index: int, ok: bool, latency_ms: float) -> None:
         # ``abandon``'s decrement written out here: once a proxied request, and the call
         # between cost more than the decrement itself.
-        u = self._u64
-        i = _SLOT_WORDS + index
-        if u[i]:
-            u[i] -= 1
+        inflight = self.inflight
+        if inflight[index]:
+            inflight[index] -= 1
         if ok:
-            u[self._ok0 + index] += 1
-            f = self._f64
-            i = self._lat0 + index
-            old = f[i]
-            f[i] = latency_ms if old == 0.0 else old + EWMA_ALPHA * (latency_ms - old)
+            self._successes[index] += 1
+            lat = self.latency_ms
+            old = lat[index]
+            lat[index] = latency_ms if old == 0.0 else old + EWMA_ALPHA * (latency_ms - old)
         else:
-            u[self._fail0 + index] += 1
+            self._failures[index] += 1
 
     def abandon(self, index: int) -> None:
         """An attempt that ended without a verdict on the backend (the client hung up): it is
         no longer in flight, and counts neither as a success nor as a failure."""
-        u = self._u64
-        i = _SLOT_WORDS + index
-        if u[i]:
-            u[i] -= 1
+        inflight = self.inflight
+        if inflight[index]:
+            inflight[index] -= 1
 
     def heartbeat(self) -> None:
         self._f64[1] = time.time()
 
     def close(self) -> None:
-        for view in (self.inflight, self.latency_ms, self._u64, self._f64):
+        for view in (self.inflight, self._successes, self._failures, self.latency_ms, self._u64,
+                     self._f64):
             view.release()
         self._shm.close()
         os.close(self._lock_fd)

@@ -10,10 +10,10 @@ Foreign exceptions of the upstream client become catalog errors here, at the bou
 from __future__ import annotations
 
 import asyncio
-import random
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from random import random
+from time import perf_counter
 from typing import Any
 
 from apirouter.errors import RouterError
@@ -22,6 +22,7 @@ from apirouter.routing import Decision, NoBackend, choose, failover_order
 from apirouter.stats import WorkerStats
 from apirouter.table import Route
 from apirouter.validation import with_model
+from workers.metric_values import observer
 from workers.metrics import DECISION_LATENCY, FAILOVERS
 from workers.table_view import BackendTarget, TableView
 from workers.upstream import (
@@ -57,6 +58,9 @@ Attempt = Callable[[BackendTarget, bytes, float], Coroutine[Any, Any, tuple[Upst
 # decision -> decision.value: an enum's value is a property (~0.15 µs); a str-keyed lookup ~0.02.
 _DECISION_TYPE = {d: d.value for d in Decision}
 
+# DECISION_LATENCY.observe without the library's Python loop over the buckets (metric_values).
+_observe_decision = observer(DECISION_LATENCY)
+
 
 def resolve_route(view: TableView, model: str) -> Route:
     route = view.table.routes.get(model)
@@ -74,11 +78,17 @@ def _attempt_error(e: UpstreamConnectError | UpstreamTimeout | UpstreamProtocolE
     return RouterError(code, details=f"backend {backend_id}: {e}")
 
 
-class Forwarding:
+class Forwarding(Forwarded):
     """One request's attempts, driven by callbacks: the chosen backend, then the failover
-    candidates, until an attempt ends the request; then ``then(forwarded, None)``, or
+    candidates, until an attempt ends the request; then ``then(forwarding, None)``, or
     ``then(None, error)`` for a failure of ours. ``then`` is called once, unless ``cancel``
     came first.
+
+    A Forwarding is its own outcome: the Forwarded it hands to ``then`` is itself, its fields
+    those of the last attempt (a Forwarded made at the end was one more object and a call of
+    ten stores a request). ``then`` is dropped as it is called: held by the request's context
+    (``ctx.fwd``), it would close a reference cycle through the request's handle. Equality,
+    hashing and repr are an object's own, not a dataclass's field by field.
 
     A buffered attempt on an idle keep-alive connection runs on the connection's callbacks
     (BackendPool.start): no future, no task, no coroutine. Against the coroutines it
@@ -91,9 +101,23 @@ class Forwarding:
     """
 
     __slots__ = ("view", "route", "path", "body", "request_id", "loop", "stats", "then",
-                 "attempt", "trace", "meanwhile", "deadline", "backend_id", "decision",
-                 "model", "tried", "order", "total_s", "target", "data", "until", "started",
-                 "span", "conn", "task", "retried", "ended")
+                 "attempt", "trace", "meanwhile", "deadline", "target", "data", "until",
+                 "started", "span", "pending", "retried", "tried", "order")
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+    __repr__ = object.__repr__  # (a dataclass's would read fields not set before the end)
+
+    # Set by the attempts (_send, _failed_over), not by __init__:
+    deadline: float
+    target: BackendTarget
+    data: bytes
+    until: float
+    started: float
+    span: Any
+    pending: PendingExchange | asyncio.Task[tuple[UpstreamResponse, Any]] | None
+    tried: list[str]
+    order: list[tuple[str, str]]
 
     def __init__(self, view: TableView, route: Route, path: str, body: bytes, request_id: str,
                  loop: asyncio.AbstractEventLoop, stats: WorkerStats | None,
@@ -103,6 +127,8 @@ class Forwarding:
         """``trace``: (workers.tracing.Tracing, the request's span) when tracing is on.
         ``meanwhile``: work for the wait on the backend, first attempt only (see
         BackendPool.exchange)."""
+        # Only what the first attempt's success reads before it sets it: the failover state
+        # (tried, order) is made by the first failover, the attempt's own by _send.
         self.view = view
         self.route = route
         self.path = path
@@ -110,19 +136,14 @@ class Forwarding:
         self.request_id = request_id
         self.loop = loop
         self.stats = stats
-        self.then = then
+        # None once called (or cancelled): the request has ended.
+        self.then: Callable[[Forwarded | None, BaseException | None], None] | None = then
         self.attempt = attempt
         self.trace = trace
         self.meanwhile = meanwhile
-        self.model = route.model
-        self.tried: list[str] = []
-        self.order: list[tuple[str, str]] | None = None
-        self.total_s = 0.0
-        self.span: Any = None
-        self.conn: PendingExchange | None = None
-        self.task: asyncio.Task[tuple[UpstreamResponse, Any]] | None = None
-        self.retried = False
-        self.ended = False
+        self.attempts = 0
+        self.backend_s = 0.0
+        self.retried = False  # the attempt in flight's connection was stale once already
 
     def start(self) -> None:
         """Choose the backend and send the first attempt. Raises NO_BACKEND_AVAILABLE when
@@ -131,31 +152,30 @@ class Forwarding:
         now = self.loop.time()
         self.deadline = now + table.limits.request_timeout_s
         stats = self.stats
-        decided = time.perf_counter()
+        decided = perf_counter()
         try:
-            self.backend_id, self.decision = choose(
-                table, self.route, random.random(), stats.inflight if stats else None,
+            backend_id, self.decision = choose(
+                table, self.route, random(), stats.inflight if stats else None,
                 stats.latency_ms if stats else None)
         except NoBackend:
             raise RouterError("NO_BACKEND_AVAILABLE",
                               f"no backend may serve model '{self.route.model}' now") from None
         if not int(decided * 1e6) & 7:  # a sampled histogram: about 1 decision in 8
-            DECISION_LATENCY.observe(time.perf_counter() - decided)
-        self._send(now)
+            _observe_decision(perf_counter() - decided)
+        self._send(now, backend_id, None, self.meanwhile)
 
     def cancel(self) -> bool:
         """The client hung up: end the attempt in flight (its connection closes, as its answer
         will never be read), with no verdict on the backend; ``then`` is not called. False if
         it had ended already."""
-        if self.ended:
+        if self.then is None:
             return False
-        self.ended = True
-        conn, task = self.conn, self.task
-        self.conn = self.task = None
-        if conn is not None:
-            self.target.pool.cancel(conn)
-        if task is not None:
-            task.cancel()
+        self.then = None
+        pending, self.pending = self.pending, None
+        if isinstance(pending, asyncio.Future):  # a task
+            pending.cancel()
+        elif pending is not None:
+            self.target.pool.cancel(pending)
         if self.stats:
             self.stats.abandon(self.target.backend.index)
         if self.trace is not None:
@@ -164,12 +184,14 @@ class Forwarding:
 
     # -- one attempt ---------------------------------------------------------------------------
 
-    def _send(self, now: float) -> None:
-        """Send an attempt to ``self.backend_id`` (``now``: the loop's time, taken by the
-        caller)."""
-        backend_id, model = self.backend_id, self.model
+    def _send(self, now: float, backend_id: str, model: str | None,
+              meanwhile: Callable[[], object] | None) -> None:
+        """Send an attempt to ``backend_id`` for ``model`` (None: the request's own, its body
+        as it came), ``now`` the loop's time, taken by the caller. ``meanwhile``: the first
+        attempt's (see BackendPool.exchange)."""
+        self.backend_id = backend_id
         target = self.target = self.view.targets[backend_id]
-        send = self.body if model == self.route.model else with_model(self.body, model)
+        send = self.body if model is None else with_model(self.body, model)
         stats = self.stats
         if stats:
             stats.begin(target.backend.index)
@@ -178,9 +200,8 @@ class Forwarding:
             tracing, parent = self.trace
             b = target.backend
             self.span, extra = tracing.attempt(parent, self.path, backend_id, b.host, b.port,
-                                               model)
-        self.started = time.perf_counter()
-        self.retried = False  # each attempt's connection may be stale once
+                                               model or self.route.model)
+        self.started = perf_counter()
         # The request: the target's rendered head for the path (its dict read here, not
         # through BackendTarget.head, once rendered), ``extra`` header lines, then the
         # request's own lines formatted as one str and encoded once (two encodes and a str()
@@ -190,32 +211,32 @@ class Forwarding:
             target.heads.get(path) or target.head(path), extra,
             f"X-Request-ID: {self.request_id}\r\nContent-Length: {len(send)}\r\n\r\n"
             .encode("latin-1"), send))
-        until = self.until = min(self.deadline, now + target.timeout_s)
-        work, self.meanwhile = self.meanwhile, None
+        # The attempt's own timeout within the request's deadline (min(), without its C call).
+        until = now + target.timeout_s
+        until = self.until = until if until < self.deadline else self.deadline
         if self.attempt is None:
-            conn = self.conn = target.pool.start(data, until, self._attempted)
+            conn = self.pending = target.pool.start(data, until, self._attempted)
             if conn is not None:
-                if work is not None:
-                    do_meanwhile(work)
+                if meanwhile is not None:
+                    do_meanwhile(meanwhile)
                 return
-            self._run(target.pool.exchange(data, until, False, work))
+            self._run(target.pool.exchange(data, until, False, meanwhile))
         else:
             self._run(self.attempt(target, data, until))
 
     def _run(self, attempt: Coroutine[Any, Any, tuple[UpstreamResponse, Any]]) -> None:
-        task = self.task = self.loop.create_task(attempt)
+        task = self.pending = self.loop.create_task(attempt)
         task.add_done_callback(self._ran)
 
     def _ran(self, task: asyncio.Task[tuple[UpstreamResponse, Any]]) -> None:
-        if task is not self.task:  # cancelled meanwhile (the client hung up)
+        if task is not self.pending:  # cancelled meanwhile (the client hung up)
             if not task.cancelled() and task.exception() is None:
                 held = task.result()[1]
                 if held is not None:  # a stream's head came as we were cancelled
                     held.body.close()
             return
-        self.task = None
         if task.cancelled():  # not by us: the worker is stopping
-            self._end(None, RuntimeError("the backend attempt was cancelled"))
+            self._end(RuntimeError("the backend attempt was cancelled"))
             return
         exc = task.exception()
         if exc is None:
@@ -228,65 +249,83 @@ class Forwarding:
                    held: Any = None) -> None:
         """An attempt ended: end the request with its outcome, or try the next candidate.
         Also the callback of a buffered attempt on an idle connection (BackendPool.start):
-        one call less a request than a callback of its own in front of this one."""
-        self.conn = None
-        if exc is not None and isinstance(exc, UpstreamStale) and not self.retried:
-            # The backend had closed the idle connection and never saw the request: once more,
-            # on a fresh connection (the pool connects in a task). (Only BackendPool.start's
-            # exchanges fail with UpstreamStale: ``exchange`` retries by itself.)
-            self.retried = True
-            self._run(self.target.pool.exchange(self.data, self.until, False, None, False))
-            return
+        one call less a request than a callback of its own in front of this one.
+
+        (``pending``, the attempt's connection or task, is not cleared here: whatever follows
+        sets it again, or ends the request, after which ``cancel`` no longer reads it.)"""
         try:
             error: RouterError | None = None
             if exc is None:
                 outcome = classify_status(resp.status) if resp is not None else \
                     classify_failure("BACKEND_ERROR")
+            elif isinstance(exc, UpstreamStale) and not self.retried:
+                # The backend had closed the idle connection and never saw the request: once
+                # more, on a fresh connection (the pool connects in a task). (Only
+                # BackendPool.start's exchanges fail with UpstreamStale: ``exchange`` retries by
+                # itself.)
+                self.retried = True
+                self._run(self.target.pool.exchange(self.data, self.until, False, None, False))
+                return
             elif isinstance(exc, (UpstreamTimeout, UpstreamConnectError, UpstreamProtocolError)):
                 error = _attempt_error(exc, self.backend_id)
                 outcome = classify_failure(error.code)
             else:
                 raise exc  # a failure of ours
-            took = time.perf_counter() - self.started
-            self.total_s += took
+            took = perf_counter() - self.started
+            self.backend_s += took
+            self.attempts += 1
             if self.trace is not None:
                 self.trace[0].attempt_done(self.span, resp.status if resp is not None else None,
                                            None if outcome.success else outcome.error_code)
             stats = self.stats
             if stats and held is None:  # a held stream ends its attempt when relayed
                 stats.end(self.target.backend.index, not outcome.backend_fault, took * 1000)
+            if outcome.failover and self._failed_over(resp, error):
+                return
+            self.response = resp
+            self.error = error
+            self.outcome = outcome
+            self.exchange = held
+            self.decision_type = _DECISION_TYPE[self.decision]
+        except Exception as e:
+            self._end(e)
+            return
+        then = self.then
+        if then is not None:  # (_end, inline: the common ending)
+            self.then = None
+            then(self, None)
+
+    def _failed_over(self, resp: UpstreamResponse | None, error: RouterError | None) -> bool:
+        """The attempt that just ended fails over: send the next candidate, if there is one
+        and time and attempts are left (True), else the request ends with this attempt."""
+        table = self.view.table
+        now = self.loop.time()
+        if self.attempts >= table.limits.max_attempts or now >= self.deadline:
+            return False
+        if self.attempts == 1:  # the first failover: the candidates, best first
+            tried = self.tried = [self.backend_id]
+            self.order = failover_order(table, self.route, tried)
+        else:
             tried = self.tried
             tried.append(self.backend_id)
-            if outcome.failover:
-                table = self.view.table
-                nxt = None
-                now = self.loop.time()
-                if len(tried) < table.limits.max_attempts and now < self.deadline:
-                    if self.order is None:
-                        self.order = failover_order(table, self.route, tried)
-                    nxt = next(((b, m) for b, m in self.order if b not in tried), None)
-                if nxt is not None:
-                    reason = error.code if error is not None else \
-                        f"status_{resp.status if resp else 0}"
-                    FAILOVERS.labels(self.route.model, self.backend_id, reason).inc()
-                    self.backend_id, self.model = nxt
-                    self.decision = Decision.FAILOVER
-                    self._send(now)
-                    return
-            ended = Forwarded(self.backend_id, self.decision, resp, error, self.total_s,
-                              len(tried), outcome, held, _DECISION_TYPE[self.decision])
-        except Exception as e:
-            self._end(None, e)
-            return
-        if not self.ended:  # (_end, inline: the common ending)
-            self.ended = True
-            self.then(ended, None)
+        nxt = next(((b, m) for b, m in self.order if b not in tried), None)
+        if nxt is None:
+            return False
+        reason = error.code if error is not None else f"status_{resp.status if resp else 0}"
+        FAILOVERS.labels(self.route.model, self.backend_id, reason).inc()
+        backend_id, model = nxt
+        self.decision = Decision.FAILOVER
+        self.retried = False  # each attempt's connection may be stale once
+        self._send(now, backend_id, None if model == self.route.model else model, None)
+        return True
 
-    def _end(self, fwd: Forwarded | None, exc: BaseException | None) -> None:
-        if self.ended:
+    def _end(self, exc: BaseException) -> None:
+        """End the request with a failure of ours (once)."""
+        then = self.then
+        if then is None:
             return
-        self.ended = True
-        self.then(fwd, exc)
+        self.then = None
+        then(None, exc)
 
 
 async def forward(view: TableView, route: Route, path: str, body: bytes, request_id: str,

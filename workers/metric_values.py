@@ -26,7 +26,7 @@ from __future__ import annotations
 import bisect
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import values
@@ -77,22 +77,34 @@ def incrementer(child: Any) -> Callable[[float], None]:
     return child._value.inc
 
 
-def many_observer(child: Any) -> Callable[[list[float]], None]:
-    """``observer`` for a list of observations at once: the sum written once, and each bucket
-    once with how many fell in it."""
+def many_observer(child: Any) -> Callable[[Sequence[float]], None]:
+    """``observer`` for a list of observations at once (one or more): the sum written once,
+    and each bucket once with how many fell in it. Found by C where it can: when the least
+    and the greatest fall in one bucket all do (a turn's latencies, often), else each
+    bucket's count is a bisection of the sorted observations (a loop over the buckets they
+    span, not over the observations).
+    """
     bounds = list(child._upper_bounds)
     buckets = child._buckets
     total = child._sum
     find = bisect.bisect_left
+    upto = bisect.bisect_right
 
-    def observe_all(amounts: list[float]) -> None:
+    def observe_all(amounts: Sequence[float]) -> None:
         total.inc(sum(amounts))
-        counts: dict[int, int] = {}
-        for amount in amounts:
-            i = find(bounds, amount)
-            counts[i] = counts.get(i, 0) + 1
-        for i, n in counts.items():
-            buckets[i].inc(n)
+        first = find(bounds, min(amounts))
+        last = find(bounds, max(amounts))
+        if first == last:
+            buckets[first].inc(len(amounts))
+            return
+        ordered = sorted(amounts)
+        below = 0
+        for i in range(first, last + 1):
+            # An observation falls in the first bucket whose bound is >= it (le inclusive).
+            up = upto(ordered, bounds[i])
+            if up > below:
+                buckets[i].inc(up - below)
+                below = up
 
     return observe_all
 

@@ -8,7 +8,8 @@ one mmap write per metric.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -120,6 +121,8 @@ def preregister(table: RoutingTable) -> None:
                 FAILOVERS.labels(route.model, bid, reason)
 
 
+_K = TypeVar("_K")
+
 # What routed() counts of one request: backend_id, decision, success, model, backend status,
 # backend_s, overhead_s.
 Routed = tuple[str, str, bool, str, int, float, float]
@@ -132,7 +135,7 @@ class RequestMetrics:
         self._requests: dict[tuple[str, str, bool], Callable[[float], None]] = {}
         self._by_backend: dict[tuple[str, str, int], Callable[[float], None]] = {}
         self._latency: dict[str, Callable[[float], None]] = {}
-        self._latency_all: dict[str, Callable[[list[float]], None]] = {}
+        self._latency_all: dict[str, Callable[[Sequence[float]], None]] = {}
         self._errors: dict[str, Counter] = {}
         self._overhead = metric_values.observer(OVERHEAD)
         self._overhead_all = metric_values.many_observer(OVERHEAD)
@@ -149,36 +152,49 @@ class RequestMetrics:
     def routed_together(self, rows: list[Routed]) -> None:
         """``routed`` for the requests of one event-loop turn: each series is written once, with
         the turn's count (at c=32 a turn ends ~10 requests; the metric files' writes were most
-        of routed's cost)."""
-        if len(rows) == 1:
-            self.routed(*rows[0])
+        of routed's cost).
+
+        The rows are taken apart into columns by C (zip), and a column that holds one value
+        throughout (the common case: one backend answering 200 to all of them) is found so by
+        C too (tuple.count): a label set is then counted without a loop. With many_observer's
+        bisections, against a loop over the rows and the observations: 12 rows a turn, six
+        metric writes, medians of 5 alternating micro-runs, 921 → 493 ns a request (the
+        turn's overheads in one bucket), 1147 → 653 (spread over three)."""
+        n = len(rows)
+        if n <= 1:
+            if rows:
+                self.routed(*rows[0])
             return
-        requests: dict[tuple[str, str, bool], int] = {}
-        by_backend: dict[tuple[str, str, int], int] = {}
-        latency: dict[str, list[float]] = {}
-        overhead: list[float] = []
-        for backend_id, decision, success, model, status, backend_s, overhead_s in rows:
-            key = (backend_id, decision, success)
-            requests[key] = requests.get(key, 0) + 1
-            bkey = (backend_id, model, status)
-            by_backend[bkey] = by_backend.get(bkey, 0) + 1
-            took = latency.get(backend_id)
-            if took is None:
-                latency[backend_id] = [backend_s]
-            else:
-                took.append(backend_s)
-            overhead.append(overhead_s)
-        for key, n in requests.items():
+        ids, decisions, successes, models, statuses, backend_s, overhead_s = zip(
+            *rows, strict=True)
+        one_backend = ids.count(ids[0]) == n
+        if one_backend and decisions.count(decisions[0]) == n and \
+                successes.count(successes[0]) == n:
+            key = (ids[0], decisions[0], successes[0])
             (self._requests.get(key) or self._requests_series(key))(n)
-        for bkey, n in by_backend.items():
+        else:
+            for key, count in _counted(zip(ids, decisions, successes, strict=True)):
+                (self._requests.get(key) or self._requests_series(key))(count)
+        if one_backend and models.count(models[0]) == n and statuses.count(statuses[0]) == n:
+            bkey = (ids[0], models[0], statuses[0])
             (self._by_backend.get(bkey) or self._by_backend_series(bkey))(n)
-        for backend_id, took in latency.items():
-            observe_all = self._latency_all.get(backend_id)
-            if observe_all is None:
-                observe_all = self._latency_all[backend_id] = metric_values.many_observer(
-                    BACKEND_LATENCY.labels(backend_id))
-            observe_all(took)
-        self._overhead_all(overhead)
+        else:
+            for bkey, count in _counted(zip(ids, models, statuses, strict=True)):
+                (self._by_backend.get(bkey) or self._by_backend_series(bkey))(count)
+        if one_backend:
+            (self._latency_all.get(ids[0]) or self._latency_all_series(ids[0]))(backend_s)
+        else:
+            latency: dict[str, list[float]] = {}
+            for backend_id, took in zip(ids, backend_s, strict=True):
+                got = latency.get(backend_id)
+                if got is None:
+                    latency[backend_id] = [took]
+                else:
+                    got.append(took)
+            for backend_id, tooks in latency.items():
+                (self._latency_all.get(backend_id) or self._latency_all_series(backend_id))(
+                    tooks)
+        self._overhead_all(overhead_s)
 
     def _requests_series(self, key: tuple[str, str, bool]) -> Callable[[float], None]:
         backend_id, decision, success = key
@@ -191,6 +207,11 @@ class RequestMetrics:
         inc = self._by_backend[key] = metric_values.incrementer(
             REQUESTS_BY_BACKEND.labels(backend_id, model, str(status)))
         return inc
+
+    def _latency_all_series(self, backend_id: str) -> Callable[[Sequence[float]], None]:
+        observe_all = self._latency_all[backend_id] = metric_values.many_observer(
+            BACKEND_LATENCY.labels(backend_id))
+        return observe_all
 
     def _latency_series(self, backend_id: str) -> Callable[[float], None]:
         observe = self._latency[backend_id] = metric_values.observer(
@@ -205,6 +226,14 @@ class RequestMetrics:
         if c is None:
             c = self._errors[code] = ERRORS.labels(code)
         c.inc()
+
+
+def _counted(keys: Iterable[_K]) -> Iterable[tuple[_K, int]]:
+    """Each distinct key with how often it came, in the order first seen."""
+    counts: dict[_K, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    return counts.items()
 
 
 def exposition() -> bytes:

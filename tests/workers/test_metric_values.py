@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -121,3 +123,24 @@ def test_a_turn_of_many_label_sets_counts_as_one_request_at_a_time(tmp_path: Pat
     for name, value in one.items():  # sums: the same additions in another order
         assert together[name] == pytest.approx(value, rel=1e-12), name
     assert sum(v for k, v in one.items() if k.startswith("router_requests_total")) == 400
+
+
+@given(st.lists(st.one_of(st.floats(min_value=0.0, max_value=200.0),
+                          st.sampled_from([0.0, 0.005, 0.01, 0.25, 120.0, 1e9])),
+                min_size=1, max_size=40))
+def test_many_observer_fills_the_buckets_observe_would(amounts: list[float]) -> None:
+    """Bucket by bucket, a list observed at once counts what observing each one would (le
+    inclusive: a bound's own value falls in its bucket), whatever the spread."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from workers.metric_values import many_observer
+
+    registry = CollectorRegistry()
+    buckets = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
+    one = Histogram("one", "", buckets=buckets, registry=registry)
+    together = Histogram("together", "", buckets=buckets, registry=registry)
+    for amount in amounts:
+        one.observe(amount)
+    many_observer(together)(amounts)
+    assert [b.get() for b in together._buckets] == [b.get() for b in one._buckets]
+    assert together._sum.get() == pytest.approx(one._sum.get(), rel=1e-12)
