@@ -24,7 +24,6 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
-#include <math.h>
 #include <string.h>
 
 #define SLOT_META 128 /* head u64 at 0, tail u64 at 64, then the data area */
@@ -390,7 +389,8 @@ static void init_escaped(void)
 
 static void w_str(Writer *w, PyObject *o)
 {
-    if (!PyUnicode_IS_ASCII(o)) {
+    if (PyUnicode_READY(o) < 0 || !PyUnicode_IS_ASCII(o)) { /* (a legacy string's readying) */
+        PyErr_Clear();
         w->bad = 1;
         return;
     }

@@ -221,7 +221,7 @@ common = st.one_of(st.none(), st.from_regex(r"[A-Za-z0-9._:/\-]{0,40}", fullmatc
                    st.integers(0, 10**9))
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=2000, deadline=None)
 @given(kind=st.one_of(st.sampled_from(["request", "denial"]), values),
        rid=st.one_of(common, values), t0=st.one_of(st.floats(1e9, 4e9), floats, values),
        dur=st.one_of(st.floats(0, 600), floats), path=st.one_of(common, values),
