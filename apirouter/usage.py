@@ -17,6 +17,7 @@ import msgspec
 import orjson
 from msgspec import UNSET, UnsetType
 
+from apirouter._ringcore import record_encoder
 from apirouter.errors import RouterError
 
 SCHEMA_VERSION = 1
@@ -199,14 +200,15 @@ class _Record(msgspec.Struct, omit_defaults=True):
 _encode = msgspec.json.Encoder().encode
 
 
-def encode_record(kind: str, source: RecordSource, model: str, ts_end: float, status: int,
-                  error_code: str | None, used: tuple[int | None, int | None] | None,
-                  worker_pid: int, stream: bool, limit: str | None = None,
-                  retry_after_s: int | None = None) -> bytes:
-    """The one builder of records. ``source`` gives the request's id, start, endpoint, caller
-    (None: no key), last attempt (None: never forwarded), cost and whether its usage was
-    estimated (both read only when ``used`` is given), and stream figures (read only when
-    ``stream``); ``used`` is the (prompt, completion) tokens, None when none count.
+def _encode_record_py(kind: str, source: RecordSource, model: str, ts_end: float,
+                      status: int, error_code: str | None,
+                      used: tuple[int | None, int | None] | None, worker_pid: int, stream: bool,
+                      limit: str | None = None, retry_after_s: int | None = None) -> bytes:
+    """The one builder of records (``encode_record`` is its C form, below). ``source`` gives
+    the request's id, start, endpoint, caller (None: no key), last attempt (None: never
+    forwarded), cost and whether its usage was estimated (both read only when ``used`` is
+    given), and stream figures (read only when ``stream``); ``used`` is the (prompt,
+    completion) tokens, None when none count.
 
     The worker's accounting step calls it for every request with its RequestContext as the
     source: reading the fields here, where they are used, saved the ~26 arguments the context's
@@ -259,6 +261,15 @@ def encode_record(kind: str, source: RecordSource, model: str, ts_end: float, st
     if retry_after_s is not None:
         record.retry_after_s = retry_after_s
     return _encode(record)
+
+
+# The builder in C (apirouter/_ringcore.c): the same bytes from one call, reading the source's
+# fields where they lie; any value it does not write itself (an escaped or non-ASCII string, a
+# float msgspec writes with an exponent, an int subclass, ...) it hands, with the same
+# arguments, to ``_encode_record_py``, the reference a property test holds it equal to
+# (tests/apirouter/test_usage_record.py). ~1.07 µs a record against the reference's ~1.5-2.0,
+# and ~119 bytecodes less a request in the worker.
+encode_record = record_encoder(_encode_record_py, _encode)
 
 
 class UsageItem(NamedTuple):

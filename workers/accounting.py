@@ -76,12 +76,31 @@ class Accounting:
 
     def flush(self) -> None:
         """Count and settle every queued request (idempotent; the worker calls it before it
-        stops)."""
+        stops): what the metrics count of each goes to ``routed``, and the settlement of its
+        reservation is queued. The step of one request is inlined in the loop (no call a
+        request: ~0.15 µs) and each runs under its own guard."""
         due, self._due = self._due, []
         routed: list[Routed] = []
+        count = routed.append
+        queue_settlement = self.admission.queue_settlement
         for ctx in due:
             try:
-                self._settle(ctx, routed)
+                fwd, outcome, request = ctx.fwd, ctx.outcome, ctx.request
+                assert outcome is not None and request is not None
+                if fwd is not None:
+                    response, backend_s = fwd.response, fwd.backend_s
+                    count((fwd.backend_id, fwd.decision_type, outcome.success, request.model,
+                           response.status if response is not None else 0, backend_s,
+                           max(0.0, ctx.total_s - backend_s)))
+                ticket = ctx.ticket
+                if ticket is None:
+                    continue
+                if not outcome.settle_actual:  # released: nothing was produced
+                    queue_settlement(ctx.view.table.limits, ticket, 0, 0)
+                elif (used := ctx.used) is not None:
+                    queue_settlement(ctx.view.table.limits, ticket, used[0] + used[1],
+                                     ctx.cost_micro)
+                # Without reported usage the reservation stays as it was made.
             except Exception:  # a bug of ours must not cost the other requests' settlement
                 log.exception("accounting of request %s failed", ctx.request_id)
         try:
@@ -93,26 +112,6 @@ class Accounting:
                 self.metrics.routed_together(routed)
             except Exception:
                 log.exception("the metrics of %d requests were not counted", len(routed))
-
-    def _settle(self, ctx: RequestContext, routed: list[Routed]) -> None:
-        """Queue the settlement of the request's reservation; add what the metrics count of it
-        to ``routed``."""
-        fwd, outcome = ctx.fwd, ctx.outcome
-        assert outcome is not None and ctx.request is not None
-        if fwd is not None:
-            routed.append((fwd.backend_id, fwd.decision_type, outcome.success,
-                           ctx.request.model,
-                           fwd.response.status if fwd.response is not None else 0,
-                           fwd.backend_s, max(0.0, ctx.total_s - fwd.backend_s)))
-        ticket = ctx.ticket
-        if ticket is None:
-            return
-        if not outcome.settle_actual:  # released: nothing was produced
-            self.admission.queue_settlement(ctx.view.table.limits, ticket, 0, 0)
-        elif (used := ctx.used) is not None:
-            self.admission.queue_settlement(ctx.view.table.limits, ticket, used[0] + used[1],
-                                            ctx.cost_micro)
-        # Without reported usage the reservation stays as it was made.
 
     def failed(self, ctx: RequestContext, err: RouterError) -> RouterError:
         """Account a forwarded request that ends with a catalog error; return the error,

@@ -202,3 +202,81 @@ def test_conditional_requests() -> None:
     assert not not_modified(None, http_date(99.0), tag, 100.0)
     assert not not_modified(None, "not a date", tag, 100.0)
     assert http_date(0) == "Thu, 01 Jan 1970 00:00:00 GMT"
+
+
+# The C builder (usage.encode_record, from apirouter/_ringcore.c) against its reference
+# (usage._encode_record_py): any values, usual or not, give the same bytes or the same error.
+class _Status(int):
+    pass
+
+
+floats = st.one_of(st.floats(1e9, 4e9), st.floats(0, 1e4), st.floats(allow_nan=True,
+                                                                    allow_infinity=True),
+                   st.sampled_from([0.0, -0.0, 1e-4, 9.999e-5, 1e16, 1e15 / 1e3, 0.1]))
+values = st.one_of(st.none(), st.booleans(), any_text, st.from_regex(r"[ -~]{0,30}",
+                                                                     fullmatch=True),
+                   st.integers(-2**70, 2**70), st.integers(0, 10**6), floats,
+                   st.integers(0, 599).map(_Status))
+common = st.one_of(st.none(), st.from_regex(r"[A-Za-z0-9._:/\-]{0,40}", fullmatch=True),
+                   st.integers(0, 10**9))
+
+
+@settings(max_examples=2000, deadline=None)
+@given(kind=st.one_of(st.sampled_from(["request", "denial"]), values),
+       rid=st.one_of(common, values), t0=st.one_of(st.floats(1e9, 4e9), floats, values),
+       dur=st.one_of(st.floats(0, 600), floats), path=st.one_of(common, values),
+       caller=st.one_of(st.none(), st.tuples(st.one_of(common, values),
+                                             st.one_of(common, values))),
+       fwd=st.one_of(st.none(), st.tuples(st.one_of(common, values), st.one_of(common, values),
+                                          st.one_of(st.integers(0, 5), values),
+                                          st.one_of(st.floats(0, 600), floats, values))),
+       generation=st.one_of(st.integers(0, 10**6), values),
+       ttft=st.one_of(st.none(), st.floats(0, 60), values),
+       events=st.one_of(st.integers(0, 10**4), values),
+       interruption=st.one_of(st.none(), common, values),
+       cost=st.one_of(st.integers(0, 10**9), values), estimated=st.one_of(st.booleans(), values),
+       model=st.one_of(common, values), status=st.one_of(st.integers(100, 599), values),
+       error_code=st.one_of(st.none(), common, values),
+       used=st.one_of(st.none(), st.tuples(st.one_of(st.none(), st.integers(0, 10**9), values),
+                                           st.one_of(st.none(), st.integers(0, 10**9), values)),
+                      values, st.lists(st.integers(0, 9), max_size=3)),
+       pid=st.one_of(st.integers(1, 2**22), values), stream=st.one_of(st.booleans(), values),
+       tail=st.lists(st.one_of(st.none(), common, values), max_size=2))
+def test_the_c_builder_writes_what_its_reference_writes(
+        kind, rid, t0, dur, path, caller, fwd, generation, ttft, events, interruption, cost,
+        estimated, model, status, error_code, used, pid, stream, tail) -> None:
+    ts_end = t0 + dur if isinstance(t0, float) and not isinstance(t0, bool) else dur
+    source = usage._Fields(
+        rid, t0, usage._Path(path),
+        None if caller is None else usage._Holder(usage._KeyFields(*caller)),
+        None if fwd is None else usage._Attempted(*fwd), usage._Generation(generation), ttft,
+        events, interruption, cost, estimated)
+    args = (kind, source, model, ts_end, status, error_code, used, pid, stream, *tail)
+    outcomes = []
+    for build in (usage.encode_record, usage._encode_record_py):
+        try:
+            outcomes.append(build(*args))
+        except Exception as e:  # the same error, whichever builder met it
+            outcomes.append(type(e))
+    assert outcomes[0] == outcomes[1]
+
+
+def _never(*args, **kwargs) -> bytes:
+    raise AssertionError("the C builder handed a usual record to its reference")
+
+
+@settings(max_examples=300, deadline=None)
+@given(start=st.floats(1e9, 4e9), dur=st.floats(0, 600), backend_s=st.floats(0, 600),
+       rid=st.from_regex(r"[A-Za-z0-9._:\-]{1,64}", fullmatch=True), stream=st.booleans(),
+       used=st.one_of(st.none(), st.tuples(st.integers(0, 10**9), st.integers(0, 10**9))),
+       ttft=st.one_of(st.none(), st.floats(0, 60)))
+def test_the_c_builder_writes_usual_records_itself(start, dur, backend_s, rid, stream, used,
+                                                   ttft) -> None:
+    """What requests carry is written in C (the reference is for the unusual)."""
+    from apirouter._ringcore import record_encoder
+    source = usage._Fields(rid, start, usage._Path("/v1/chat/completions"),
+                           usage._Holder(usage._KeyFields("key-1", "org-1")),
+                           usage._Attempted("b1", "WEIGHTED", 1, min(backend_s, dur)),
+                           usage._Generation(4), ttft, 3, None, 17, False)
+    args = ("request", source, "gpt-x", start + dur, 200, None, used, 4242, stream)
+    assert record_encoder(_never, usage._encode)(*args) == usage._encode_record_py(*args)
