@@ -23,6 +23,7 @@
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE /* memmem, memrchr */
 #include <Python.h>
+#include <structmember.h>
 #include <string.h>
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -200,17 +201,12 @@ static int walk_block(struct walk *w, const char *p)
  * the client reads slowly) is answered too, up to the event that holds it ("special": True):
  * only the events from there on are read one by one (they went one by one from the first
  * event of the read on, ~5% of the worker's samples under bench.stream_overhead --profile). */
-static PyObject *plain_block(PyObject *self, PyObject *arg)
+/* plain_block's answer for buf[:size]: 0 for None, else 1 and the four values. */
+static int scan_plain(const char *buf, Py_ssize_t size, Py_ssize_t *end_out, Py_ssize_t *n_out,
+                      Py_ssize_t *content_out, int *special_out)
 {
-    (void)self;
-    if (!PyBytes_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "plain_block() takes bytes");
-        return NULL;
-    }
-    const char *buf = PyBytes_AS_STRING(arg);
-    Py_ssize_t size = PyBytes_GET_SIZE(arg);
     if (size < 5 || memcmp(buf, "data:", 5) != 0 || memchr(buf, '\r', (size_t)size) != NULL)
-        Py_RETURN_NONE;
+        return 0;
     /* The end of the last blank line ("\n\n"): where the buffered events' bytes end. */
     Py_ssize_t end = 0;
     Py_ssize_t left = size;
@@ -224,18 +220,20 @@ static PyObject *plain_block(PyObject *self, PyObject *arg)
         }
         left = nl - buf;
     }
+    *end_out = *n_out = *content_out = 0;
+    *special_out = 0;
     if (end == 0)
-        return Py_BuildValue("(nnnO)", (Py_ssize_t)0, (Py_ssize_t)0, (Py_ssize_t)0, Py_False);
+        return 1;
     /* Every event one data line and its blank line: "data:" X "\n\n", X without a line feed. */
     const char *stop = buf + end;
     const char *p = buf;
     Py_ssize_t n = 0;
     while (p < stop) {
         if (stop - p < 7 || memcmp(p, "data:", 5) != 0)
-            Py_RETURN_NONE;
+            return 0;
         const char *nl = memchr(p + 5, '\n', (size_t)(stop - p - 5));
         if (nl == NULL || nl + 1 >= stop || nl[1] != '\n')
-            Py_RETURN_NONE;
+            return 0;
         n++;
         p = nl + 2;
     }
@@ -255,11 +253,258 @@ static PyObject *plain_block(PyObject *self, PyObject *arg)
         walk_block(&head, buf); /* the content of the events before it */
         w = head;
     }
-    return Py_BuildValue("(nnnO)", end, n, w.counting ? w.total : (Py_ssize_t)-1,
-                         special ? Py_True : Py_False);
+    *end_out = end;
+    *n_out = n;
+    *content_out = w.counting ? w.total : (Py_ssize_t)-1;
+    *special_out = special;
+    return 1;
 }
 
+static PyObject *plain_block(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "plain_block() takes bytes");
+        return NULL;
+    }
+    Py_ssize_t end, n, content;
+    int special;
+    if (!scan_plain(PyBytes_AS_STRING(arg), PyBytes_GET_SIZE(arg), &end, &n, &content,
+                    &special))
+        Py_RETURN_NONE;
+    return Py_BuildValue("(nnnO)", end, n, content, special ? Py_True : Py_False);
+}
+
+/* plain_events(buf, max_bytes): sse.py's _plain_events_py - plain_block's answer when it
+ * leaves nothing to do but count: buf is whole events, every one a plain data line, none
+ * [DONE] or with a usage object, the content counted, and no more than max_bytes. The
+ * usual read of a stream; SSERelay.feed takes it in one call and two additions (the checks
+ * of plain_block's answer in Python were 64 bytecodes a read). */
+static PyObject *plain_events(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 2 || !PyBytes_Check(args[0]) || !PyLong_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "plain_events() takes bytes and an int");
+        return NULL;
+    }
+    Py_ssize_t max_bytes = PyLong_AsSsize_t(args[1]);
+    if (max_bytes == -1 && PyErr_Occurred())
+        return NULL;
+    const char *buf = PyBytes_AS_STRING(args[0]);
+    Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
+    Py_ssize_t end, n, content;
+    int special;
+    if (size < 7 || buf[size - 1] != '\n' || buf[size - 2] != '\n' || size > max_bytes
+        || !scan_plain(buf, size, &end, &n, &content, &special) || end != size || special
+        || content < 0)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(nn)", n, content);
+}
+
+/* PlainChunks: the chunked framing of a streamed body taken off in C (workers/upstream.py's
+ * _PlainChunksPy is the reference, and says what is answered; tests/workers/test_dechunk.py
+ * holds the two equal, and both to httptools).
+ *
+ * Each read of a stream went through httptools, whose llhttp calls back into Python once per
+ * chunk (on_body: a bytes object and a call for each event the backend wrote, ~5 a read under
+ * bench.stream_overhead), and the pieces were joined again. This copies the chunks' data of a
+ * read into one bytes object in one call. It takes only the plain framing (a size in hex
+ * without leading zeros, CRLF, the data, CRLF); at the first size line that is anything else
+ * (the last chunk "0", extensions, whitespace, not hex) it stops at that line's start and hands
+ * the bytes from there to the HTTP parser, which then sees exactly what it would have seen
+ * after the chunks before (the state after a chunk's CRLF is the state at the body's start).
+ * Data not followed by CRLF is broken framing, as llhttp (strict) says too. */
+#define CHUNK_LINE_MAX 18 /* 15 hex digits, CR, LF and one more: a longer line is handed over */
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t remaining; /* data bytes of the current chunk still to come */
+    int crlf;             /* bytes of the CRLF after the chunk's data still to come */
+    Py_ssize_t carried;   /* bytes of a size line begun at the end of the last read */
+    char line[CHUNK_LINE_MAX];
+    PyObject *head;       /* after a stop: the data before it */
+    PyObject *rest;       /* after a stop: the bytes from the size line on (None: broken) */
+} PlainChunks;
+
+static int hex_value(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* At a size line at p: 1 and *size when it is plain, 0 when the read ends inside what may
+ * still become a plain one, -1 when it is not plain. *line_end is where its data begins. */
+static int size_line(const char *p, const char *end, Py_ssize_t *size, const char **line_end)
+{
+    Py_ssize_t n = 0;
+    const char *q = p;
+    if (q < end && *q == '0')
+        return -1;
+    for (; q < end; q++) {
+        int v = hex_value(*q);
+        if (v < 0)
+            break;
+        if (q - p >= 15)
+            return -1;
+        n = n * 16 + v;
+    }
+    if (q == end)
+        return 0;
+    if (q == p || *q != '\r')
+        return -1;
+    if (q + 1 == end)
+        return 0;
+    if (q[1] != '\n')
+        return -1;
+    *size = n;
+    *line_end = q + 2;
+    return 1;
+}
+
+static void PlainChunks_dealloc(PlainChunks *self)
+{
+    Py_XDECREF(self->head);
+    Py_XDECREF(self->rest);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Stop: keep the data so far (out, its first ``got`` bytes) and what the parser gets. */
+static PyObject *stop(PlainChunks *self, PyObject *out, Py_ssize_t got, const char *from,
+                      const char *end)
+{
+    if (_PyBytes_Resize(&out, got) < 0)
+        return NULL;
+    Py_XSETREF(self->head, out);
+    if (from == NULL) {
+        Py_INCREF(Py_None);
+        Py_XSETREF(self->rest, Py_None);
+    } else {
+        PyObject *rest = PyBytes_FromStringAndSize(from, end - from);
+        if (rest == NULL)
+            return NULL;
+        Py_XSETREF(self->rest, rest);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *chunks_feed(PlainChunks *self, const char *p, const char *end)
+{
+    Py_ssize_t cap = end - p; /* the data cannot be longer than the read */
+    PyObject *out = PyBytes_FromStringAndSize(NULL, cap);
+    if (out == NULL)
+        return NULL;
+    char *o = PyBytes_AS_STRING(out);
+    Py_ssize_t got = 0;
+    for (;;) {
+        if (self->remaining) {
+            Py_ssize_t take = end - p < self->remaining ? end - p : self->remaining;
+            memcpy(o + got, p, (size_t)take);
+            got += take;
+            p += take;
+            self->remaining -= take;
+            if (self->remaining)
+                break;
+            self->crlf = 2;
+        }
+        if (self->crlf == 2) {
+            if (p == end)
+                break;
+            if (*p++ != '\r')
+                return stop(self, out, got, NULL, NULL);
+            self->crlf = 1;
+        }
+        if (self->crlf == 1) {
+            if (p == end)
+                break;
+            if (*p++ != '\n')
+                return stop(self, out, got, NULL, NULL);
+            self->crlf = 0;
+        }
+        if (p == end)
+            break;
+        Py_ssize_t size = 0;
+        const char *data = NULL;
+        int plain = size_line(p, end, &size, &data);
+        if (plain < 0)
+            return stop(self, out, got, p, end);
+        if (plain == 0) {
+            if (end - p >= CHUNK_LINE_MAX) /* cannot happen: size_line stops at 16 digits */
+                return stop(self, out, got, p, end);
+            memcpy(self->line, p, (size_t)(end - p));
+            self->carried = end - p;
+            break;
+        }
+        self->remaining = size;
+        p = data;
+    }
+    if (got != cap && _PyBytes_Resize(&out, got) < 0)
+        return NULL;
+    return out;
+}
+
+static PyObject *PlainChunks_feed(PlainChunks *self, PyObject *arg)
+{
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "feed() takes bytes");
+        return NULL;
+    }
+    if (self->head != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "feed() after the chunks stopped");
+        return NULL;
+    }
+    const char *p = PyBytes_AS_STRING(arg);
+    Py_ssize_t n = PyBytes_GET_SIZE(arg);
+    if (!self->carried)
+        return chunks_feed(self, p, p + n);
+    /* A size line began in the last read: read on from its start (rare: a line is short). */
+    PyObject *joined = PyBytes_FromStringAndSize(NULL, self->carried + n);
+    if (joined == NULL)
+        return NULL;
+    memcpy(PyBytes_AS_STRING(joined), self->line, (size_t)self->carried);
+    memcpy(PyBytes_AS_STRING(joined) + self->carried, p, (size_t)n);
+    self->carried = 0;
+    const char *j = PyBytes_AS_STRING(joined);
+    PyObject *got = chunks_feed(self, j, j + PyBytes_GET_SIZE(joined));
+    Py_DECREF(joined);
+    return got;
+}
+
+static PyMethodDef PlainChunks_methods[] = {
+    {"feed", (PyCFunction)PlainChunks_feed, METH_O,
+     "feed(read) -> the chunks' data in it, or None once stopped (see head and rest)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef PlainChunks_members[] = {
+    {"head", T_OBJECT, offsetof(PlainChunks, head), READONLY,
+     "after a stop: the data before it (None before)"},
+    {"rest", T_OBJECT, offsetof(PlainChunks, rest), READONLY,
+     "after a stop: the bytes from the size line on, for the HTTP parser (None: broken)"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject PlainChunksType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "apirouter._ssecore.PlainChunks",
+    .tp_basicsize = sizeof(PlainChunks),
+    .tp_dealloc = (destructor)PlainChunks_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The plain chunked framing of a body from its start, taken off read by read.",
+    .tp_methods = PlainChunks_methods,
+    .tp_members = PlainChunks_members,
+    .tp_new = PyType_GenericNew,
+};
+
 static PyMethodDef methods[] = {
+    {"plain_events", (PyCFunction)(void (*)(void))plain_events, METH_FASTCALL,
+     "plain_events(buf, max_bytes) -> (events, content bytes) when buf is whole plain events "
+     "and nothing else, none [DONE] or with a usage object, no string with an escape, at most "
+     "max_bytes; else None"},
     {"raw_content_bytes", raw_content_bytes, METH_O,
      "raw_content_bytes(data) -> the bytes of the content strings data holds, or -1 when one "
      "holds an escape"},
@@ -273,7 +518,8 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     "apirouter._ssecore",
-    "The content bytes of a streamed read, counted in C (see apirouter/sse.py).",
+    "A streamed read's C work: its content bytes counted (see apirouter/sse.py), its chunked "
+    "framing taken off (see workers/upstream.py).",
     -1,
     methods,
     NULL, NULL, NULL, NULL,
@@ -281,5 +527,16 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__ssecore(void)
 {
-    return PyModule_Create(&module);
+    if (PyType_Ready(&PlainChunksType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&PlainChunksType);
+    if (PyModule_AddObject(m, "PlainChunks", (PyObject *)&PlainChunksType) < 0) {
+        Py_DECREF(&PlainChunksType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

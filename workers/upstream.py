@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl as ssl_module
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 import httptools
 
+from apirouter._ssecore import PlainChunks
 from workers.turn_writes import turn_writes
 
 log = logging.getLogger("apirouter.worker")
@@ -98,6 +100,10 @@ class _Connection(asyncio.Protocol):
         self._got_data = False
         self.keep_alive = True
         self._want_stream = False
+        self._head_only = False  # the parser is fed a stream's head alone (data_received)
+        # A stream's body in plain chunked framing, taken off in C instead of by the parser
+        # (see data_received); None: the parser takes every byte.
+        self._plain: PlainChunks | None = None
         self.stream: BodyStream | None = None
         self.deadline = 0.0  # of the exchange in flight (the pool's deadline watch reads it)
 
@@ -106,15 +112,83 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        plain = self._plain
+        if plain is not None:  # a stream's body, plain chunked: one C call takes the framing
+            body = plain.feed(data)
+            stream = self.stream
+            if body is None:
+                self._plain_stopped(plain, data)
+            elif body and stream is not None:
+                stream.take(body, len(data))
+            return
+        if self._want_stream and not self._got_data:
+            self._got_data = True
+            self._stream_began(data)
+            return
         self._got_data = True
+        self._parse(data)
+        stream = self.stream
+        if stream is not None and stream._chunks:
+            stream.fed(len(data))  # once per read, not per chunk of the chunked encoding
+
+    def _parse(self, data: bytes) -> bool:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as e:
             self._fail(UpstreamProtocolError(f"invalid HTTP from backend: {e}"))
             self.abort()
+            return False
+        return True
+
+    def _stream_began(self, data: bytes) -> None:
+        """The first read of the answer to a stream request. When it holds the whole head
+        (every line ending in CRLF, so that the first blank line is where the parser's head
+        ends too), the parser is fed the head alone: if it is a stream's, in plain chunked
+        framing, the body from here on is taken by PlainChunks (``_plain``), with no parser
+        call per chunk; the parser sees the body only from where PlainChunks stops (the last
+        chunk, or framing it does not take), which is what it would have seen after the
+        chunks before. Anything else goes on to the parser, as it would have in one piece.
+        Measured: see PlainChunks in apirouter/_ssecore.c."""
+        end = data.find(b"\r\n\r\n") + 4
+        if end >= 4 and data.count(b"\n", 0, end) == data.count(b"\r\n", 0, end):
+            self._head_only = True
+            try:
+                if not self._parse(data[:end]):
+                    return
+            finally:
+                self._head_only = False
+            plain = self._plain
+            if plain is not None:
+                body = plain.feed(data[end:])
+                if body is None:
+                    self._plain_stopped(plain, data)
+                elif body and self.stream is not None:
+                    self.stream.take(body, len(data))
+                return
+            self._parse(data[end:])
+        else:
+            self._parse(data)
         stream = self.stream
         if stream is not None and stream._chunks:
-            stream.fed(len(data))  # once per read, not per chunk of the chunked encoding
+            stream.fed(len(data))
+
+    def _plain_stopped(self, plain: PlainChunks, data: bytes) -> None:
+        """PlainChunks stopped in ``data``: what it took before goes to the stream, the rest
+        to the parser, as if the parser had taken the whole read (framing that PlainChunks
+        finds broken is broken for the parser too)."""
+        self._plain = None
+        stream = self.stream
+        if stream is not None and plain.head:
+            stream._chunks.append(plain.head)
+        if plain.rest is None:
+            self._fail(UpstreamProtocolError(
+                "invalid HTTP from backend: a chunk's data is not followed by CRLF"))
+            self.abort()
+        elif plain.rest:
+            self._parse(plain.rest)
+        stream = self.stream
+        if stream is not None and stream._chunks:
+            stream.fed(len(data))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -135,6 +209,8 @@ class _Connection(asyncio.Protocol):
                 k.lower() == b"content-type" and v.startswith(b"text/event-stream")
                 for k, v in self._headers):
             self.stream = BodyStream(self)
+            if self._head_only and _plain_chunked(self._parser, self._headers):
+                self._plain = PlainChunks()
             w = self._waiter
             self._waiter = None
             if w is not None and not w.done():
@@ -209,6 +285,7 @@ class _Connection(asyncio.Protocol):
         pool = self._pool
         self._got_data = False
         self._want_stream = stream
+        self._plain = None
         self.stream = None
         self.reused = self.used
         self.used = True
@@ -242,6 +319,102 @@ class _Connection(asyncio.Protocol):
             self._waiter = None
             fut.set_exception(UpstreamTimeout("the backend did not answer before the deadline"))
             self.abort()
+
+
+def _plain_chunked(parser: httptools.HttpResponseParser,
+                   headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a body comes in chunked framing and nothing else can frame it: HTTP/1.1, one
+    Transfer-Encoding, ``chunked``, and no Content-Length (the parser's own rules decide
+    anything less plain)."""
+    if parser.get_http_version() != "1.1":
+        return False
+    chunked = 0
+    for k, v in headers:
+        name = k.lower()
+        if name == b"transfer-encoding":
+            if v.lower() != b"chunked":
+                return False
+            chunked += 1
+        elif name == b"content-length":
+            return False
+    return chunked == 1
+
+
+# A size line PlainChunks takes: hex without leading zeros (at most 15 digits), CRLF; and one
+# a read may end inside of before it is whole.
+_SIZE_LINE = re.compile(rb"([1-9a-fA-F][0-9a-fA-F]{0,14})\r\n")
+_SIZE_LINE_BEGUN = re.compile(rb"[1-9a-fA-F][0-9a-fA-F]{0,14}\r?")
+
+
+class _PlainChunksPy:
+    """What PlainChunks (apirouter/_ssecore.c) does, in Python: the reference its property test
+    (tests/workers/test_dechunk.py) holds it to.
+
+    ``feed(read)`` returns the data of the chunks in ``read`` (of a body fed from its start,
+    read by read; a chunk may span reads, so may its size line), as long as every size line is
+    plain: hex without leading zeros, at most 15 digits, CRLF. At the first that is not (the
+    last chunk's "0", an extension, whitespace, anything else) it stops: it returns None, and
+    ``head`` is the data before that line, ``rest`` the bytes from its start on (a size line
+    begun in an earlier read included). A chunk's data not followed by CRLF stops it too, with
+    ``rest`` None: the framing is broken. After a stop, ``feed`` must not be called again."""
+
+    def __init__(self) -> None:
+        self.remaining = 0  # data bytes of the current chunk still to come
+        self.crlf = 0  # bytes of the CRLF after the chunk's data still to come
+        self.carried = b""  # a size line begun at the end of the last read
+        self.head: bytes | None = None
+        self.rest: bytes | None = None
+
+    def feed(self, read: bytes) -> bytes | None:
+        if self.head is not None:
+            raise RuntimeError("feed() after the chunks stopped")
+        data = self.carried + read
+        self.carried = b""
+        out: list[bytes] = []
+        p, end = 0, len(data)
+        while True:
+            if self.remaining:
+                take = min(self.remaining, end - p)
+                out.append(data[p:p + take])
+                p += take
+                self.remaining -= take
+                if self.remaining:
+                    break
+                self.crlf = 2
+            if self.crlf == 2:
+                if p == end:
+                    break
+                if data[p] != 0x0D:
+                    self._stop(out, None)
+                    return None
+                p += 1
+                self.crlf = 1
+            if self.crlf == 1:
+                if p == end:
+                    break
+                if data[p] != 0x0A:
+                    self._stop(out, None)
+                    return None
+                p += 1
+                self.crlf = 0
+            if p == end:
+                break
+            m = _SIZE_LINE.match(data, p)
+            if m is not None:
+                self.remaining = int(m[1], 16)
+                p = m.end()
+                continue
+            if _SIZE_LINE_BEGUN.fullmatch(data, p) is not None:
+                self.carried = data[p:]
+                break
+            self._stop(out, data[p:])
+            return None
+        return b"".join(out)
+
+    def _stop(self, out: list[bytes], rest: bytes | None) -> None:
+        self.head = b"".join(out)
+        self.rest = rest
+        return None
 
 
 def _stale(conn: _Connection, exc: BaseException) -> bool:
@@ -507,9 +680,9 @@ class BodyStream:
     ``read()`` returns every byte received since the last read (b"" once the body is complete)
     or raises: UpstreamTimeout when the deadline (``arm``) or the idle timeout (``watch_idle``)
     passed first, UpstreamProtocolError when the backend hung up mid-body. One timer serves both
-    deadlines: it is re-armed only when it fires, not on every chunk. The connection appends
-    each body chunk (one per chunk of the chunked encoding) and calls ``fed`` once per socket
-    read: the idle clock, the high-water mark and the reader's wake-up are per read.
+    deadlines: it is re-armed only when it fires, not on every chunk. The connection hands it
+    each socket read's body bytes once (``take``; or, from the parser, appends each chunk and
+    calls ``fed``): the idle clock, the high-water mark and the reader's wake-up are per read.
 
     ``read(push)`` hands each read that arrives while it waits to ``push``, inside the
     connection's callback, instead of waking the reader for it: a relay then passes a read on
@@ -536,30 +709,38 @@ class BodyStream:
         self.error: Exception | None = None
         self.closed = False
 
-    # fed by the connection: it appends to _chunks, then calls fed() once per read
-    def fed(self, n: int) -> None:
-        """``n`` bytes were read (the body's, with their chunked framing) into _chunks."""
+    # fed by the connection: take() once per read, or (the parser's path) each chunk appended
+    # to _chunks, then fed() once per read
+    def take(self, data: bytes, n: int) -> None:
+        """``data``, the body's bytes in a read of ``n`` bytes (chunked framing and all),
+        arrived."""
         if self._idle_s:
             self._last = self._loop.time()
         self._size += n
         push = self._push
-        # A read(push) waits: the read goes to push, the reader sleeps on. What push passed on
-        # counts toward the high-water mark until the reader runs again: a loop turn's writes
-        # may wait in TurnWrites before the client's socket says it is full, and libuv reads a
-        # socket up to 32 times in one callback; past the mark a read stays here, reading
-        # pauses and the reader wakes, as without push.
+        # A read(push) waits: the read goes to push, the reader sleeps on (nothing waits in
+        # _chunks then). What push passed on counts toward the high-water mark until the
+        # reader runs again: a loop turn's writes may wait in TurnWrites before the client's
+        # socket says it is full, and libuv reads a socket up to 32 times in one callback;
+        # past the mark a read stays here, reading pauses and the reader wakes, as without
+        # push.
         if push is not None and self._size <= STREAM_HIGH_WATER:
-            chunks = self._chunks
-            self._chunks = []
-            if not push(chunks[0] if len(chunks) == 1 else b"".join(chunks)):
+            if not push(data):
                 self._wake()
             return
+        self._chunks.append(data)
         if self._size > STREAM_HIGH_WATER and not self._paused:
             t = self._conn.transport
             if t is not None:
                 self._paused = True
                 t.pause_reading()
         self._wake()
+
+    def fed(self, n: int) -> None:
+        """``n`` bytes were read (the body's, with their chunked framing) into _chunks."""
+        chunks = self._chunks
+        self._chunks = []
+        self.take(chunks[0] if len(chunks) == 1 else b"".join(chunks), n)
 
     def finish(self) -> None:
         self.done = True
@@ -646,6 +827,7 @@ class BodyStream:
             self._timer = None
         conn = self._conn
         conn.stream = None
+        conn._plain = None
         if not self.done or self.error is not None:
             conn.abort()
         conn._pool._release(conn)

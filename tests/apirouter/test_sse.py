@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apirouter._ssecore import plain_block, raw_content_bytes
+from apirouter._ssecore import plain_block, plain_events, raw_content_bytes
 from apirouter.errors import RouterError
 from apirouter.limits import estimate_tokens
 from apirouter.sse import (
@@ -24,6 +24,7 @@ from apirouter.sse import (
     StreamUsage,
     _content_bytes,
     _plain_block_py,
+    _plain_events_py,
     _string_bytes,
     error_event,
     is_done,
@@ -315,6 +316,9 @@ def test_the_c_plain_block_answers_as_its_python_reference(pieces: list[bytes]) 
     # And as a read of the common form: what the pieces make after a data line.
     framed = b"data: " + data
     assert plain_block(framed) == _plain_block_py(framed)
+    for buf in (data, framed, framed + b"\n\n"):
+        for limit in (0, len(buf) - 1, len(buf), 1 << 20):
+            assert plain_events(buf, limit) == _plain_events_py(buf, limit)
 
 
 def test_plain_block_finds_the_plain_run_of_a_mock_read() -> None:
@@ -346,3 +350,12 @@ def test_plain_block_agrees_wherever_a_mark_falls(events: int, at: int, mark: by
     at = min(at, len(read))
     for data in (read[:at] + mark + read[at:], read[:at] + mark):
         assert plain_block(data) == _plain_block_py(data), data
+
+
+def test_plain_events_takes_a_read_of_whole_plain_events_and_nothing_else() -> None:
+    chunk = (b'data: {"choices":[{"index":0,"delta":{"content":"hello"}}],"usage":null}\n\n')
+    assert plain_events(chunk * 5, 1 << 20) == (5, 25)
+    assert plain_events(chunk * 5, len(chunk) * 5 - 1) is None  # over the event limit
+    assert plain_events(chunk * 5 + b"data: {", 1 << 20) is None  # a part of an event
+    assert plain_events(chunk + b"data: [DONE]\n\n", 1 << 20) is None
+    assert plain_events(chunk.replace(b"hello", b"he\\nllo"), 1 << 20) is None  # an escape
