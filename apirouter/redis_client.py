@@ -37,7 +37,9 @@ class ReplyWaiter(Protocol):
     connection's failure) inside ``set_result``/``set_exception``, called from the read
     callback that brought it. What those raise goes to the loop's exception handler, never
     taken for Redis's failure. ``done()``: the reply is no longer wanted (it is still read in
-    order, and dropped)."""
+    order, and dropped): a reply is handed to ``set_result`` without asking, and a waiter
+    done must ignore it (as PendingAdmission does) or raise asyncio.InvalidStateError (as a
+    future does)."""
 
     def done(self) -> bool: ...
 
@@ -90,7 +92,9 @@ def _bulk_of(a: bytes | str | int | float) -> bytes:
     return enc
 
 
-_SMALL_INTS = tuple(b"$%d\r\n%d\r\n" % (len(b"%d" % i), i) for i in range(1024))
+# The bulk strings of 0-1023, by value (bulk_int's, for callers that look them up inline)
+SMALL_BULK_INTS = _SMALL_INTS = tuple(b"$%d\r\n%d\r\n" % (len(b"%d" % i), i)
+                                      for i in range(1024))
 
 
 def bulk_int(i: int) -> bytes:
@@ -334,12 +338,13 @@ class _Protocol(asyncio.Protocol):
                     except (ValueError, RedisUnavailable) as e:
                         self.fail(RedisUnavailable(f"bad reply: {e}"))
                         return
-                w = self.waiters.popleft()
-                if not w.done():
-                    try:
-                        w.set_result(value)
-                    except Exception as e:  # a waiter's own failure is not Redis's
-                        self._waiter_failed(e)
+                # (no done() asked first: a waiter done ignores it, a future done raises)
+                try:
+                    self.waiters.popleft().set_result(value)
+                except asyncio.InvalidStateError:  # a future given up on: the reply dropped
+                    pass
+                except Exception as e:  # a waiter's own failure is not Redis's
+                    self._waiter_failed(e)
         finally:
             self.buf = buf[pos:] if pos < end else b""
 

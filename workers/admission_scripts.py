@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from apirouter.budgets import Budget, Reservation, period_ttl_ms
 from apirouter.keys import KeyRecord, Tier
 from apirouter.limits import BucketPlan, BucketSpec
-from apirouter.redis_client import bulk_int, bulk_str
+from apirouter.redis_client import SMALL_BULK_INTS, bulk_int, bulk_str
 
 BUCKET_TTL_MS = 180_000  # idle buckets are full again by then: let Redis forget them
 BUCKET_TTL_REFRESH_MS = 60_000  # a bucket hash's expiry is set again this long after
@@ -499,8 +499,10 @@ class PlannedAdmit:
     def command(self, rid: str, tokens: int) -> bytes:
         """The command of a request of ``tokens`` (> 0) with reservation id ``rid``: as
         ScriptCommands.command(sha, ..., plan.specs(tokens), rid, None, 0, (), (), None)."""
-        cost = bulk_int(tokens)
+        cost = SMALL_BULK_INTS[tokens] if tokens < 1024 else bulk_int(tokens)  # (bulk_int's)
         res = rid.encode()
+        if self.token_buckets == 1:  # (the common plan: no tuple of costs made)
+            return self.template % (self.res_len + len(res), res, cost)
         return self.template % (self.res_len + len(res), res, *(cost,) * self.token_buckets)
 
 
