@@ -44,6 +44,7 @@ from apirouter.limits import (
     BucketState,
     Verdict,
     buckets_for,
+    new_verdict,
     plan_for,
     rate_limit_headers,
 )
@@ -196,7 +197,7 @@ class PendingAdmission(Ticket):
             if a.failures:  # (set, and reset, with last_error)
                 a.failures = 0
                 a.last_error = None
-            self.verdict = Verdict(True, None, reply[2], 0, reply[4])
+            self.verdict = new_verdict(Verdict, (True, None, reply[2], 0, reply[4]))
             if self.started:
                 _observe_latency(time.perf_counter() - self.started)
             try:
@@ -759,12 +760,20 @@ class Admission:
                     args.append(fixed + d)
         # The planned ones (admit_soon's), their fragments kept with their plans: after the
         # others of their org (each a request's own correction: no order between requests)
+        # (bulk_int's encoding inline; a turn's are mostly of one org and one token-bucket
+        # a plan: ~60 -> ~35 bytecodes a request)
+        at: str | None = None  # the org whose lists keys and args are
         for p, delta in planned:
-            keys, args = buckets.get(p.org) or buckets.setdefault(p.org, ([], []))
+            if p.org is not at:
+                at = p.org
+                keys, args = buckets.get(at) or buckets.setdefault(at, ([], []))
             keys += p.settle_keys
-            d = bulk_int(delta)
-            for fixed in p.settle_fixed:
-                args.append(fixed + d)
+            d = b"$%d\r\n%d\r\n" % (len(b"%d" % delta), delta)
+            one = p.settle_one
+            if one is not None:
+                args.append(one + d)
+            else:
+                args += [fixed + d for fixed in p.settle_fixed]
         for org, (keys, args) in buckets.items():
             for start in range(0, len(keys), SETTLE_MANY_MAX):
                 end = start + SETTLE_MANY_MAX

@@ -472,7 +472,7 @@ class PlannedAdmit:
     encoding per cost)."""
 
     __slots__ = ("sha", "template", "res_len", "token_buckets", "org", "settle_keys",
-                 "settle_fixed")
+                 "settle_fixed", "settle_one")
 
     def __init__(self, plan: BucketPlan, org: str, sha: str) -> None:
         self.sha = sha
@@ -495,6 +495,8 @@ class PlannedAdmit:
                                  for spec, name, _, _ in steps if spec is None)
         self.settle_fixed = tuple(bulk_int(capacity) + bulk_int(per_minute)
                                   for spec, _, capacity, per_minute in steps if spec is None)
+        # settle_fixed's one fragment, when the plan has one token-bucket (the common plan)
+        self.settle_one = self.settle_fixed[0] if len(self.settle_fixed) == 1 else None
 
     def command(self, rid: str, tokens: int) -> bytes:
         """The command of a request of ``tokens`` (> 0) with reservation id ``rid``: as
