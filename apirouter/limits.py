@@ -114,8 +114,10 @@ def plan_for(key: KeyRecord, model: str, org: Tier | None = None,
     return plan
 
 
-# by (key id, org, model)
+# by (key id, org, model); ``kept_plan`` is its get, for callers that take plan_for's first
+# step inline (the admissions: a call a request fewer)
 _PLANS: dict[tuple[str, str, str], BucketPlan] = {}
+kept_plan = _PLANS.get
 _MAX_PLANS = 65536
 
 

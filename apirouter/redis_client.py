@@ -483,6 +483,17 @@ class RedisClient:
         # proto.owe([waiter]) and proto.send(data), inline: one admission a request comes
         # this way (two calls and a list fewer)
         waiters = proto.waiters
+        out = proto.out
+        if waiters and proto.watchdog is not None:
+            # Replies owed and the clock running (at c=32, nearly every admission): the
+            # command joins the turn's write (the rest below, with what it knows skipped)
+            proto.idle = False
+            waiters.append(waiter)
+            if not out:
+                self._loop.call_soon(proto._flush)
+            out.append(data)
+            proto.out_replies += 1
+            return True
         idle = proto.idle = not waiters
         if idle:
             proto.progress = self._loop.time()
@@ -490,7 +501,6 @@ class RedisClient:
         if proto.watchdog is None and self.stall_timeout is not None:
             proto.watchdog = self._loop.call_at(proto.progress + self.stall_timeout,
                                                 proto._check)
-        out = proto.out
         if idle and not out and (self.lone is None or self.lone()):
             proto.transport.write(data)
         else:

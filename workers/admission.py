@@ -44,6 +44,7 @@ from apirouter.limits import (
     BucketState,
     Verdict,
     buckets_for,
+    kept_plan,
     new_verdict,
     plan_for,
     rate_limit_headers,
@@ -403,8 +404,11 @@ class Admission:
             return Ticket(key, specs, tokens,
                           self.table.admit(specs, [], None, time.monotonic() * 1000)[0])
         # Straight to the shared buckets: the request's plan charged as it is, its ticket a
-        # planned one.
-        plan = plan_for(key, model, org, model_limits)
+        # planned one. (plan_for, its lookup inline)
+        plan = kept_plan((key.key_id, key.org, model))
+        if plan is None or plan.key_limits is not key.limits or plan.org is not org or \
+                plan.model_limits is not model_limits:
+            plan = plan_for(key, model, org, model_limits)
         ticket: Ticket = _new_ticket(Ticket)
         ticket.key = key
         ticket.plan = plan
@@ -434,7 +438,11 @@ class Admission:
             self.open_until = 0.0
         # The request's plan and its command kept with it: a planned ticket (as admit_now's),
         # the command one template with the reservation id and the token count spliced in.
-        plan = plan_for(key, model, org, model_limits)
+        # (plan_for, its lookup inline)
+        plan = kept_plan((key.key_id, key.org, model))
+        if plan is None or plan.key_limits is not key.limits or plan.org is not org or \
+                plan.model_limits is not model_limits:
+            plan = plan_for(key, model, org, model_limits)
         self._rid_next = n = self._rid_next + 1
         rid = f"{self._rid_prefix}{n:x}"  # (_next_rid's)
         pending: PendingAdmission = _new_ticket(PendingAdmission)
