@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from apirouter.keys import KeyRecord, Tier
 
@@ -36,13 +36,20 @@ class BucketSpec:
         return self.per_minute / 60_000.0
 
 
-@dataclass(slots=True)
-class Verdict:
+class Verdict(NamedTuple):
+    """An admission's decision. A tuple: one is made for every request, and the hot paths
+    make it with ``new_verdict`` (tuple.__new__: no Python frame; a slotted dataclass's
+    __init__ was ~30 bytecodes a request)."""
+
     allowed: bool
     failed: BucketSpec | None  # the first bucket that refused
     remaining: int  # tokens left in the reported bucket (the failing one, else the key's rpm)
     retry_after_ms: int  # until the failing bucket holds enough; 0 when allowed
     reset_ms: int  # until the reported bucket is full again
+
+
+# new_verdict(Verdict, (allowed, failed, remaining, retry_after_ms, reset_ms)): Verdict(...)
+new_verdict = tuple.__new__
 
 
 def buckets_for(key: KeyRecord, model: str, tokens: int, org: Tier | None = None,
@@ -107,8 +114,10 @@ def plan_for(key: KeyRecord, model: str, org: Tier | None = None,
     return plan
 
 
-# by (key id, org, model)
+# by (key id, org, model); ``kept_plan`` is its get, for callers that take plan_for's first
+# step inline (the admissions: a call a request fewer)
 _PLANS: dict[tuple[str, str, str], BucketPlan] = {}
+kept_plan = _PLANS.get
 _MAX_PLANS = 65536
 
 

@@ -48,7 +48,7 @@ from multiprocessing import resource_tracker, shared_memory
 from apirouter._bucketcore import Core, init_locks
 from apirouter._bucketcore import size as segment_size
 from apirouter.budgets import Budget, Reservation, period_ttl_ms, refused
-from apirouter.limits import BucketPlan, BucketSpec, BucketState, Verdict, take_all
+from apirouter.limits import BucketPlan, BucketSpec, BucketState, Verdict, new_verdict, take_all
 from apirouter.shm import SegmentError, open_segment, unlink
 
 log = logging.getLogger("apirouter.limits")
@@ -321,7 +321,7 @@ class BucketTable:
         if evicted:
             _warn_evicted(self.ways)
         if index < 0:
-            return Verdict(True, None, remaining, 0, reset)
+            return new_verdict(Verdict, (True, None, remaining, 0, reset))
         return Verdict(False, plan.spec(index, tokens), remaining, retry, reset)
 
     def _plan_records(self, plan: BucketPlan) -> tuple[Record, ...]:

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from apirouter.budgets import Budget, Reservation, period_ttl_ms
 from apirouter.keys import KeyRecord, Tier
 from apirouter.limits import BucketPlan, BucketSpec
-from apirouter.redis_client import bulk_int, bulk_str
+from apirouter.redis_client import SMALL_BULK_INTS, bulk_int, bulk_str
 
 BUCKET_TTL_MS = 180_000  # idle buckets are full again by then: let Redis forget them
 BUCKET_TTL_REFRESH_MS = 60_000  # a bucket hash's expiry is set again this long after
@@ -472,7 +472,7 @@ class PlannedAdmit:
     encoding per cost)."""
 
     __slots__ = ("sha", "template", "res_len", "token_buckets", "org", "settle_keys",
-                 "settle_fixed")
+                 "settle_fixed", "settle_one")
 
     def __init__(self, plan: BucketPlan, org: str, sha: str) -> None:
         self.sha = sha
@@ -495,12 +495,16 @@ class PlannedAdmit:
                                  for spec, name, _, _ in steps if spec is None)
         self.settle_fixed = tuple(bulk_int(capacity) + bulk_int(per_minute)
                                   for spec, _, capacity, per_minute in steps if spec is None)
+        # settle_fixed's one fragment, when the plan has one token-bucket (the common plan)
+        self.settle_one = self.settle_fixed[0] if len(self.settle_fixed) == 1 else None
 
     def command(self, rid: str, tokens: int) -> bytes:
         """The command of a request of ``tokens`` (> 0) with reservation id ``rid``: as
         ScriptCommands.command(sha, ..., plan.specs(tokens), rid, None, 0, (), (), None)."""
-        cost = bulk_int(tokens)
+        cost = SMALL_BULK_INTS[tokens] if tokens < 1024 else bulk_int(tokens)  # (bulk_int's)
         res = rid.encode()
+        if self.token_buckets == 1:  # (the common plan: no tuple of costs made)
+            return self.template % (self.res_len + len(res), res, cost)
         return self.template % (self.res_len + len(res), res, *(cost,) * self.token_buckets)
 
 

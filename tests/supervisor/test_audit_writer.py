@@ -229,7 +229,7 @@ async def test_a_batch_is_trickled_into_redis_and_stored_whole(
     prefix = f"trickle-{paced}-{time.monotonic_ns()}"
     items = [_item(f"{prefix}-{i}") for i in range(200)]  # at most MAX_CHUNKS chunks of 32
     events: list[str] = []
-    pipeline, pause = w._redis.pipeline_encoded, audit_writer._pause
+    pipeline, pause = w._redis.pipeline_checked, audit_writer._pause
 
     async def counted(data: bytes, count: int, timeout: float | None):
         events.append(f"{count // 2} records")  # two SETs a record
@@ -239,7 +239,7 @@ async def test_a_batch_is_trickled_into_redis_and_stored_whole(
         events.append(f"pause {seconds}")
         await pause(seconds)
 
-    monkeypatch.setattr(w._redis, "pipeline_encoded", counted)
+    monkeypatch.setattr(w._redis, "pipeline_checked", counted)
     monkeypatch.setattr(audit_writer, "_pause", timed)
     await w.put(items, paced=paced)
     monkeypatch.undo()

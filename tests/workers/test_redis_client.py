@@ -55,6 +55,60 @@ async def test_commands_pipelining_and_errors(redis_server: RedisServer) -> None
     client.close()
 
 
+async def test_a_checked_pipeline_counts_every_reply_and_returns_the_first_error(
+        redis_server: RedisServer) -> None:
+    """pipeline_checked takes its +OK and nil replies a run at a time (_Tally): the replies
+    of other kinds among them, and the calls after it, still get theirs."""
+    client = RedisClient(redis_server.url)
+    key = f"rc:checked:{random.random()}"
+    commands = [("SET", key, "v", "EX", 60, "NX"), ("SET", key, "w", "EX", 60, "NX"),
+                ("INCR", key), ("GET", key), ("SET", key + "2", "v", "EX", 60, "NX"),
+                ("HSET", key, "f", "1"), ("SET", key + "3", "v", "EX", 60, "NX")]
+    data = b"".join(encode_command(*c) for c in commands)
+    assert await client.execute("PING", timeout=1) == "PONG"  # (connected)
+    checked = asyncio.ensure_future(client.pipeline_checked(data, len(commands), 1))
+    later = asyncio.ensure_future(client.execute("GET", key + "3", timeout=1))
+    error = await checked
+    assert isinstance(error, RedisError) and "not an integer" in str(error)  # INCR's, first
+    assert await later == b"v"
+    assert await client.pipeline_checked(data[:len(encode_command(*commands[0]))], 1, 1) is None
+    client.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([b"+OK\r\n", b"$-1\r\n", b"-ERR x\r\n", b":5\r\n",
+                                 b"$1\r\nv\r\n", b"+QUEUED\r\n"]), min_size=1, max_size=12),
+       st.lists(st.sampled_from([b"+OK\r\n", b"$-1\r\n"]), max_size=4), st.data())
+def test_a_checked_pipeline_reads_its_replies_however_they_are_split(
+        replies: list[bytes], nexts: list[bytes], data: st.DataObject) -> None:
+    """However the bytes arrive, a _Tally takes exactly its replies (the next waiters get
+    theirs, in order) and reports the first error."""
+    from apirouter.redis_client import _Protocol, _Tally
+
+    class Client:
+        _loop = asyncio.new_event_loop()
+        stall_timeout = None
+        lone = None
+        _proto = None
+
+    proto = _Protocol(Client())  # type: ignore[arg-type]
+    fut = Client._loop.create_future()
+    proto.owe([_Tally(fut, len(replies))] * len(replies))
+    others = [Client._loop.create_future() for _ in nexts]
+    proto.owe(others)
+    stream = b"".join(replies + nexts)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        if b > a:
+            proto.data_received(stream[a:b])
+    first = next((r for r in replies if r.startswith(b"-")), None)
+    got = fut.result()
+    assert (got is None) if first is None else str(got) == "ERR x"
+    assert [f.result() for f in others] == [None if r == b"$-1\r\n" else "OK" for r in nexts]
+    assert not proto.waiters and proto.buf == b""
+    Client._loop.close()
+
+
 async def test_commands_of_one_loop_turn_go_out_in_one_write(redis_server: RedisServer) -> None:
     client = RedisClient(redis_server.url)
     assert await client.execute("PING", timeout=1) == "PONG"
