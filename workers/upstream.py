@@ -209,7 +209,9 @@ class _Connection(asyncio.Protocol):
                 k.lower() == b"content-type" and v.startswith(b"text/event-stream")
                 for k, v in self._headers):
             self.stream = BodyStream(self)
-            if self._head_only and _plain_chunked(self._parser, self._headers):
+            # (A 204 has no body whatever its framing says: httptools ends the message at the
+            # head, so what follows is not this stream's.)
+            if self._head_only and status != 204 and _plain_chunked(self._parser, self._headers):
                 self._plain = PlainChunks()
             w = self._waiter
             self._waiter = None

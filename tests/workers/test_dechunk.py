@@ -195,3 +195,19 @@ def test_a_streams_connection_hands_on_what_httptools_alone_would(
     want = want[len(want) - len(got):] if len(want) > len(got) else want
     assert got == want
     assert (done, failed) == (want_done, want_failed)
+
+
+_STREAM_204 = (b"HTTP/1.1 204 No Content\r\nContent-Type: text/event-stream\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+def test_a_204_stream_answer_hands_nothing_after_its_head_to_the_stream() -> None:
+    """A 204 has no body whatever its framing says: httptools ends the message at the head, so
+    the bytes after it are not de-chunked into the stream (found by review: they were)."""
+    for parts in ([_STREAM_204 + b"d\r\ndata: hello\n\n\r\n0\r\n\r\n"],
+                  [_STREAM_204, b"d\r\ndata: hello\n\n\r\n", b"0\r\n\r\n"]):
+        got, done, _failed = _by_connection(parts)
+        want, want_done, _ = _by_httptools(parts)
+        assert [body for body, _ in got] == [b""] * len(got), got
+        assert [body for body, _ in want][-len(got):] == [b""] * len(got)
+        assert done == want_done
