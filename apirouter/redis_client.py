@@ -510,33 +510,11 @@ class RedisClient:
             proto.out_replies += 1
         return True
 
-    async def pipeline(self, commands: list[tuple[bytes | str | int | float, ...]],
-                       timeout: float) -> list[RespValue]:
-        """Send many commands in one write; their replies in order (errors returned)."""
-        return await self.pipeline_encoded(b"".join(encode_command(*c) for c in commands),
-                                           len(commands), timeout)
-
-    async def pipeline_encoded(self, data: bytes, count: int, timeout: float
-                               ) -> list[RespValue]:
-        """``pipeline`` for ``count`` commands the caller encoded itself (bulk writers)."""
-        deadline = self._loop.time() + timeout
-        proto = await self._connection(deadline)
-        if proto.transport is None:
-            raise RedisUnavailable("not connected")
-        futs = [self._loop.create_future() for _ in range(count)]
-        proto.owe(futs)
-        proto.send(data, count)
-        timer = self._loop.call_at(deadline, _expire, futs[-1], proto)
-        try:
-            await futs[-1]  # replies arrive in order: the last one means all are in
-        finally:
-            timer.cancel()
-        return [f.result() for f in futs]
-
     async def pipeline_checked(self, data: bytes, count: int, timeout: float
                                ) -> RedisError | None:
-        """``pipeline_encoded`` for a caller that wants only the first error reply among the
-        ``count`` replies (None: there was none), e.g. SET ... NX's of a bulk writer (_Tally)."""
+        """Send ``count`` commands the caller encoded itself (``data``) in one write; the first
+        error reply among their replies (None: there was none), e.g. SET ... NX's of a bulk
+        writer, counted a run at a time (_Tally), no future a reply."""
         deadline = self._loop.time() + timeout
         proto = await self._connection(deadline)
         if proto.transport is None:
