@@ -58,4 +58,9 @@ RING_CORE = Extension("apirouter._ringcore", ["apirouter/_ringcore.c"],
 SSE_CORE = Extension("apirouter._ssecore", ["apirouter/_ssecore.c"],
                      extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"])
 
-setup(cmdclass={"build_py": StampedBuildPy}, ext_modules=[BUCKET_CORE, RING_CORE, SSE_CORE])
+# A backend's whole buffered response taken in one call (apirouter/_wholecore.c).
+WHOLE_CORE = Extension("apirouter._wholecore", ["apirouter/_wholecore.c"],
+                       extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"])
+
+setup(cmdclass={"build_py": StampedBuildPy},
+      ext_modules=[BUCKET_CORE, RING_CORE, SSE_CORE, WHOLE_CORE])

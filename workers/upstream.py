@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import httptools
 
 from apirouter._ssecore import PlainChunks
+from apirouter._wholecore import whole_response
 from workers.turn_writes import turn_writes
 
 log = logging.getLogger("apirouter.worker")
@@ -70,13 +71,23 @@ class UpstreamStale(UpstreamProtocolError):
 Answered = Callable[["UpstreamResponse | None", "UpstreamError | None"], None]
 
 
+# UpstreamResponse.content_type when it was not taken with the headers (header() looks).
+_UNSEEN = b"\x00unseen"
+
+
 @dataclass(slots=True)
 class UpstreamResponse:
     status: int
     headers: list[tuple[bytes, bytes]]
     body: bytes
+    # The first Content-Type header's value (None: none), taken with the headers by the
+    # connection (a loop over them a reply less, ~0.5 µs); _UNSEEN when not.
+    content_type: bytes | None = _UNSEEN
 
     def header(self, name: bytes) -> bytes | None:
+        ct = self.content_type
+        if ct is not _UNSEEN and name == b"content-type":
+            return ct
         name = name.lower()
         for k, v in self.headers:
             if k.lower() == name:
@@ -106,12 +117,46 @@ class _Connection(asyncio.Protocol):
         self._plain: PlainChunks | None = None
         self.stream: BodyStream | None = None
         self.deadline = 0.0  # of the exchange in flight (the pool's deadline watch reads it)
+        # The parser is between messages (on_message_begin/_complete): a read may begin one.
+        self._at_rest = True
+        # The next read begins a buffered exchange's answer, the parser at rest: it may be
+        # taken whole (whole_response) without the parser (see data_received).
+        self._whole = False
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self._whole:
+            # The first read of a buffered exchange's answer: when it is exactly one plain
+            # Content-Length response (see apirouter/_wholecore.c), taken in one C call and
+            # answered here as on_message_complete would, without the parser's five callbacks
+            # into Python (the connection stays alive: whole_response takes only such; the
+            # pool's _release inline, for a pool nobody waits on).
+            self._whole = False
+            resp = whole_response(data, MAX_RESPONSE_BYTES, UpstreamResponse)
+            if resp is not None:
+                self._got_data = True
+                then = self._then
+                if then is not None:
+                    self._then = None
+                    pool = self._pool
+                    pool._inflight.discard(self)
+                    if pool._waiters or pool.closed:
+                        pool._release(self)
+                    else:
+                        pool._idle.append(self)
+                    try:
+                        then(resp, None)
+                    except Exception:
+                        log.exception("the end of a backend exchange was not handled")
+                    return
+                w = self._waiter
+                self._waiter = None
+                if w is not None and not w.done():
+                    w.set_result(resp)
+                return
         plain = self._plain
         if plain is not None:  # a stream's body, plain chunked: one C call takes the framing
             body = plain.feed(data)
@@ -198,6 +243,9 @@ class _Connection(asyncio.Protocol):
             self.stream.fail(UpstreamProtocolError("the backend closed the connection mid-stream"))
 
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._at_rest = False
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
 
@@ -232,12 +280,13 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._at_rest = True
         self.keep_alive = self._parser.should_keep_alive()
         if self.stream is not None:
             self.stream.finish()
             return
         resp = UpstreamResponse(self._parser.get_status_code(), self._headers,
-                                b"".join(self._body))
+                                b"".join(self._body), _content_type(self._headers))
         self._headers = []
         self._body = []
         self._size = 0
@@ -284,9 +333,11 @@ class _Connection(asyncio.Protocol):
         return fut
 
     def _send(self, data: bytes, deadline: float, stream: bool) -> None:
+        # (BackendPool.start has a copy of this, inline: keep the two alike.)
         pool = self._pool
         self._got_data = False
         self._want_stream = stream
+        self._whole = self._at_rest and not stream
         self._plain = None
         self.stream = None
         self.reused = self.used
@@ -321,6 +372,61 @@ class _Connection(asyncio.Protocol):
             self._waiter = None
             fut.set_exception(UpstreamTimeout("the backend did not answer before the deadline"))
             self.abort()
+
+
+def _content_type(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    for k, v in headers:
+        if k.lower() == b"content-type":
+            return v
+    return None
+
+
+# What whole_response (apirouter/_wholecore.c) takes, in Python: its reference (the property
+# test holds the two equal). A status line of HTTP/1.1, no 1xx, 204 or 304; header lines of a
+# token, a colon, spaces and a value of visible bytes and inner spaces; the blank line.
+_WHOLE_STATUS = re.compile(rb"HTTP/1\.1 ([2-5][0-9][0-9]) [\x20-\x7e]*\r\n")
+_WHOLE_HEADER = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+): *((?:[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?)?)\r\n")
+_WHOLE_LENGTH = re.compile(rb"0|[1-9][0-9]{0,14}")
+# Headers that decide framing or keep-alive: a response with one is left to httptools.
+_WHOLE_REFUSED = {b"transfer-encoding", b"connection", b"proxy-connection", b"upgrade"}
+
+
+def _whole_response_py(read: bytes, max_body: int, cls: type[UpstreamResponse] = UpstreamResponse
+                       ) -> UpstreamResponse | None:
+    """What whole_response does (see apirouter/_wholecore.c): ``read`` as cls(status,
+    headers, body, content type) when it is exactly one plain Content-Length response of
+    HTTP/1.1 kept alive, its body at most ``max_body`` bytes; else None."""
+    m = _WHOLE_STATUS.match(read)
+    if m is None:
+        return None
+    status = int(m[1])
+    if status in (204, 304):
+        return None
+    p = m.end()
+    headers: list[tuple[bytes, bytes]] = []
+    length = -1
+    ctype: bytes | None = None
+    while not read.startswith(b"\r\n", p):
+        h = _WHOLE_HEADER.match(read, p)
+        if h is None:
+            return None
+        p = h.end()
+        name, value = h[1], h[2]
+        headers.append((name, value))
+        lower = name.lower()
+        if lower in _WHOLE_REFUSED:
+            return None
+        if lower == b"content-type" and ctype is None:
+            ctype = value
+        elif lower == b"content-length":
+            if length >= 0 or _WHOLE_LENGTH.fullmatch(value) is None:
+                return None
+            length = int(value)
+    p += 2
+    if length < 0 or length > max_body or len(read) - p != length:
+        return None
+    return cls(status, headers, read[p:], ctype)
 
 
 def _plain_chunked(parser: httptools.HttpResponseParser,
@@ -487,8 +593,22 @@ class BackendPool:
         while idle:  # (_take_idle, inline: a call less a request)
             conn = idle.pop()
             if not conn.closed:
+                # conn._send(data, deadline, False), inline (a call less a request): keep the
+                # two alike.
                 conn._then = then
-                conn._send(data, deadline, False)
+                conn._got_data = False
+                conn._want_stream = False
+                conn._whole = conn._at_rest
+                conn._plain = None
+                conn.stream = None
+                conn.reused = conn.used
+                conn.used = True
+                conn.deadline = deadline
+                self._inflight.add(conn)
+                if self._watch_timer is None or deadline < self._watch_at:
+                    self._arm_watch(deadline)
+                assert conn.transport is not None
+                self.writes.write(conn.transport, data)
                 return conn
         return None
 
