@@ -58,4 +58,9 @@ RING_CORE = Extension("apirouter._ringcore", ["apirouter/_ringcore.c"],
 SSE_CORE = Extension("apirouter._ssecore", ["apirouter/_ssecore.c"],
                      extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"])
 
-setup(cmdclass={"build_py": StampedBuildPy}, ext_modules=[BUCKET_CORE, RING_CORE, SSE_CORE])
+# A buffered response's token counts read in C (apirouter/_usagecore.c).
+USAGE_CORE = Extension("apirouter._usagecore", ["apirouter/_usagecore.c"],
+                       extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"])
+
+setup(cmdclass={"build_py": StampedBuildPy},
+      ext_modules=[BUCKET_CORE, RING_CORE, SSE_CORE, USAGE_CORE])
