@@ -61,6 +61,9 @@ SSE_CORE = Extension("apirouter._ssecore", ["apirouter/_ssecore.c"],
 # A backend's whole buffered response taken in one call (apirouter/_wholecore.c).
 WHOLE_CORE = Extension("apirouter._wholecore", ["apirouter/_wholecore.c"],
                        extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"])
+# A buffered response's token counts read in C (apirouter/_usagecore.c).
+USAGE_CORE = Extension("apirouter._usagecore", ["apirouter/_usagecore.c"],
+                       extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"])
 
 setup(cmdclass={"build_py": StampedBuildPy},
-      ext_modules=[BUCKET_CORE, RING_CORE, SSE_CORE, WHOLE_CORE])
+      ext_modules=[BUCKET_CORE, RING_CORE, SSE_CORE, WHOLE_CORE, USAGE_CORE])

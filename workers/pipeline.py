@@ -16,6 +16,7 @@ import os
 import time
 from collections.abc import Callable, Coroutine
 from enum import Enum
+from hmac import compare_digest
 from typing import Any
 
 import orjson
@@ -82,7 +83,9 @@ class InFlight:
             if exc is not None:
                 raise exc
             assert ticket is not None
-            ctx.ticket = p._admitted(ctx, ticket)
+            if not ticket.verdict.allowed:  # (_admitted's check, without its call)
+                p._admitted(ctx, ticket)  # (raises the refusal)
+            ctx.ticket = ticket
             p._forward(self)
         except Exception as e:
             p.answer_failure(ctx, e, self.answer)
@@ -189,18 +192,54 @@ class Pipeline:
             assert ep.parse is not None
             req = ctx.request = ep.parse(ctx.body)
             route = ctx.view.table.routes.get(req.model)
-            ctx.route = route if route is not None else resolve_route(ctx.view, req.model)
+            route = ctx.route = route if route is not None else resolve_route(ctx.view,
+                                                                               req.model)
             if req.stream:  # (admitted in its task: a task cancelled unstarted holds nothing)
                 return self._in_task(self.admit_and_forward, ctx, answer)
             inflight = InFlight(self, ctx, answer)
-            ticket = self.admit_now(ctx, inflight)
-            if ticket is _LATER:
-                inflight.task = self.loop.create_task(self._admit_then_forward(inflight))
-            elif isinstance(ticket, PendingAdmission):  # InFlight.admitted continues
-                inflight.admitting = ticket
-            else:
+            # admit_now and _forward, inline (two calls less a request, and the context's
+            # fields read once): admit_now's decisions alike (no span here: tracing runs
+            # ``run``), the three ways on as admit_now's caller took them.
+            caller = ctx.caller
+            ticket: Ticket | None = None
+            if caller is not None:
+                key, table = caller.key, ctx.view.table
+                if caller.nonce is not None or (
+                        table.budgets and applicable(table.budgets, key.org, key.key_id)):
+                    inflight.task = self.loop.create_task(self._admit_then_forward(inflight))
+                    return inflight
+                limits = table.limits
+                completion = req.max_tokens
+                tokens = (len(ctx.body) // 4 or 1) + (
+                    completion if completion else limits.default_completion_tokens)
+                org = table.orgs.get(key.org)
+                # (with a Redis URL, admit_now leaves it to Redis: not asked)
+                ticket = None if limits.redis_url else self.admission.admit_now(
+                    limits, key, route.model, tokens, org, route.limits)
+                if ticket is None:  # Redis decides: on callbacks (InFlight.admitted), or a task
+                    pending = self.admission.admit_soon(limits, key, route.model, tokens, org,
+                                                        route.limits, inflight.admitted)
+                    if pending is not None:
+                        inflight.admitting = pending
+                    else:
+                        inflight.task = self.loop.create_task(
+                            self._admit_then_forward(inflight))
+                    return inflight
+                if not ticket.verdict.allowed:
+                    self._admitted(ctx, ticket)  # (raises the refusal)
                 ctx.ticket = ticket
-                self._forward(inflight)
+            forwarding = inflight.forwarding = Forwarding(
+                ctx.view, route, ep.upstream,
+                req.upstream_body if req.upstream_body is not None else ctx.body,
+                ctx.request_id, self.loop, self.stats, inflight.forwarded, None, None,
+                None if ticket is None else ticket.rate_limit_headers)
+            try:
+                forwarding.start()
+            except Exception as e:
+                inflight.forwarding = None  # (a reference cycle otherwise)
+                if isinstance(e, RouterError):  # nothing could be tried (no backend)
+                    raise self._unforwarded(ctx, e) from None
+                raise
             return inflight
         except Exception as e:
             return self.failure(ctx, e)
@@ -308,7 +347,12 @@ class Pipeline:
         if not table.auth_required:
             return None
         try:
-            key = authenticate_hashed(table.keys, ctx.key_sha256, scope)
+            # authenticate_hashed's success, inline (a call less a request): the key found by
+            # its hash, compared in constant time, holding the scope; else it raises the error.
+            digest = ctx.key_sha256
+            if digest is None or (key := table.keys.get(digest)) is None or \
+                    not compare_digest(key.sha256, digest) or scope not in key.scopes:
+                key = authenticate_hashed(table.keys, digest, scope)
             if not key.hmac_required:
                 return Caller(key)
             # None: the request carries no signature header (verify says which to send).
@@ -457,7 +501,10 @@ class Pipeline:
                 table.budgets and applicable(table.budgets, key.org, key.key_id)):
             return _LATER
         limits = table.limits
-        tokens = estimate_tokens(len(ctx.body), req.max_tokens, limits.default_completion_tokens)
+        # estimate_tokens, inline (a call less a request; n // 4 or 1 is its max(1, n // 4))
+        completion = req.max_tokens
+        tokens = (len(ctx.body) // 4 or 1) + (
+            completion if completion else limits.default_completion_tokens)
         org = table.orgs.get(key.org)
         ticket = self.admission.admit_now(limits, key, route.model, tokens, org, route.limits)
         if ticket is not None:

@@ -1,0 +1,3 @@
+"""Types of the C part of apirouter/validation.py's usage_counts (apirouter/_usagecore.c)."""
+
+def usage_pair(body: bytes, /) -> tuple[int, int] | None: ...
