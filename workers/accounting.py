@@ -6,9 +6,20 @@ fails a response: a record that cannot be handed off is counted and logged, not 
 
 The usage record is written before the response goes out: once a client has its answer, the
 record is in shared memory and survives the worker (a SIGKILL included). Metrics and the
-settlement of the reservation wait for the end of the event-loop turn (``flush``, queued with
-call_soon: after the turn's callbacks, before the loop waits for I/O again); done inline they
-sat between the backend's answer and the client's.
+settlement of the reservation wait (``flush``): done inline they sat between the backend's
+answer and the client's. In-process they wait for the end of the event-loop turn (queued with
+call_soon: after the turn's callbacks, before the loop waits for I/O again). With Redis
+admission they wait FLUSH_DELAY_S at most (a timer armed by the first request queued), or for
+FLUSH_MAX requests, and go together: at a turn's end a lone request's (c=1) settlement woke
+Redis on the core the worker shares with the backend just as the client sent its next request
+(perf record, c=1: the next request read ~150 µs after it was sent, against ~40 µs with the
+settlement held back). Routers of this and the turn-end flush side by side, wrk c=1 legs
+alternating, 20 rounds: added p50 0.274 -> 0.245 ms (paired difference, median: -14 µs p50,
+-17.5 µs mean); the settlement alone on a timer (metrics at the turn's end): +0.5 µs. In-process
+the timer cost more than it saved (40 rounds: +7.5 µs p50, +13 µs mean): the turn-end flush
+runs while the client turns round, a timer's flush lands on some request.
+A worker that stops flushes first; one killed loses what waited (at most FLUSH_DELAY_S of
+metrics and refunds: the reservations then stay as estimated), never a usage record.
 """
 
 from __future__ import annotations
@@ -21,10 +32,13 @@ from apirouter.errors import RouterError
 from apirouter.usage import encode_record
 from workers.admission import Admission
 from workers.context import RequestContext
-from workers.metrics import USAGE_LOST, RequestMetrics, Routed
+from workers.metrics import USAGE_LOST, RequestMetrics, Routed, before_exposition
 from workers.usage_out import UsageOut
 
 log = logging.getLogger("apirouter.worker")
+
+FLUSH_DELAY_S = 0.005  # with Redis: the longest a request's metrics and settlement wait
+FLUSH_MAX = 256  # requests waiting that flush at the end of the turn (bounds what is held)
 
 
 class Accounting:
@@ -35,7 +49,10 @@ class Accounting:
         self.metrics = metrics
         self.usage = usage
         self.pid = pid
-        self._due: list[RequestContext] = []  # counted and settled at the end of the turn
+        self._due: list[RequestContext] = []  # counted and settled by flush
+        self._timer: asyncio.TimerHandle | None = None  # the flush of those, FLUSH_DELAY_S on
+        before_exposition(self.flush)  # a scrape of this worker counts them all
+        admission.before_read = self.flush  # and a budget read sees them settled
 
     def emit(self, request_id: str, record: bytes) -> None:
         """Hand a usage record to the supervisor; accounting never fails a response."""
@@ -70,6 +87,11 @@ class Accounting:
         due = self._due
         due.append(ctx)
         if len(due) == 1:
+            if self.admission.redis is None:  # in-process: at the end of the turn
+                self.loop.call_soon(self.flush)
+            else:
+                self._timer = self.loop.call_later(FLUSH_DELAY_S, self.flush)
+        elif len(due) == FLUSH_MAX:
             self.loop.call_soon(self.flush)
         ticket = ctx.ticket
         return ticket.rate_limit_headers() if ticket is not None else []
@@ -80,6 +102,9 @@ class Accounting:
         reservation is queued. The step of one request is inlined in the loop (no call a
         request: ~0.15 µs) and each runs under its own guard."""
         due, self._due = self._due, []
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()  # (a no-op when it is the timer that called)
         routed: list[Routed] = []
         count = routed.append
         queue_settlement = self.admission.queue_settlement

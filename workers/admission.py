@@ -317,6 +317,9 @@ class Admission:
         # With Redis, of planned tickets (admit_soon): their plan's command, the token delta
         self._planned_settlements: list[tuple[PlannedAdmit, int]] = []
         self._redis_settling: Limits | None = None  # the limits those were admitted on
+        # What is still to be settled, settled first by budget_usage (workers.accounting's
+        # flush: with Redis it waits a few milliseconds)
+        self.before_read: Callable[[], None] | None = None
 
     # -- configuration --------------------------------------------------------------------------
 
@@ -895,6 +898,8 @@ _pending: set[asyncio.Future[Any]] = set()
 async def budget_usage(admission: Admission, limits: Limits, budgets: list[Budget],
                        org_of: dict[str, str]) -> list[dict[str, object]]:
     """Spend and remaining per budget for the admin API (the current period)."""
+    if admission.before_read is not None:  # what is queued goes first (on one connection)
+        admission.before_read()
     client = admission.client_for(limits)
     out = []
     for b in budgets:

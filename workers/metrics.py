@@ -8,6 +8,7 @@ one mmap write per metric.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
@@ -236,8 +237,26 @@ def _counted(keys: Iterable[_K]) -> Iterable[tuple[_K, int]]:
     return counts.items()
 
 
+# What this process holds back before writing its metrics (workers.accounting waits up to a few
+# milliseconds to count several requests at once): written first when this worker is scraped.
+# Weakly: a pipeline gone (tests make many) takes its flush with it.
+_BEFORE_EXPOSITION: list[weakref.WeakMethod[Callable[[], None]]] = []
+
+
+def before_exposition(flush: Callable[[], None]) -> None:
+    """Have ``flush`` (a bound method) called whenever this process's metrics are exposed."""
+    _BEFORE_EXPOSITION.append(weakref.WeakMethod(flush))
+
+
 def exposition() -> bytes:
-    """All workers' metrics, aggregated, in the text format."""
+    """All workers' metrics, aggregated, in the text format (this worker's waiting counts
+    written first)."""
+    for ref in list(_BEFORE_EXPOSITION):
+        flush = ref()
+        if flush is None:
+            _BEFORE_EXPOSITION.remove(ref)
+        else:
+            flush()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         MultiProcessCollector(registry)

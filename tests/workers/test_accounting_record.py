@@ -38,8 +38,9 @@ class _Ring:
 
 
 def _accounting(ring: _Ring) -> Accounting:
-    loop = SimpleNamespace(call_soon=lambda f: None)
-    return Accounting(None, None, ring, 4242, loop)  # type: ignore[arg-type]
+    loop = SimpleNamespace(call_soon=lambda f: None, call_later=lambda delay, f: None)
+    admission = SimpleNamespace(redis=None, before_read=None)
+    return Accounting(admission, None, ring, 4242, loop)  # type: ignore[arg-type]
 
 
 def _context(caller: Any, fwd: Any, used: Any, stream: bool, extras: dict[str, Any]
