@@ -174,3 +174,48 @@ def test_a_connection_answers_what_httptools_alone_would(
         mp.setattr(upstream, "whole_response", lambda data, limit, cls: None)
         want = _exchanges(responses, waiter)
     assert got == want
+
+
+def _chained(reads: list[bytes]) -> list[tuple[Any, ...]]:
+    """Exchanges on one connection, each next one started inside the answer to the one before
+    (as a pipelined client's next request is: FastProtocol._answered -> _next -> pool.start,
+    inside the parser's on_message_complete while the rest of that read is still unparsed);
+    what each answered."""
+
+    async def run() -> list[tuple[Any, ...]]:
+        pool = BackendPool("http", "127.0.0.1", 1, 4, 1.0)
+        conn = _Connection(pool)
+        conn.connection_made(_Transport())  # type: ignore[arg-type]
+        pool._open = 1
+        pool._idle.append(conn)
+        loop = asyncio.get_running_loop()
+        got: list[tuple[Any, ...]] = []
+
+        def then(resp: UpstreamResponse | None, exc: BaseException | None) -> None:
+            got.append(_answer(resp, exc))
+            if len(got) < len(reads):
+                assert pool.start(b"POST / HTTP/1.1\r\n\r\n", loop.time() + 60, then) is conn
+
+        assert pool.start(b"POST / HTTP/1.1\r\n\r\n", loop.time() + 60, then) is conn
+        for read in reads:
+            conn.data_received(read)
+        pool.close()
+        return got
+
+    return asyncio.run(run())
+
+
+def test_an_exchange_started_inside_the_parser_waits_for_it_to_rest() -> None:
+    # The first read ends a response and begins another (a backend that sent more than it was
+    # asked: the parser is mid-message once it returns); the exchange started in the first's
+    # answer, while the parser still had that rest to take, must not take the next read whole
+    # though it looks like a response: it is the body of the message the parser is in.
+    inner = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    reads = [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+             b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(inner),
+             inner, b"HTTP/1.1 201 Created\r\nContent-Length: 1\r\n\r\nx"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(upstream, "whole_response", lambda data, limit, cls: None)
+        want = _chained(reads)
+    assert want[1][3] == inner and want[2][1] == 201
+    assert _chained(reads) == want
