@@ -135,7 +135,11 @@ class _Connection(asyncio.Protocol):
             # into Python (the connection stays alive: whole_response takes only such; the
             # pool's _release inline, for a pool nobody waits on).
             self._whole = False
-            resp = whole_response(data, MAX_RESPONSE_BYTES, UpstreamResponse)
+            # At rest now, not only when the exchange began: one started inside the parser's
+            # on_message_complete (a pipelined client's next request) began before the parser
+            # took the rest of that read, which may have begun another message.
+            resp = whole_response(data, MAX_RESPONSE_BYTES, UpstreamResponse) \
+                if self._at_rest else None
             if resp is not None:
                 self._got_data = True
                 then = self._then
