@@ -58,4 +58,9 @@ RING_CORE = Extension("apirouter._ringcore", ["apirouter/_ringcore.c"],
 SSE_CORE = Extension("apirouter._ssecore", ["apirouter/_ssecore.c"],
                      extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"])
 
-setup(cmdclass={"build_py": StampedBuildPy}, ext_modules=[BUCKET_CORE, RING_CORE, SSE_CORE])
+# The lean server's request parse and response head in C (apirouter/_httpcore.c).
+HTTP_CORE = Extension("apirouter._httpcore", ["apirouter/_httpcore.c"],
+                      extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"])
+
+setup(cmdclass={"build_py": StampedBuildPy},
+      ext_modules=[BUCKET_CORE, RING_CORE, SSE_CORE, HTTP_CORE])
