@@ -289,23 +289,29 @@ static PyObject *take_request(PyObject *self, PyObject *const *args, Py_ssize_t 
             return NULL;
         REFUSE();
     }
+    Py_INCREF(endpoint); /* (before an allocation could run a collection) */
 
     /* The body: all of it in this read, within the limit, and only a POST's */
     Py_ssize_t stop = start + head;
     PyObject *body;
     if (length > 0) {
-        if (method_bytes != POST || length > max_body || length > end - stop)
+        if (method_bytes != POST || length > max_body || length > end - stop) {
+            Py_DECREF(endpoint);
             REFUSE();
+        }
         body = PyBytes_FromStringAndSize(buf + stop, length);
         stop += length;
     } else {
         body = PyBytes_FromStringAndSize(NULL, 0);
     }
-    if (body == NULL)
+    if (body == NULL) {
+        Py_DECREF(endpoint);
         return NULL;
+    }
     PyObject *out = PyTuple_New(11);
     if (out == NULL) {
         Py_DECREF(body);
+        Py_DECREF(endpoint);
         return NULL;
     }
     PyObject *stop_obj = PyLong_FromSsize_t(stop);
@@ -315,7 +321,7 @@ static PyObject *take_request(PyObject *self, PyObject *const *args, Py_ssize_t 
     PyObject *trace_obj = tracing ? value_or_none(trace) : Py_NewRef(Py_None);
     int keep_alive = conn == -1 ? http11 : conn;
     PyTuple_SET_ITEM(out, 0, stop_obj);
-    PyTuple_SET_ITEM(out, 1, Py_NewRef(endpoint));
+    PyTuple_SET_ITEM(out, 1, endpoint);
     PyTuple_SET_ITEM(out, 2, Py_NewRef(view));
     PyTuple_SET_ITEM(out, 3, rid_obj);
     PyTuple_SET_ITEM(out, 4, body);
@@ -422,7 +428,8 @@ static PyObject *response_head(PyObject *self, PyObject *const *args, Py_ssize_t
 
     /* The header lines: "\r\n".join(map(": ".join, headers)); encoded after (as the
      * reference: a TypeError of the join before a UnicodeEncodeError of the encode) */
-    fast = PySequence_Fast(headers, "can only join an iterable");
+    /* (a tuple: a snapshot the pieces can borrow from, whatever a join or a format runs) */
+    fast = PySequence_Tuple(headers);
     if (fast == NULL)
         goto done;
     Py_ssize_t nh = PySequence_Fast_GET_SIZE(fast);

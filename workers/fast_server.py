@@ -379,8 +379,8 @@ class FastProtocol(asyncio.Protocol):
                 return taken
             taken = req[0]
             self._enqueue(*req)  # (passed whole: ~20 bytecodes less than unpacked)
-            if not req[5]:  # not kept alive: nothing may follow it (httptools refuses what does, but
-                self.ended = True  # skips bare line ends)
+            if not req[5]:  # not kept alive: nothing may follow it (httptools refuses
+                self.ended = True  # what does, but skips bare line ends)
                 if taken < end and data[taken:].strip(b"\r\n"):
                     self._fail(_data_after_close())
                 return end
