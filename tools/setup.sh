@@ -32,7 +32,7 @@ python=${python:-python3}
   || { echo "apirouter needs Python >= 3.11 (set PYTHON=...)" >&2; exit 1; }
 
 if [ "$mode" = test ]; then
-  # the C parts (apirouter/_bucketcore.c, _ringcore.c, _ssecore.c, _wholecore.c): by pip install
+  # the C parts (apirouter/*core.c, listed in setup.py's C_CORES): by pip install
   command -v cc >/dev/null || missing+=(gcc libc6-dev)
   command -v redis-server >/dev/null || missing+=(redis-server)
   command -v wrk >/dev/null || missing+=(wrk)

@@ -45,6 +45,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from gunicorn_h1c import parse_request_fast as parse_whole
 
+from apirouter._httpcore import response_head, take_request
 from apirouter.errors import RouterError
 from apirouter.keys import credential, hash_key
 from workers.context import Reply, RequestContext, Signed
@@ -67,16 +68,22 @@ _CRLF = "\r\n"
 _FIELD = ": ".join  # (name, value) -> "name: value"
 
 
-def _head(status: int, date: bytes, content_type: str, framing: str,
-          headers: list[tuple[str, str]], keep_alive: bool, body: bytes = b"") -> bytes:
-    """A response head (and ``body`` after it, joined in the same copy), its variable part
-    built as one str and encoded once (an encode per header name and value cost ~1 µs a
-    response). The header lines are joined in C (map of ": ".join), not by a comprehension:
-    ~0.17 µs less for a proxied reply's 8 headers."""
+# response_head's framing: Content-Length (the body's), chunked, or none (the close ends it)
+_LENGTH, _CHUNKED, _UNFRAMED = 0, 1, 2
+
+
+def _head_py(status: int, date: bytes, content_type: str, framing: int,
+             headers: list[tuple[str, str]], keep_alive: bool, body: bytes = b"") -> bytes:
+    """A response head (and ``body`` after it, joined in the same copy): the reference of
+    ``response_head`` (apirouter/_httpcore.c), which the server calls, ``_STATUS`` first. Its
+    variable part built as one str and encoded once (an encode per header name and value cost
+    ~1 µs a response); the header lines joined in C (map of ": ".join)."""
     fields = "\r\n".join(map(_FIELD, headers))
+    framing_line = f"Content-Length: {len(body)}\r\n" if framing == _LENGTH else \
+        "Transfer-Encoding: chunked\r\n" if framing == _CHUNKED else ""
     return b"".join((_STATUS.get(status) or f"HTTP/1.1 {status} Unknown\r\n".encode(),
                      b"Server: apirouter\r\nDate: ", date,
-                     f"\r\nContent-Type: {content_type}\r\n{framing}{fields}"
+                     f"\r\nContent-Type: {content_type}\r\n{framing_line}{fields}"
                      f"{_CRLF if fields else ''}{'' if keep_alive else _CLOSE}\r\n"
                      .encode("latin-1"), body))
 
@@ -346,83 +353,34 @@ class FastProtocol(asyncio.Protocol):
 
     def _take_whole(self, data: bytes) -> int:
         """The fast path: the requests at the start of ``data`` that arrived whole and in the
-        common form, each parsed in one call (gunicorn_h1c's picohttpparser: its validation of
-        the request line, header names and values, and of the framing headers - repeated
-        Content-Length, Transfer-Encoding - and a header lookup in C). Returns the bytes taken.
-        Anything else is left to httptools, which handles every case and refuses what must
-        be refused: an incomplete head or body, anything the parser rejects, a non-ASCII
-        target, Transfer-Encoding, Expect, Upgrade, Proxy-Connection, a Connection header other
-        than one close or keep-alive, a path that is not a hot endpoint's, a body over the
-        limit, the header limits. So this path never refuses anything; it only answers sooner
-        what httptools would take the same way (a differential test feeds both the same bytes).
+        common form, each parsed in one call (``take_request``, apirouter/_httpcore.c, or for a
+        form it leaves to its reference, ``_take_request``: gunicorn_h1c's picohttpparser).
+        Returns the bytes taken. Anything else is left to httptools, which handles every case
+        and refuses what must be refused (see ``_take_request``). So this path never refuses
+        anything; it only answers sooner what httptools would take the same way (a
+        differential test feeds both the same bytes).
         Measured from read to queued: ~2.8 µs against ~4.6 µs through httptools' per-header
         callbacks for wrk's 4 headers, ~3.9 against ~8.4 µs for an SDK client's 15
-        (bench/test_micro.py::test_lean_server_request_parse)."""
+        (bench/test_micro.py::test_lean_server_request_parse), through picohttpparser."""
         server = self.server
         routes = server.routes
         taken = 0
         end = len(data)
         while taken < end and not self.closing:
-            try:
-                req = parse_whole(data if not taken else memoryview(data)[taken:])
-            except Exception:  # incomplete, or malformed: httptools' to take or refuse
-                return taken
-            head = req.consumed
-            if head > MAX_HEADER_BYTES or req.header_count > MAX_HEADERS:
-                return taken
-            url = req.path
-            if not url.isascii():  # picohttpparser takes obs-text in the target; llhttp not
-                return taken
-            q = url.find(b"?")
-            method = req.method
-            endpoint = routes.get((method, url if q < 0 else url[:q]))
-            if endpoint is None:
-                return taken
-            get = req.get_header
-            if get("transfer-encoding") is not None or get("expect") is not None or \
-                    get("upgrade") is not None or get("proxy-connection") is not None:
-                return taken  # (llhttp reads Proxy-Connection as Connection)
-            http11 = req.minor_version == 1
-            connection = get("connection")
-            if connection is None:
-                keep_alive = http11
-            else:
-                connection = connection.lower()
-                if connection == b"close":
-                    keep_alive = False
-                elif connection == b"keep-alive":
-                    keep_alive = True
-                else:
-                    return taken
-                # More than one (httptools weighs them all; the lookup sees the first).
-                if data[taken:taken + head].lower().count(b"\nconnection:") != 1:
-                    return taken
             view = server.pipeline.tables.current()
             if view is not server.view:
                 server.adopt(view)
-            length = req.content_length  # -1: none (a request without one has no body)
-            if length > 0:
-                if method != b"POST" or length > server.max_body_bytes:
-                    return taken
-                stop = taken + head + length
-                if stop > end:  # the body is still coming: httptools collects it
-                    return taken
-                body = data[taken + head:stop]
-            else:
-                stop = taken + head
-                body = b""
-            taken = stop
-            signed = None
-            if server.signing:
-                ts, nonce, sig = (get("x-signature-timestamp"), get("x-signature-nonce"),
-                                  get("x-signature"))
-                if ts is not None or nonce is not None or sig is not None:
-                    signed = _signed(endpoint, url, ts, nonce, sig)
-            self._enqueue(endpoint, view, get("x-request-id"), body, keep_alive, http11,
-                          get("authorization"), get("x-api-key"), signed,
-                          get("traceparent") if server.tracing else None)
-            if not keep_alive:  # nothing may follow it (httptools refuses what does, but
-                self.ended = True  # skips bare line ends)
+            req = take_request(data, taken, view, routes, server.max_body_bytes,
+                               server.signing, server.tracing)
+            if req is None:  # not the strict form the C reads: its reference decides
+                req = _take_request(data, taken, view, routes, server.max_body_bytes,
+                                    server.signing, server.tracing)
+            if not req:
+                return taken
+            taken = req[0]
+            self._enqueue(*req)  # (passed whole: ~20 bytecodes less than unpacked)
+            if not req[5]:  # not kept alive: nothing may follow it (httptools refuses
+                self.ended = True  # what does, but skips bare line ends)
                 if taken < end and data[taken:].strip(b"\r\n"):
                     self._fail(_data_after_close())
                 return end
@@ -539,7 +497,7 @@ class FastProtocol(asyncio.Protocol):
         signed = _signed(self.endpoint, self.url, ts, nonce, sig) if server.signing and (
             ts is not None or nonce is not None or sig is not None) else None
         keep_alive = self.parser.should_keep_alive()
-        request = (self.endpoint, self.view, self.request_id, body, keep_alive,
+        request = (0, self.endpoint, self.view, self.request_id, body, keep_alive,
                    self.parser.get_http_version() != "1.0", self.authorization, self.api_key,
                    signed, self.traceparent if server.tracing else None)
         self.ended = not keep_alive  # what follows is refused (the fast path must not take it)
@@ -550,12 +508,13 @@ class FastProtocol(asyncio.Protocol):
         self.completed_in_feed = True
         self._enqueue(*request)
 
-    def _enqueue(self, endpoint: Endpoint, view: TableView, request_id: bytes | None,
-                 body: bytes, keep_alive: bool, http11: bool, auth: bytes | None,
-                 api_key: bytes | None, signed: Signed | None, traceparent: bytes | None
-                 ) -> None:
+    def _enqueue(self, stop: int, endpoint: Endpoint, view: TableView,
+                 request_id: bytes | None, body: bytes, keep_alive: bool, http11: bool,
+                 auth: bytes | None, api_key: bytes | None, signed: Signed | None,
+                 traceparent: bytes | None) -> None:
         """A request parsed whole (by either parser): answered now on an idle connection, else
-        queued to be answered in turn."""
+        queued to be answered in turn. ``stop`` (where it ended in its read: the first item of
+        take_request's tuple, which the fast path passes as it is) is not used here."""
         if api_key is None and auth is not None and compare_digest(auth, self.auth_seen):
             digest = self.auth_sha256  # the key of the connection's previous request
         else:
@@ -727,9 +686,9 @@ class FastProtocol(asyncio.Protocol):
         t = self.transport
         if t is None or t.is_closing():
             return
-        self.writes.write(t, _head(
-            reply.status, self.server.date(), reply.content_type,
-            f"Content-Length: {len(reply.body)}\r\n", reply.headers, keep_alive, reply.body))
+        self.writes.write(t, response_head(
+            _STATUS, reply.status, self.server.date(), reply.content_type, _LENGTH,
+            reply.headers, keep_alive, reply.body))
         self.last_active = self.server.loop.time()
         if not keep_alive:
             if self.failed and not self.half_closed:  # a half-closed client sends no more
@@ -759,9 +718,9 @@ class FastProtocol(asyncio.Protocol):
         t = self.transport
         if t is None or t.is_closing():
             raise ConnectionResetError("the client closed the connection")
-        self.server.writes.write(t, _head(
-            status, self.server.date(), content_type,
-            "Transfer-Encoding: chunked\r\n" if chunked else "", headers, keep_alive))
+        self.server.writes.write(t, response_head(
+            _STATUS, status, self.server.date(), content_type,
+            _CHUNKED if chunked else _UNFRAMED, headers, keep_alive, b""))
 
     def _fail(self, err: RouterError) -> None:
         """Answer a request we cannot parse or accept, after any earlier ones, then close."""
@@ -957,6 +916,79 @@ def _signed(endpoint: Endpoint, url: bytes, ts: bytes | None, nonce: bytes | Non
                   None if ts is None else ts.decode("latin-1"),
                   None if nonce is None else nonce.decode("latin-1"),
                   None if sig is None else sig.decode("latin-1"))
+
+
+_Taken = tuple[int, Endpoint, TableView, bytes | None, bytes, bool, bool, bytes | None,
+               bytes | None, Signed | None, bytes | None]
+
+
+def _take_request(data: bytes, start: int, view: TableView,
+                  routes: dict[tuple[bytes, bytes], Endpoint], max_body: int, signing: bool,
+                  tracing: bool) -> _Taken | None:
+    """The request at ``data[start]`` if it is whole and in the common form: (where it ends,
+    and ``FastProtocol._enqueue``'s arguments); else None. The reference of ``take_request``
+    (apirouter/_httpcore.c), which answers the same or leaves it to this.
+    Parsed in one call by gunicorn_h1c's picohttpparser (its validation of the request line,
+    header names and values, and of the framing headers - repeated Content-Length,
+    Transfer-Encoding - and a header lookup in C). None (httptools' to take or refuse) for an
+    incomplete head or body, anything the parser rejects, a non-ASCII target,
+    Transfer-Encoding, Expect, Upgrade, Proxy-Connection, a Connection header other than one
+    close or keep-alive, a path that is not a hot endpoint's, a body over the limit (or a
+    body on another method than POST), the header limits."""
+    try:
+        req = parse_whole(data if not start else memoryview(data)[start:])
+    except Exception:  # incomplete, or malformed: httptools' to take or refuse
+        return None
+    head = req.consumed
+    if head > MAX_HEADER_BYTES or req.header_count > MAX_HEADERS:
+        return None
+    url = req.path
+    if not url.isascii():  # picohttpparser takes obs-text in the target; llhttp not
+        return None
+    q = url.find(b"?")
+    method = req.method
+    endpoint = routes.get((method, url if q < 0 else url[:q]))
+    if endpoint is None:
+        return None
+    get = req.get_header
+    if get("transfer-encoding") is not None or get("expect") is not None or \
+            get("upgrade") is not None or get("proxy-connection") is not None:
+        return None  # (llhttp reads Proxy-Connection as Connection)
+    http11 = req.minor_version == 1
+    connection = get("connection")
+    if connection is None:
+        keep_alive = http11
+    else:
+        connection = connection.lower()
+        if connection == b"close":
+            keep_alive = False
+        elif connection == b"keep-alive":
+            keep_alive = True
+        else:
+            return None
+        # More than one (httptools weighs them all; the lookup sees the first).
+        if data[start:start + head].lower().count(b"\nconnection:") != 1:
+            return None
+    length = req.content_length  # -1: none (a request without one has no body)
+    if length > 0:
+        if method != b"POST" or length > max_body:
+            return None
+        stop = start + head + length
+        if stop > len(data):  # the body is still coming: httptools collects it
+            return None
+        body = data[start + head:stop]
+    else:
+        stop = start + head
+        body = b""
+    signed = None
+    if signing:
+        ts, nonce, sig = (get("x-signature-timestamp"), get("x-signature-nonce"),
+                          get("x-signature"))
+        if ts is not None or nonce is not None or sig is not None:
+            signed = _signed(endpoint, url, ts, nonce, sig)
+    return (stop, endpoint, view, get("x-request-id"), body, keep_alive, http11,
+            get("authorization"), get("x-api-key"), signed,
+            get("traceparent") if tracing else None)
 
 
 def _data_after_close() -> RouterError:

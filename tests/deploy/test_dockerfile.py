@@ -104,8 +104,9 @@ def test_the_build_stage_stamps_commit_and_time_into_the_package(tmp_path: Path)
     with zipfile.ZipFile(wheel) as z:
         stamp = json.loads(z.read("apirouter/_build_info.json"))
         assert "apirouter/buildinfo.py" in z.namelist()
-        # the limiter's C core, compiled in the build stage (which installs gcc for it)
-        for core in ("_bucketcore", "_ringcore", "_ssecore", "_wholecore"):
+        # the C cores (setup.py C_CORES), compiled in the build stage (which installs gcc for it)
+        for core in ("_bucketcore", "_ringcore", "_ssecore", "_httpcore", "_wholecore",
+                     "_usagecore"):
             assert any(n.startswith(f"apirouter/{core}.") and n.endswith(".so")
                        for n in z.namelist())
     build_stage = DOCKERFILE.read_text().split(" AS runtime")[0]
