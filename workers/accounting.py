@@ -94,7 +94,11 @@ class Accounting:
         elif len(due) == FLUSH_MAX:
             self.loop.call_soon(self.flush)
         ticket = ctx.ticket
-        return ticket.rate_limit_headers() if ticket is not None else []
+        if ticket is None:
+            return []
+        # Made while the backend worked (the pipeline's ``meanwhile``): read, not called again.
+        headers = ticket.headers
+        return headers if headers is not None else ticket.rate_limit_headers()
 
     def flush(self) -> None:
         """Count and settle every queued request (idempotent; the worker calls it before it
