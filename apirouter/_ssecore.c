@@ -316,14 +316,22 @@ static PyObject *plain_events(PyObject *self, PyObject *const *args, Py_ssize_t 
  * Data not followed by CRLF is broken framing, as llhttp (strict) says too. */
 #define CHUNK_LINE_MAX 18 /* 15 hex digits, CR, LF and one more: a longer line is handed over */
 
-typedef struct {
-    PyObject_HEAD
+/* Where the framing of a body stands between reads. */
+struct chunk_state {
     Py_ssize_t remaining; /* data bytes of the current chunk still to come */
     int crlf;             /* bytes of the CRLF after the chunk's data still to come */
     Py_ssize_t carried;   /* bytes of a size line begun at the end of the last read */
     char line[CHUNK_LINE_MAX];
+};
+
+typedef struct {
+    PyObject_HEAD
+    struct chunk_state st;
     PyObject *head;       /* after a stop: the data before it */
     PyObject *rest;       /* after a stop: the bytes from the size line on (None: broken) */
+    PyObject *usage;      /* open_relay: what relay() counts its events into */
+    Py_ssize_t max_event_bytes;
+    int frame;            /* open_relay: relay() frames its answer as one chunk */
 } PlainChunks;
 
 static int hex_value(char c)
@@ -370,6 +378,7 @@ static void PlainChunks_dealloc(PlainChunks *self)
 {
     Py_XDECREF(self->head);
     Py_XDECREF(self->rest);
+    Py_XDECREF(self->usage);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -392,56 +401,76 @@ static PyObject *stop(PlainChunks *self, PyObject *out, Py_ssize_t got, const ch
     Py_RETURN_NONE;
 }
 
-static PyObject *chunks_feed(PlainChunks *self, const char *p, const char *end)
+/* The framing taken off [p, end), from where ``st`` stands: the chunks' data is copied to o
+ * (only counted when o is NULL), *got bytes of it. 1, or 0 at a stop, *stop_at then where the
+ * HTTP parser takes over (NULL: the framing is broken). ``st`` is advanced either way. */
+static int dechunk(struct chunk_state *st, const char *p, const char *end, char *o,
+                   Py_ssize_t *got, const char **stop_at)
 {
-    Py_ssize_t cap = end - p; /* the data cannot be longer than the read */
-    PyObject *out = PyBytes_FromStringAndSize(NULL, cap);
-    if (out == NULL)
-        return NULL;
-    char *o = PyBytes_AS_STRING(out);
-    Py_ssize_t got = 0;
+    Py_ssize_t n = 0;
     for (;;) {
-        if (self->remaining) {
-            Py_ssize_t take = end - p < self->remaining ? end - p : self->remaining;
-            memcpy(o + got, p, (size_t)take);
-            got += take;
+        if (st->remaining) {
+            Py_ssize_t take = end - p < st->remaining ? end - p : st->remaining;
+            if (o != NULL)
+                memcpy(o + n, p, (size_t)take);
+            n += take;
             p += take;
-            self->remaining -= take;
-            if (self->remaining)
+            st->remaining -= take;
+            if (st->remaining)
                 break;
-            self->crlf = 2;
+            st->crlf = 2;
         }
-        if (self->crlf == 2) {
+        if (st->crlf == 2) {
             if (p == end)
                 break;
             if (*p++ != '\r')
-                return stop(self, out, got, NULL, NULL);
-            self->crlf = 1;
+                goto broken;
+            st->crlf = 1;
         }
-        if (self->crlf == 1) {
+        if (st->crlf == 1) {
             if (p == end)
                 break;
             if (*p++ != '\n')
-                return stop(self, out, got, NULL, NULL);
-            self->crlf = 0;
+                goto broken;
+            st->crlf = 0;
         }
         if (p == end)
             break;
         Py_ssize_t size = 0;
         const char *data = NULL;
         int plain = size_line(p, end, &size, &data);
-        if (plain < 0)
-            return stop(self, out, got, p, end);
+        if (plain < 0 || (plain == 0 && end - p >= CHUNK_LINE_MAX)) {
+            /* (the second cannot happen: size_line stops at 16 digits) */
+            *got = n;
+            *stop_at = p;
+            return 0;
+        }
         if (plain == 0) {
-            if (end - p >= CHUNK_LINE_MAX) /* cannot happen: size_line stops at 16 digits */
-                return stop(self, out, got, p, end);
-            memcpy(self->line, p, (size_t)(end - p));
-            self->carried = end - p;
+            memcpy(st->line, p, (size_t)(end - p));
+            st->carried = end - p;
             break;
         }
-        self->remaining = size;
+        st->remaining = size;
         p = data;
     }
+    *got = n;
+    return 1;
+broken:
+    *got = n;
+    *stop_at = NULL;
+    return 0;
+}
+
+static PyObject *chunks_feed(PlainChunks *self, const char *p, const char *end)
+{
+    Py_ssize_t cap = end - p; /* the data cannot be longer than the read */
+    PyObject *out = PyBytes_FromStringAndSize(NULL, cap);
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t got;
+    const char *stop_at;
+    if (!dechunk(&self->st, p, end, PyBytes_AS_STRING(out), &got, &stop_at))
+        return stop(self, out, got, stop_at, end);
     if (got != cap && _PyBytes_Resize(&out, got) < 0)
         return NULL;
     return out;
@@ -459,24 +488,132 @@ static PyObject *PlainChunks_feed(PlainChunks *self, PyObject *arg)
     }
     const char *p = PyBytes_AS_STRING(arg);
     Py_ssize_t n = PyBytes_GET_SIZE(arg);
-    if (!self->carried)
+    if (!self->st.carried)
         return chunks_feed(self, p, p + n);
     /* A size line began in the last read: read on from its start (rare: a line is short). */
-    PyObject *joined = PyBytes_FromStringAndSize(NULL, self->carried + n);
+    PyObject *joined = PyBytes_FromStringAndSize(NULL, self->st.carried + n);
     if (joined == NULL)
         return NULL;
-    memcpy(PyBytes_AS_STRING(joined), self->line, (size_t)self->carried);
-    memcpy(PyBytes_AS_STRING(joined) + self->carried, p, (size_t)n);
-    self->carried = 0;
+    memcpy(PyBytes_AS_STRING(joined), self->st.line, (size_t)self->st.carried);
+    memcpy(PyBytes_AS_STRING(joined) + self->st.carried, p, (size_t)n);
+    self->st.carried = 0;
     const char *j = PyBytes_AS_STRING(joined);
     PyObject *got = chunks_feed(self, j, j + PyBytes_GET_SIZE(joined));
     Py_DECREF(joined);
     return got;
 }
 
+/* relay(read): a relayed stream's usual read - whole plain events (plain_events' case), in
+ * plain chunked framing - taken from the socket's bytes to what the client is sent, in one
+ * call: the framing taken off, the events checked and counted into the StreamUsage given to
+ * open_relay, and, for a chunked client, framed again as one chunk. Any other read is
+ * answered None with nothing changed (nor counted), for feed() and the relay's Python path.
+ *
+ * Each read went from the connection's data_received through BodyStream.take, the relay's
+ * push, SSERelay.feed, the sink's write_now and its chunk formatting: 8 Python calls and ~250
+ * bytecodes a read. workers/upstream.py's _PlainChunksPy.relay is the reference. */
+static PyObject *str_events, *str_content_bytes;
+
+static int add_count(PyObject *obj, PyObject *name, Py_ssize_t n)
+{
+    PyObject *was = PyObject_GetAttr(obj, name);
+    if (was == NULL)
+        return -1;
+    PyObject *add = PyLong_FromSsize_t(n);
+    PyObject *sum = add == NULL ? NULL : PyNumber_Add(was, add);
+    Py_DECREF(was);
+    Py_XDECREF(add);
+    if (sum == NULL)
+        return -1;
+    int r = PyObject_SetAttr(obj, name, sum);
+    Py_DECREF(sum);
+    return r;
+}
+
+static PyObject *PlainChunks_open_relay(PlainChunks *self, PyObject *const *args,
+                                        Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyLong_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "open_relay() takes a StreamUsage, an int and a bool");
+        return NULL;
+    }
+    Py_ssize_t max_bytes = PyLong_AsSsize_t(args[1]);
+    if (max_bytes == -1 && PyErr_Occurred())
+        return NULL;
+    int frame = PyObject_IsTrue(args[2]);
+    if (frame < 0)
+        return NULL;
+    Py_INCREF(args[0]);
+    Py_XSETREF(self->usage, args[0]);
+    self->max_event_bytes = max_bytes;
+    self->frame = frame;
+    Py_RETURN_NONE;
+}
+
+static PyObject *PlainChunks_relay(PlainChunks *self, PyObject *arg)
+{
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "relay() takes bytes");
+        return NULL;
+    }
+    if (self->head != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "relay() after the chunks stopped");
+        return NULL;
+    }
+    if (self->usage == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "relay() before open_relay()");
+        return NULL;
+    }
+    if (self->st.carried) /* a size line begun in the last read: feed() joins it (rare) */
+        Py_RETURN_NONE;
+    const char *p = PyBytes_AS_STRING(arg), *end = p + PyBytes_GET_SIZE(arg);
+    /* Counted first (the size lines only), so that the answer is made at its size at once. */
+    struct chunk_state st = self->st;
+    Py_ssize_t n;
+    const char *stop_at;
+    if (!dechunk(&st, p, end, NULL, &n, &stop_at) || n < 7 || n > self->max_event_bytes)
+        Py_RETURN_NONE;
+    char size[24];
+    int size_len = self->frame ? snprintf(size, sizeof size, "%zx\r\n", n) : 0;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size_len + n + (self->frame ? 2 : 0));
+    if (out == NULL)
+        return NULL;
+    char *o = PyBytes_AS_STRING(out);
+    memcpy(o, size, (size_t)size_len);
+    char *body = o + size_len;
+    st = self->st;
+    dechunk(&st, p, end, body, &n, &stop_at);
+    Py_ssize_t events_end, events, content;
+    int special;
+    if (body[n - 1] != '\n' || body[n - 2] != '\n'
+        || !scan_plain(body, n, &events_end, &events, &content, &special) || events_end != n
+        || special || content < 0) {
+        Py_DECREF(out);
+        Py_RETURN_NONE;
+    }
+    if (add_count(self->usage, str_events, events) < 0
+        || add_count(self->usage, str_content_bytes, content) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    if (self->frame) {
+        body[n] = '\r';
+        body[n + 1] = '\n';
+    }
+    self->st = st;
+    return out;
+}
+
 static PyMethodDef PlainChunks_methods[] = {
     {"feed", (PyCFunction)PlainChunks_feed, METH_O,
      "feed(read) -> the chunks' data in it, or None once stopped (see head and rest)"},
+    {"open_relay", (PyCFunction)(void (*)(void))PlainChunks_open_relay, METH_FASTCALL,
+     "open_relay(usage, max_event_bytes, frame): what relay() counts into and answers"},
+    {"relay", (PyCFunction)PlainChunks_relay, METH_O,
+     "relay(read) -> the read's events as the client is sent them (one chunk when frame), "
+     "counted, when the read is whole plain events under max_event_bytes; else None, with "
+     "nothing changed"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -528,6 +665,10 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__ssecore(void)
 {
     if (PyType_Ready(&PlainChunksType) < 0)
+        return NULL;
+    str_events = PyUnicode_InternFromString("events");
+    str_content_bytes = PyUnicode_InternFromString("content_bytes");
+    if (str_events == NULL || str_content_bytes == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

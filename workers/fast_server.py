@@ -1040,6 +1040,12 @@ class _Stream:
         self._put(data)
         return True
 
+    def client(self) -> tuple[FastProtocol, bool]:
+        """The client's protocol, and whether the body goes to it chunked: for
+        workers.streaming's _Lane, which queues a relayed read's bytes, framed by
+        PlainChunks.relay, as ``write_now`` would have (its checks first, then ``_put``'s)."""
+        return self.proto, self.chunked
+
     def _put(self, data: bytes) -> None:
         p = self.proto
         t = p.transport

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,7 @@ from workers.endpoints import ms
 from workers.metrics import STREAMS_INTERRUPTED, TIME_TO_FIRST_TOKEN
 from workers.table_view import BackendTarget
 from workers.upstream import (
+    STREAM_HIGH_WATER,
     BodyStream,
     UpstreamError,
     UpstreamProtocolError,
@@ -59,6 +61,8 @@ from workers.upstream import (
 )
 
 if TYPE_CHECKING:
+    from apirouter._ssecore import PlainChunks
+    from workers.fast_server import FastProtocol
     from workers.pipeline import Pipeline
 
 EVENT_STREAM = "text/event-stream"
@@ -142,6 +146,7 @@ async def relay(p: Pipeline, ctx: RequestContext, held: Held) -> None:
             await sink.start(200, headers, EVENT_STREAM)
             relayed = SSERelay(SSEScanner(), usage, req.include_usage)
             push = _Push(relayed, sink, ctx, fwd.backend_id)
+            lane = _open_lane(body, relayed, sink)
             out = relayed.feed(held.data)
             body.watch_idle(held.target.idle_s)
             while True:
@@ -152,7 +157,9 @@ async def relay(p: Pipeline, ctx: RequestContext, held: Held) -> None:
                 if relayed.done:
                     break
                 try:
-                    chunk = await body.read(push.feed)  # the reads meanwhile: relayed by push
+                    # The reads meanwhile: relayed by the lane, or else by push (the lane
+                    # once the first event is out: it does not time it).
+                    chunk = await body.read(push.feed, lane if ctx.ttft_s is not None else None)
                 except UpstreamError:
                     # The body failed after push stopped, before this task ran (e.g. bad
                     # framing later in the same read: the connection is lost first): what
@@ -261,6 +268,71 @@ class _Push:
             await self.sink.write(out)
             if self.ctx.ttft_s is None:
                 _first_event_out(self.ctx, self.backend_id)
+
+
+class _Lane:
+    """The usual read of a relayed stream in one C call, from the backend's socket to the
+    client's: offered each read while the relay task waits with ``_Push`` (the connection's
+    data_received calls ``take`` first), it takes a read of whole plain events, in plain
+    chunked framing, with nothing buffered before it, while the client's socket takes writes
+    and the reads pushed since the relay task last ran are under the body's high-water mark:
+    ``PlainChunks.relay`` takes the framing off, checks and counts the events into the
+    stream's usage and frames them for the client, and they are queued for the client's
+    transport, as ``_Push.feed`` and the sink's ``write_now`` would have (the same bytes, the
+    same accounting). Anything else it declines before anything changed, and the read takes
+    ``_Push``'s way. Each read went through 8 Python calls (~250 bytecodes); here 3 (~70).
+    Measured: see the commit."""
+
+    __slots__ = ("body", "plain", "scanner", "proto", "writes", "loop")
+
+    def __init__(self, body: BodyStream, plain: PlainChunks, scanner: SSEScanner,
+                 proto: FastProtocol) -> None:
+        self.body = body
+        self.plain = plain
+        self.scanner = scanner
+        self.proto = proto
+        self.writes = proto.server.writes
+        self.loop = proto.server.loop
+
+    def take(self, data: bytes) -> bool:
+        """Relay one read whole; False, with nothing done, when it must take the usual way."""
+        body = self.body
+        size = body._size + len(data)
+        proto = self.proto
+        t = proto.transport
+        if size > STREAM_HIGH_WATER or proto.writing_paused or t is None or self.scanner._buf:
+            return False
+        out = self.plain.relay(data)
+        if out is None:
+            return False
+        body._size = size  # as BodyStream.take: counted toward the high-water mark
+        now = self.loop.time()
+        if body._idle_s:
+            body._last = now
+        # At once, unless something waits in the turn's writes (then after it, in order, as
+        # TurnWrites requires): a client is woken by its own stream's write alone, so a
+        # write held to the turn's end only cost a callback and a list (bench/pace, a read
+        # an event: router CPU per read 21.5 -> 20.1 µs, paired -0.9).
+        writes = self.writes
+        if writes._pending:
+            writes.write(t, out)
+        elif not t.is_closing():
+            t.write(out)
+        proto.last_active = now
+        return True
+
+
+def _open_lane(body: BodyStream, relayed: SSERelay, sink: Sink
+               ) -> Callable[[bytes], bool] | None:
+    """The stream's _Lane, when its body is in plain chunked framing and its client is the
+    lean server's (None: every read takes _Push's way)."""
+    plain = body.plain_chunks()
+    client = getattr(sink, "client", None)
+    if plain is None or client is None:
+        return None
+    proto, chunked = client()
+    plain.open_relay(relayed.usage, relayed.scanner.max_event_bytes, chunked)
+    return _Lane(body, plain, relayed.scanner, proto).take
 
 
 def _settle(p: Pipeline, ctx: RequestContext, backend_id: str, index: int, usage: StreamUsage,

@@ -31,6 +31,7 @@ import httptools
 
 from apirouter._ssecore import PlainChunks
 from apirouter._wholecore import whole_response
+from apirouter.sse import StreamUsage, _plain_events_py
 from workers.turn_writes import turn_writes
 
 log = logging.getLogger("apirouter.worker")
@@ -163,8 +164,12 @@ class _Connection(asyncio.Protocol):
                 return
         plain = self._plain
         if plain is not None:  # a stream's body, plain chunked: one C call takes the framing
-            body = plain.feed(data)
             stream = self.stream
+            if stream is not None:
+                lane = stream.lane  # see BodyStream.read
+                if lane is not None and lane(data):
+                    return
+            body = plain.feed(data)
             if body is None:
                 self._plain_stopped(plain, data)
             elif body and stream is not None:
@@ -476,6 +481,9 @@ class _PlainChunksPy:
         self.carried = b""  # a size line begun at the end of the last read
         self.head: bytes | None = None
         self.rest: bytes | None = None
+        self.usage = StreamUsage()
+        self.max_event_bytes = 0
+        self.frame = False
 
     def feed(self, read: bytes) -> bytes | None:
         if self.head is not None:
@@ -527,6 +535,34 @@ class _PlainChunksPy:
         self.head = b"".join(out)
         self.rest = rest
         return None
+
+    def open_relay(self, usage: StreamUsage, max_event_bytes: int, frame: bool) -> None:
+        self.usage = usage
+        self.max_event_bytes = max_event_bytes
+        self.frame = frame
+
+    def relay(self, read: bytes) -> bytes | None:
+        """``feed``, then what SSERelay.feed (with nothing buffered before) and the client's
+        chunked framing make of it, when that is the read as it came: when the read's data is
+        whole plain events (``plain_events``), at most ``max_event_bytes``, the events framed
+        as one chunk (when ``frame``) and counted into ``usage``. Else None, with nothing
+        changed: a read with a size line begun before it, or one that stops the chunks, or any
+        other data."""
+        if self.head is not None:
+            raise RuntimeError("relay() after the chunks stopped")
+        if self.carried:
+            return None
+        state = self.remaining, self.crlf
+        body = self.feed(read)
+        whole = None if body is None else _plain_events_py(body, self.max_event_bytes)
+        if body is None or whole is None:
+            self.remaining, self.crlf = state
+            self.carried = b""
+            self.head = self.rest = None
+            return None
+        self.usage.events += whole[0]
+        self.usage.content_bytes += whole[1]
+        return b"%x\r\n%b\r\n" % (len(body), body) if self.frame else body
 
 
 def _stale(conn: _Connection, exc: BaseException) -> bool:
@@ -814,10 +850,15 @@ class BodyStream:
     connection's callback, instead of waking the reader for it: a relay then passes a read on
     with no future and no task step (see workers.streaming). It returns once ``push`` answers
     False (it could not take more: the reader takes over), or the body ends or fails.
+    ``read(push, lane)`` offers each such read of a body in plain chunked framing to ``lane``
+    first, with its framing (``plain_chunks``): the connection's data_received calls it before
+    anything else, and a read it answers True is done with (workers.streaming's _Lane
+    relays it whole; it then keeps the body's accounting, ``_size`` and ``_last``, as ``take``
+    would have); False, and the read goes on as without it.
     """
 
     __slots__ = ("_conn", "_loop", "_chunks", "_size", "_waiter", "_push", "_timer",
-                 "_deadline", "_idle_s", "_last", "_paused", "done", "error", "closed")
+                 "_deadline", "_idle_s", "_last", "_paused", "done", "error", "closed", "lane")
 
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
@@ -826,6 +867,7 @@ class BodyStream:
         self._size = 0
         self._waiter: asyncio.Future[None] | None = None
         self._push: Callable[[bytes], bool] | None = None  # of a read(push) waiting
+        self.lane: Callable[[bytes], bool] | None = None  # of a read(push, lane) waiting
         self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0  # what the timer is armed for (loop time)
         self._idle_s = 0.0
@@ -879,6 +921,7 @@ class BodyStream:
 
     def _wake(self) -> None:
         self._push = None
+        self.lane = None
         w = self._waiter
         if w is not None:
             self._waiter = None
@@ -920,15 +963,18 @@ class BodyStream:
             self.fail(UpstreamTimeout("the backend did not answer before the deadline"))
 
     # read by the consumer
-    async def read(self, push: Callable[[bytes], bool] | None = None) -> bytes:
+    async def read(self, push: Callable[[bytes], bool] | None = None,
+                   lane: Callable[[bytes], bool] | None = None) -> bytes:
         if not self._chunks and not self.done and self.error is None:
             w = self._loop.create_future()
             self._waiter = w
             self._push = push
+            self.lane = lane if push is not None else None
             try:
                 await w
             finally:
                 self._push = None
+                self.lane = None
         self._size = 0  # what was read so far is the reader's now, or went out through push
         if self._chunks:
             data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
@@ -942,6 +988,11 @@ class BodyStream:
         if self.error is not None:
             raise self.error
         return b""
+
+    def plain_chunks(self) -> PlainChunks | None:
+        """The de-chunking of the body from here on, when it is in plain chunked framing (see
+        _Connection._stream_began); None: the HTTP parser takes it."""
+        return self._conn._plain
 
     def close(self) -> None:
         """Give the connection back: to the pool after a complete body, else closed."""

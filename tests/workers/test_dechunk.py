@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apirouter._ssecore import PlainChunks
+from apirouter.sse import SSERelay, SSEScanner, StreamUsage
 from workers.upstream import BackendPool, _Connection, _PlainChunksPy
 
 HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
@@ -211,3 +212,107 @@ def test_a_204_stream_answer_hands_nothing_after_its_head_to_the_stream() -> Non
         assert [body for body, _ in got] == [b""] * len(got), got
         assert [body for body, _ in want][-len(got):] == [b""] * len(got)
         assert done == want_done
+
+
+# Chunks as a stream's backend writes them (an event or a few each, mostly plain), and the
+# rest: a part of an event, [DONE], a usage object, an escape, CRLF line ends, a comment.
+_EVENTS = [b'data: {"choices":[{"delta":{"content":"hi"}}],"usage":null}\n\n',
+           b'data: {"choices":[{"delta":{"content":"a b"}}]}\n\n', b"data: x\n\n",
+           b"data: [DONE]\n\n", b'data: {"usage":{"prompt_tokens":1}}\n\n',
+           b'data: {"content":"a\\nb"}\n\n', b"data: y\r\n\r\n", b": ping\n\n", b"data: {"]
+
+
+@st.composite
+def event_reads(draw: st.DrawFn) -> list[bytes]:
+    """A chunked stream body of events, split into reads mostly at chunk boundaries."""
+    chunks = []
+    for _ in range(draw(st.integers(0, 8))):
+        data = b"".join(draw(st.lists(st.sampled_from(_EVENTS), min_size=1, max_size=3)))
+        chunks.append(b"%x\r\n%b\r\n" % (len(data), data))
+    if draw(st.booleans()):
+        chunks.append(draw(st.sampled_from(ENDINGS)))
+    body = b"".join(chunks)
+    bounds = [0]
+    for c in chunks:
+        bounds.append(bounds[-1] + len(c))
+    cuts = sorted(set(draw(st.lists(st.sampled_from(bounds) | st.integers(0, len(body)),
+                                    max_size=10))))
+    return [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+
+
+def _relayed(chunks: PlainChunks | _PlainChunksPy, parts: list[bytes], limit: int,
+             frame: bool) -> tuple[list[tuple[object, ...]], int, int]:
+    """Each read through relay(), and feed() where relay() declines (as the connection does)."""
+    usage = StreamUsage()
+    chunks.open_relay(usage, limit, frame)
+    got: list[tuple[object, ...]] = []
+    for part in parts:
+        out = chunks.relay(part)
+        if out is not None:
+            got.append(("relay", out))
+            continue
+        body = chunks.feed(part)
+        got.append(("feed", body, chunks.head, chunks.rest))
+        if body is None:
+            break
+    return got, usage.events, usage.content_bytes
+
+
+@settings(max_examples=3000, deadline=None)
+@given(event_reads() | reads(), st.sampled_from([1 << 20, 64, 7]), st.booleans())
+def test_the_c_relay_answers_as_its_python_reference(parts: list[bytes], limit: int,
+                                                     frame: bool) -> None:
+    assert _relayed(PlainChunks(), parts, limit, frame) == \
+        _relayed(_PlainChunksPy(), parts, limit, frame)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(event_reads(), st.booleans())
+def test_relay_passes_on_what_feed_and_the_sse_relay_would(parts: list[bytes],
+                                                           frame: bool) -> None:
+    """What relay() answers for a read is what feed() and SSERelay.feed (nothing buffered)
+    make of it, counted alike; a read it declines is left as it came."""
+    usage = StreamUsage()
+    fast = PlainChunks()
+    fast.open_relay(usage, 1 << 20, frame)
+    slow = PlainChunks()
+    want_usage = StreamUsage()
+    relay = SSERelay(SSEScanner(), want_usage, True)
+    for part in parts:
+        body = slow.feed(part)
+        out = fast.relay(part)
+        if out is None:
+            assert fast.feed(part) == body
+            if body is None:
+                break
+            want_usage.events, want_usage.content_bytes = usage.events, usage.content_bytes
+            relay.scanner.feed(b"")  # (nothing left buffered: the next read starts afresh)
+            continue
+        assert body is not None
+        assert relay.scanner.pending == b""
+        passed = relay.feed(body)
+        assert passed == body
+        assert out == (b"%x\r\n%b\r\n" % (len(body), body) if frame else body)
+        assert (usage.events, usage.content_bytes) == \
+            (want_usage.events, want_usage.content_bytes)
+        relay = SSERelay(SSEScanner(), want_usage, True)
+
+
+def test_relay_takes_whole_plain_events_and_declines_the_rest() -> None:
+    ev = b'data: {"choices":[{"delta":{"content":"hello"}}]}\n\n'
+    usage = StreamUsage()
+    c = PlainChunks()
+    c.open_relay(usage, 1 << 20, True)
+    read = b"%x\r\n%b\r\n" % (len(ev), ev)
+    assert c.relay(read * 3) == b"%x\r\n%b\r\n" % (len(ev) * 3, ev * 3)
+    assert (usage.events, usage.content_bytes) == (3, 15)
+    assert c.relay(read[:10]) is None  # a part of an event: feed() takes it, as it came
+    assert c.feed(read[:10]) == ev[:6]
+    assert c.relay(read[10:]) is None  # the rest of a chunk begun before: not at an event
+    assert c.feed(read[10:]) == ev[6:]
+    done = b"data: [DONE]\n\n"
+    assert c.relay(b"%x\r\n%b\r\n0\r\n\r\n" % (len(done), done)) is None  # the last chunk
+    assert (usage.events, usage.content_bytes) == (3, 15)
+    c = PlainChunks()
+    c.open_relay(usage, 1 << 20, False)
+    assert c.relay(read) == ev
