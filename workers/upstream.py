@@ -192,6 +192,12 @@ class _Connection(asyncio.Protocol):
             self._fail(UpstreamProtocolError(f"invalid HTTP from backend: {e}"))
             self.abort()
             return False
+        except httptools.HttpParserUpgrade:
+            # A 101 with Upgrade (not an HttpParserError): no request of ours asks to switch
+            # protocols, so it is a broken answer, not a data_received that raises.
+            self._fail(UpstreamProtocolError("invalid HTTP from backend: it switched protocols"))
+            self.abort()
+            return False
         return True
 
     def _stream_began(self, data: bytes) -> None:

@@ -282,6 +282,30 @@ async def test_garbage_and_hang_ups_are_protocol_errors() -> None:
         server.close()
 
 
+async def test_a_backend_that_switches_protocols_answers_101_and_its_connection_closes(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """httptools signals a 101 with Upgrade, after the message's end, by an exception that is
+    not a parse error: the exchange has its 101 (a BACKEND_ERROR to the pipeline), the
+    connection is not kept, and the read does not raise out of the protocol (the event loop's
+    "data_received() call failed", which it logged as a fatal error)."""
+    async def switch(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade"
+                b"\r\n\r\nbytes of another protocol")
+        await w.drain()
+        await asyncio.sleep(1)
+
+    server, port = await raw_server(switch)  # type: ignore[arg-type]
+    pool = BackendPool("http", HOST, port, 4, 1.0)
+    resp = await pool.request(chat_request(port), deadline(2))
+    assert resp.status == 101
+    await asyncio.sleep(0.05)
+    assert pool.open_connections == 0 and not pool._idle
+    assert "data_received" not in caplog.text
+    pool.close()
+    server.close()
+
+
 async def test_chunked_response_is_reassembled() -> None:
     async def chunked(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await read_request(r)
