@@ -122,3 +122,28 @@ def test_response_head_of_a_reply() -> None:
     assert response_head(_STATUS, 200, b"D", "text/event-stream", _CHUNKED, [], False, b"") \
         == (b"HTTP/1.1 200 OK\r\nServer: apirouter\r\nDate: D\r\nContent-Type: "
             b"text/event-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+
+
+def test_take_request_takes_a_body_limit_past_ssize_t_as_its_reference_does() -> None:
+    """max_body_bytes is any positive int the config accepts (10**19 passes parse_config and
+    the table's encoding): the reference compares Python ints, so the C part must not raise
+    (an OverflowError out of data_received closes every connection with no answer)."""
+    data = _post()
+    for limit in (2**63 - 1, 2**63, 10**19, 10**30):
+        got = take_request(data, 0, VIEW, ROUTES, limit, False, True)
+        assert got == _take_request(data, 0, VIEW, ROUTES, limit, False, True), limit
+
+
+def test_response_head_holds_its_status_line_while_python_code_runs() -> None:
+    """The status line is read from the dict before the content type is formatted (which runs
+    Python code, as a join of the headers may): held, not borrowed, as _head_py holds it."""
+    status_lines = {200: bytes(bytearray(b"HTTP/1.1 200 OK\r\n"))}  # (freed when replaced)
+
+    class _Type:
+        def __format__(self, spec: str) -> str:
+            status_lines[200] = b"x"  # drops the only reference to the line read
+            _junk = [bytes([65 + i % 26]) * 17 for i in range(64)]  # (reuses its memory)
+            return "application/json"
+
+    head = response_head(status_lines, 200, b"D", _Type(), _LENGTH, [], True, b"")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\nServer: apirouter\r\n"), head
