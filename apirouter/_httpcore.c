@@ -128,9 +128,14 @@ static PyObject *take_request(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_ssize_t start = PyLong_AsSsize_t(args[1]);
     if (start == -1 && PyErr_Occurred())
         return NULL;
-    Py_ssize_t max_body = PyLong_AsSsize_t(args[4]);
-    if (max_body == -1 && PyErr_Occurred())
+    /* Any int the config takes (10**19 passes it): past the C range it is clamped, which
+     * compares the same with a Content-Length of at most 15 digits. */
+    int overflow;
+    long long max_body_ll = PyLong_AsLongLongAndOverflow(args[4], &overflow);
+    if (max_body_ll == -1 && PyErr_Occurred())
         return NULL;
+    Py_ssize_t max_body = overflow > 0 ? PY_SSIZE_T_MAX : overflow < 0 ? -1
+                        : (Py_ssize_t)max_body_ll;
     int signing = PyObject_IsTrue(args[5]);
     int tracing = PyObject_IsTrue(args[6]);
     if (signing < 0 || tracing < 0)
@@ -409,6 +414,10 @@ static PyObject *response_head(PyObject *self, PyObject *const *args, Py_ssize_t
     if (known == NULL && PyErr_Occurred())
         goto done;
     if (known != NULL && PyBytes_Check(known) && PyBytes_GET_SIZE(known) > 0) {
+        /* held until the copy: a join or a format below runs Python code, which could drop
+         * the dict's reference */
+        if (PyList_Append(keep, known) < 0)
+            goto done;
         line = PyBytes_AS_STRING(known);
         line_len = PyBytes_GET_SIZE(known);
     } else {
