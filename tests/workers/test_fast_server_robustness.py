@@ -36,16 +36,18 @@ PROMPT = "a-prompt-that-must-not-be-logged"
 _SITECUSTOMIZE = '''
 import workers.fast_server as fs
 
-_real_head = fs._head
+_real_head = fs.response_head
 
 
-def _head(status, date, content_type, framing, headers, keep_alive, body=b""):
+def response_head(status_lines, status, date, content_type, framing, headers, keep_alive,
+                  body):
     headers = [(k, v + "-\\u6771\\u4eac" if (k, v) == ("X-Router-Backend", "boom") else v)
                for k, v in headers]
-    return _real_head(status, date, content_type, framing, headers, keep_alive, body)
+    return _real_head(status_lines, status, date, content_type, framing, headers, keep_alive,
+                      body)
 
 
-fs._head = _head
+fs.response_head = response_head
 '''
 
 
