@@ -314,3 +314,26 @@ def _decode(req: Any) -> list[dict[str, Any]]:
                             "attributes": {a.key: value(a.value) for a in s.attributes},
                             "resource": resource, "status": s.status.code})
     return out
+
+
+class FakeBackendTransport:
+    """A backend connection's transport for tests that feed _Connection.data_received by hand:
+    writes go nowhere, abort marks it closing, reading pauses are no-ops."""
+
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass

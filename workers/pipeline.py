@@ -197,39 +197,14 @@ class Pipeline:
             if req.stream:  # (admitted in its task: a task cancelled unstarted holds nothing)
                 return self._in_task(self.admit_and_forward, ctx, answer)
             inflight = InFlight(self, ctx, answer)
-            # admit_now, inline (a call less a request, and the context's fields read once):
-            # its decisions alike (no span here: tracing runs ``run``), the three ways on as
-            # admit_now's caller took them. (_forward is called: duplicates found its inline
-            # copy, one call a request, ~0.1 µs.)
-            caller = ctx.caller
-            ticket: Ticket | None = None
-            if caller is not None:
-                key, table = caller.key, ctx.view.table
-                if caller.nonce is not None or (
-                        table.budgets and applicable(table.budgets, key.org, key.key_id)):
-                    inflight.task = self.loop.create_task(self._admit_then_forward(inflight))
-                    return inflight
-                limits = table.limits
-                completion = req.max_tokens
-                tokens = (len(ctx.body) // 4 or 1) + (
-                    completion if completion else limits.default_completion_tokens)
-                org = table.orgs.get(key.org)
-                # (with a Redis URL, admit_now leaves it to Redis: not asked)
-                ticket = None if limits.redis_url else self.admission.admit_now(
-                    limits, key, route.model, tokens, org, route.limits)
-                if ticket is None:  # Redis decides: on callbacks (InFlight.admitted), or a task
-                    pending = self.admission.admit_soon(limits, key, route.model, tokens, org,
-                                                        route.limits, inflight.admitted)
-                    if pending is not None:
-                        inflight.admitting = pending
-                    else:
-                        inflight.task = self.loop.create_task(
-                            self._admit_then_forward(inflight))
-                    return inflight
-                if not ticket.verdict.allowed:
-                    self._admitted(ctx, ticket)  # (raises the refusal)
+            ticket = self.admit_now(ctx, inflight)
+            if ticket is _LATER:
+                inflight.task = self.loop.create_task(self._admit_then_forward(inflight))
+            elif isinstance(ticket, PendingAdmission):  # InFlight.admitted continues
+                inflight.admitting = ticket
+            else:
                 ctx.ticket = ticket
-            self._forward(inflight)
+                self._forward(inflight)
             return inflight
         except Exception as e:
             return self.failure(ctx, e)
@@ -496,7 +471,9 @@ class Pipeline:
         tokens = (len(ctx.body) // 4 or 1) + (
             completion if completion else limits.default_completion_tokens)
         org = table.orgs.get(key.org)
-        ticket = self.admission.admit_now(limits, key, route.model, tokens, org, route.limits)
+        # (with a Redis URL, Admission.admit_now leaves it to Redis: not asked, a call less)
+        ticket = None if limits.redis_url else self.admission.admit_now(
+            limits, key, route.model, tokens, org, route.limits)
         if ticket is not None:
             return ticket if ticket.verdict.allowed else self._admitted(ctx, ticket)
         if inflight is not None:

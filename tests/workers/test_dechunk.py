@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from apirouter._ssecore import PlainChunks
 from apirouter.sse import SSERelay, SSEScanner, StreamUsage
+from tests.harness import FakeBackendTransport
 from workers.upstream import BackendPool, _Connection, _PlainChunksPy
 
 HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
@@ -96,26 +97,6 @@ def test_plain_chunks_take_plain_framing_and_stop_at_anything_else() -> None:
     assert (c.head, c.rest) == (b"ab", None)
 
 
-class _Transport:
-    def __init__(self) -> None:
-        self.aborted = False
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return self.aborted
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
 def _by_connection(parts: list[bytes]) -> tuple[list[tuple[bytes, bool]], bool, bool]:
     """What a stream's connection hands the stream, read by read, and whether the body ended
     and whether the connection failed."""
@@ -123,7 +104,7 @@ def _by_connection(parts: list[bytes]) -> tuple[list[tuple[bytes, bool]], bool, 
     async def run() -> tuple[list[tuple[bytes, bool]], bool, bool]:
         pool = BackendPool("http", "127.0.0.1", 1, 4, 1.0)
         conn = _Connection(pool)
-        transport = _Transport()
+        transport = FakeBackendTransport()
         conn.connection_made(transport)  # type: ignore[arg-type]
         loop = asyncio.get_running_loop()
         fut = conn.send(b"GET / HTTP/1.1\r\n\r\n", loop.time() + 60, True)

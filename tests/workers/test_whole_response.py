@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import workers.upstream as upstream
 from apirouter._wholecore import whole_response
+from tests.harness import FakeBackendTransport
 from workers.upstream import (
     MAX_RESPONSE_BYTES,
     BackendPool,
@@ -96,20 +97,6 @@ def test_whole_response_takes_the_plain_form_and_leaves_the_rest() -> None:
     assert whole_response(plain, 1, UpstreamResponse) is None
 
 
-class _Transport:
-    def __init__(self) -> None:
-        self.aborted = False
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return self.aborted
-
-    def abort(self) -> None:
-        self.aborted = True
-
-
 def _answer(resp: UpstreamResponse | None, exc: BaseException | None) -> tuple[Any, ...]:
     if exc is not None:
         return ("error", type(exc).__name__, str(exc))
@@ -125,7 +112,7 @@ def _exchanges(responses: list[list[bytes]], waiter: list[bool]) -> list[tuple[A
     async def run() -> list[tuple[Any, ...]]:
         pool = BackendPool("http", "127.0.0.1", 1, 4, 1.0)
         conn = _Connection(pool)
-        transport = _Transport()
+        transport = FakeBackendTransport()
         conn.connection_made(transport)  # type: ignore[arg-type]
         pool._open = 1
         pool._idle.append(conn)
@@ -185,7 +172,7 @@ def _chained(reads: list[bytes]) -> list[tuple[Any, ...]]:
     async def run() -> list[tuple[Any, ...]]:
         pool = BackendPool("http", "127.0.0.1", 1, 4, 1.0)
         conn = _Connection(pool)
-        conn.connection_made(_Transport())  # type: ignore[arg-type]
+        conn.connection_made(FakeBackendTransport())  # type: ignore[arg-type]
         pool._open = 1
         pool._idle.append(conn)
         loop = asyncio.get_running_loop()
