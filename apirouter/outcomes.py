@@ -69,12 +69,13 @@ def _for_status(status: int) -> Outcome:
     return Outcome(False, status in _FAILOVER, status >= 500, False, code)
 
 
-_BY_STATUS = {s: _for_status(s) for s in range(100, 600)}
+# Every status a backend may send, classified once (forwarding reads it inline: a call less).
+OUTCOME_BY_STATUS = {s: _for_status(s) for s in range(100, 600)}
 
 
 def classify_status(status: int) -> Outcome:
     """The outcome of a complete backend response with this HTTP status."""
-    got = _BY_STATUS.get(status)
+    got = OUTCOME_BY_STATUS.get(status)
     return got if got is not None else _for_status(status)
 
 

@@ -316,15 +316,8 @@ class BucketTable:
             return _ADMITTED_UNLIMITED
         core = self._core  # (take, without its call)
         got = core.take(records, tokens, now_ms) if core is not None else NotImplemented
-        return self.planned_verdict(
-            plan, tokens, got if got is not NotImplemented else self._take_py(records, tokens,
-                                                                              now_ms))
-
-    def planned_verdict(self, plan: BucketPlan, tokens: int,
-                        got: tuple[int, int, int, int, int]) -> Verdict:
-        """The verdict of ``take``'s result ``got`` on ``plan``'s records (take_planned's; the
-        in-process admission takes the common case, admitted with nothing evicted, inline)."""
-        index, remaining, reset, retry, evicted = got
+        index, remaining, reset, retry, evicted = (
+            got if got is not NotImplemented else self._take_py(records, tokens, now_ms))
         if evicted:
             _warn_evicted(self.ways)
         if index < 0:

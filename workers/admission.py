@@ -417,19 +417,7 @@ class Admission:
         ticket.key = key
         ticket.plan = plan
         ticket.reserved_tokens = tokens
-        # BucketTable.take_planned, its common case inline (its records made, the C core
-        # built, admitted with nothing evicted): a call less a request
-        table, records = self.table, plan.records
-        now_ms = time.monotonic() * 1000
-        core = table._core
-        got = core.take(records, tokens, now_ms) if records and core is not None else \
-            NotImplemented
-        if got is NotImplemented:
-            ticket.verdict = table.take_planned(plan, tokens, now_ms)
-            return ticket
-        index, remaining, reset, _, evicted = got
-        ticket.verdict = new_verdict(Verdict, (True, None, remaining, 0, reset)) \
-            if index < 0 and not evicted else table.planned_verdict(plan, tokens, got)
+        ticket.verdict = self.table.take_planned(plan, tokens, time.monotonic() * 1000)
         return ticket
 
     def admit_soon(self, limits: Limits, key: KeyRecord, model: str, tokens: int,

@@ -81,8 +81,8 @@ class UpstreamResponse:
     status: int
     headers: list[tuple[bytes, bytes]]
     body: bytes
-    # The first Content-Type header's value (None: none), taken with the headers by the
-    # connection (a loop over them a reply less, ~0.5 µs); _UNSEEN when not.
+    # The first Content-Type header's value (None: none) when whole_response took the headers
+    # (a loop over them a reply less, ~0.5 µs); _UNSEEN when the parser did (header() looks).
     content_type: bytes | None = _UNSEEN
 
     def header(self, name: bytes) -> bytes | None:
@@ -132,9 +132,8 @@ class _Connection(asyncio.Protocol):
         if self._whole:
             # The first read of a buffered exchange's answer: when it is exactly one plain
             # Content-Length response (see apirouter/_wholecore.c), taken in one C call and
-            # answered here as on_message_complete would, without the parser's five callbacks
-            # into Python (the connection stays alive: whole_response takes only such; the
-            # pool's _release inline, for a pool nobody waits on).
+            # answered as on_message_complete does, without the parser's five callbacks into
+            # Python (the connection stays alive: whole_response takes only such).
             self._whole = False
             # At rest now, not only when the exchange began: one started inside the parser's
             # on_message_complete (a pipelined client's next request) began before the parser
@@ -143,24 +142,7 @@ class _Connection(asyncio.Protocol):
                 if self._at_rest else None
             if resp is not None:
                 self._got_data = True
-                then = self._then
-                if then is not None:
-                    self._then = None
-                    pool = self._pool
-                    pool._inflight.discard(self)
-                    if pool._waiters or pool.closed:
-                        pool._release(self)
-                    else:
-                        pool._idle.append(self)
-                    try:
-                        then(resp, None)
-                    except Exception:
-                        log.exception("the end of a backend exchange was not handled")
-                    return
-                w = self._waiter
-                self._waiter = None
-                if w is not None and not w.done():
-                    w.set_result(resp)
+                self._deliver(resp)
                 return
         plain = self._plain
         if plain is not None:  # a stream's body, plain chunked: one C call takes the framing
@@ -301,10 +283,14 @@ class _Connection(asyncio.Protocol):
             self.stream.finish()
             return
         resp = UpstreamResponse(self._parser.get_status_code(), self._headers,
-                                b"".join(self._body), _content_type(self._headers))
+                                b"".join(self._body))
         self._headers = []
         self._body = []
         self._size = 0
+        self._deliver(resp)
+
+    def _deliver(self, resp: UpstreamResponse) -> None:
+        """The exchange's answer, whole (by the parser, or by whole_response)."""
         then = self._then
         if then is not None:  # BackendPool._answered's success path, inline (a call less)
             self._then = None
@@ -348,7 +334,6 @@ class _Connection(asyncio.Protocol):
         return fut
 
     def _send(self, data: bytes, deadline: float, stream: bool) -> None:
-        # (BackendPool.start has a copy of this, inline: keep the two alike.)
         pool = self._pool
         self._got_data = False
         self._want_stream = stream
@@ -387,13 +372,6 @@ class _Connection(asyncio.Protocol):
             self._waiter = None
             fut.set_exception(UpstreamTimeout("the backend did not answer before the deadline"))
             self.abort()
-
-
-def _content_type(headers: list[tuple[bytes, bytes]]) -> bytes | None:
-    for k, v in headers:
-        if k.lower() == b"content-type":
-            return v
-    return None
 
 
 # What whole_response (apirouter/_wholecore.c) takes, in Python: its reference (the property
@@ -639,22 +617,8 @@ class BackendPool:
         while idle:  # (_take_idle, inline: a call less a request)
             conn = idle.pop()
             if not conn.closed:
-                # conn._send(data, deadline, False), inline (a call less a request): keep the
-                # two alike.
                 conn._then = then
-                conn._got_data = False
-                conn._want_stream = False
-                conn._whole = conn._at_rest
-                conn._plain = None
-                conn.stream = None
-                conn.reused = conn.used
-                conn.used = True
-                conn.deadline = deadline
-                self._inflight.add(conn)
-                if self._watch_timer is None or deadline < self._watch_at:
-                    self._arm_watch(deadline)
-                assert conn.transport is not None
-                self.writes.write(conn.transport, data)
+                conn._send(data, deadline, False)
                 return conn
         return None
 
