@@ -50,7 +50,16 @@ from pathlib import Path
 from typing import Any
 
 from apirouter.keys import hash_key
-from bench.procs import FloorProxy, MockBackend, Nginx, RedisServer, Router, process_tree_cpu
+from bench.procs import (
+    FloorProxy,
+    MockBackend,
+    Nginx,
+    RedisServer,
+    Router,
+    machine_steal,
+    process_tree_cpu,
+    steal_share,
+)
 from bench.report import interpreter
 from bench.slo import Slo, Verdict, evaluate_one
 
@@ -108,6 +117,9 @@ class LoadResult:
     cpu_s: float | None = None  # CPU seconds of the target's processes during the run
     # requests / cpu_s: requests/s per core the target's processes kept busy
     rps_per_core: float | None = None
+    # The share of the machine's CPU time its hypervisor took (steal) during the leg: a leg
+    # with a few percent of it ran on a busy host, and its figures moved with the host.
+    steal_pct: float | None = None
 
 
 def _ms(text: str) -> float:
@@ -162,7 +174,9 @@ def wrk_script(body: str, extra: str = "") -> Any:
 def measure(url: str, target: str, connections: int, duration: float, script: str,
             cpu_pid: int | None) -> LoadResult:
     before = process_tree_cpu(cpu_pid) if cpu_pid else (0.0, 0.0)
+    steal_before = machine_steal()
     r = run_wrk(url, connections, duration, script)
+    share = steal_share(steal_before, machine_steal())
     cpu = own = cpu_s = per_core = None
     if cpu_pid and r["requests"]:
         # The work a leg leaves behind belongs to it: the supervisor drains the usage records
@@ -174,7 +188,8 @@ def measure(url: str, target: str, connections: int, duration: float, script: st
         own = (after[1] - before[1]) / r["requests"] * 1e6
         per_core = r["requests"] / cpu_s if cpu_s > 0 else None
     return LoadResult(target, connections, r["requests"], r["errors"], r["rps"], r["p50_ms"],
-                      r["p99_ms"], cpu, own if target == "router" else None, cpu_s, per_core)
+                      r["p99_ms"], cpu, own if target == "router" else None, cpu_s, per_core,
+                      None if share is None else share * 100)
 
 
 def median_result(runs: list[LoadResult]) -> LoadResult:
@@ -194,13 +209,16 @@ def median_result(runs: list[LoadResult]) -> LoadResult:
                       median("p99_ms"), median("cpu_us_per_req"),
                       median("supervisor_cpu_us_per_req"),
                       None if None in cpu_s else sum(c for c in cpu_s if c is not None),
-                      median("rps_per_core"))
+                      median("rps_per_core"), median("steal_pct"))
 
 
 # What each round of a --rounds run lists (the row itself holds the medians).
 ROUND_FIELDS = ("added_p50_ms", "added_p99_ms", "router_cpu_us_per_req",
                 "nginx_cpu_us_per_req", "cpu_ratio", "throughput_per_core_ratio",
-                "floor_cpu_us_per_req", "floor_cpu_ratio", "router_over_floor_cpu_us_per_req")
+                "floor_cpu_us_per_req", "floor_cpu_ratio", "router_over_floor_cpu_us_per_req",
+                "max_steal_pct")
+# A leg whose steal is above this is called out under the table: its figures are the host's.
+NOISY_STEAL_PCT = 2.0
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -225,6 +243,8 @@ def compare(results: dict[str, LoadResult], admission: str) -> dict[str, Any]:
         "nginx_cpu_us_per_req": nginx.cpu_us_per_req,
         "cpu_ratio": _ratio(router.cpu_us_per_req, nginx.cpu_us_per_req),
         "throughput_per_core_ratio": _ratio(router.rps_per_core, nginx.rps_per_core),
+        "max_steal_pct": max((r.steal_pct for r in results.values() if r.steal_pct is not None),
+                             default=None),
     }
     floor = results.get(FLOOR)
     if floor is not None:
@@ -265,7 +285,7 @@ def legs(row: dict[str, Any]) -> tuple[str, ...]:
 def render(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'conns':>5} {'target':>7} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
              f"{'added p50':>10} {'added p99':>10} {'CPU us/req':>10} {'of it sup.':>10} "
-             f"{'req/CPU-s':>10} {'errors':>6}"]
+             f"{'req/CPU-s':>10} {'errors':>6} {'steal %':>7}"]
     for row in rows:
         direct = row["direct"]
         for t in legs(row):
@@ -278,7 +298,8 @@ def render(rows: list[dict[str, Any]]) -> str:
                 f"{(r['p99_ms'] - direct['p99_ms']) if added else 0:>10.3f} "
                 f"{r['cpu_us_per_req'] or 0:>10.1f} "
                 f"{r['supervisor_cpu_us_per_req'] or 0:>10.1f} "
-                f"{r['rps_per_core'] or 0:>10.0f} {r['errors']:>6}")
+                f"{r['rps_per_core'] or 0:>10.0f} {r['errors']:>6} "
+                f"{'n/a' if r.get('steal_pct') is None else format(r['steal_pct'], '.1f'):>7}")
     lines.append("")
     for row in rows:
         rounds = row.get("rounds")
@@ -287,7 +308,17 @@ def render(rows: list[dict[str, Any]]) -> str:
                 f"c={row['connections']} per round, router vs nginx: CPU per request "
                 + " ".join(f"{r['cpu_ratio'] or 0:.2f}x" for r in rounds)
                 + "; added p50 " + " ".join(f"{r['added_p50_ms']:.3f}" for r in rounds)
-                + " ms")
+                + " ms; added p99 " + " ".join(f"{r['added_p99_ms']:.3f}" for r in rounds)
+                + " ms; most steal of a leg " + " ".join(
+                    "n/a" if r.get("max_steal_pct") is None else f"{r['max_steal_pct']:.1f}%"
+                    for r in rounds))
+    for row in rows:
+        steal = max((r["max_steal_pct"] for r in [row, *row.get("rounds", ())]
+                     if r.get("max_steal_pct") is not None), default=None)
+        if steal is not None and steal > NOISY_STEAL_PCT:
+            lines.append(
+                f"c={row['connections']}: the host took up to {steal:.1f}% of the CPUs (steal) "
+                f"during a leg: its figures moved with the host, not only with the code")
     for row in rows:
         cpu, tput = row["cpu_ratio"], row["throughput_per_core_ratio"]
         lines.append(

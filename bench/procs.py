@@ -361,6 +361,32 @@ def process_tree_cpu(pid: int) -> tuple[float, float]:
     return total, own
 
 
+def machine_steal() -> tuple[int, int] | None:
+    """(steal, all) clock ticks of every CPU since boot, from /proc/stat: on a VM, steal is
+    the time the hypervisor ran something else while this machine had work to run. The
+    share of a leg's ticks that was steal tells how much the host, not the code measured,
+    moved that leg's figures. None where /proc/stat has no steal field."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice: inside user, nice]
+    ticks = [int(x) for x in fields[1:9]]
+    return ticks[7], sum(ticks)
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None
+                ) -> float | None:
+    """The share (0..1) of the CPUs' ticks between two machine_steal readings that was
+    steal."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
 def _schedstat_s(pid: int) -> float | None:
     """CPU seconds of all threads of ``pid``; None where /proc has no schedstat."""
     try:

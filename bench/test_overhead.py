@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from bench.overhead import ISSUE_TARGETS, TARGETS, LoadResult, compare, main
+from bench.overhead import ISSUE_TARGETS, TARGETS, LoadResult, compare, main, render
+from bench.procs import machine_steal, steal_share
 
 
 def _result(target: str, c: int, rps: float, p50: float, p99: float, cpu: float
@@ -54,6 +55,28 @@ def test_ratios_and_verdicts_come_from_the_measured_numbers() -> None:
     assert row["floor_added_p50_ms"] == pytest.approx(0.4)
 
 
+def test_a_leg_on_a_busy_host_is_called_out_with_its_steal() -> None:
+    """The hypervisor's steal during a leg moves its figures: each leg carries its share,
+    a round its largest, and a row with a leg over 2% says so under the table."""
+    assert steal_share((100, 10_000), (150, 11_000)) == pytest.approx(0.05)
+    assert steal_share(None, (1, 2)) is None and steal_share((5, 10), (5, 10)) is None
+    now = machine_steal()
+    assert now is not None and 0 <= now[0] <= now[1]  # (Linux: /proc/stat has the field)
+    legs = {t: _result(t, 32, 1000, 1, 2, 10) for t in TARGETS}
+    legs["nginx"].steal_pct, legs["router"].steal_pct = 0.4, 0.9
+    quiet = compare(legs, "in-process")
+    assert quiet["max_steal_pct"] == pytest.approx(0.9)
+    assert "the host took" not in render([quiet])
+    legs["nginx"].steal_pct = 12.5
+    noisy = compare(legs, "in-process")
+    assert noisy["max_steal_pct"] == pytest.approx(12.5)
+    assert "the host took up to 12.5% of the CPUs" in render([noisy])
+    # A noisy round is called out even when the row's medians are quiet.
+    quiet["rounds"] = [{**{k: quiet[k] for k in ("added_p50_ms", "added_p99_ms",
+                                                  "cpu_ratio")}, "max_steal_pct": 7.0}]
+    assert "up to 7.0%" in render([quiet]) and "most steal of a leg 7.0%" in render([quiet])
+
+
 def test_a_real_run_reports_nginx_and_the_ratios(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["--duration", "1", "--warmup", "1", "--connections", "1,32",
@@ -70,6 +93,7 @@ def test_a_real_run_reports_nginx_and_the_ratios(tmp_path: Path,
             assert r["requests"] > 0 and r["errors"] == 0 and r["rps"] > 0, t
             assert r["cpu_us_per_req"] > 0 and r["cpu_s"] > 0, t
             assert r["rps_per_core"] == pytest.approx(r["requests"] / r["cpu_s"])
+            assert 0 <= r["steal_pct"] <= 100, t
         router, nginx = row["router"], row["nginx"]
         assert row["nginx_cpu_us_per_req"] == nginx["cpu_us_per_req"]
         assert row["cpu_ratio"] == pytest.approx(router["cpu_us_per_req"]
