@@ -10,7 +10,15 @@ from typing import Any
 
 import pytest
 
-from bench.overhead import ISSUE_TARGETS, TARGETS, LoadResult, compare, main, render
+from bench.overhead import (
+    ISSUE_TARGETS,
+    TARGETS,
+    LoadResult,
+    compare,
+    main,
+    quiet_rounds,
+    render,
+)
 from bench.procs import machine_steal, steal_share
 
 
@@ -77,6 +85,30 @@ def test_a_leg_on_a_busy_host_is_called_out_with_its_steal() -> None:
     assert "up to 7.0%" in render([quiet]) and "most steal of a leg 7.0%" in render([quiet])
 
 
+def test_rounds_on_a_busy_host_are_run_again_within_twice_the_rounds() -> None:
+    steals = iter([0.5, 9.0, 1.0, 30.0, 0.2])
+
+    def round_() -> dict[str, LoadResult]:
+        legs = {t: _result(t, 32, 1000, 1, 2, 10) for t in TARGETS}
+        legs["router"].steal_pct = next(steals)
+        return legs
+
+    kept, discarded = quiet_rounds(round_, 3, 2.0)
+    assert [r["router"].steal_pct for r in kept] == [0.5, 1.0, 0.2]
+    assert discarded == [9.0, 30.0]
+    # The host stays busy: within 2 x 3 rounds in all, the last ones are kept as they come.
+    steals = iter([50.0, 60.0, 70.0, 80.0, 90.0, 95.0])
+    kept, discarded = quiet_rounds(round_, 3, 2.0)
+    assert discarded == [50.0, 60.0, 70.0]
+    assert [r["router"].steal_pct for r in kept] == [80.0, 90.0, 95.0]
+    steals = iter([5.0, 6.0])
+    kept, discarded = quiet_rounds(round_, 2, None)  # no bound: every round kept
+    assert discarded == [] and len(kept) == 2
+    row = compare(kept[0], "in-process")
+    row["discarded_rounds"] = [9.0, 30.0]
+    assert "2 round(s) set aside and run again, the host taking 9.0%, 30.0%" in render([row])
+
+
 def test_a_real_run_reports_nginx_and_the_ratios(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["--duration", "1", "--warmup", "1", "--connections", "1,32",
@@ -127,13 +159,15 @@ def test_rounds_are_summarised_by_their_medians() -> None:
 def test_a_run_of_rounds_lists_each_round_and_reports_the_medians(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["--duration", "1", "--warmup", "1", "--connections", "32", "--rounds", "2",
-                 "--floor", "--out", str(tmp_path)])
+                 "--floor", "--max-steal", "50", "--out", str(tmp_path)])
     output = capsys.readouterr().out
     assert code == 0, output
     [path] = tmp_path.glob("overhead-*.json")
     report: dict[str, Any] = json.loads(path.read_text())
     [row] = report["results"]
     assert report["rounds"] == 2 and len(row["rounds"]) == 2
+    # (with --max-steal, the rounds set aside are listed: none unless the host was busy)
+    assert all(d > 50 for d in row["discarded_rounds"]) and len(row["discarded_rounds"]) <= 2
     cpus = [r["router_cpu_us_per_req"] for r in row["rounds"]]
     assert row["router_cpu_us_per_req"] == pytest.approx(statistics.median(cpus))
     assert all(r["cpu_ratio"] == pytest.approx(r["router_cpu_us_per_req"]
