@@ -228,6 +228,8 @@ class _Protocol(asyncio.Protocol):
         self.fd = -1
         self.out: list[bytes] = []  # commands of this loop turn, written together at its end
         self.out_replies = 0  # the replies those commands will owe
+        # those of them encoded when written (RedisClient.submit_later): place, encoder
+        self.later: list[tuple[int, Callable[[], bytes]]] = []
         self.idle = True  # no reply was outstanding when the last command was owed
 
     def send(self, data: bytes, replies: int = 1) -> None:
@@ -257,6 +259,14 @@ class _Protocol(asyncio.Protocol):
     def _flush(self) -> None:
         out, self.out = self.out, []
         self.out_replies = 0
+        if self.later:
+            later, self.later = self.later, []
+            try:
+                for i, encode in later:
+                    out[i] = encode()
+            except Exception as e:  # a bug of ours: replies and waiters would not match
+                self.fail(RedisUnavailable(f"a command could not be encoded: {e!r}"))
+                return
         if self.transport is not None and out:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
@@ -360,6 +370,7 @@ class _Protocol(asyncio.Protocol):
         waiters, self.waiters = self.waiters, deque()
         self.out = []
         self.out_replies = 0
+        self.later = []
         transport, self.transport = self.transport, None
         if self.client._proto is self:
             self.client._proto = None
@@ -507,6 +518,41 @@ class RedisClient:
             if not out:
                 self._loop.call_soon(proto._flush)
             out.append(data)
+            proto.out_replies += 1
+        return True
+
+    def queues(self) -> bool:
+        """Whether a command submitted now would wait for the turn's write (replies are
+        owed, commands are queued, or the caller is not alone), not go out at once."""
+        proto = self._proto
+        return proto is not None and (bool(proto.waiters) or bool(proto.out) or (
+            self.lone is not None and not self.lone()))
+
+    def submit_later(self, encode: Callable[[], bytes], waiter: ReplyWaiter) -> bool:
+        """``submit_waiter`` for a command encoded when it is written (``encode()``): at once
+        when it would go out at once (an idle connection, a lone request), else when the
+        turn's commands are written together (at the end of the turn), in its place among them
+        — so that what its caller adds to it in the meantime goes with it (a turn's admissions
+        of one org in one script call). False when not connected (nothing was sent)."""
+        proto = self._proto
+        if proto is None or proto.transport is None:
+            return False
+        waiters = proto.waiters
+        out = proto.out
+        idle = proto.idle = not waiters
+        if idle:
+            proto.progress = self._loop.time()
+        waiters.append(waiter)
+        if proto.watchdog is None and self.stall_timeout is not None:
+            proto.watchdog = self._loop.call_at(proto.progress + self.stall_timeout,
+                                                proto._check)
+        if idle and not out and (self.lone is None or self.lone()):
+            proto.transport.write(encode())
+        else:
+            if not out:
+                self._loop.call_soon(proto._flush)
+            proto.later.append((len(out), encode))
+            out.append(b"")
             proto.out_replies += 1
         return True
 

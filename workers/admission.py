@@ -2,7 +2,9 @@
 
 With Redis, one Lua script (one round trip) checks all buckets, charges them all or none, and
 records an HMAC nonce if the request carries one; bucket keys of one request share a hash tag
-(the org), so the script also runs on Redis Cluster (workers/admission_scripts.py).
+(the org), so the script also runs on Redis Cluster (workers/admission_scripts.py). The common
+admissions (buckets only) of one org that a busy worker sends in one event-loop turn go in one
+call of its many-admission form, each decided as its own call would have been (AdmitBatch).
 
 A reply from Redis is the decision, however late it arrives: the call has no deadline of its
 own. The failure policy (``open``: admit, ``closed``: 503) decides only when Redis is actually
@@ -62,12 +64,15 @@ from apirouter.table import Limits
 from workers import metric_values
 from workers.admission_scripts import (
     ADMIT_LUA,
+    ADMIT_MANY_LUA,
+    ADMIT_MANY_MAX,
     BUDGET_SETTLE_LUA,
     RELEASE_LUA,
     SETTLE_MANY_LUA,
     SETTLE_MANY_MAX,
     PlannedAdmit,
     ScriptCommands,
+    admit_many_command,
     bucket_layout,
     budget_key,
     nonce_key,
@@ -271,6 +276,85 @@ class PendingAdmission(Ticket):
         self._decide(reply)
 
 
+class AdmitBatch:
+    """The admissions of one org that ``Admission.admit_soon`` sends in one event-loop turn on
+    one connection, sent together when the turn's commands are written (RedisClient.
+    submit_later): one of them as ADMIT (as it was sent alone), two or more (up to
+    ADMIT_MANY_MAX) as one ADMIT_MANY call, whose reply holds each one's ADMIT reply. The
+    connection's one waiter for that reply: each admission decided as its own reply of ADMIT
+    would decide it (PendingAdmission.set_result); a failure of the connection, an error
+    reply of the call (NOSCRIPT included) or a reply that is not one per admission, for each
+    of them as for a lone one. At c=32 a turn holds several admissions of an org (one key),
+    each an ADMIT call: Redis's CPU a call (its TIME, a read and a write of the bucket hash,
+    the calls' own machinery) is paid once for all of them."""
+
+    __slots__ = ("admission", "client", "org", "many", "pendings", "commands", "open")
+
+    def __init__(self, admission: Admission, client: RedisClient, org: str, many: str,
+                 pending: PendingAdmission, command: PlannedAdmit) -> None:
+        self.admission = admission
+        self.client = client
+        self.org = org
+        self.many = many  # ADMIT_MANY's sha
+        self.pendings = [pending]
+        self.commands = [command]
+        self.open = True  # others may join (not written yet, not full)
+
+    def seal(self) -> None:
+        self.open = False
+        batches = self.admission._batches
+        if batches.get(self.org) is self:
+            del batches[self.org]
+
+    def encode(self) -> bytes:
+        """The command, when the turn's commands are written."""
+        self.seal()
+        pendings = self.pendings
+        if len(pendings) == 1:
+            p = pendings[0]
+            return self.commands[0].command(p.rid, p.reserved_tokens)
+        return admit_many_command(self.many, self.commands, [p.rid for p in pendings],
+                                  [p.reserved_tokens for p in pendings])
+
+    def done(self) -> bool:
+        return False  # (each admission's own: its set_result ignores a reply not wanted)
+
+    def set_result(self, reply: object) -> None:
+        pendings = self.pendings
+        if len(pendings) == 1:
+            pendings[0].set_result(reply)
+            return
+        if type(reply) is list and len(reply) == len(pendings):
+            for p, r in zip(pendings, reply, strict=True):
+                _tell(p.set_result, r)
+            return
+        if isinstance(reply, RedisError):  # for each as ADMIT's own (NOSCRIPT: loaded again)
+            if str(reply).startswith("NOSCRIPT"):
+                a = self.admission
+                if a._sha.get("admit_many") is self.many:
+                    a._sha.pop("admit_many", None)
+            for p in pendings:
+                _tell(p.set_result, reply)
+            return
+        error = RedisError(f"unexpected reply {reply!r}")  # (as _verdict takes a malformed one)
+        for p in pendings:
+            _tell(p._decide, error)
+
+    def set_exception(self, error: BaseException) -> None:
+        self.seal()
+        for p in self.pendings:
+            _tell(p.set_exception, error)
+
+
+def _tell(method: Callable[[Any], None], value: object) -> None:
+    """One admission of a batch told its outcome: what that raises (a bug of ours) must not
+    cost the others theirs."""
+    try:
+        method(value)
+    except Exception:
+        log.exception("deciding a Redis admission of a batch failed")
+
+
 def _hand(then: Callable[[Ticket | None, BaseException | None], None], ticket: Ticket | None,
           error: BaseException | None) -> None:
     """``then(ticket, error)``, which must not raise into the Redis connection's callbacks."""
@@ -307,6 +391,7 @@ class Admission:
         self._rid_prefix = f"{os.getpid():x}.{os.urandom(4).hex()}."
         self._rid_next = 0
         self._releases: dict[str, Ticket] = {}  # decided without Redis: release when it answers
+        self._batches: dict[str, AdmitBatch] = {}  # by org: this turn's, still open (admit_soon)
         self._releasing: asyncio.Future[None] | None = None
         self._settlements: list[Settlement] = []  # in-process, applied by settle_queued
         # in-process, of planned tickets: (the plan's token-buckets, their token delta)
@@ -464,8 +549,26 @@ class Admission:
         command = plan.redis
         if command is None or command.sha != sha:  # (planned_admit's check, without its call)
             command = planned_admit(plan, key.org, sha)
-        if not client.submit_waiter(command.command(rid, tokens), pending):
+        # With the turn's other admissions of its org (AdmitBatch), if there is one still
+        # open; else the first of a batch when its command would wait for the turn's write
+        # anyway (submit_later); else (alone: it goes out at once) one ADMIT call.
+        batch = self._batches.get(key.org) if self._batches else None
+        if batch is not None and batch.open and batch.client is client:
+            batch.pendings.append(pending)
+            batch.commands.append(command)
+            if len(batch.pendings) >= ADMIT_MANY_MAX:
+                batch.seal()
+            return pending
+        many = self._sha.get("admit_many")
+        if many is None or not client.queues():
+            if not client.submit_waiter(command.command(rid, tokens), pending):
+                return None
+            return pending
+        batch = AdmitBatch(self, client, key.org, many, pending, command)
+        if not client.submit_later(batch.encode, batch):
             return None
+        if batch.open:  # (not written at once)
+            self._batches[key.org] = batch
         return pending
 
     def local_bucket(self, name: str) -> BucketState | None:
@@ -503,10 +606,19 @@ class Admission:
         """``_script`` for a command ``encode(sha)`` makes (EVALSHA, the script's sha, ...)."""
         sha = self._sha.get(name)
         if sha is None:
-            loaded = await client.execute("SCRIPT", "LOAD", source, timeout=None)
-            if isinstance(loaded, RedisError):
-                raise loaded
-            sha = self._sha[name] = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+            # ADMIT_MANY (admit_soon's batches) loaded with ADMIT, every time: after NOSCRIPT
+            # (Redis restarted, or flushed its scripts) both are gone.
+            scripts = [(name, source)] + ([("admit_many", ADMIT_MANY_LUA)]
+                                          if name == "admit" else [])
+            replies = await asyncio.gather(*(client.execute("SCRIPT", "LOAD", text,
+                                                            timeout=None)
+                                             for _, text in scripts))
+            for (loaded_name, _), loaded in zip(scripts, replies, strict=True):
+                if isinstance(loaded, RedisError):
+                    raise loaded
+                self._sha[loaded_name] = (loaded.decode() if isinstance(loaded, bytes)
+                                          else str(loaded))
+            sha = self._sha[name]
         # On a live connection, straight to its pipeline (the same wait as execute's
         # timeout=None, two coroutines fewer); execute connects first when there is none.
         data = encode(sha)

@@ -199,6 +199,159 @@ end
 return {1, 0, math.floor(math.max(0, left[1])), 0, first_reset}
 """.replace("RESTTL", str(RESERVATION_TTL_MS))
 
+# The admissions of one event-loop turn of one org (its keys share a cluster slot; at most
+# ADMIT_MANY_MAX) in one call, applied in order as that many ADMIT calls (no budget, no nonce)
+# would be, at one ``now``: each admission's reservation record made (SET NX) and, refused or
+# failed, deleted again, as ADMIT does; each bucket hash read once and written once (one HSET of
+# the fields the admissions wrote, their last values; its expiry set when any of them would
+# have), the level carried from one admission to the next as the hash would hold it (formatted:
+# as the next ADMIT would read it). A hash that cannot be read (a key of another type) fails
+# each admission that reads it with ADMIT's error, as its own reply; a level ADMIT cannot
+# compute (a field that is not a number) fails that admission with the same Lua error (raised
+# in the prelude's ``level``, at the same line). Reservation records and bucket hashes are
+# different keys (their prefixes): a hash's write waits for the end of the call.
+#     KEYS per admission: its h bucket hashes, its reservation record (ADMIT's KEYS)
+#     ARGV 1 the count, then per admission: h, n, and per bucket ADMIT's five (its hash's
+#          index among its own h, place, capacity, per minute, cost)
+# Reply: per admission, ADMIT's reply (an error reply in its place).
+ADMIT_MANY_LUA = _PRELUDE + """
+local states, failed, order, written, seen, expire = {}, {}, {}, {}, {}, {}
+local fields = {'rpm', 'rpm_ts', 'tpm', 'tpm_ts', 'ttl_set'}
+-- a bucket hash's fields as this call has left them (read once; its failure kept)
+local function hash(key)
+  local s = states[key]
+  if s then
+    return s
+  end
+  local e = failed[key]
+  if e == nil then
+    local ok, r = pcall(state, key)
+    if ok then
+      states[key] = r
+      return r
+    end
+    e = r
+    failed[key] = e
+  end
+  error(e, 0)
+end
+-- store's write, into the state kept (the fields in the order first written)
+local function put(key, s, w)
+  local e = tonumber(s[5])
+  if not (e and e <= now and now - e < REFRESH) then
+    w[#w + 1] = 5
+    w[#w + 1] = snow
+    expire[key] = true
+  end
+  local f = written[key]
+  if not f then
+    f = {}
+    written[key] = f
+    seen[key] = {}
+    order[#order + 1] = key
+  end
+  local has = seen[key]
+  for j = 1, #w, 2 do
+    local i = w[j]
+    if not has[i] then
+      has[i] = true
+      f[#f + 1] = i
+    end
+    s[i] = w[j + 1]
+  end
+end
+local left, ks, offsets = {}, {}, {}
+local cap1, rate1
+-- ADMIT's checks of the admission whose KEYS follow kp and ARGV ap
+local function check(kp, ap, h, n)
+  for k = 1, h do
+    hash(KEYS[kp + k])
+  end
+  for i = 1, n do
+    local b = ap + 2 + (i - 1) * 5
+    local k, o, cap, rate, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]),
+        tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]) / 60000, tonumber(ARGV[b + 5])
+    local tokens = level(states[KEYS[kp + k]], o, cap, rate)
+    if tokens < cost then
+      local retry, reset = 60000, 0
+      if rate > 0 then
+        retry = math.ceil((cost - tokens) / rate)
+        reset = math.ceil((cap - tokens) / rate)
+      end
+      return {0, i, math.floor(math.max(0, tokens)), retry, reset}
+    end
+    left[i], ks[i], offsets[i] = tokens - cost, k, o
+    if i == 1 then
+      cap1, rate1 = cap, rate
+    end
+  end
+end
+local replies = {}
+local kp, ap = 0, 1
+for a = 1, tonumber(ARGV[1]) do
+  local h, n = tonumber(ARGV[ap + 1]), tonumber(ARGV[ap + 2])
+  local rk = KEYS[kp + h + 1]
+  if not redis.call('SET', rk, 'a', 'NX', 'PX', 'RESTTL') then
+    replies[a] = {3, 0, 0, 0, 0}
+  else
+    local ok, refused = pcall(check, kp, ap, h, n)
+    if not ok or refused then
+      redis.call('DEL', rk)
+      if not ok then
+        refused = redis.error_reply(type(refused) == 'table' and refused.err or
+                                    tostring(refused))
+      end
+      replies[a] = refused
+    else
+      local writes = {}
+      for i = 1, n do
+        local k, o = ks[i], offsets[i]
+        local w = writes[k]
+        if not w then
+          w = {}
+          writes[k] = w
+        end
+        local j = #w
+        w[j + 1], w[j + 2], w[j + 3], w[j + 4] = o, string.format('%.6f', left[i]), o + 1,
+                                                 snow
+      end
+      for k = 1, h do
+        if writes[k] then
+          local key = KEYS[kp + k]
+          put(key, states[key], writes[k])
+        end
+      end
+      if n == 0 then
+        replies[a] = {1, 0, 0, 0, 0}
+      else
+        local first_reset = 0
+        if rate1 > 0 then
+          first_reset = math.ceil((cap1 - left[1]) / rate1)
+        end
+        replies[a] = {1, 0, math.floor(math.max(0, left[1])), 0, first_reset}
+      end
+    end
+  end
+  kp = kp + h + 1
+  ap = ap + 2 + 5 * n
+end
+for _, key in ipairs(order) do
+  local s, f, w = states[key], written[key], {}
+  for j = 1, #f do
+    w[#w + 1] = fields[f[j]]
+    w[#w + 1] = s[f[j]]
+  end
+  redis.call('HSET', key, unpack(w))
+  if expire[key] then
+    redis.call('PEXPIRE', key, 'EXPIRY')
+  end
+end
+return replies
+""".replace("RESTTL", str(RESERVATION_TTL_MS)).replace(
+    "REFRESH", str(BUCKET_TTL_REFRESH_MS)).replace(
+    "EXPIRY", str(BUCKET_TTL_MS + BUCKET_TTL_REFRESH_MS))
+ADMIT_MANY_MAX = 64  # admissions a call: a script blocks Redis while it runs
+
 RELEASE_LUA = _PRELUDE + """
 local h, n, m = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local old = redis.call('SET', KEYS[h + m + 1], 'r', 'PX', 'TOMB', 'GET')
@@ -472,7 +625,7 @@ class PlannedAdmit:
     encoding per cost)."""
 
     __slots__ = ("sha", "template", "res_len", "token_buckets", "org", "settle_keys",
-                 "settle_fixed", "settle_one")
+                 "settle_fixed", "settle_one", "many_keys", "many_args", "many_count")
 
     def __init__(self, plan: BucketPlan, org: str, sha: str) -> None:
         self.sha = sha
@@ -490,6 +643,16 @@ class PlannedAdmit:
         for (spec, _, _, _), f in zip(steps, per_bucket, strict=True):
             template += (_escaped(f), b"%s" if spec is None else _escaped(bulk_int(spec.cost)))
         self.template = b"".join(template)
+        # Its part of an ADMIT_MANY call (admit_many_command): its KEYS (the hashes, the
+        # reservation id spliced in) and its ARGV (h, n, the buckets with the token count
+        # spliced in), and how many arguments both are
+        self.many_keys = b"".join((_escaped(b"".join(keys)), b"$%d\r\n", _escaped(res_prefix),
+                                   b"%s\r\n"))
+        args = [_escaped(bulk_int(h) + bulk_int(n))]
+        for (spec, _, _, _), f in zip(steps, per_bucket, strict=True):
+            args += (_escaped(f), b"%s" if spec is None else _escaped(bulk_int(spec.cost)))
+        self.many_args = b"".join(args)
+        self.many_count = (h + 1, 2 + 5 * n)
         self.token_buckets = sum(spec is None for spec, _, _, _ in steps)
         self.settle_keys = tuple(bulk_str(bucket_place(org, name)[0])
                                  for spec, name, _, _ in steps if spec is None)
@@ -506,6 +669,25 @@ class PlannedAdmit:
         if self.token_buckets == 1:  # (the common plan: no tuple of costs made)
             return self.template % (self.res_len + len(res), res, cost)
         return self.template % (self.res_len + len(res), res, *(cost,) * self.token_buckets)
+
+
+def admit_many_command(sha: str, commands: Sequence[PlannedAdmit], rids: Sequence[str],
+                       tokens: Sequence[int]) -> bytes:
+    """ADMIT_MANY's EVALSHA over admissions of one org: each its plan's command, reservation id
+    and token count (> 0), in order."""
+    keys: list[bytes] = []
+    args: list[bytes] = []
+    nk = na = 0
+    for p, rid, t in zip(commands, rids, tokens, strict=True):
+        res = rid.encode()
+        keys.append(p.many_keys % (p.res_len + len(res), res))
+        cost = SMALL_BULK_INTS[t] if t < 1024 else bulk_int(t)
+        args.append(p.many_args % ((cost,) * p.token_buckets))
+        k, a = p.many_count
+        nk += k
+        na += a
+    return b"".join((b"*%d\r\n" % (4 + nk + na), _EVALSHA, bulk_str(sha), bulk_int(nk), *keys,
+                     bulk_int(len(rids)), *args))
 
 
 def planned_admit(plan: BucketPlan, org: str, sha: str) -> PlannedAdmit:

@@ -22,9 +22,11 @@ from apirouter.shm import TableReader, TableWriter
 from apirouter.table import compile_table, encode_table
 from tests.harness import RedisServer
 from tools.mock_backend import Behaviour, MockState, start_mock
+from workers.admission import AdmitBatch, PendingAdmission
 from workers.context import Reply, RequestContext
 from workers.pipeline import InFlight, Pipeline
 from workers.table_view import TableCache
+from workers.turn_writes import turn_writes
 
 HOST = "127.0.0.1"
 KEY = "ar-serve-test"
@@ -473,3 +475,184 @@ async def test_a_failing_answer_does_not_break_the_redis_connection(
     assert seen == [429, 429]
     assert p.admission.failures == 0 and p.admission.open_until == 0.0
     assert (await served(p, 4)).status == 200
+
+
+# -- a turn's Redis admissions of one org in one call (AdmitBatch, ADMIT_MANY) -------------------
+
+class Monitor:
+    """Redis's MONITOR: the commands it ran (Lua's own included), as it prints them."""
+
+    def __init__(self, server: RedisServer) -> None:
+        self.sock = socket.create_connection((HOST, server.port), timeout=5)
+        self.sock.sendall(b"MONITOR\r\n")
+        assert self.sock.recv(5) == b"+OK\r\n"
+
+    def lines(self) -> list[str]:
+        self.sock.settimeout(0.3)
+        buf = b""
+        try:
+            while data := self.sock.recv(1 << 16):
+                buf += data
+        except TimeoutError:
+            pass
+        self.sock.close()
+        return buf.decode(errors="replace").splitlines()
+
+
+def evalshas(lines: list[str], sha: str) -> int:
+    return sum(f'"EVALSHA" "{sha}"' in line for line in lines)
+
+
+def serve_in_one_turn(p: Pipeline, count: int, first: int = 10
+                      ) -> tuple[list[InFlight], list[Answers]]:
+    """``count`` requests served in one event-loop turn, as a busy worker takes them (the fast
+    server counts them in turn_writes().serving: none of them is alone)."""
+    writes = turn_writes(asyncio.get_running_loop())
+    writes.serving += count
+    try:
+        answers = [Answers() for _ in range(count)]
+        handles = [p.serve(chat(p, first + i), a) for i, a in enumerate(answers)]
+    finally:
+        writes.serving -= count
+    assert all(isinstance(h, InFlight) and h.admitting is not None for h in handles)
+    return handles, answers  # type: ignore[return-value]
+
+
+async def all_answered(answers: list[Answers]) -> list[Reply]:
+    await asyncio.wait_for(asyncio.gather(*(a.event.wait() for a in answers)), 5)
+    replies = [a.got[0] for a in answers]
+    assert all(len(a.got) == 1 for a in answers) and None not in replies
+    return replies  # type: ignore[return-value]
+
+
+async def test_a_turns_redis_admissions_go_in_one_call_each_decided_on_its_own(
+        redis_pipeline: Pipeline, redis_server: RedisServer) -> None:
+    """Five requests of a key admitted in one turn of a busy worker: one EVALSHA of
+    ADMIT_MANY (none of ADMIT), and each request its own verdict and headers, in order, as
+    five ADMIT calls would have had them; a lone request's ADMIT still goes out at once."""
+    p = redis_pipeline
+    await served(p)  # connects, loads ADMIT and ADMIT_MANY: 119 left
+    admit, many = p.admission._sha["admit"], p.admission._sha["admit_many"]
+    monitor = Monitor(redis_server)
+    _, answers = serve_in_one_turn(p, 5)
+    replies = await all_answered(answers)
+    assert [r.status for r in replies] == [200] * 5
+    assert [int(dict(r.headers)["X-RateLimit-Remaining"]) for r in replies] == [
+        118, 117, 116, 115, 114]
+    assert all(dict(r.headers)["X-RateLimit-Limit"] for r in replies)
+    lines = monitor.lines()
+    assert evalshas(lines, many) == 1 and evalshas(lines, admit) == 0
+    assert sum('[0 lua] "SET"' in line for line in lines) == 5  # a record each
+    # Alone: its ADMIT written at once (nothing queued for the end of the turn).
+    p.accounts.flush()
+    await asyncio.sleep(0.1)
+    redis = p.admission.redis
+    assert redis is not None and redis._proto is not None and not redis._proto.waiters
+    monitor = Monitor(redis_server)
+    alone = Answers()
+    handle = p.serve(chat(p, 20), alone)
+    assert isinstance(handle, InFlight) and handle.admitting is not None
+    assert redis._proto.out == [] and not p.admission._batches
+    (reply,) = await all_answered([alone])
+    assert int(dict(reply.headers)["X-RateLimit-Remaining"]) == 113
+    lines = monitor.lines()
+    assert evalshas(lines, admit) == 1 and evalshas(lines, many) == 0
+
+
+@pytest.mark.parametrize("policy", ["open", "closed"])
+async def test_a_redis_connection_lost_with_a_batch_in_flight_decides_and_releases_each(
+        redis_pipeline: Pipeline, table_segment: TableWriter, mock: tuple[int, MockState],
+        redis_server: RedisServer, policy: str) -> None:
+    """The connection drops while Redis holds a batch's call: each of its requests gets the
+    failure policy's answer (open: forwarded, without rate-limit headers; closed: 503), once,
+    and each reservation is released on Redis (its record a tombstone) once it answers."""
+    p = redis_pipeline
+    await served(p)
+    org = f"acme-{os.urandom(4).hex()}"
+    table_segment.publish(redis_table(mock[0], redis_server.url, org,
+                                      redis_failure_policy=policy))
+    await served(p, 1)  # the same client (same URL), the new table
+    assert redis_command(redis_server, "CLIENT", "PAUSE", "300", "ALL").startswith(b"+OK")
+    handles, answers = serve_in_one_turn(p, 4)
+    rids = [h.admitting.rid for h in handles if h.admitting is not None]
+    await asyncio.sleep(0.05)  # the batch written, Redis paused
+    redis = p.admission.redis
+    assert redis is not None and redis._proto is not None and redis._proto.transport is not None
+    batches = [w for w in redis._proto.waiters if isinstance(w, AdmitBatch)]
+    assert len(batches) == 1 and len(batches[0].pendings) == 4  # one call for the four
+    assert not any(isinstance(w, PendingAdmission) for w in redis._proto.waiters)
+    redis._proto.transport.abort()
+    replies = await all_answered(answers)
+    if policy == "open":
+        assert [r.status for r in replies] == [200] * 4
+        assert not any(h.startswith("X-RateLimit") for r in replies for h, _ in r.headers)
+    else:
+        assert [r.status for r in replies] == [503] * 4
+    assert p.admission.failures == 4 and "connection lost" in (p.admission.last_error or "")
+    assert set(rids) <= set(p.admission._releases)
+    for _ in range(150):  # the breaker's second, then the releases
+        if not p.admission._releases:
+            break
+        await asyncio.sleep(0.02)
+    assert not p.admission._releases
+    for rid in rids:
+        assert redis_command(redis_server, "GET", f"apirouter:res:{{{org}}}:{rid}") == \
+            b"$1\r\nr\r\n"
+    assert all(len(a.got) == 1 for a in answers)
+
+
+async def test_noscript_for_a_batch_loads_the_scripts_again_and_decides_each_on_redis(
+        redis_pipeline: Pipeline, redis_server: RedisServer) -> None:
+    """Redis flushed its scripts: a batch's ADMIT_MANY gets NOSCRIPT; each of its requests
+    takes admit's path (which loads ADMIT and ADMIT_MANY again) and is admitted by Redis,
+    charged once; the next turn's batch is one ADMIT_MANY call again."""
+    p = redis_pipeline
+    await served(p)  # 119 left
+    assert redis_command(redis_server, "SCRIPT", "FLUSH").startswith(b"+OK")
+    _, answers = serve_in_one_turn(p, 4)
+    replies = await all_answered(answers)
+    assert [r.status for r in replies] == [200] * 4
+    assert sorted(int(dict(r.headers)["X-RateLimit-Remaining"]) for r in replies) == [
+        115, 116, 117, 118]
+    assert p.admission.failures == 0
+    many = p.admission._sha.get("admit_many")
+    assert many is not None and p.admission._sha.get("admit") is not None
+    monitor = Monitor(redis_server)
+    _, answers = serve_in_one_turn(p, 3, 20)
+    replies = await all_answered(answers)
+    assert [int(dict(r.headers)["X-RateLimit-Remaining"]) for r in replies] == [114, 113, 112]
+    assert evalshas(monitor.lines(), many) == 1
+
+
+async def test_a_hang_up_of_one_request_of_a_batch_releases_only_its_charge(
+        redis_pipeline: Pipeline, redis_server: RedisServer, mock: tuple[int, MockState]
+        ) -> None:
+    """Redis holds a batch of four (paused) and one client hangs up: that request is
+    accounted as gone, never answered nor forwarded, and its reservation released; the other
+    three are admitted by Redis and answered, their reservations kept."""
+    p = redis_pipeline
+    await served(p)  # 119 left
+    assert redis_command(redis_server, "CLIENT", "PAUSE", "300", "ALL").startswith(b"+OK")
+    handles, answers = serve_in_one_turn(p, 4)
+    pendings = [h.admitting for h in handles]
+    assert None not in pendings
+    await asyncio.sleep(0.05)
+    gone = handles[1]
+    gone.cancel()
+    assert gone.ctx.outcome is CLIENT_GONE and gone.ctx.accounted
+    kept = [answers[i] for i in (0, 2, 3)]
+    replies = await all_answered(kept)
+    assert [r.status for r in replies] == [200] * 3
+    # Redis ran the four (charging all), then the release of the one: 118, 116, 115
+    assert [int(dict(r.headers)["X-RateLimit-Remaining"]) for r in replies] == [118, 116, 115]
+    for _ in range(250):
+        if not p.admission._releases:
+            break
+        await asyncio.sleep(0.02)
+    assert not p.admission._releases and answers[1].got == []
+    org = pendings[0].key.org  # type: ignore[union-attr]
+    records = [redis_command(redis_server, "GET", f"apirouter:res:{{{org}}}:{q.rid}")
+               for q in pendings if q is not None]
+    assert records == [b"$1\r\na\r\n", b"$1\r\nr\r\n", b"$1\r\na\r\n",
+                       b"$1\r\na\r\n"]
+    assert mock[1].requests == 4  # the warm-up and the three

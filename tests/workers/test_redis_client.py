@@ -144,6 +144,37 @@ async def test_commands_of_one_loop_turn_go_out_in_one_write(redis_server: Redis
     client.close()
 
 
+async def test_a_command_encoded_at_the_turns_write_keeps_its_place(
+        redis_server: RedisServer) -> None:
+    """submit_later: alone on an idle connection the command is encoded and written at once;
+    with replies owed it is encoded when the turn's commands are written, in its place among
+    them, with what was added for it in the meantime."""
+    client = RedisClient(redis_server.url, stall_timeout=5)
+    key = f"rc:later:{random.random()}"
+    assert await client.execute("SET", key, 1, timeout=1) == "OK"
+    loop = asyncio.get_running_loop()
+    alone = loop.create_future()
+    encoded: list[str] = []
+
+    def incr_by(amounts: list[int]) -> bytes:
+        encoded.append(key)
+        return encode_command("INCRBY", key, sum(amounts))
+
+    assert client.submit_later(lambda: incr_by([1]), alone)
+    assert encoded == [key]  # at once
+    assert await alone == 2
+    first = client.submit("SET", key, 10)
+    amounts = [1]
+    later = loop.create_future()
+    assert client.submit_later(lambda: incr_by(amounts), later)
+    last = client.submit("INCR", key)
+    amounts += [5, 100]  # the same turn: goes with it
+    assert len(encoded) == 1  # not yet
+    assert first is not None and last is not None
+    assert [await first, await later, await last] == ["OK", 116, 117]
+    client.close()
+
+
 async def test_unreachable_redis_fails_fast() -> None:
     client = RedisClient("redis://127.0.0.1:9/0")
     with pytest.raises(RedisUnavailable):
