@@ -175,6 +175,30 @@ async def test_a_command_encoded_at_the_turns_write_keeps_its_place(
     client.close()
 
 
+async def test_a_command_that_cannot_be_encoded_fails_the_connection_not_the_order(
+        redis_server: RedisServer) -> None:
+    """submit_later's encoder raising at the turn's write (a bug of ours): its waiter and the
+    turn's others are failed, the connection given up (never a write whose replies would go
+    to the wrong waiters), and the next command runs on a new connection."""
+    client = RedisClient(redis_server.url, stall_timeout=5)
+    assert await client.execute("PING", timeout=1) == "PONG"
+    loop = asyncio.get_running_loop()
+    first = client.submit("PING")
+
+    def broken() -> bytes:
+        raise ValueError("no")
+
+    later = loop.create_future()
+    assert client.submit_later(broken, later)
+    last = client.submit("PING")
+    assert first is not None and last is not None
+    for fut in (first, later, last):
+        with pytest.raises(RedisUnavailable, match="could not be encoded"):
+            await fut
+    assert await client.execute("PING", timeout=1) == "PONG"
+    client.close()
+
+
 async def test_unreachable_redis_fails_fast() -> None:
     client = RedisClient("redis://127.0.0.1:9/0")
     with pytest.raises(RedisUnavailable):
