@@ -534,26 +534,15 @@ class RedisClient:
         turn's commands are written together (at the end of the turn), in its place among them
         — so that what its caller adds to it in the meantime goes with it (a turn's admissions
         of one org in one script call). False when not connected (nothing was sent)."""
-        proto = self._proto
-        if proto is None or proto.transport is None:
+        if not self.queues():
+            return self.submit_waiter(encode(), waiter)
+        # It waits for the turn's write (queues()): submit_waiter queues an empty command
+        # in its place, which the write fills in.
+        if not self.submit_waiter(b"", waiter):
             return False
-        waiters = proto.waiters
-        out = proto.out
-        idle = proto.idle = not waiters
-        if idle:
-            proto.progress = self._loop.time()
-        waiters.append(waiter)
-        if proto.watchdog is None and self.stall_timeout is not None:
-            proto.watchdog = self._loop.call_at(proto.progress + self.stall_timeout,
-                                                proto._check)
-        if idle and not out and (self.lone is None or self.lone()):
-            proto.transport.write(encode())
-        else:
-            if not out:
-                self._loop.call_soon(proto._flush)
-            proto.later.append((len(out), encode))
-            out.append(b"")
-            proto.out_replies += 1
+        proto = self._proto
+        assert proto is not None
+        proto.later.append((len(proto.out) - 1, encode))
         return True
 
     async def pipeline_checked(self, data: bytes, count: int, timeout: float

@@ -328,22 +328,29 @@ class AdmitBatch:
             for p, r in zip(pendings, reply, strict=True):
                 _tell(p.set_result, r)
             return
-        if isinstance(reply, RedisError):  # for each as ADMIT's own (NOSCRIPT: loaded again)
-            if str(reply).startswith("NOSCRIPT"):
-                a = self.admission
-                if a._sha.get("admit_many") is self.many:
-                    a._sha.pop("admit_many", None)
-            for p in pendings:
-                _tell(p.set_result, reply)
-            return
-        error = RedisError(f"unexpected reply {reply!r}")  # (as _verdict takes a malformed one)
+        # An error reply of the call, for each as ADMIT's own (NOSCRIPT: each loads the
+        # scripts again); a reply not one per admission, as _verdict takes a malformed one.
+        if not isinstance(reply, RedisError):
+            reply = RedisError(f"unexpected reply {reply!r}")
+        elif str(reply).startswith("NOSCRIPT"):
+            a = self.admission
+            if a._sha.get("admit_many") is self.many:
+                a._sha.pop("admit_many", None)
         for p in pendings:
-            _tell(p._decide, error)
+            _tell(p.set_result, reply)
 
     def set_exception(self, error: BaseException) -> None:
         self.seal()
         for p in self.pendings:
             _tell(p.set_exception, error)
+
+
+async def _load(client: RedisClient, source: str) -> str:
+    """SCRIPT LOAD ``source``: its sha."""
+    loaded = await client.execute("SCRIPT", "LOAD", source, timeout=None)
+    if isinstance(loaded, RedisError):
+        raise loaded
+    return loaded.decode() if isinstance(loaded, bytes) else str(loaded)
 
 
 def _tell(method: Callable[[Any], None], value: object) -> None:
@@ -606,19 +613,16 @@ class Admission:
         """``_script`` for a command ``encode(sha)`` makes (EVALSHA, the script's sha, ...)."""
         sha = self._sha.get(name)
         if sha is None:
-            # ADMIT_MANY (admit_soon's batches) loaded with ADMIT, every time: after NOSCRIPT
-            # (Redis restarted, or flushed its scripts) both are gone.
-            scripts = [(name, source)] + ([("admit_many", ADMIT_MANY_LUA)]
-                                          if name == "admit" else [])
-            replies = await asyncio.gather(*(client.execute("SCRIPT", "LOAD", text,
-                                                            timeout=None)
-                                             for _, text in scripts))
-            for (loaded_name, _), loaded in zip(scripts, replies, strict=True):
-                if isinstance(loaded, RedisError):
-                    raise loaded
-                self._sha[loaded_name] = (loaded.decode() if isinstance(loaded, bytes)
-                                          else str(loaded))
-            sha = self._sha[name]
+            sha = self._sha[name] = await _load(client, source)
+            if name == "admit":
+                # ADMIT_MANY (admit_soon's batches) loaded with ADMIT, every time: after
+                # NOSCRIPT (Redis restarted, or flushed its scripts) both are gone. Without it
+                # admissions go one a call; nothing waits on it.
+                try:
+                    self._sha["admit_many"] = await _load(client, ADMIT_MANY_LUA)
+                except (RedisUnavailable, RedisError, OSError) as e:
+                    log.warning("loading the batched admission script failed (%s): "
+                                "admissions go one a call", e)
         # On a live connection, straight to its pipeline (the same wait as execute's
         # timeout=None, two coroutines fewer); execute connects first when there is none.
         data = encode(sha)

@@ -209,7 +209,10 @@ return {1, 0, math.floor(math.max(0, left[1])), 0, first_reset}
 # each admission that reads it with ADMIT's error, as its own reply; a level ADMIT cannot
 # compute (a field that is not a number) fails that admission with the same Lua error (raised
 # in the prelude's ``level``, at the same line). Reservation records and bucket hashes are
-# different keys (their prefixes): a hash's write waits for the end of the call.
+# different keys (their prefixes): a hash's write waits for the end of the call. So a record
+# says "charged" (``a``) before its charge is written: nothing between the two may raise out
+# of the script (every check runs under pcall; the final HSET/PEXPIRE are of hashes this call
+# has read), or the releases of those admissions would refund charges never made.
 #     KEYS per admission: its h bucket hashes, its reservation record (ADMIT's KEYS)
 #     ARGV 1 the count, then per admission: h, n, and per bucket ADMIT's five (its hash's
 #          index among its own h, place, capacity, per minute, cost)
