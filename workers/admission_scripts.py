@@ -100,6 +100,37 @@ end
 """.replace("REFRESH", str(BUCKET_TTL_REFRESH_MS)).replace(
     "EXPIRY", str(BUCKET_TTL_MS + BUCKET_TTL_REFRESH_MS))
 
+# An admission's bucket charged, and its admitted reply (ADMIT and ADMIT_MANY, one text for
+# both: the property test holds ADMIT_MANY to ADMIT's replies).
+# ``charge(i, s, o, cap, rate, cost)``: bucket i's tokens left once charged ``cost`` on the
+# level at offset o of state s, or nil and the refusal's reply (tokens, retry after and full
+# again in ms); ``admitted(n, left1, cap1, rate1)``: the reply of an admission of n buckets,
+# the first left with left1.
+_CHARGE = """
+local function charge(i, s, o, cap, rate, cost)
+  local tokens = level(s, o, cap, rate)
+  if tokens < cost then
+    local retry, reset = 60000, 0
+    if rate > 0 then
+      retry = math.ceil((cost - tokens) / rate)
+      reset = math.ceil((cap - tokens) / rate)
+    end
+    return nil, {0, i, math.floor(math.max(0, tokens)), retry, reset}
+  end
+  return tokens - cost
+end
+local function admitted(n, left1, cap1, rate1)
+  if n == 0 then
+    return {1, 0, 0, 0, 0}
+  end
+  local first_reset = 0
+  if rate1 > 0 then
+    first_reset = math.ceil((cap1 - left1) / rate1)
+  end
+  return {1, 0, math.floor(math.max(0, left1)), 0, first_reset}
+end
+"""
+
 # A bucket's level now, read-only (the rate-limit gauges of workers.scrape_metrics).
 #     KEYS 1 the bucket's hash; ARGV its limit (rpm, tpm), capacity, refill per ms (the hash
 #     and the limit: level_address)
@@ -109,7 +140,7 @@ local s = redis.call('HMGET', KEYS[1], limit, limit .. '_ts')
 return tostring(level(s, 1, tonumber(ARGV[2]), tonumber(ARGV[3])))
 """
 
-ADMIT_LUA = _PRELUDE + """
+ADMIT_LUA = _PRELUDE + _CHARGE + """
 local h, n, m = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local rk = KEYS[h + m + 1]
 if not redis.call('SET', rk, 'a', 'NX', 'PX', 'RESTTL') then
@@ -127,16 +158,11 @@ local ok, refused = pcall(function()
   end
   for i = 1, n do
     local k, o, cap, rate, cost = bucket(i)
-    local tokens = level(states[k], o, cap, rate)
-    if tokens < cost then
-      local retry, reset = 60000, 0
-      if rate > 0 then
-        retry = math.ceil((cost - tokens) / rate)
-        reset = math.ceil((cap - tokens) / rate)
-      end
-      return {0, i, math.floor(math.max(0, tokens)), retry, reset}
+    local rest, refusal = charge(i, states[k], o, cap, rate, cost)
+    if not rest then
+      return refusal
     end
-    left[i], ks[i], offsets[i] = tokens - cost, k, o
+    left[i], ks[i], offsets[i] = rest, k, o
     if i == 1 then
       cap1, rate1 = cap, rate
     end
@@ -189,14 +215,7 @@ for k = 1, h do
     store(KEYS[k], states[k], writes[k])
   end
 end
-if n == 0 then
-  return {1, 0, 0, 0, 0}
-end
-local first_reset = 0
-if rate1 > 0 then
-  first_reset = math.ceil((cap1 - left[1]) / rate1)
-end
-return {1, 0, math.floor(math.max(0, left[1])), 0, first_reset}
+return admitted(n, left[1], cap1, rate1)
 """.replace("RESTTL", str(RESERVATION_TTL_MS))
 
 # The admissions of one event-loop turn of one org (its keys share a cluster slot; at most
@@ -217,7 +236,7 @@ return {1, 0, math.floor(math.max(0, left[1])), 0, first_reset}
 #     ARGV 1 the count, then per admission: h, n, and per bucket ADMIT's five (its hash's
 #          index among its own h, place, capacity, per minute, cost)
 # Reply: per admission, ADMIT's reply (an error reply in its place).
-ADMIT_MANY_LUA = _PRELUDE + """
+ADMIT_MANY_LUA = _PRELUDE + _CHARGE + """
 local states, failed, order, written, seen, expire = {}, {}, {}, {}, {}, {}
 local fields = {'rpm', 'rpm_ts', 'tpm', 'tpm_ts', 'ttl_set'}
 -- a bucket hash's fields as this call has left them (read once; its failure kept)
@@ -274,16 +293,11 @@ local function check(kp, ap, h, n)
     local b = ap + 2 + (i - 1) * 5
     local k, o, cap, rate, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]),
         tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]) / 60000, tonumber(ARGV[b + 5])
-    local tokens = level(states[KEYS[kp + k]], o, cap, rate)
-    if tokens < cost then
-      local retry, reset = 60000, 0
-      if rate > 0 then
-        retry = math.ceil((cost - tokens) / rate)
-        reset = math.ceil((cap - tokens) / rate)
-      end
-      return {0, i, math.floor(math.max(0, tokens)), retry, reset}
+    local rest, refusal = charge(i, states[KEYS[kp + k]], o, cap, rate, cost)
+    if not rest then
+      return refusal
     end
-    left[i], ks[i], offsets[i] = tokens - cost, k, o
+    left[i], ks[i], offsets[i] = rest, k, o
     if i == 1 then
       cap1, rate1 = cap, rate
     end
@@ -324,15 +338,7 @@ for a = 1, tonumber(ARGV[1]) do
           put(key, states[key], writes[k])
         end
       end
-      if n == 0 then
-        replies[a] = {1, 0, 0, 0, 0}
-      else
-        local first_reset = 0
-        if rate1 > 0 then
-          first_reset = math.ceil((cap1 - left[1]) / rate1)
-        end
-        replies[a] = {1, 0, math.floor(math.max(0, left[1])), 0, first_reset}
-      end
+      replies[a] = admitted(n, left[1], cap1, rate1)
     end
   end
   kp = kp + h + 1
