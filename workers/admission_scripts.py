@@ -100,8 +100,8 @@ end
 """.replace("REFRESH", str(BUCKET_TTL_REFRESH_MS)).replace(
     "EXPIRY", str(BUCKET_TTL_MS + BUCKET_TTL_REFRESH_MS))
 
-# An admission's bucket charged, and its admitted reply (ADMIT and ADMIT_MANY, one text for
-# both: the property test holds ADMIT_MANY to ADMIT's replies).
+# An admission's bucket charged, its buckets' writes and its admitted reply (ADMIT and
+# ADMIT_MANY, one text for both: the property test holds ADMIT_MANY to ADMIT).
 # ``charge(i, s, o, cap, rate, cost)``: bucket i's tokens left once charged ``cost`` on the
 # level at offset o of state s, or nil and the refusal's reply (tokens, retry after and full
 # again in ms); ``admitted(n, left1, cap1, rate1)``: the reply of an admission of n buckets,
@@ -118,6 +118,23 @@ local function charge(i, s, o, cap, rate, cost)
     return nil, {0, i, math.floor(math.max(0, tokens)), retry, reset}
   end
   return tokens - cost
+end
+-- the fields an admission's charged buckets write, by their hash's index: each bucket's level
+-- and its time, named by ``field`` (a bucket's place in the hash -> what the writer takes)
+local function bucket_writes(n, ks, offsets, left, field)
+  local writes = {}
+  for i = 1, n do
+    local k, o = ks[i], offsets[i]
+    local w = writes[k]
+    if not w then
+      w = {}
+      writes[k] = w
+    end
+    local j = #w
+    w[j + 1], w[j + 2], w[j + 3], w[j + 4] = field[o], string.format('%.6f', left[i]),
+                                             field[o + 1], snow
+  end
+  return writes
 end
 local function admitted(n, left1, cap1, rate1)
   if n == 0 then
@@ -198,18 +215,7 @@ for j = 1, m do
   redis.call('HINCRBY', KEYS[h + j], 'requests', ARGV[a + 6])
   redis.call('PEXPIRE', KEYS[h + j], ARGV[a + 7])
 end
-local writes = {}
-for i = 1, n do
-  local k, o = ks[i], offsets[i]
-  local w = writes[k]
-  if not w then
-    w = {}
-    writes[k] = w
-  end
-  local j = #w
-  w[j + 1], w[j + 2], w[j + 3], w[j + 4] = names[o], string.format('%.6f', left[i]),
-                                           names[o + 1], snow
-end
+local writes = bucket_writes(n, ks, offsets, left, names)
 for k = 1, h do
   if writes[k] then
     store(KEYS[k], states[k], writes[k])
@@ -239,6 +245,7 @@ return admitted(n, left[1], cap1, rate1)
 ADMIT_MANY_LUA = _PRELUDE + _CHARGE + """
 local states, failed, order, written, seen, expire = {}, {}, {}, {}, {}, {}
 local fields = {'rpm', 'rpm_ts', 'tpm', 'tpm_ts', 'ttl_set'}
+local places = {1, 2, 3, 4}  -- (bucket_writes: ADMIT_MANY keeps a hash's fields by place)
 -- a bucket hash's fields as this call has left them (read once; its failure kept)
 local function hash(key)
   local s = states[key]
@@ -320,18 +327,7 @@ for a = 1, tonumber(ARGV[1]) do
       end
       replies[a] = refused
     else
-      local writes = {}
-      for i = 1, n do
-        local k, o = ks[i], offsets[i]
-        local w = writes[k]
-        if not w then
-          w = {}
-          writes[k] = w
-        end
-        local j = #w
-        w[j + 1], w[j + 2], w[j + 3], w[j + 4] = o, string.format('%.6f', left[i]), o + 1,
-                                                 snow
-      end
+      local writes = bucket_writes(n, ks, offsets, left, places)
       for k = 1, h do
         if writes[k] then
           local key = KEYS[kp + k]

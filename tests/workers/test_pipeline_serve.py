@@ -383,11 +383,8 @@ async def test_a_hang_up_while_redis_decides_releases_its_charge(
     assert ctx.outcome is CLIENT_GONE and ctx.accounted
     # Redis, unpaused, runs the script (charging 2,000+ tokens), then the release.
     assert p.admission._releases
-    for _ in range(250):
-        if not p.admission._releases:
-            break
-        await asyncio.sleep(0.02)
-    assert gone.got == [] and not p.admission._releases
+    await releases_sent(p, 250)
+    assert gone.got == []
     assert mock[1].requests == 1  # never forwarded
     after = p.context(p.by_path["/v1/chat/completions"], p.tables.current(), "req-again", BIG,
                       hash_key(KEY), None)
@@ -525,6 +522,21 @@ async def all_answered(answers: list[Answers]) -> list[Reply]:
     return replies  # type: ignore[return-value]
 
 
+async def releases_sent(p: Pipeline, tries: int = 150) -> None:
+    """Wait (polling every 20 ms, at most ``tries`` times) until the admissions the failure
+    policy decided have been released on Redis (the breaker's second, then the releases)."""
+    for _ in range(tries):
+        if not p.admission._releases:
+            break
+        await asyncio.sleep(0.02)
+    assert not p.admission._releases
+
+
+def reservation_records(redis_server: RedisServer, org: str, rids: list[str]) -> list[bytes]:
+    """GET of each reservation record: ``$1 a`` charged, ``$1 r`` a tombstone (released)."""
+    return [redis_command(redis_server, "GET", f"apirouter:res:{{{org}}}:{rid}") for rid in rids]
+
+
 async def test_a_turns_redis_admissions_go_in_one_call_each_decided_on_its_own(
         redis_pipeline: Pipeline, redis_server: RedisServer) -> None:
     """Five requests of a key admitted in one turn of a busy worker: one EVALSHA of
@@ -590,14 +602,8 @@ async def test_a_redis_connection_lost_with_a_batch_in_flight_decides_and_releas
         assert [r.status for r in replies] == [503] * 4
     assert p.admission.failures == 4 and "connection lost" in (p.admission.last_error or "")
     assert set(rids) <= set(p.admission._releases)
-    for _ in range(150):  # the breaker's second, then the releases
-        if not p.admission._releases:
-            break
-        await asyncio.sleep(0.02)
-    assert not p.admission._releases
-    for rid in rids:
-        assert redis_command(redis_server, "GET", f"apirouter:res:{{{org}}}:{rid}") == \
-            b"$1\r\nr\r\n"
+    await releases_sent(p)
+    assert reservation_records(redis_server, org, rids) == [b"$1\r\nr\r\n"] * len(rids)
     assert all(len(a.got) == 1 for a in answers)
 
 
@@ -645,14 +651,10 @@ async def test_a_hang_up_of_one_request_of_a_batch_releases_only_its_charge(
     assert [r.status for r in replies] == [200] * 3
     # Redis ran the four (charging all), then the release of the one: 118, 116, 115
     assert [int(dict(r.headers)["X-RateLimit-Remaining"]) for r in replies] == [118, 116, 115]
-    for _ in range(250):
-        if not p.admission._releases:
-            break
-        await asyncio.sleep(0.02)
-    assert not p.admission._releases and answers[1].got == []
+    await releases_sent(p, 250)
+    assert answers[1].got == []
     org = pendings[0].key.org  # type: ignore[union-attr]
-    records = [redis_command(redis_server, "GET", f"apirouter:res:{{{org}}}:{q.rid}")
-               for q in pendings if q is not None]
+    records = reservation_records(redis_server, org, [q.rid for q in pendings if q is not None])
     assert records == [b"$1\r\na\r\n", b"$1\r\nr\r\n", b"$1\r\na\r\n",
                        b"$1\r\na\r\n"]
     assert mock[1].requests == 4  # the warm-up and the three
@@ -698,14 +700,9 @@ async def test_a_batch_reply_not_one_per_admission_decides_and_releases_each(
     assert [r.status for r in replies] == [200] * 3
     assert not any(h.startswith("X-RateLimit") for r in replies for h, _ in r.headers)
     assert "unexpected reply" in (p.admission.last_error or "")
-    for _ in range(150):  # Redis's reply (dropped), the breaker's second, the releases
-        if not p.admission._releases:
-            break
-        await asyncio.sleep(0.02)
-    assert not p.admission._releases
+    await releases_sent(p)  # Redis's reply (dropped), the breaker's second, the releases
     for q in pendings:
-        assert redis_command(redis_server, "GET", f"apirouter:res:{{{q.key.org}}}:{q.rid}") == \
-            b"$1\r\nr\r\n"
+        assert reservation_records(redis_server, q.key.org, [q.rid]) == [b"$1\r\nr\r\n"]
     assert all(len(a.got) == 1 for a in answers)
 
 
