@@ -90,10 +90,10 @@ local function store(key, s, w)
   end
 end
 local names = {'rpm', 'rpm_ts', 'tpm', 'tpm_ts'}
--- bucket i's arguments (ADMIT, RELEASE): its hash's index, its place in it, capacity, rate
--- per ms, cost
-local function bucket(i)
-  local b = 4 + (i - 1) * 5
+-- bucket i's arguments (ADMIT, RELEASE; ADMIT_MANY's from an admission's ``base``): its
+-- hash's index, its place in it, capacity, rate per ms, cost
+local function bucket(i, base)
+  local b = (base or 4) + (i - 1) * 5
   return tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]),
          tonumber(ARGV[b + 4]) / 60000, tonumber(ARGV[b + 5])
 end
@@ -104,8 +104,11 @@ end
 # ADMIT_MANY, one text for both: the property test holds ADMIT_MANY to ADMIT).
 # ``charge(i, s, o, cap, rate, cost)``: bucket i's tokens left once charged ``cost`` on the
 # level at offset o of state s, or nil and the refusal's reply (tokens, retry after and full
-# again in ms); ``admitted(n, left1, cap1, rate1)``: the reply of an admission of n buckets,
-# the first left with left1.
+# again in ms); ``charge_all(n, base, states)``: an admission's n buckets (their arguments
+# from ARGV ``base``: bucket's) charged on the states of their hashes (by index), into
+# ``left``, ``ks``, ``offsets`` (by bucket) and ``cap1``, ``rate1`` (the first's), or the
+# first refusal's reply; ``admitted(n, left1, cap1, rate1)``: the reply of an admission of n
+# buckets, the first left with left1.
 _CHARGE = """
 local function charge(i, s, o, cap, rate, cost)
   local tokens = level(s, o, cap, rate)
@@ -118,6 +121,21 @@ local function charge(i, s, o, cap, rate, cost)
     return nil, {0, i, math.floor(math.max(0, tokens)), retry, reset}
   end
   return tokens - cost
+end
+local left, ks, offsets = {}, {}, {}
+local cap1, rate1
+local function charge_all(n, base, states)
+  for i = 1, n do
+    local k, o, cap, rate, cost = bucket(i, base)
+    local rest, refusal = charge(i, states[k], o, cap, rate, cost)
+    if not rest then
+      return refusal
+    end
+    left[i], ks[i], offsets[i] = rest, k, o
+    if i == 1 then
+      cap1, rate1 = cap, rate
+    end
+  end
 end
 -- the fields an admission's charged buckets write, by their hash's index: each bucket's level
 -- and its time, named by ``field`` (a bucket's place in the hash -> what the writer takes)
@@ -166,23 +184,15 @@ end
 -- The checks run under pcall: the record above is made first and Redis does not roll a
 -- script back, so a check that raises (a key of another type: foreign or corrupted data)
 -- must take the record away again, or a release would refund a charge never made.
-local states, left, ks, offsets = {}, {}, {}, {}
-local cap1, rate1
+local states = {}
 local bb = 4 + n * 5
 local ok, refused = pcall(function()
   for k = 1, h do
     states[k] = state(KEYS[k])
   end
-  for i = 1, n do
-    local k, o, cap, rate, cost = bucket(i)
-    local rest, refusal = charge(i, states[k], o, cap, rate, cost)
-    if not rest then
-      return refusal
-    end
-    left[i], ks[i], offsets[i] = rest, k, o
-    if i == 1 then
-      cap1, rate1 = cap, rate
-    end
+  local refusal = charge_all(n, 4, states)
+  if refusal then
+    return refusal
   end
   for j = 1, m do
     local a = bb + (j - 1) * 7
@@ -289,26 +299,13 @@ local function put(key, s, w)
     s[i] = w[j + 1]
   end
 end
-local left, ks, offsets = {}, {}, {}
-local cap1, rate1
 -- ADMIT's checks of the admission whose KEYS follow kp and ARGV ap
 local function check(kp, ap, h, n)
+  local own = {}  -- its hashes' states, by their index among its h
   for k = 1, h do
-    hash(KEYS[kp + k])
+    own[k] = hash(KEYS[kp + k])
   end
-  for i = 1, n do
-    local b = ap + 2 + (i - 1) * 5
-    local k, o, cap, rate, cost = tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]),
-        tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]) / 60000, tonumber(ARGV[b + 5])
-    local rest, refusal = charge(i, states[KEYS[kp + k]], o, cap, rate, cost)
-    if not rest then
-      return refusal
-    end
-    left[i], ks[i], offsets[i] = rest, k, o
-    if i == 1 then
-      cap1, rate1 = cap, rate
-    end
-  end
+  return charge_all(n, ap + 2, own)
 end
 local replies = {}
 local kp, ap = 0, 1
